@@ -1,0 +1,179 @@
+"""Weight-standardized Conv2d and Linear, with an optional gain and the option to keep the init scale."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.common_types import _size_2_t
+
+from nodo._checks import check_bool, check_positive_float
+from nodo.functional import weight_standardization as FW
+
+__all__ = ["WSConv2d", "WSLinear"]
+
+
+class _WeightStandardized:
+    """What WSConv2d and WSLinear share: the gain, the recorded init scale and the standardized weight.
+
+    Mixed in before ``nn.Conv2d``/``nn.Linear``, after their ``__init__`` has created ``weight``.
+    """
+
+    weight: Tensor
+
+    def _init_standardization(self, gain: bool, keep_init: bool, eps: float, device, dtype) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        out_features = self.weight.shape[0]
+        fan_in = self.weight[0].numel()
+        if fan_in < 2:
+            raise ValueError(
+                f"{type(self).__name__}: weight standardization needs a fan-in of at least 2 weights per "
+                f"output unit (a single weight standardizes to 0), got weight of shape {tuple(self.weight.shape)}"
+            )
+        self.eps = check_positive_float("eps", eps)
+        self.keep_init = check_bool("keep_init", keep_init)
+        if check_bool("gain", gain):
+            self.gain = nn.Parameter(torch.ones(out_features, **factory_kwargs))
+        else:
+            self.register_parameter("gain", None)
+        if self.keep_init:
+            # Both are buffers (saved in the state dict): a reloaded model must reuse the scale
+            # recorded at the original initialization, not record the trained weights' one.
+            self.register_buffer("init_std", torch.ones(out_features, **factory_kwargs))
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        else:
+            self.register_buffer("init_std", None)
+            self.register_buffer("initialized", None)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # Re-initialized weights get their scale recorded again at the next forward.
+        if getattr(self, "initialized", None) is not None:
+            self.initialized.fill_(False)
+
+    def standardized_weight(self) -> Tensor:
+        """The weight used in forward: ``gain * init_std * (w - mean) / sqrt(var + eps)`` per output unit."""
+        scale = None
+        if self.keep_init:
+            with torch.no_grad():
+                # Record sqrt(var + eps) of the weights at the first forward, without a Python
+                # branch on tensor data (torch.compile would break the graph there).
+                current = FW.weight_std(self.weight, self.eps).to(self.init_std.dtype)
+                self.init_std.copy_(torch.where(self.initialized, self.init_std, current))
+                self.initialized.fill_(True)
+            scale = self.init_std
+        return FW.standardize_weight(self.weight, self.eps, self.gain, scale)
+
+    def _standardization_repr(self) -> str:
+        return f"gain={self.gain is not None}, keep_init={self.keep_init}, eps={self.eps}"
+
+
+_WS_DOC = r"""
+    Each output unit's weights are standardized over their fan-in before every use:
+
+    .. math::
+        \hat w_o = g_o \, s_o \, \frac{w_o - \mathrm{E}[w_o]}{\sqrt{\mathrm{Var}[w_o] + \epsilon}}
+
+    with a learnable gain :math:`g` (``gain=True``, init 1, shape ``(out,)``) and a fixed scale
+    :math:`s`. With ``keep_init=True`` :math:`s_o` is :math:`\sqrt{\mathrm{Var}[w_o] + \epsilon}`
+    recorded at the first forward (after any custom initialization of the model), so at that
+    point the layer computes what the plain layer would with mean-centred weights, and the init
+    scheme's scale (e.g. Kaiming) is kept through training. With ``keep_init=False``,
+    :math:`s = 1` (plain weight standardization, unit variance per output unit).
+
+    .. note::
+        The recorded scale ``init_std`` and the flag ``initialized`` are buffers, so they are
+        saved and loaded with the state dict: a model reloaded from a checkpoint computes exactly
+        what the saved model did (the reference implementation did not save the flag and
+        re-recorded the trained weights' scale after loading). ``reset_parameters()`` clears the flag.
+"""
+
+
+class WSConv2d(_WeightStandardized, nn.Conv2d):
+    __doc__ = (
+        r"""``nn.Conv2d`` with weight standardization (Qiao et al., 2019, https://arxiv.org/abs/1903.10520).
+"""
+        + _WS_DOC
+        + r"""
+    Args:
+        in_channels ... dtype: as ``nn.Conv2d``.
+        gain: learnable per-output-channel gain. Default: ``True``
+        keep_init: scale by the weights' standard deviation recorded at the first forward. Default: ``True``
+        eps: added to the weight variance. Default: 1e-6
+
+    Examples::
+
+        >>> conv = WSConv2d(64, 128, 3, padding=1, bias=False)
+        >>> y = conv(torch.randn(8, 64, 32, 32))
+    """
+    )
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: Union[str, _size_2_t] = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        gain: bool = True,
+        keep_init: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device=device, dtype=dtype,
+        )
+        self._init_standardization(gain, keep_init, eps, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._standardization_repr()}"
+
+
+class WSLinear(_WeightStandardized, nn.Linear):
+    __doc__ = (
+        r"""``nn.Linear`` with weight standardization (each output unit over its ``in_features``).
+"""
+        + _WS_DOC
+        + r"""
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        gain, keep_init, eps: as in :class:`WSConv2d`.
+
+    Examples::
+
+        >>> fc = WSLinear(512, 10)
+        >>> y = fc(torch.randn(8, 512))
+    """
+    )
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        gain: bool = True,
+        keep_init: bool = True,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_standardization(gain, keep_init, eps, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.standardized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._standardization_repr()}"
