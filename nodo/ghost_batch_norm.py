@@ -124,7 +124,7 @@ class _GhostNormBase(nn.Module):
             return 0.0
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
-            return 1.0 / self.num_batches_tracked.to(torch.float32)
+            return 1.0 / self.num_batches_tracked.to(torch.float64)
         return self.momentum
 
     def forward(self, input: Tensor) -> Tensor:

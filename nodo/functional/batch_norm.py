@@ -280,10 +280,10 @@ def _update_running_stats(
 ) -> None:
     # torch's convention: new = (1 - momentum) * old + momentum * batch; lerp_ is that, and takes
     # a tensor momentum (the cumulative average 1/num_batches_tracked) without a host sync.
-    if running_mean is not None:
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-    if running_var is not None:
-        running_var.lerp_(batch_var_unbiased.to(running_var.dtype), momentum)
+    for running, observed in ((running_mean, batch_mean), (running_var, batch_var_unbiased)):
+        if running is not None:
+            weight = momentum.to(running.dtype) if isinstance(momentum, Tensor) else momentum
+            running.lerp_(observed.to(running.dtype), weight)
 
 
 def _ghost_running_stats(sum_x: Tensor, sum_sq: Tensor, sizes: Sequence[int], pixels: int) -> tuple[Tensor, Tensor]:

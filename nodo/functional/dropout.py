@@ -10,6 +10,7 @@ Both kinds multiply the input by noise of mean 1 and variance ``p / (1 - p)``:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -32,9 +33,54 @@ def gaussian_dropout_std(p: float) -> float:
     return math.sqrt(p / (1.0 - p))
 
 
-def _noise_shape(input: Tensor, channel_dim: int) -> tuple[int, ...]:
+# --- Drawing the noise from an explicit generator, also under torch.compile -----------------
+#
+# torch.compile (dynamo) cannot put a torch.Generator into a graph: any random op called with
+# `generator=` makes it fail ("Failed to convert args/kwargs to proxy"). The noise is therefore
+# drawn by a small custom op that dynamo treats as opaque, and the generator reaches it as an int
+# key into a registry of live generators. The key is computed outside the graph
+# (`assume_constant_result`; dynamo guards on it and retraces for another generator), so compiled
+# and eager runs draw exactly the same numbers from the same generator.
+
+_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+_DEFAULT_GENERATOR_KEY = 0  # id() of a live object is never 0
+
+
+@torch._dynamo.assume_constant_result
+def _generator_key(generator: Optional[torch.Generator]) -> int:
+    if generator is None:
+        return _DEFAULT_GENERATOR_KEY
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _GENERATORS[id(generator)] = generator
+    return id(generator)
+
+
+def _noise_shape(like: Tensor, channel_dim: int) -> list[int]:
     # One draw per (sample, channel), broadcast over every other dimension.
-    return tuple(size if dim in (0, channel_dim) else 1 for dim, size in enumerate(input.shape))
+    return [size if dim in (0, channel_dim) else 1 for dim, size in enumerate(like.shape)]
+
+
+@torch.library.custom_op("nodo::dropout_noise", mutates_args=())
+def _raw_noise(like: Tensor, channel_wise: bool, channel_dim: int, p: float, gaussian: bool, generator_key: int) -> Tensor:
+    """float32 noise on ``like``'s device: the 0/1 keep mask (Bernoulli) or ``1 + std * z`` (Gaussian)."""
+    generator = None if generator_key == _DEFAULT_GENERATOR_KEY else _GENERATORS[generator_key]
+    noise = _empty_noise(like, channel_wise, channel_dim)
+    if gaussian:
+        return noise.normal_(mean=1.0, std=gaussian_dropout_std(p), generator=generator)
+    return noise.bernoulli_(1.0 - p, generator=generator)
+
+
+@_raw_noise.register_fake
+def _(like, channel_wise, channel_dim, p, gaussian, generator_key):
+    return _empty_noise(like, channel_wise, channel_dim)
+
+
+def _empty_noise(like: Tensor, channel_wise: bool, channel_dim: int) -> Tensor:
+    if channel_wise:
+        return torch.empty(_noise_shape(like, channel_dim), dtype=torch.float32, device=like.device)
+    # empty_like keeps the input's memory format, so a channels_last input stays channels_last.
+    return torch.empty_like(like, dtype=torch.float32)
 
 
 def flexible_dropout(
@@ -92,15 +138,9 @@ def flexible_dropout(
     if not training or p == 0.0:
         return input
 
-    if channel_wise:
-        noise = torch.empty(_noise_shape(input, channel_dim), dtype=torch.float32, device=input.device)
-    else:
-        # empty_like keeps the input's memory format, so a channels_last input stays channels_last.
-        noise = torch.empty_like(input, dtype=torch.float32)
+    noise = _raw_noise(input.detach(), channel_wise, channel_dim, p, kind == "gaussian", _generator_key(generator))
     if kind == "bernoulli":
-        keep = noise.bernoulli_(1.0 - p, generator=generator)
         # Multiply by the exact 0/1 mask in the input dtype, then by the Python float 1/(1-p):
         # folding 1/(1-p) into a float16/bfloat16 mask would round it (a bias of up to 0.4%).
-        return torch.mul(input, keep.to(input.dtype)).mul_(1.0 / (1.0 - p))
-    noise = noise.normal_(mean=1.0, std=gaussian_dropout_std(p), generator=generator)
+        return torch.mul(input, noise.to(input.dtype)).mul_(1.0 / (1.0 - p))
     return input * noise.to(input.dtype)
