@@ -1,0 +1,575 @@
+"""Expand a config's ``sweep:`` grid into named runs; print, run or hand them to a cluster launcher.
+
+::
+
+    python -m shared.sweep configs/c100_rn18/sweep_gni.yaml --dry-run      # the 40 train.py commands
+    python -m shared.sweep configs/c100_rn18/sweep_gni.yaml --count        # 40
+    python -m shared.sweep configs/c100_rn18/sweep_gni.yaml --run          # one after another, locally
+    python -m shared.sweep CONFIG --write-list runs.txt                    # one command per line (.json: JSON)
+    python -m shared.sweep CONFIG --index "$SLURM_ARRAY_TASK_ID"           # only run I (SLURM arrays)
+    python -m shared.sweep CONFIG --wandb-sweep sweep.yaml                 # for `wandb sweep` + `wandb agent`
+    python -m shared.sweep CONFIG --run --set output=/scratch/runs --set data_dir=/data/cifar
+
+The grid. ``sweep:`` maps keys to lists of values; the runs are the cartesian product of all lists, in
+file order with the last key varying fastest (so ``--index`` numbering is stable). Keys are train.py
+argument names (``seed``, ``norm``, ``lr``...) or dotted paths into a mapping argument
+(``model_kwargs.block_dropout.p``). The reserved key ``cases`` holds a list of mappings, each setting
+several keys at once (one axis of the product), for setups that are not a grid::
+
+    sweep:
+      seed: [42, 43, 44]
+      cases:
+        - {norm: bn}
+        - {norm: gni16}
+        - {norm: bn, model_kwargs.block_dropout: {subtype: flexible_dropout, kind: gaussian, p: 0.2},
+           experiment: "c100-rn18-bn-gedo0.2-s{seed}"}
+
+A dotted path replaces one entry and keeps the rest of the mapping; a plain key replaces the whole value.
+
+Run names. Each run is named by the config's ``experiment`` (usually a template such as
+``c100-rn18-{norm}-s{seed}``, formatted by train.py's own config code with the run's resolved
+arguments), so the name is stable and readable. It is the run's output directory (``OUTPUT/NAME``)
+and its wandb run id, so a requeued run resumes into the same directory and the same wandb run. Two
+runs with one name, or a name that is not a plain directory name, are an error.
+
+Commands. Every run is ``python train.py -c CONFIG <swept flags> --experiment NAME --resume auto``:
+the swept values are passed as train.py flags, and each command is checked by parsing it with
+train.py's own parser (the values must come back as the sweep set them). ``--resume auto`` starts fresh
+or continues from the run directory's last checkpoint. ``--run`` and ``--index`` skip runs whose
+``results.json`` says ``finished``. With ``--nproc-per-node G > 1`` the command is
+``torchrun --standalone --nproc_per_node G train.py ...``.
+
+Signals. While a run executes, SIGUSR1 and SIGTERM sent to this process are forwarded to train.py
+(to torchrun as SIGTERM, which it passes on to its workers; it does not handle SIGUSR1). train.py then
+checkpoints and exits with :data:`PREEMPTED_EXIT_CODE`; this process stops and exits with that code,
+which ``experiment_scripts/slurm_array.sbatch`` turns into a requeue.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import fnmatch
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "SweepError",
+    "SweepRun",
+    "PREEMPTED_EXIT_CODE",
+    "CASES_KEY",
+    "expand",
+    "train_command",
+    "run_status",
+    "execute",
+    "write_list",
+    "wandb_sweep",
+    "main",
+]
+
+CASES_KEY = "cases"
+SWEEP_KEY = "sweep"
+# A name is used as a directory name and as a wandb run id: keep it to characters both accept.
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_TRAIN_SCRIPT = _REPO_ROOT / "train.py"
+
+
+def _preempted_exit_code() -> int:
+    """The exit code train.py uses for "checkpointed after a preemption signal, requeue me".
+
+    75 (EX_TEMPFAIL from sysexits.h, "try again later") unless the harness defines another one.
+    """
+    try:
+        from shared import config
+    except ImportError:
+        return 75
+    for name in ("PREEMPTED_EXIT_CODE", "EXIT_PREEMPTED", "REQUEUE_EXIT_CODE"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return 75
+
+
+PREEMPTED_EXIT_CODE = _preempted_exit_code()
+
+
+class SweepError(ValueError):
+    """A sweep could not be expanded: bad grid, unknown key, duplicate or invalid run names."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep.
+
+    Attributes:
+        index: position in the sweep (what ``--index`` selects).
+        name: the run name (= experiment = output subdirectory = wandb run id).
+        point: the values this run sets, ``{key or dotted path: value}``, in grid order.
+        args: train.py arguments after ``train.py`` (starts with ``-c CONFIG``).
+        output_dir: the run directory, ``OUTPUT/NAME``.
+    """
+    index: int
+    name: str
+    point: Mapping[str, Any]
+    args: tuple
+    output_dir: Path
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's configuration code
+# ----------------------------------------------------------------------------------------------
+
+def _config_module():
+    try:
+        from shared import config
+    except ImportError as error:  # pragma: no cover - only before the harness exists
+        raise SweepError(f"shared.config (train.py's configuration code) could not be imported: {error}") from error
+    return config
+
+
+def _parser(config) -> argparse.ArgumentParser:
+    """train.py's argument parser, to turn values into flags and to check the commands."""
+    for name in ("create_parser", "build_parser", "get_parser", "make_parser"):
+        factory = getattr(config, name, None)
+        if callable(factory):
+            return factory()
+    parser = getattr(config, "parser", None)
+    if isinstance(parser, argparse.ArgumentParser):
+        return parser
+    raise SweepError("shared.config exposes no argument parser (create_parser / build_parser / parser)")
+
+
+def _parse(config, argv: Sequence[str]) -> dict:
+    """Resolve ``argv`` the way train.py does; argparse's exit becomes a SweepError."""
+    try:
+        namespace = config.parse_args(list(argv))
+    except SystemExit as error:
+        raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
+    return dict(vars(namespace)) if not isinstance(namespace, dict) else dict(namespace)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------
+
+def _axes(grid: Any, where: str) -> list:
+    """``sweep:`` -> list of axes, each a list of ``{key or dotted path: value}`` assignments."""
+    if not isinstance(grid, Mapping):
+        raise SweepError(f"{where}: 'sweep' must be a mapping of key -> list of values, got {type(grid).__name__}")
+    axes = []
+    for key, values in grid.items():
+        if not isinstance(key, str) or not key:
+            raise SweepError(f"{where}: sweep keys must be non-empty strings, got {key!r}")
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
+        if key == CASES_KEY:
+            for number, case in enumerate(values):
+                if not isinstance(case, Mapping) or not case:
+                    raise SweepError(f"{where}: sweep.cases[{number}] must be a non-empty mapping of "
+                                     f"key -> value, got {case!r}")
+            axes.append([dict(case) for case in values])
+        else:
+            axes.append([{key: value} for value in values])
+    return axes
+
+
+def _points(axes: list, where: str) -> list:
+    points = []
+    for combination in itertools.product(*axes):
+        point: dict = {}
+        for assignment in combination:
+            for key, value in assignment.items():
+                if key in point:
+                    raise SweepError(f"{where}: {key!r} is set by two sweep axes; set it in one only")
+                point[key] = value
+        points.append(point)
+    return points or [{}]
+
+
+def _set_path(config: dict, path: str, value: Any, where: str) -> None:
+    """``config[a][b][c] = value`` for ``path = 'a.b.c'``, creating empty mappings on the way."""
+    keys = path.split(".")
+    target = config
+    for depth, key in enumerate(keys[:-1]):
+        child = target.get(key)
+        if child is None:
+            child = target[key] = {}
+        elif not isinstance(child, dict):
+            raise SweepError(f"{where}: cannot set {path!r}: {'.'.join(keys[:depth + 1])!r} is "
+                             f"{type(child).__name__} {child!r}, not a mapping")
+        target = child
+    target[keys[-1]] = copy.deepcopy(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Values -> train.py flags
+# ----------------------------------------------------------------------------------------------
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def _long_flag(action: argparse.Action) -> str:
+    longs = [s for s in action.option_strings if s.startswith("--")]
+    return max(longs, key=len) if longs else action.option_strings[0]
+
+
+def _text(value: Any) -> str:
+    """A value as one command-line word: strings as they are, structures as JSON (specs accept it)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _kwarg_text(value: Any) -> str:
+    """A ``key=value`` value for timm-style kwargs flags (``--model-kwargs``), parsed back as a literal."""
+    if isinstance(value, str):
+        return value
+    return repr(value)  # Python literal: timm's ParseKwargs reads values with ast.literal_eval
+
+
+def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
+    """The command-line words that make train.py's ``dest`` equal ``value``."""
+    action = actions.get(dest)
+    if action is None:
+        hint = difflib.get_close_matches(dest, list(actions), n=3)
+        raise SweepError(f"{where}: {dest!r} is not a train.py argument"
+                         + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else ""))
+    flag = _long_flag(action)
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else "--no-" + flag[2:]]
+        if value == action.const:
+            return [flag]
+        if value == action.default:
+            return []
+        raise SweepError(f"{where}: {dest}={value!r} cannot be given on the command line ({flag} only sets "
+                         f"{action.const!r}); set it in the config instead")
+    if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1):
+        if isinstance(value, Mapping):
+            return [flag] + [f"{key}={_kwarg_text(item)}" for key, item in value.items()]
+        if isinstance(value, (list, tuple)):
+            return [flag] + [_text(item) for item in value]
+    return [flag, _text(value)]
+
+
+def _same(expected: Any, got: Any) -> bool:
+    if isinstance(expected, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(expected) == len(got) and all(_same(a, b) for a, b in zip(expected, got))
+    if isinstance(expected, Mapping) and isinstance(got, Mapping):
+        return set(expected) == set(got) and all(_same(expected[k], got[k]) for k in expected)
+    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(expected, bool):
+        return float(expected) == float(got)
+    return expected == got
+
+
+def _has_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return "{" in value
+    if isinstance(value, Mapping):
+        return any(_has_template(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_template(v) for v in value)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Expansion
+# ----------------------------------------------------------------------------------------------
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter commands)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _parse_set(items: Sequence[str]) -> dict:
+    """``['output=/x', 'lr=0.1']`` -> ``{'output': '/x', 'lr': 0.1}`` (values read as YAML scalars)."""
+    overrides = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SweepError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
+
+
+def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = None,
+           only: Optional[str] = None) -> list:
+    """Expand a config file's sweep into its runs.
+
+    Args:
+        config_path: a YAML config (bases resolved by ``shared.config.load_config``).
+        overrides: ``{key or dotted path: value}`` applied to every run (``--set``); may not touch a
+            swept key.
+        only: keep the runs whose name matches this glob (``fnmatch``), renumbered from 0.
+
+    Returns:
+        The :class:`SweepRun` list, in grid order.
+
+    Raises:
+        SweepError: bad grid, a key train.py does not know, a value train.py would not read back
+            unchanged, an invalid or duplicate run name, or no run left after ``only``.
+    """
+    config_module = _config_module()
+    path = Path(config_path)
+    where = str(path)
+    if not path.is_file():
+        raise SweepError(f"config file {where!r} does not exist")
+    merged = config_module.load_config(str(path))
+    if not isinstance(merged, dict):
+        raise SweepError(f"{where}: load_config returned {type(merged).__name__}, expected a mapping")
+    merged = copy.deepcopy(merged)
+    grid = merged.pop(SWEEP_KEY, None)
+    merged.pop("bases", None)
+    points = _points(_axes(grid, where), where) if grid is not None else [{}]
+    overrides = dict(overrides or {})
+    swept = {key for point in points for key in point}
+    clash = sorted(swept & set(overrides))
+    if clash:
+        raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
+    actions = _actions_by_dest(_parser(config_module))
+    config_arg = _display_path(path)
+
+    runs, names = [], {}
+    for point in points:
+        assignments = {**overrides, **point}
+        values = copy.deepcopy(merged)
+        for key, value in assignments.items():
+            _set_path(values, key, value, where)
+        touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
+        flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {len(runs)})") for dest in touched}
+        resolved = _parse(config_module, ["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
+        # The command carries the resolved name instead of a (case's) experiment template.
+        args = ["-c", config_arg] + [t for dest, tokens in flags.items() if dest != "experiment" for t in tokens]
+        name = resolved.get("experiment")
+        if not isinstance(name, str) or not name:
+            raise SweepError(f"{where}: run {len(runs)} ({point}) has no experiment name; set "
+                             f"`experiment:` to a template such as 'c100-rn18-{{norm}}-s{{seed}}'")
+        if not _NAME_PATTERN.match(name):
+            raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
+                             f"(letters, digits and . _ = + - only); change the experiment template")
+        for dest in touched:
+            if dest != "experiment" and not _has_template(values[dest]) and not _same(values[dest], resolved.get(dest)):
+                raise SweepError(f"{where}: train.py reads {dest}={resolved.get(dest)!r} back from "
+                                 f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
+        if name in names:
+            raise SweepError(f"{where}: runs {names[name]} ({points[names[name]]}) and {len(runs)} ({point}) "
+                             f"are both named {name!r}; make the experiment template use the swept keys")
+        names[name] = len(runs)
+        output = resolved.get("output") or "output"
+        args += ["--experiment", name, "--resume", "auto"]
+        runs.append(SweepRun(len(runs), name, dict(point), tuple(args), Path(output) / name))
+    if only:
+        runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
+        if not runs:
+            raise SweepError(f"{where}: no run name matches --only {only!r}")
+        runs = [dataclasses.replace(r, index=i) for i, r in enumerate(runs)]
+    return runs
+
+
+def train_command(run: SweepRun, nproc_per_node: int = 1, python: Optional[str] = None) -> list:
+    """The command line that trains ``run`` (from the repository root or any directory)."""
+    script = _display_path(_TRAIN_SCRIPT)
+    if nproc_per_node > 1:
+        return ["torchrun", "--standalone", f"--nproc_per_node={nproc_per_node}", script, *run.args]
+    return [python or sys.executable, script, *run.args]
+
+
+def run_status(run: SweepRun) -> Optional[str]:
+    """``results.json``'s status of a run (``finished``, ``running``, ...), or None if it has none."""
+    try:
+        return str(json.loads((run.output_dir / "results.json").read_text()).get("status"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+def execute(run: SweepRun, nproc_per_node: int = 1) -> int:
+    """Run one training process, forwarding SIGUSR1/SIGTERM to it; return its exit code."""
+    command = train_command(run, nproc_per_node)
+    print(f"[sweep] run {run.index} {run.name}: {shlex.join(command)}", flush=True)
+    process = subprocess.Popen(command)
+
+    def forward(signum, _frame):
+        # torchrun handles SIGTERM (and passes it to every worker) but dies on SIGUSR1
+        sent = signal.SIGTERM if nproc_per_node > 1 else signum
+        print(f"[sweep] got signal {signal.Signals(signum).name}: forwarding {signal.Signals(sent).name} "
+              f"to {run.name} (pid {process.pid})", flush=True)
+        try:
+            process.send_signal(sent)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_all(runs: Sequence[SweepRun], nproc_per_node: int) -> int:
+    """Run every unfinished run in order, continuing past failures; print a summary."""
+    outcomes = []
+    for run in runs:
+        if run_status(run) == "finished":
+            outcomes.append((run, "skipped (finished)", 0.0))
+            continue
+        start = time.time()
+        code = execute(run, nproc_per_node)
+        outcomes.append((run, "ok" if code == 0 else f"exit {code}", time.time() - start))
+        if code == PREEMPTED_EXIT_CODE:
+            print(f"[sweep] {run.name} was preempted (exit {code}); stopping here", flush=True)
+            break
+    print("\n[sweep] summary")
+    for run, outcome, seconds in outcomes:
+        print(f"  {run.index:4d}  {run.name:<40s}  {outcome:<20s}  {seconds:8.1f} s")
+    not_run = len(runs) - len(outcomes)
+    if not_run:
+        print(f"  ({not_run} runs not started)")
+    failed = [o for o in outcomes if o[1] not in ("ok", "skipped (finished)")]
+    print(f"[sweep] {len(outcomes) - len(failed)} ok or finished, {len(failed)} failed, {not_run} not started")
+    if any(o[1] == f"exit {PREEMPTED_EXIT_CODE}" for o in outcomes):
+        return PREEMPTED_EXIT_CODE
+    return 1 if failed or not_run else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Lists for launchers
+# ----------------------------------------------------------------------------------------------
+
+def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1) -> None:
+    """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        records = [dict(index=r.index, name=r.name, output_dir=str(r.output_dir), point=r.point,
+                        command=train_command(r, nproc_per_node)) for r in runs]
+        path.write_text(json.dumps(records, indent=1, default=str) + "\n")
+    else:
+        path.write_text("".join(shlex.join(train_command(r, nproc_per_node)) + "\n" for r in runs))
+
+
+def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
+    """A ``wandb sweep`` configuration (method grid) for the same runs.
+
+    A sweep over plain train.py flags with scalar values becomes a grid over those flags with
+    ``program: train.py``. Anything a wandb grid cannot express (``cases``, dotted paths, structured
+    values) becomes a grid over ``index``, each agent call running ``python -m shared.sweep CONFIG
+    --index I``, which gives the same runs and names.
+    """
+    config_module = _config_module()
+    actions = _actions_by_dest(_parser(config_module))
+    config_arg = _display_path(Path(config_path))
+    keys = list(dict.fromkeys(k for r in runs for k in r.point))
+    simple = all(
+        key != CASES_KEY and "." not in key and key in actions and actions[key].nargs is None
+        and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
+                for r in runs)
+        for key in keys)
+    base = {"name": Path(config_path).stem, "method": "grid", "program": _display_path(_TRAIN_SCRIPT)}
+    if simple and keys:
+        parameters = {}
+        for key in keys:
+            flag = _long_flag(actions[key])[2:]
+            parameters[flag] = {"values": list(dict.fromkeys(r.point[key] for r in runs))}
+        return {**base, "parameters": parameters,
+                "command": ["${env}", "${interpreter}", "${program}", "-c", config_arg, "--resume", "auto", "${args}"]}
+    return {**base, "parameters": {"index": {"values": [r.index for r in runs]}},
+            "command": ["${env}", "${interpreter}", "-m", "shared.sweep", config_arg, "${args}"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config with a `sweep:` grid (a config without one is a single run)")
+    parser.add_argument("--dry-run", action="store_true", help="print every run's name and command (default)")
+    parser.add_argument("--run", action="store_true", help="run the unfinished runs one after another")
+    parser.add_argument("--index", default=None,
+                        help="run only run I (0-based; e.g. $SLURM_ARRAY_TASK_ID); skipped if finished")
+    parser.add_argument("--count", action="store_true", help="print the number of runs")
+    parser.add_argument("--write-list", metavar="FILE", help="write one command per line (FILE.json: a JSON list)")
+    parser.add_argument("--wandb-sweep", metavar="FILE", help="write a wandb sweep YAML for `wandb sweep FILE`")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value for every run (repeatable; dotted keys allowed)")
+    parser.add_argument("--only", metavar="GLOB", help="keep only runs whose name matches GLOB (renumbered)")
+    parser.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("GPUS_PER_TASK", "1")),
+                        help="GPUs per run: > 1 launches train.py with torchrun (default: $GPUS_PER_TASK or 1)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    options = _build_parser().parse_args(argv)
+    if options.nproc_per_node < 1:
+        print(f"error: --nproc-per-node must be >= 1, got {options.nproc_per_node}", file=sys.stderr)
+        return 2
+    try:
+        runs = expand(options.config, _parse_set(options.set), options.only)
+        if options.count:
+            print(len(runs))
+        if options.write_list:
+            write_list(runs, options.write_list, options.nproc_per_node)
+            print(f"wrote {len(runs)} commands to {options.write_list}", file=sys.stderr)
+        if options.wandb_sweep:
+            spec = wandb_sweep(options.config, runs)
+            Path(options.wandb_sweep).write_text(
+                f"# generated by: python -m shared.sweep {options.config} --wandb-sweep {options.wandb_sweep}\n"
+                + yaml.safe_dump(spec, sort_keys=False))
+            print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
+        if options.index is not None:
+            try:
+                index = int(options.index)
+            except ValueError:
+                raise SweepError(f"--index must be an integer, got {options.index!r}") from None
+            if not 0 <= index < len(runs):
+                raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
+                                 f"(valid: 0..{len(runs) - 1})")
+            run = runs[index]
+            if run_status(run) == "finished":
+                print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
+                return 0
+            return execute(run, options.nproc_per_node)
+        if options.run:
+            return _run_all(runs, options.nproc_per_node)
+        if options.dry_run or not (options.count or options.write_list or options.wandb_sweep):
+            for run in runs:
+                print(f"# [{run.index}] {run.name}")
+                print(shlex.join(train_command(run, options.nproc_per_node)))
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
