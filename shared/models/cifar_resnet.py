@@ -1,0 +1,427 @@
+"""ResNets for CIFAR-sized images, with every norm site built from a norm/noise spec.
+
+One generic model, ``cifar_resnet``, covers the paper's CIFAR ResNets:
+
+* ``cifar_resnet18``: pre-activation ResNet-18 (CIFAR-100 runs of the paper). Stem: one 3x3 conv to
+  64 channels (no norm; the first block's norm follows). Four stages of 2 basic blocks, widths
+  64-128-256-512, final norm + ReLU, average pool, fc. 20 norm sites.
+* ``cifar_resnet20``: the classic post-activation ResNet-20 of He et al. (2016) for CIFAR-10. Stem:
+  3x3 conv to 16 + norm + ReLU; three stages of 3 basic blocks at 16-32-64. Shortcuts that change
+  shape are 1x1 conv + norm (option B of the ResNet paper; the reference implementation's choice),
+  so it has 0.27 M parameters like the option-A original plus 2.8 K for the projections.
+* ``cifar_wide_resnet16_4`` / ``cifar_wide_resnet28_10``: pre-activation Wide ResNets WRN-d-k of
+  Zagoruyko & Komodakis (2016): (d-4)/6 blocks per stage, widths 16k-32k-64k, stem conv to 16.
+
+Conventions worth knowing:
+
+* Pre-activation shortcut (``preact_shortcut``). When a pre-activation block changes shape, its
+  projection is either ``'norm'``: ``conv1x1(norm(x))``, a separate norm on the block input and no
+  activation (what the paper's reference implementation did, so its ResNet-18 has 3 extra norm sites
+  and GNI also perturbs the shortcut), or ``'preact'``: ``conv1x1(act(norm1(x)))``, the block's own
+  pre-activation as in He et al. (2016b) and the WRN paper. ``cifar_resnet18`` uses ``'norm'``
+  to reproduce the paper's runs, the WRNs use ``'preact'``.
+* ``block_dropout`` (a noise spec such as ``{"subtype": "flexible_dropout", "p": 0.2}``) is placed
+  before the last conv of every block (between the two convs of a basic block, as in WRN).
+* ``zero_init_residual`` zeroes the last affine weight of each residual branch: the last norm's
+  weight in post-activation blocks (the gain of a composite spec such as GNI, see
+  :class:`shared.specs.NormSequence`), the last conv in pre-activation blocks (its ``gain`` for a
+  weight-standardized conv, whose weight cannot be zero).
+* The ``norm`` / ``conv`` / ``block_dropout`` arguments take any spec form of :mod:`shared.specs`. The
+  reference implementation's names (``norm_cfg``, ``conv_cfg``, ``block_dropout_cfg``,
+  ``block_name``, ``name='cifar_rn20'``...) are accepted by the ``cifar_resnet`` entry point so its
+  launch commands run unchanged.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import create_classifier, get_act_layer, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory, rename_reference_kwargs
+
+__all__ = ["CifarResNet", "BasicBlock", "Bottleneck", "CIFAR10_MEAN", "CIFAR10_STD"]
+
+# CIFAR-10 statistics as used by the paper's launch scripts (the widely copied std values).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+Spec = Union[str, dict, list, Callable[..., nn.Module]]
+PREACT_SHORTCUTS = ("norm", "preact")
+
+
+def _conv(conv_layer, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, **dd) -> nn.Module:
+    return conv_layer(in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False, **dd)
+
+
+def _zero_init_(layer: nn.Module, where: str) -> None:
+    """Zero the output scale of ``layer``: a WS conv's ``gain``, else its (or its composite's) ``weight``.
+
+    A weight-standardized conv without gain is left alone: its standardized weight cannot be zero (and
+    nodo's ``keep_init`` would record a zero scale for good).
+    """
+    if hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module):  # a WS conv: gain Parameter or None
+        weight = layer.gain
+    else:
+        weight = getattr(layer, "weight", None)
+    if weight is None:
+        warnings.warn(f"zero_init_residual: {where} ({type(layer).__name__}) has no weight or gain to zero; "
+                      f"left as initialized")
+        return
+    nn.init.zeros_(weight)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs, pre- or post-activation.
+
+    Post-activation: ``act(norm2(conv2(drop(act(norm1(conv1(x)))))) + shortcut(x))``.
+    Pre-activation:  ``conv2(drop(act(norm2(conv1(act(norm1(x))))))) + shortcut``.
+    """
+    expansion = 1
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
+                 preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
+                 conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
+                 dropout_layer: Optional[Callable] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        out_chs = planes * self.expansion
+        self.pre_activation = pre_activation
+        self.preact_shortcut = preact_shortcut
+        self.bn1 = norm_layer(in_chs if pre_activation else planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = _conv(conv_layer, in_chs, planes, 3, stride, **dd)
+        self.bn2 = norm_layer(planes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.drop = dropout_layer(planes, **dd) if dropout_layer is not None else nn.Identity()
+        self.conv2 = _conv(conv_layer, planes, out_chs, 3, **dd)
+        self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
+                                         norm_layer, conv_layer, dd)
+
+    def zero_init_last(self) -> None:
+        last = self.conv2 if self.pre_activation else self.bn2
+        _zero_init_(last, "conv2" if self.pre_activation else "bn2")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_activation:
+            out = self.act1(self.bn1(x))
+            shortcut = _shortcut(self, x, out)
+            out = self.act2(self.bn2(self.conv1(out)))
+            return self.conv2(self.drop(out)) + shortcut
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(self.drop(out)))
+        return self.act2(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, ResNet v1.5) -> 1x1 with 4x expansion, pre- or post-activation."""
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
+                 preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
+                 conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
+                 dropout_layer: Optional[Callable] = None, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        out_chs = planes * self.expansion
+        self.pre_activation = pre_activation
+        self.preact_shortcut = preact_shortcut
+        self.bn1 = norm_layer(in_chs if pre_activation else planes, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = _conv(conv_layer, in_chs, planes, 1, **dd)
+        self.bn2 = norm_layer(planes, **dd)
+        self.act2 = act_layer(inplace=True)
+        self.conv2 = _conv(conv_layer, planes, planes, 3, stride, **dd)
+        self.bn3 = norm_layer(planes if pre_activation else out_chs, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.drop = dropout_layer(planes, **dd) if dropout_layer is not None else nn.Identity()
+        self.conv3 = _conv(conv_layer, planes, out_chs, 1, **dd)
+        self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
+                                         norm_layer, conv_layer, dd)
+
+    def zero_init_last(self) -> None:
+        last = self.conv3 if self.pre_activation else self.bn3
+        _zero_init_(last, "conv3" if self.pre_activation else "bn3")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_activation:
+            out = self.act1(self.bn1(x))
+            shortcut = _shortcut(self, x, out)
+            out = self.conv2(self.act2(self.bn2(self.conv1(out))))
+            return self.conv3(self.drop(self.act3(self.bn3(out)))) + shortcut
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.drop(out)))
+        return self.act3(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut, norm_layer, conv_layer, dd):
+    """Projection shortcut for a block that changes shape, else None (identity)."""
+    if in_chs == out_chs and stride == 1:
+        return None
+    conv = _conv(conv_layer, in_chs, out_chs, 1, stride, **dd)
+    if not pre_activation:
+        return nn.Sequential(OrderedDict(conv=conv, bn=norm_layer(out_chs, **dd)))
+    if preact_shortcut == "norm":
+        return nn.Sequential(OrderedDict(bn=norm_layer(in_chs, **dd), conv=conv))
+    return conv  # 'preact': applied to the block's pre-activated input
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor, preactivated: torch.Tensor) -> torch.Tensor:
+    if block.downsample is None:
+        return x
+    return block.downsample(preactivated if block.preact_shortcut == "preact" else x)
+
+
+_BLOCKS = {"basic": BasicBlock, "basicblock": BasicBlock, "bottleneck": Bottleneck}
+
+
+class CifarResNet(nn.Module):
+    """ResNet with a CIFAR (3x3, stride 1) or ImageNet (7x7/2 + max-pool) stem and spec-built norms.
+
+    Args:
+        stage_depths: blocks per stage; stage ``i`` has ``base_channels * 2**i`` planes and stride 2 for i > 0.
+        block: 'basic' (two 3x3) or 'bottleneck' (1x1-3x3-1x1, expansion 4).
+        pre_activation: norm -> act -> conv blocks (He et al. 2016b) instead of conv -> norm -> act.
+        input_block: 'cifar' (3x3 conv, stride 1) or 'imagenet' (7x7 conv stride 2, max-pool stride 2).
+            A post-activation stem is followed by norm + act; a pre-activation stem is the conv alone.
+        base_channels: planes of the first stage.
+        stem_channels: output channels of the stem conv. Default: ``base_channels``.
+        norm: norm/noise spec for every norm site (any form of :mod:`shared.specs`, or a factory).
+        conv: conv spec: 'standard' (nn.Conv2d) or 'ws' / ``{"subtype": "wsconv2d", "gain": False}``.
+        block_dropout: noise spec applied before the last conv of every block; None for none.
+        act_layer: activation name or class (timm's ``get_act_layer``).
+        preact_shortcut: 'norm' or 'preact', see the module docstring. Ignored for post-activation.
+        num_classes: classifier outputs; 0 for no classifier.
+        in_chans: input channels.
+        drop_rate: dropout before the classifier.
+        zero_init_residual: zero the last affine weight of each residual branch.
+        global_pool: timm pool type of the head ('avg', 'max', ...).
+    """
+
+    def __init__(self, stage_depths: Sequence[int] = (2, 2, 2, 2), block: str = "basic",
+                 pre_activation: bool = True, input_block: str = "cifar", base_channels: int = 64,
+                 stem_channels: Optional[int] = None, norm: Spec = "bn", conv: Spec = "standard",
+                 block_dropout: Optional[Spec] = None, act_layer: Union[str, Callable] = "relu",
+                 preact_shortcut: str = "norm", num_classes: int = 10, in_chans: int = 3,
+                 drop_rate: float = 0.0, zero_init_residual: bool = False, global_pool: str = "avg",
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if isinstance(block, str) and block.lower() in _BLOCKS:
+            block_cls = _BLOCKS[block.lower()]
+        else:
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        if input_block not in ("cifar", "imagenet"):
+            raise ValueError(f"input_block must be 'cifar' or 'imagenet', got {input_block!r}")
+        if preact_shortcut not in PREACT_SHORTCUTS:
+            raise ValueError(f"preact_shortcut must be 'norm' or 'preact', got {preact_shortcut!r}")
+        if not stage_depths or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in stage_depths):
+            raise ValueError(f"stage_depths must be a non-empty list of ints >= 1, got {stage_depths!r}")
+        norm_layer = create_norm_factory(norm)
+        conv_layer = create_conv_factory(conv)
+        dropout_layer = create_noise_factory(block_dropout) if block_dropout is not None else None
+        act_layer = get_act_layer(act_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.pre_activation = pre_activation
+
+        stem_chs = stem_channels or base_channels
+        stem = OrderedDict()
+        if input_block == "cifar":
+            stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
+        else:
+            stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 7, stride=2, **dd)
+        if not pre_activation:
+            stem["bn"] = norm_layer(stem_chs, **dd)
+            stem["act"] = act_layer(inplace=True)
+        if input_block == "imagenet":
+            stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.stem = nn.Sequential(stem)
+        reduction = 1 if input_block == "cifar" else 4
+        self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="stem")]
+
+        in_chs = stem_chs
+        for index, depth in enumerate(stage_depths):
+            stride = 1 if index == 0 else 2
+            reduction *= stride
+            planes = base_channels * 2 ** index
+            blocks = []
+            for block_index in range(depth):
+                blocks.append(block_cls(
+                    in_chs, planes, stride=stride if block_index == 0 else 1, pre_activation=pre_activation,
+                    preact_shortcut=preact_shortcut, norm_layer=norm_layer, conv_layer=conv_layer,
+                    act_layer=act_layer, dropout_layer=dropout_layer, **dd))
+                in_chs = planes * block_cls.expansion
+            self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{index + 1}"))
+        self.num_features = self.head_hidden_size = in_chs
+        if pre_activation:  # pre-activation blocks leave the last residual sum un-normalized
+            self.final_norm = norm_layer(in_chs, **dd)
+            self.final_act = act_layer(inplace=True)
+            self.feature_info[-1]["module"] = "final_act"
+        else:
+            self.final_norm = nn.Identity()
+            self.final_act = nn.Identity()
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.init_weights(zero_init_residual)
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_residual: bool = False) -> None:
+        """Kaiming-normal (fan_out, ReLU) convs as in timm/torchvision ResNets; norms keep their own init."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, (BasicBlock, Bottleneck)):
+                    module.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for index in range(len(self.feature_info) - 1):
+            x = getattr(self, f"layer{index + 1}")(x)
+        return self.final_act(self.final_norm(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference-implementation compatibility: keyword names and name= variants
+# ----------------------------------------------------------------------------------------------
+
+_REFERENCE_KWARGS = {
+    "norm_cfg": "norm", "norm_layer": "norm", "conv_cfg": "conv", "block_dropout_cfg": "block_dropout",
+    "block_name": "block", "activation_cfg": "act_layer", "input_block_channels": "stem_channels",
+    "final_dropout": "drop_rate",
+}
+_IMAGENET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
+                    101: ("bottleneck", (3, 4, 23, 3)), 152: ("bottleneck", (3, 8, 36, 3))}
+_NAME = re.compile(r"^(?P<data>cifar|i1k)(?P<pre>_pre)?_(?:rn(?P<depth>\d+)|wrn(?P<wdepth>\d+)_(?P<width>\d+))$")
+
+
+def _name_defaults(name: str) -> dict:
+    """The architecture the reference implementation's ``name=`` selects, e.g. ``cifar_rn20``, ``cifar_wrn28_10``.
+
+    ``cifar_rnD``: (D-2)/6 basic blocks in each of 3 stages at 16-32-64 (post-activation unless ``_pre``).
+    ``cifar_wrnD_W``: (D-4)/6 blocks per stage at 16W-32W-64W, stem 16. ``i1k_rnD``: ImageNet ResNet-D.
+    """
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(f"name must look like cifar_rn20, cifar_pre_rn56, cifar_wrn28_10 or i1k_rn50, got {name!r}")
+    defaults: dict = dict(pre_activation=bool(match["pre"]))
+    if match["data"] == "cifar":
+        if match["depth"] is not None:
+            depth, width, fixed = int(match["depth"]), 1, 2
+        else:
+            depth, width, fixed = int(match["wdepth"]), int(match["width"]), 4
+        if depth < fixed + 6 or (depth - fixed) % 6:
+            raise ValueError(f"name {name!r}: depth must be {fixed} + 6n for n >= 1, got {depth}")
+        defaults.update(input_block="cifar", block="basic", stage_depths=[(depth - fixed) // 6] * 3,
+                        base_channels=16 * width, stem_channels=16, num_classes=10)
+    else:
+        depth = int(match["depth"] or 0)
+        if depth not in _IMAGENET_DEPTHS or match["wdepth"]:
+            raise ValueError(f"name {name!r}: i1k depth must be one of {sorted(_IMAGENET_DEPTHS)}")
+        block, depths = _IMAGENET_DEPTHS[depth]
+        defaults.update(input_block="imagenet", block=block, stage_depths=list(depths), base_channels=64,
+                        num_classes=1000)
+    return defaults
+
+
+def _cfg(**kwargs: Any) -> dict:
+    return dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
+                interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv="stem.conv",
+                classifier="fc", license="apache-2.0") | kwargs
+
+
+default_cfgs = generate_default_cfgs({
+    "cifar_resnet": _cfg(),
+    "cifar_resnet18": _cfg(),
+    "cifar_resnet20": _cfg(pool_size=(8, 8)),
+    "cifar_wide_resnet16_4": _cfg(pool_size=(8, 8)),
+    "cifar_wide_resnet28_10": _cfg(pool_size=(8, 8)),
+})
+
+
+def _create_cifar_resnet(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> CifarResNet:
+    """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args``, then timm's builder."""
+    kwargs = dict(model_args, **rename_reference_kwargs(dict(kwargs), _REFERENCE_KWARGS, variant))
+    num_stages = len(kwargs.get("stage_depths", (2, 2, 2, 2)))
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained,
+        feature_cfg=dict(out_indices=tuple(range(num_stages + 1))),
+        **kwargs,
+    )
+
+
+@register_model
+def cifar_resnet(pretrained: bool = False, name: Optional[str] = None, **kwargs: Any) -> CifarResNet:
+    """Generic CIFAR ResNet (defaults: pre-activation ResNet-18).
+
+    ``name`` selects an architecture the reference implementation's way (``cifar_rn20``,
+    ``cifar_pre_rn56``, ``cifar_wrn28_10``, ``i1k_rn50``); explicit keywords override it.
+    """
+    return _create_cifar_resnet("cifar_resnet", pretrained, _name_defaults(name) if name else {}, kwargs)
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """Pre-activation ResNet-18 for 32x32 inputs: 3x3 stem to 64, [2, 2, 2, 2] basic blocks, 64-512."""
+    model_args = dict(stage_depths=(2, 2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
+                      base_channels=64, preact_shortcut="norm")
+    return _create_cifar_resnet("cifar_resnet18", pretrained, model_args, kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """Post-activation ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks at 16-32-64."""
+    model_args = dict(stage_depths=(3, 3, 3), block="basic", pre_activation=False, input_block="cifar",
+                      base_channels=16)
+    return _create_cifar_resnet("cifar_resnet20", pretrained, model_args, kwargs)
+
+
+@register_model
+def cifar_wide_resnet16_4(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """WRN-16-4: pre-activation, 2 blocks per stage at 64-128-256, stem conv to 16."""
+    model_args = dict(stage_depths=(2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
+                      base_channels=64, stem_channels=16, preact_shortcut="preact")
+    return _create_cifar_resnet("cifar_wide_resnet16_4", pretrained, model_args, kwargs)
+
+
+@register_model
+def cifar_wide_resnet28_10(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """WRN-28-10: pre-activation, 4 blocks per stage at 160-320-640, stem conv to 16."""
+    model_args = dict(stage_depths=(4, 4, 4), block="basic", pre_activation=True, input_block="cifar",
+                      base_channels=160, stem_channels=16, preact_shortcut="preact")
+    return _create_cifar_resnet("cifar_wide_resnet28_10", pretrained, model_args, kwargs)

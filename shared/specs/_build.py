@@ -1,0 +1,220 @@
+"""Validated parts -> modules and factories; the noise generator; reference model keywords."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from shared.specs._parse import parse_spec
+from shared.specs._table import (
+    CHANNELS_FIRST, TABLE, TAKES_FEATURES, NormSpec, PartSpec, SpecError, accepted_arguments, make_part,
+    parameters_of, row_of,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Validated parts -> modules
+# ----------------------------------------------------------------------------------------------
+
+class NormSequence(nn.Sequential):
+    """The module of a composite spec: its parts in order (children ``0``, ``1``... as in nn.Sequential).
+
+    It exposes ``.weight`` / ``.bias``: the ``weight`` / ``bias`` of its last part that has one (the gain /
+    bias part of the GNI spec), so model code that treats a norm layer as having an affine weight, such
+    as timm's ``zero_init_last`` (``nn.init.zeros_(self.bn2.weight)``), acts on the composite too. They are
+    ``None`` when no part has one, like ``BatchNorm2d(affine=False)``.
+    """
+
+    def _last_parameter(self, name: str) -> Optional[nn.Parameter]:
+        for module in reversed(list(self.children())):
+            value = getattr(module, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        return None
+
+    @property
+    def weight(self) -> Optional[nn.Parameter]:
+        return self._last_parameter("weight")
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:
+        return self._last_parameter("bias")
+
+
+def _fused_gni(parts: tuple) -> Optional[PartSpec]:
+    """The reference's GNI composite ``[bn2d(affine=False), gnir(...), gain, bias]`` as one fused part.
+
+    nodo.GhostNoiseBatchNorm2d computes exactly BN(affine=False) -> GhostNoiseInjector -> Gain -> Bias
+    (the same statistics, the same ghost-index draws from the generator, then the per-channel affine), in
+    fewer passes over the activation. Returns None if the parts are anything else (other norm, extra
+    keywords the fused layer does not have, a channels_last noise part...).
+    """
+    if [(p.kind, p.subtype) for p in parts] != [("norm", "bn2d"), ("noise", "gnir"), ("gain", "gain"),
+                                                 ("bias", "bias")]:
+        return None
+    norm, noise, gain, bias = (p.options for p in parts)
+    if norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:]):
+        return None
+    if set(gain) - {"channel_dim"} or set(bias) - {"channel_dim"}:
+        return None
+    noise.pop("channel_dim", None)
+    fused = dict(norm)
+    if "eps" in noise:
+        fused["noise_eps"] = noise.pop("eps")
+    fused.update(noise)
+    accepted, _ = accepted_arguments(TABLE["norm"]["gnbn2d"])
+    if not set(fused) <= set(accepted):
+        return None
+    return make_part("norm", "gnbn2d", **fused)
+
+
+def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype) -> nn.Module:
+    row = row_of(part)
+    names = {p.name for p in parameters_of(row)}
+    kwargs = part.options
+    if "channel_dim" in names and "channel_dim" not in kwargs:
+        kwargs["channel_dim"] = 1 if layout == CHANNELS_FIRST else -1
+    kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
+    args = (num_features,) if part.kind in TAKES_FEATURES else ()
+    try:
+        return row.target()(*args, **kwargs)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"building '{part}' for num_features={num_features}: {err}") from err
+
+
+def _build_site_module(num_features: int, device=None, dtype=None, *, spec: NormSpec) -> nn.Module:
+    """The factory body: build ``spec`` for a site with ``num_features`` channels."""
+    parts = spec.parts
+    fused = _fused_gni(parts) if spec.layout == CHANNELS_FIRST else None
+    if fused is not None:
+        parts = (fused,)
+    modules = [_build_part(p, num_features, spec.layout, device, dtype) for p in parts]
+    if len(modules) == 1:
+        return modules[0]
+    return NormSequence(*modules)
+
+
+def _as_factory(spec: Any, site: str, layout: str) -> Callable[..., nn.Module]:
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return spec  # already a factory (a class, function or partial): used as is
+    parsed = parse_spec(spec, site, layout)
+    # A partial of a module-level function (not a closure) so that timm's get_norm_layer accepts it
+    # (it asserts type/str/function/partial) and the factory can be pickled.
+    return functools.partial(_build_site_module, spec=parsed)
+
+
+def create_norm_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[..., nn.Module]:
+    """Turn a norm spec into ``factory(num_features, device=None, dtype=None) -> nn.Module``.
+
+    Args:
+        spec: a short string, mapping, list of parts, JSON/Python/YAML text of those (see the module
+            docstring), or an existing factory (any callable other than a str/mapping, returned as is).
+        layout: 'channels_first' for ``(N, C, *)`` activations (CNN norm sites) or 'channels_last' for
+            ``(N, *, C)`` tokens (ViT LayerNorm sites): sets the default ``channel_dim`` of noise, gain and
+            bias parts and the LayerNorm flavour, and rejects norms that need NCHW input.
+
+    Returns:
+        A ``functools.partial`` whose ``keywords['spec']`` is the parsed :class:`NormSpec`. A composite
+        spec builds a :class:`NormSequence`; the GNI composite at a channels_first site builds the fused
+        ``nodo.GhostNoiseBatchNorm2d``.
+
+    Raises:
+        SpecError: the spec is malformed or names an unknown part or keyword (with close matches).
+    """
+    return _as_factory(spec, "norm", layout)
+
+
+def create_noise_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[..., nn.Module]:
+    """Like :func:`create_norm_factory` for a site that takes noise but no normalization.
+
+    Used for NF-ResNet's pre-activation noise and residual-block dropout; ``gnir32`` or
+    ``{"subtype": "flexible_dropout", "p": 0.1}`` fit, ``gni32`` (which contains a BatchNorm) does not.
+    """
+    return _as_factory(spec, "noise", layout)
+
+
+def _layer_factory(spec: Any, site: str) -> Callable[..., nn.Module]:
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return spec
+    parsed = parse_spec(spec, site)
+    if len(parsed.parts) != 1:
+        raise SpecError(f"a {site} spec names one layer, got {len(parsed.parts)} parts: {parsed}")
+    part = parsed.parts[0]
+    return functools.partial(row_of(part).target(), **part.options)
+
+
+def create_conv_factory(spec: Any) -> Callable[..., nn.Module]:
+    """``'standard'`` / ``'ws'`` / ``{"subtype": "wsconv2d", "dkwargs": {"gain": True}}`` -> a Conv2d class.
+
+    Returns a ``functools.partial`` of ``nn.Conv2d`` or ``nodo.WSConv2d`` with the spec's keywords bound,
+    called like ``nn.Conv2d(in_channels, out_channels, kernel_size, ...)``.
+    """
+    return _layer_factory(spec, "conv")
+
+
+def create_linear_factory(spec: Any) -> Callable[..., nn.Module]:
+    """``'standard'`` / ``'ws'`` -> a partial of ``nn.Linear`` or ``nodo.WSLinear``."""
+    return _layer_factory(spec, "linear")
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise generator
+# ----------------------------------------------------------------------------------------------
+
+def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch.device, None] = None
+                           ) -> torch.Generator:
+    """Give every noise module of ``model`` one dedicated ``torch.Generator`` seeded with ``seed``.
+
+    Every submodule with a ``generator`` attribute (nodo's GhostNoiseInjector, GhostNoiseBatchNorm2d,
+    NoisyAffine, FlexibleDropout) gets the same generator object. The noise then no longer draws from
+    torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
+    run with the same seed, and the noise itself is reproducible from ``seed``. Checkpoint the returned
+    generator's ``get_state()`` to resume the noise stream exactly.
+
+    Args:
+        model: the model (a DDP / EMA wrapper works too: ``modules()`` reaches the wrapped model).
+        seed: seed of the generator. Under DistributedDataParallel give each rank its own seed (e.g.
+            ``seed + rank``) so the ranks do not draw identical ghost batches.
+        device: device of the generator; it must be the device the noise is sampled on, the model's.
+            Default: the device of the model's first parameter or buffer, else CPU.
+
+    Returns:
+        The generator (also reachable as ``module.generator`` on each noise module).
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
+    if device is None:
+        tensor = next(iter(model.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(model.buffers()), None)
+        device = tensor.device if tensor is not None else torch.device("cpu")
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "generator"):
+            module.generator = generator
+    return generator
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference model keywords
+# ----------------------------------------------------------------------------------------------
+
+def rename_reference_kwargs(kwargs: dict, renames: Mapping[str, str], model: str) -> dict:
+    """Rename the reference implementation's model keywords in place (``norm_cfg`` -> ``norm``...).
+
+    Lets the paper's launch commands (``--model-kwargs norm_cfg=...``) run unchanged.
+
+    Raises:
+        TypeError: both the old and the new name are given.
+    """
+    for old, new in renames.items():
+        if old in kwargs:
+            if new in kwargs:
+                raise TypeError(f"{model}: got both {old!r} (the reference implementation's name) and {new!r}; "
+                                f"give only {new!r}")
+            kwargs[new] = kwargs.pop(old)
+    return kwargs

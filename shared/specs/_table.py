@@ -1,0 +1,271 @@
+"""Part tables of the spec language: names -> constructors, reference keyword renames, presets.
+
+Each row of :data:`PART_TYPES` says how one spec name (``gbn2d``, alias ``gbn``...) becomes a module:
+its target constructor (looked up lazily, so that this module imports without building anything), the
+reference implementation's keyword names and how they map onto ours, which keyword the number of a
+short string sets (``gbn16`` -> ``ghost_batch_size=16``) and which layouts it supports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch.nn as nn
+
+import nodo
+
+LAYOUTS = ("channels_first", "channels_last")
+CHANNELS_FIRST, CHANNELS_LAST = LAYOUTS
+# Arguments the norm site supplies itself; a spec may not set them.
+SITE_ARGS = ("num_features", "device", "dtype", "layout", "generator")
+
+
+class SpecError(ValueError):
+    """A norm/noise spec could not be parsed or names something that does not exist."""
+
+
+def suggest(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x' or 'y'?)`` for the close matches of ``word``, else an empty string."""
+    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Part tables
+# ----------------------------------------------------------------------------------------------
+
+def _layer_norm(num_features: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, *,
+                layout: str = CHANNELS_FIRST, device=None, dtype=None) -> nn.Module:
+    """LayerNorm over the channel dim; eps defaults to PyTorch's 1e-5 (timm's classes default to 1e-6)."""
+    from timm.layers import LayerNorm, LayerNorm2d
+    cls = LayerNorm if layout == CHANNELS_LAST else LayerNorm2d
+    return cls(num_features, eps=eps, affine=affine, bias=bias, device=device, dtype=dtype)
+
+
+def _group_norm(num_features: int, num_groups: Optional[int] = None, channels_per_group: Optional[int] = None,
+                eps: float = 1e-5, affine: bool = True, *, device=None, dtype=None) -> nn.GroupNorm:
+    """GroupNorm with either ``num_groups`` or ``channels_per_group`` (the reference's ``G`` / ``CpG``)."""
+    if (num_groups is None) == (channels_per_group is None):
+        raise SpecError(f"gn needs exactly one of num_groups (G) or channels_per_group (CpG), got "
+                        f"num_groups={num_groups!r}, channels_per_group={channels_per_group!r}")
+    if num_groups is None:
+        if num_features % channels_per_group:
+            raise SpecError(f"gn: channels_per_group={channels_per_group} does not divide num_features={num_features}")
+        num_groups = num_features // channels_per_group
+    if num_features % num_groups:
+        raise SpecError(f"gn: num_groups={num_groups} does not divide num_features={num_features}")
+    return nn.GroupNorm(num_groups, num_features, eps=eps, affine=affine, device=device, dtype=dtype)
+
+
+def _identity(num_features: Optional[int] = None, *, device=None, dtype=None) -> nn.Identity:
+    return nn.Identity()
+
+
+def _frn():
+    from timm.layers import FilterResponseNormTlu2d
+    return FilterResponseNormTlu2d
+
+
+def _refuse(value: Any, why: str):
+    """Keyword converter for a reference option that only has one implemented value."""
+    def convert(given):
+        if given != value:
+            raise SpecError(why.format(given=given))
+        return DROP
+    return convert
+
+
+DROP = object()  # a converter result meaning "accepted, nothing to pass on"
+_REF_GHOST = {"batch_size": "ghost_batch_size"}
+_REF_NOISE = {**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale",
+              "channel_last": ("channel_dim", lambda last: -1 if last else 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PartType:
+    """One row of a part table: how a spec name becomes a module."""
+    kind: str
+    name: str
+    target: Callable[[], Callable[..., nn.Module]]  # lazy: nodo / timm classes are looked up when used
+    aliases: tuple = ()
+    keyword_aliases: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ref name -> ours | (ours, fn)
+    number_arg: Optional[str] = None  # what the N of a short string ``gbn16`` sets
+    layouts: tuple = LAYOUTS
+    has_shift_scale: bool = False  # accepts the short string variants -shift / -scale
+
+    @property
+    def names(self) -> tuple:
+        return (self.name,) + tuple(self.aliases)
+
+
+def _row(kind, name, target, aliases=(), **kw) -> PartType:
+    return PartType(kind, name, target, tuple(aliases), **kw)
+
+
+_CF_ONLY = (CHANNELS_FIRST,)
+PART_TYPES = (
+    _row("norm", "bn2d", lambda: nn.BatchNorm2d, ("bn", "batchnorm", "batchnorm2d"), layouts=_CF_ONLY),
+    _row("norm", "gbn2d", lambda: nodo.GhostBatchNorm2d, ("gbn", "ghost_batch_norm"),
+         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    _row("norm", "en2d", lambda: nodo.EvalNorm2d, ("ebn", "en", "eval_norm"),
+         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    _row("norm", "xbn2d", lambda: nodo.ExclusiveBatchNorm2d, ("xbn", "exclusive_batch_norm"),
+         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    _row("norm", "gnbn2d", lambda: nodo.GhostNoiseBatchNorm2d, ("ghost_noise_batch_norm",),
+         keyword_aliases={**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale"},
+         number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
+    _row("norm", "gn", lambda: _group_norm, ("groupnorm",),
+         keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"}, number_arg="num_groups",
+         layouts=_CF_ONLY),
+    _row("norm", "ln", lambda: _layer_norm, ("layernorm",)),
+    _row("norm", "frn", _frn, ("filter_response_norm",), layouts=_CF_ONLY),
+    _row("norm", "identity", lambda: _identity, ("none",)),
+    _row("noise", "gnir", lambda: nodo.GhostNoiseInjector, ("ghost_noise_injector_rep", "ghost_noise_injector",
+                                                           "ghost_noise"),
+         keyword_aliases=_REF_NOISE, number_arg="ghost_batch_size", has_shift_scale=True),
+    _row("noise", "nat", lambda: nodo.NoisyAffine, ("noisy_affine", "noisy_affine_transform"),
+         keyword_aliases={**_REF_NOISE, "scale_shift": _refuse(
+             False, "nat: scale_shift={given!r} (scaling the shift noise by each sample's spatial std) is not "
+                    "implemented; the paper's runs use scale_shift=False, which is what nodo.NoisyAffine does")},
+         number_arg="ghost_batch_size", has_shift_scale=True),
+    _row("noise", "dropout", lambda: nn.Dropout, keyword_aliases={"drop_probability": "p"}),
+    _row("noise", "flexible_dropout", lambda: nodo.FlexibleDropout, keyword_aliases={
+        "drop_probability": "p", "noise_type": "kind",
+        "scaling_type": _refuse("mean", "flexible_dropout: scaling_type={given!r} is not implemented; nodo's "
+                                        "FlexibleDropout always keeps the mean (scaling_type='mean')"),
+        "max_steps": _refuse(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout off after some "
+                                       "steps) is not implemented")}),
+    _row("gain", "gain", lambda: nodo.Gain, ("standard",)),
+    _row("bias", "bias", lambda: nodo.Bias, ("standard",)),
+    _row("activation", "relu", lambda: nn.ReLU),
+    _row("activation", "leaky_relu", lambda: nn.LeakyReLU),
+    _row("activation", "gelu", lambda: nn.GELU),
+    _row("activation", "silu", lambda: nn.SiLU, ("swish",)),
+    _row("conv", "conv2d", lambda: nn.Conv2d, ("standard",)),
+    _row("conv", "wsconv2d", lambda: nodo.WSConv2d, ("ws",)),
+    _row("linear", "linear", lambda: nn.Linear, ("standard",)),
+    _row("linear", "wslinear", lambda: nodo.WSLinear, ("ws",)),
+)
+KINDS = ("norm", "noise", "gain", "bias", "activation", "conv", "linear")
+KIND_ALIASES = {"dropout": "noise", "act": "activation"}  # the reference filed dropout under "noise"
+TABLE = {kind: {n: row for row in PART_TYPES if row.kind == kind for n in row.names} for kind in KINDS}
+
+# Which part kinds each kind of site accepts, and where a mapping without ``type`` is looked up first.
+SITES = {
+    "norm": ("norm", "noise", "gain", "bias", "activation"),
+    "noise": ("noise", "gain", "bias", "activation"),
+    "conv": ("conv",),
+    "linear": ("linear",),
+}
+# Short-string presets: name -> builder of its part list, given (number, shift, scale).
+PRESETS = ("gni", "nat")
+# Names kept for the suggestions only: timm's norm names resolve through get_norm_layer at run time.
+TIMM_NORM_HINTS = ("batchnorm1d", "groupnorm1", "layernorm2d", "rmsnorm", "rmsnorm2d", "simplenorm",
+                    "simplenorm2d", "frozenbatchnorm2d", "layernormfp32", "layernorm2dfp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsed spec
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+    """One validated part: ``kind`` and canonical ``subtype`` of a table row, canonical keyword names."""
+    kind: str
+    subtype: str
+    kwargs: tuple = ()  # sorted (name, value) pairs, hashable
+
+    @property
+    def options(self) -> dict:
+        return dict(self.kwargs)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
+        return f"{self.subtype}({args})" if args else self.subtype
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """A parsed spec: its parts in order and the layout of the site it is built for."""
+    parts: tuple
+    layout: str = CHANNELS_FIRST
+
+    def __str__(self) -> str:
+        body = ", ".join(str(p) for p in self.parts)
+        return f"[{body}]" if len(self.parts) != 1 else body
+
+
+def make_part(kind: str, subtype: str, **kwargs) -> PartSpec:
+    return PartSpec(kind, subtype, tuple(sorted(kwargs.items())))
+
+
+def preset_parts(name: str, number: Optional[int], shift: bool, scale: bool) -> list:
+    """The paper's two noise presets, as the same parts the reference's JSON spells out."""
+    if number is None:
+        raise SpecError(f"'{name}' needs a ghost batch size, e.g. '{name}16'")
+    noise = make_part("noise", "gnir" if name == "gni" else "nat", ghost_batch_size=number, shift=shift, scale=scale)
+    return [make_part("norm", "bn2d", affine=False), noise, make_part("gain", "gain"), make_part("bias", "bias")]
+
+
+TAKES_FEATURES = ("norm", "gain", "bias")  # part kinds built as ``cls(num_features, ...)``
+
+def timm_norm_row(name: str) -> Optional[PartType]:
+    """A row for a norm timm's public ``get_norm_layer`` knows by name (``rmsnorm2d``...), else None."""
+    from timm.layers import get_norm_layer
+    try:
+        cls = get_norm_layer(name)
+    except (KeyError, AssertionError):
+        return None
+    return PartType("norm", name, lambda: cls) if cls is not None else None
+
+
+def timm_act_row(name: str) -> Optional[PartType]:
+    """A row for an activation timm's public ``get_act_layer`` knows by name, else None."""
+    from timm.layers import get_act_layer
+    try:
+        cls = get_act_layer(name)
+    except (KeyError, AssertionError, ValueError):
+        return None
+    return PartType("activation", name, lambda: cls) if isinstance(cls, type) else None
+
+
+def row_of(part: PartSpec) -> PartType:
+    row = TABLE[part.kind].get(part.subtype)
+    if row is None:  # a timm norm or activation name
+        row = timm_norm_row(part.subtype) if part.kind == "norm" else timm_act_row(part.subtype)
+    return row
+
+
+def parameters_of(row: PartType) -> list:
+    try:
+        return list(inspect.signature(row.target()).parameters.values())
+    except (TypeError, ValueError):  # no introspectable signature
+        return []
+
+
+def accepted_arguments(row: PartType) -> tuple[dict, bool]:
+    """The keywords a spec may set ``{name: default}`` and whether the target takes ``**kwargs``.
+
+    The site's own arguments are removed: ``device``, ``dtype``, ``layout``, ``generator``, and for
+    norm / gain / bias parts the first parameter, the channel count, whatever its name (timm's
+    classes call it ``num_channels``).
+    """
+    params = parameters_of(row)
+    if row.kind in TAKES_FEATURES and params and params[0].kind in (params[0].POSITIONAL_ONLY,
+                                                                     params[0].POSITIONAL_OR_KEYWORD):
+        params = params[1:]
+    varkw = any(p.kind is p.VAR_KEYWORD for p in params) or not params and row.kind == "norm"
+    accepted = {p.name: p.default for p in params
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in SITE_ARGS}
+    return accepted, varkw
+
+
+def target_name(row: PartType) -> str:
+    target = row.target()
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+
