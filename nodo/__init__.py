@@ -5,6 +5,8 @@ The public API is this flat list; the math lives in :mod:`nodo.functional`.
 from nodo import functional
 
 # --- ghost noise: GhostNoiseInjector, GhostNoiseBatchNorm2d, NoisyAffine (owner: ghost-noise engineer)
+from nodo.ghost_noise import GhostNoiseBatchNorm2d, GhostNoiseInjector, NoiseGenerator
+from nodo.noisy_affine import NoisyAffine
 
 # --- batch norms and the rest: GhostBatchNorm2d, ExclusiveBatchNorm2d, EvalNorm2d, FlexibleDropout,
 # --- WSConv2d, WSLinear, Gain, Bias, convert (owner: batch-norm engineer)

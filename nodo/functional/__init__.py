@@ -4,6 +4,16 @@ Modules in :mod:`nodo` are thin wrappers that hold parameters, buffers and a ran
 and call these functions.
 """
 # --- ghost noise (owner: ghost-noise engineer)
+from nodo.functional.ghost_noise import (
+    NoiseGenerator,
+    ghost_batch_weights,
+    ghost_noise_batch_norm,
+    ghost_noise_from_moments,
+    ghost_noise_injection,
+    sample_ghost_indices,
+    sample_moments,
+)
+from nodo.functional.noisy_affine import noisy_affine, sample_noisy_affine_noise
 
 # --- batch norms, dropout, weight standardization (owner: batch-norm engineer)
 from nodo.functional.batch_norm import eval_norm, exclusive_batch_norm, ghost_batch_norm, ghost_batch_partition
