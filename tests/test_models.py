@@ -113,8 +113,7 @@ FULL_SIZE = {
 }
 
 
-@pytest.mark.parametrize("model_name", [pytest.param(n, marks=pytest.mark.slow) if n in (
-    "cifar_wide_resnet28_10", "cifar_nf_resnet26") else n for n in FULL_SIZE])
+@pytest.mark.parametrize("model_name", list(FULL_SIZE))
 def test_full_size_named_models(model_name):
     model = timm.create_model(model_name, pretrained=False).eval()
     assert model.num_classes == 10
@@ -276,15 +275,16 @@ def test_reference_model_kwargs_port_unchanged():
     assert sum(p.numel() for p in rn18.parameters()) == \
         sum(p.numel() for p in timm.create_model("cifar_resnet18", num_classes=100).parameters())
     # c10_rn20 scripts: name=cifar_rn20
-    rn20 = timm.create_model("cifar_resnet", name="cifar_rn20", norm_cfg='{"subtype":"gbn2d","dkwargs":{"batch_size":16}}')
+    gbn = '{"subtype":"gbn2d","dkwargs":{"batch_size":16}}'
+    rn20 = timm.create_model("cifar_resnet", name="cifar_rn20", norm_cfg=gbn)
     assert sum(p.numel() for p in rn20.parameters()) == FULL_SIZE["cifar_resnet20"]
     assert _count(rn20, nodo.GhostBatchNorm2d) == 21
     # ln_test scripts: conv_cfg
     ws = timm.create_model("cifar_resnet", base_channels=4, conv_cfg='{"subtype":"wsconv2d","dkwargs":{"gain":True}}')
     assert _count(ws, nodo.WSConv2d) > 0 and _count(ws, nn.Conv2d) == 0
     # nfrn scripts: skipinit=True noise_cfg=...
-    nf = timm.create_model("cifar_nf_resnet26", skipinit=True, **SMALL["cifar_nf_resnet26"],
-                           noise_cfg='{"type":"noise","subtype":"ghost_noise_injector_rep","dkwargs":{"batch_size":32}}')
+    gnir = '{"type":"noise","subtype":"ghost_noise_injector_rep","dkwargs":{"batch_size":32}}'
+    nf = timm.create_model("cifar_nf_resnet26", skipinit=True, noise_cfg=gnir, **SMALL["cifar_nf_resnet26"])
     # 8 blocks x 3 activations + the final one
     assert _count(nf, nodo.GhostNoiseInjector) == 25
     assert all(b.skipinit_gain is not None for stage in nf.stages for b in stage)

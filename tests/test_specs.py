@@ -321,9 +321,9 @@ def test_timm_resnet_zero_init_last_zeroes_composite_gains(spec):
 
 def test_stock_timm_resnet_gets_spec_at_every_norm_site():
     model = shared.create_model("resnet18", norm="gni16", num_classes=10)
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert norms and all(type(m) is nodo.GhostNoiseBatchNorm2d for m in norms)
-    assert len(norms) == 20  # stem 1 + 8 blocks * 2 + 3 downsample projections
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    # stem 1 + 8 blocks * 2 + 3 downsample projections
+    assert sum(type(m) is nodo.GhostNoiseBatchNorm2d for m in model.modules()) == 20
     reference = shared.create_model("resnet18", norm_layer=GNI16, num_classes=10)
     assert sum(type(m) is nodo.GhostNoiseBatchNorm2d for m in reference.modules()) == 20
 
@@ -355,7 +355,8 @@ def test_attach_noise_generator_makes_noise_reproducible_without_global_rng():
     attach_noise_generator(second, seed=1)
     attach_noise_generator(third, seed=2)
     noise_modules = [m for m in first.modules() if hasattr(m, "generator")]
-    assert len(noise_modules) == 10 and all(m.generator is generator for m in noise_modules)
+    # stem 1 + 3 blocks * 2 + 2 projection shortcuts
+    assert len(noise_modules) == 9 and all(m.generator is generator for m in noise_modules)
     state = torch.get_rng_state()
     out_first, out_second, out_third = first(x), second(x), third(x)
     assert torch.equal(torch.get_rng_state(), state), "GNI must not draw from torch's global RNG"
@@ -385,3 +386,13 @@ def test_model_with_generator_deepcopies():
 def test_attach_noise_generator_rejects_bad_seed():
     with pytest.raises(TypeError, match="seed must be an int"):
         attach_noise_generator(nn.Linear(2, 2), seed="1")
+
+
+def test_model_supplied_norm_keywords_go_to_the_norm_part():
+    # some timm models call norm_layer(C, eps=...): the eps reaches the normalization part
+    assert create_norm_factory("gni16")(8, eps=1e-3).eps == 1e-3
+    assert create_norm_factory("nat8")(8, eps=1e-3)[0].eps == 1e-3
+    assert create_norm_factory("ln", layout="channels_last")(8, eps=1e-6).eps == 1e-6
+    assert type(create_norm_factory("none")(8, eps=1e-3)) is nn.Identity
+    with pytest.raises(SpecError, match="passes eps=0.001 to its norm layer, but spec gnir"):
+        create_noise_factory("gnir4")(8, eps=1e-3)

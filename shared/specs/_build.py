@@ -69,10 +69,10 @@ def _fused_gni(parts: tuple) -> Optional[PartSpec]:
     return make_part("norm", "gnbn2d", **fused)
 
 
-def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype) -> nn.Module:
+def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, site_kwargs: dict) -> nn.Module:
     row = row_of(part)
     names = {p.name for p in parameters_of(row)}
-    kwargs = part.options
+    kwargs = {**part.options, **site_kwargs}
     if "channel_dim" in names and "channel_dim" not in kwargs:
         kwargs["channel_dim"] = 1 if layout == CHANNELS_FIRST else -1
     kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
@@ -85,13 +85,28 @@ def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype) -
         raise SpecError(f"building '{part}' for num_features={num_features}: {err}") from err
 
 
-def _build_site_module(num_features: int, device=None, dtype=None, *, spec: NormSpec) -> nn.Module:
-    """The factory body: build ``spec`` for a site with ``num_features`` channels."""
+def _build_site_module(num_features: int, device=None, dtype=None, *, spec: NormSpec, **site_kwargs) -> nn.Module:
+    """The factory body: build ``spec`` for a site with ``num_features`` channels.
+
+    ``site_kwargs`` are keywords some models pass to their norm layer beyond the channel count (timm's
+    ``norm_layer(C, eps=1e-6)`` in a few architectures): they go to the spec's normalization part,
+    overriding the spec, and are an error if it does not take them.
+    """
     parts = spec.parts
     fused = _fused_gni(parts) if spec.layout == CHANNELS_FIRST else None
     if fused is not None:
         parts = (fused,)
-    modules = [_build_part(p, num_features, spec.layout, device, dtype) for p in parts]
+    norm_index = next((i for i, p in enumerate(parts) if p.kind == "norm"), None)
+    if norm_index is not None and parts[norm_index].subtype == "identity":
+        site_kwargs = {}  # no normalization: nothing to pass an eps or momentum to
+    if site_kwargs:
+        accepted = accepted_arguments(row_of(parts[norm_index]))[0] if norm_index is not None else {}
+        unknown = sorted(set(site_kwargs) - set(accepted))
+        if unknown:
+            raise SpecError(f"the model passes {', '.join(f'{k}={site_kwargs[k]!r}' for k in unknown)} to its norm "
+                            f"layer, but spec {spec} has no normalization part that takes it")
+    modules = [_build_part(p, num_features, spec.layout, device, dtype, site_kwargs if i == norm_index else {})
+               for i, p in enumerate(parts)]
     if len(modules) == 1:
         return modules[0]
     return NormSequence(*modules)
@@ -168,8 +183,9 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
                            ) -> torch.Generator:
     """Give every noise module of ``model`` one dedicated ``torch.Generator`` seeded with ``seed``.
 
-    Every submodule with a ``generator`` attribute (nodo's GhostNoiseInjector, GhostNoiseBatchNorm2d,
-    NoisyAffine, FlexibleDropout) gets the same generator object. The noise then no longer draws from
+    Every submodule with a ``generator`` attribute that is None or a ``torch.Generator`` (nodo's
+    GhostNoiseInjector, GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same generator
+    object. The noise then no longer draws from
     torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
     run with the same seed, and the noise itself is reproducible from ``seed``. Checkpoint the returned
     generator's ``get_state()`` to resume the noise stream exactly.
@@ -194,7 +210,10 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed)
     for module in model.modules():
-        if hasattr(module, "generator"):
+        # modules that sample noise keep ``generator`` as None or a torch.Generator; anything else called
+        # "generator" (a GAN's submodule...) is not ours to replace
+        if isinstance(getattr(module, "generator", False), torch.Generator) or (
+                hasattr(module, "generator") and module.generator is None):
             module.generator = generator
     return generator
 

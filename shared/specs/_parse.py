@@ -8,6 +8,7 @@ so a typo fails here, with close matches, instead of being dropped.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import json
 import re
@@ -55,7 +56,7 @@ def _load_text(text: str) -> Any:
                                    f"{err.msg}" + _caret(text, err.lineno - 1, err.colno - 1))
     import yaml
     try:
-        loaded = yaml.load(text, Loader=_SpecYamlLoader)
+        loaded = yaml.load(text, Loader=_yaml_loader())
     except yaml.YAMLError as err:
         if json_error is not None:
             raise json_error from None
@@ -79,11 +80,13 @@ def _has_quoted_string(value: Any) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
 def _yaml_loader():
+    """A SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``); yaml imported on use."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+        pass
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -92,24 +95,12 @@ def _yaml_loader():
     return Loader
 
 
-class _LazyLoader:
-    """Build the YAML loader class on first use, so importing this module does not import yaml."""
-    _cls = None
-
-    def __call__(self, stream):
-        if _LazyLoader._cls is None:
-            _LazyLoader._cls = _yaml_loader()
-        return _LazyLoader._cls(stream)
-
-
-_SpecYamlLoader = _LazyLoader()
-
-
-def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
-    """Find a table row by (possibly aliased) name.
+def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[PartType]:
+    """The table row for a (possibly aliased) name, or None.
 
     With ``kind`` None the tables the site accepts are searched; a name found in several of them
-    (``standard`` is a gain, a bias, a conv...) needs an explicit ``type``.
+    (``standard`` is a gain, a bias, a conv...) needs an explicit ``type``. Then timm's norm and
+    activation names.
     """
     kinds = (kind,) if kind else SITES[site]
     rows = [TABLE[k][name] for k in kinds if name in TABLE[k]]
@@ -118,14 +109,18 @@ def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
                         f"{' / '.join(r.kind for r in rows)} part; add e.g. \"type\": \"{rows[0].kind}\"")
     if rows:
         return rows[0]
-    if "norm" in kinds:
-        row = timm_norm_row(name)
-        if row is not None:
-            return row
-    if "activation" in kinds:
+    row = timm_norm_row(name) if "norm" in kinds else None
+    if row is None and "activation" in kinds:
         row = timm_act_row(name)
-        if row is not None:
-            return row
+    return row
+
+
+def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
+    """Like :func:`_find`, but an unknown name is a SpecError with the close matches."""
+    row = _find(name, kind, site, where)
+    if row is not None:
+        return row
+    kinds = (kind,) if kind else SITES[site]
     known = [n for k in kinds for n in TABLE[k]]
     canonical = [row.name for row in PART_TYPES if row.kind in kinds]
     if "norm" in kinds:
@@ -171,13 +166,15 @@ def _validate_kwargs(row: PartType, given: Mapping[str, Any], where: str, site: 
 def _parse_short(token: str, site: str, where: str) -> list:
     """``gbn16`` / ``gni16-shift`` / ``ln`` / a timm norm name -> parts."""
     text = token.strip().lower()
+    # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
+    row = _find(text, None, site, where) if text not in PRESETS else None
+    if row is not None:
+        return [PartSpec(row.kind, row.name, _validate_kwargs(row, {}, where, site))]
     match = _SHORT.match(text)
     if match is None or (match["number"] is None and match["variant"] is None):
-        # a plain name, including names with digits inside such as 'bn2d' or 'layernorm2d'
         if text in PRESETS:
-            return preset_parts(text, None, True, True)
-        row = _lookup(text, None, site, where)
-        return [PartSpec(row.kind, row.name, _validate_kwargs(row, {}, where, site))]
+            return preset_parts(text, None, True, True)  # raises: a preset needs its number
+        _lookup(text, None, site, where)  # raises with the close matches
     name, number, variant = match["name"], match["number"], match["variant"]
     shift, scale = True, True
     if variant is not None:

@@ -162,7 +162,7 @@ SITES = {
     "conv": ("conv",),
     "linear": ("linear",),
 }
-# Short-string presets: name -> builder of its part list, given (number, shift, scale).
+# Short-string presets (expanded by preset_parts): gniN and natN.
 PRESETS = ("gni", "nat")
 # Names kept for the suggestions only: timm's norm names resolve through get_norm_layer at run time.
 TIMM_NORM_HINTS = ("batchnorm1d", "groupnorm1", "layernorm2d", "rmsnorm", "rmsnorm2d", "simplenorm",
@@ -214,6 +214,7 @@ def preset_parts(name: str, number: Optional[int], shift: bool, scale: bool) -> 
 
 TAKES_FEATURES = ("norm", "gain", "bias")  # part kinds built as ``cls(num_features, ...)``
 
+
 def timm_norm_row(name: str) -> Optional[PartType]:
     """A row for a norm timm's public ``get_norm_layer`` knows by name (``rmsnorm2d``...), else None."""
     from timm.layers import get_norm_layer
@@ -235,6 +236,7 @@ def timm_act_row(name: str) -> Optional[PartType]:
 
 
 def row_of(part: PartSpec) -> PartType:
+    """The table row a parsed part came from."""
     row = TABLE[part.kind].get(part.subtype)
     if row is None:  # a timm norm or activation name
         row = timm_norm_row(part.subtype) if part.kind == "norm" else timm_act_row(part.subtype)
@@ -242,6 +244,7 @@ def row_of(part: PartSpec) -> PartType:
 
 
 def parameters_of(row: PartType) -> list:
+    """The target constructor's ``inspect.Parameter`` list (empty if it has no readable signature)."""
     try:
         return list(inspect.signature(row.target()).parameters.values())
     except (TypeError, ValueError):  # no introspectable signature
@@ -259,7 +262,8 @@ def accepted_arguments(row: PartType) -> tuple[dict, bool]:
     if row.kind in TAKES_FEATURES and params and params[0].kind in (params[0].POSITIONAL_ONLY,
                                                                      params[0].POSITIONAL_OR_KEYWORD):
         params = params[1:]
-    varkw = any(p.kind is p.VAR_KEYWORD for p in params) or not params and row.kind == "norm"
+    # **kwargs, or a timm norm whose signature cannot be read: anything goes, its constructor will check
+    varkw = any(p.kind is p.VAR_KEYWORD for p in params) or (not params and row.kind == "norm")
     accepted = {p.name: p.default for p in params
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in SITE_ARGS}
     return accepted, varkw
