@@ -1,0 +1,637 @@
+"""train.py's command line and YAML configs: timm's flag names, strict keys, bases and ``{key}`` templates.
+
+::
+
+    python train.py -c configs/c100_rn18/test_all.yaml --seed 43 --norm gni16
+    python train.py --dataset digits --model cifar_resnet20 --norm gni16 -b 128 --lr 0.1 --epochs 10
+
+Flags. Every flag keeps the name, ``dest``, meaning and default of timm's ``train.py`` (``--model``,
+``-b/--batch-size``, ``--lr``, ``--opt``, ``--sched``, ``--sched-on-updates``, ``--warmup-epochs``,
+``--smoothing``, ``--amp``, ``--model-ema``, ``--checkpoint-hist``...), so timm launch commands port
+unchanged. This project adds ``--norm SPEC`` (a norm/noise spec, see :mod:`shared.specs`),
+``--noise-seed``, ``--fast-loader``, ``--wandb-name``, ``--resume auto``, ``--stop-after`` and
+``--resume-allow-changes``.
+
+Precedence. parser defaults < YAML config (its ``bases`` first, in order, then the file) < flags
+given on the command line. The resolved arguments are written to ``OUTPUT/EXPERIMENT/args.yaml``.
+
+YAML configs. Keys are argparse ``dest`` names (``batch_size``, ``weight_decay``); anything else is an
+error naming the key and the closest valid ones. Values are checked against the flag's type
+(``epochs: 2.5`` is an error, ``lr: 1`` is read as ``1.0``). Meta keys:
+
+* ``bases: [relative/path.yaml, ...]`` (or one string): merged first, in order, recursively (paths
+  relative to the file that names them); a cycle is an error. A later file replaces a key as a whole.
+* ``sweep: {key: [values], ...}``: the grid of ``python -m shared.sweep``; ignored by train.py but
+  checked here (a mapping from argument names or dotted paths into a mapping argument, or the reserved
+  ``cases`` key, to lists).
+
+Templates. Any string value (also inside lists and mappings) may hold ``{key}`` placeholders, formatted
+with the fully resolved arguments once the command line has been applied: ``experiment:
+c100-rn18-{norm}-s{seed}``, ``train_split: "train[:0.9]-{seed}"``. Item access
+(``{model_kwargs[block_dropout][p]}``) and format specs (``{lr:g}``) work as in ``str.format``;
+attribute access does not (configs never reach code). A brace group that is not a placeholder (a JSON
+or YAML spec such as ``{"subtype": "gbn2d"}``) leaves the string as it is.
+
+Errors in user input raise :class:`ConfigError` (a ``ValueError``); train.py prints it and exits with
+:data:`EXIT_USAGE`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import difflib
+import os
+import re
+import string
+import sys
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "EXIT_NONFINITE",
+    "PREEMPTED_EXIT_CODE",
+    "META_KEYS",
+    "create_parser",
+    "load_config",
+    "parse_args",
+    "args_to_dict",
+    "format_templates",
+]
+
+# Exit codes of train.py (the README's "When things go wrong" lists them).
+EXIT_OK = 0
+EXIT_FAILED = 1          # an unexpected error (a bug, a crash inside torch): see the traceback
+EXIT_USAGE = 2           # bad input: config, flags, data directory... (argparse's own convention)
+EXIT_NONFINITE = 3       # the loss became NaN/inf: the last good checkpoint is kept
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; requeue with --resume auto
+
+META_KEYS = ("bases", "sweep")
+SWEEP_CASES_KEY = "cases"
+
+
+class ConfigError(ValueError):
+    """A config file, flag or value that cannot be used; the message names it and what is valid."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types
+# ----------------------------------------------------------------------------------------------
+
+def _literal(text: str) -> Any:
+    """A Python literal (``1``, ``0.5``, ``True``, ``[1, 2]``, ``{'p': 0.1}``) or else the text itself.
+
+    The reading of timm's ``ParseKwargs``; ``ast.literal_eval`` evaluates literals only, never code.
+    """
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+class ParseKwargs(argparse.Action):
+    """``--model-kwargs a=1 b=relu c="{'p': 0.1}"`` -> ``{'a': 1, 'b': 'relu', 'c': {'p': 0.1}}``.
+
+    As timm's ``ParseKwargs``, with an argparse error (not a traceback) for an item without ``=``.
+    The flag replaces the whole mapping of a config file.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string} expects key=value items, got {item!r}")
+            kwargs[key] = _literal(text)
+        setattr(namespace, self.dest, kwargs)
+
+
+def _spec_text(text: str) -> Any:
+    """``--norm`` value: structured text (``[...]`` / ``{...}``) is read as YAML, else kept as a string.
+
+    So ``--norm '[ln, gnir12]'`` and the YAML list ``norm: [ln, gnir12]`` resolve to the same value
+    (the spec parser accepts both forms; the sweep tool checks that a flag reads back unchanged). The
+    reference implementation's JSON with Python's ``True``/``False`` is valid YAML too.
+    """
+    stripped = text.strip()
+    if stripped[:1] in "[{":
+        try:
+            return yaml.safe_load(stripped)
+        except yaml.YAMLError:
+            return text  # the spec parser reports what is wrong with it
+    return text
+
+
+def _choice_text(choices: Sequence[str]):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
+        return text
+    parse.__name__ = "choice"
+    parse.choices = tuple(choices)
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser
+# ----------------------------------------------------------------------------------------------
+
+def create_parser() -> argparse.ArgumentParser:
+    """train.py's argument parser (no config handling: see :func:`parse_args`)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a timm model with a norm/noise spec (ghost-noise harness).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # NOTE: help texts say what None/'' means; the formatter appends the default value itself.
+    parser.add_argument("-c", "--config", default="", metavar="FILE",
+                        help="YAML config: keys are argument dests; flags given on the command line override it")
+
+    group = parser.add_argument_group("Dataset")
+    group.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="dataset root (ImageFolder: holds train/ and val/ or test/; torch/*: download dir)")
+    group.add_argument("--dataset", default="", metavar="NAME",
+                       help="torch/cifar10, torch/cifar100, digits (embedded), imagefolder (or '' with --data-dir)")
+    group.add_argument("--train-split", default="train", metavar="SPLIT",
+                       help="train split; a seeded subset: 'train[:0.9]-SEED' (fractions) or 'train[:500]' (counts)")
+    group.add_argument("--val-split", default="validation", metavar="SPLIT",
+                       help="evaluation split: validation/val, test, or a subset such as 'train[0.9:]-SEED'")
+    group.add_argument("--dataset-download", action="store_true", default=False,
+                       help="allow torchvision datasets to download")
+    group.add_argument("--fast-loader", default="auto", type=_choice_text(("auto", "on", "off")),
+                       help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
+
+    group = parser.add_argument_group("Model")
+    group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
+    group.add_argument("--norm", default=None, type=_spec_text, metavar="SPEC",
+                       help="norm/noise spec for every norm site: bn, gbn16, gni16, nat8, xbn32, ln, gn32, a "
+                            "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="extra keyword arguments for the model (values are Python literals or strings)")
+    group.add_argument("--pretrained", action="store_true", default=False,
+                       help="start from the model's pretrained weights (timm)")
+    group.add_argument("--num-classes", type=int, default=None, metavar="N",
+                       help="number of classes (None: the dataset's)")
+    group.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N",
+                       help="C H W of the model input (None: the dataset's, 3 224 224 for ImageFolder)")
+    group.add_argument("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+                       help="per-channel normalization mean (None: the dataset's)")
+    group.add_argument("--std", type=float, nargs="+", default=None, metavar="STD",
+                       help="per-channel normalization std (None: the dataset's)")
+    group.add_argument("--interpolation", default="", metavar="NAME",
+                       help="resize interpolation of ImageNet-style transforms ('': bilinear)")
+    group.add_argument("--crop-pct", default=None, type=float, metavar="PCT",
+                       help="eval center-crop fraction of ImageNet-style transforms (None: 0.875 = 224/256)")
+    group.add_argument("-b", "--batch-size", type=int, default=128, metavar="N",
+                       help="batch size per process and per step (a step of --grad-accum-steps)")
+    group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+                       help="eval batch size (None: --batch-size)")
+    group.add_argument("--channels-last", action="store_true", default=False,
+                       help="channels_last memory layout")
+    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                       help="micro-batches per optimizer update")
+    group.add_argument("--drop", type=float, default=0.0, metavar="PCT",
+                       help="classifier dropout rate (passed to the model as drop_rate when non-zero)")
+    group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
+                       help="drop path rate (passed to the model as drop_path_rate when set)")
+    group.add_argument("--sync-bn", action="store_true", default=False,
+                       help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
+    group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
+                       help="torch.compile the model with this backend (flag alone: inductor)")
+
+    group = parser.add_argument_group("Optimizer")
+    group.add_argument("--opt", default="sgd", metavar="OPTIMIZER", help="timm optimizer name (sgd = Nesterov)")
+    group.add_argument("--opt-eps", default=None, type=float, metavar="EPSILON", help="optimizer epsilon")
+    group.add_argument("--opt-betas", default=None, type=float, nargs="+", metavar="BETA", help="optimizer betas")
+    group.add_argument("--momentum", type=float, default=0.9, metavar="M", help="optimizer momentum")
+    group.add_argument("--weight-decay", type=float, default=2e-5, help="weight decay")
+    group.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip gradient norm/value")
+    group.add_argument("--clip-mode", type=str, default="norm", help="gradient clipping mode: norm, value or agc")
+    group.add_argument("--layer-decay", type=float, default=None, help="layer-wise learning rate decay")
+    group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="extra keyword arguments for the optimizer")
+
+    group = parser.add_argument_group("Learning rate schedule")
+    group.add_argument("--sched", type=str, default="cosine", metavar="SCHEDULER", help="timm scheduler name")
+    group.add_argument("--sched-on-updates", action="store_true", default=False,
+                       help="step the schedule every optimizer update instead of every epoch")
+    group.add_argument("--lr", type=float, default=None, metavar="LR",
+                       help="learning rate (None: --lr-base scaled by the global batch size)")
+    group.add_argument("--lr-base", type=float, default=0.1, metavar="LR",
+                       help="base learning rate: lr = lr_base * global_batch_size / lr_base_size")
+    group.add_argument("--lr-base-size", type=int, default=256, metavar="DIV", help="batch size of --lr-base")
+    group.add_argument("--lr-base-scale", type=str, default="", metavar="SCALE",
+                       help="scaling of --lr-base: linear or sqrt ('': sqrt for ada*/lamb, else linear)")
+    group.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="PCT",
+                       help="learning rate noise on/off epoch fractions")
+    group.add_argument("--lr-noise-pct", type=float, default=0.67, metavar="PERCENT", help="lr noise limit")
+    group.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STDDEV", help="lr noise std")
+    group.add_argument("--lr-cycle-mul", type=float, default=1.0, metavar="MULT", help="lr cycle length multiplier")
+    group.add_argument("--lr-cycle-decay", type=float, default=0.5, metavar="MULT", help="lr decay per cycle")
+    group.add_argument("--lr-cycle-limit", type=int, default=1, metavar="N", help="lr cycle limit")
+    group.add_argument("--lr-k-decay", type=float, default=1.0, help="lr k-decay for cosine/poly")
+    group.add_argument("--warmup-lr", type=float, default=1e-5, metavar="LR", help="learning rate at warm-up start")
+    group.add_argument("--min-lr", type=float, default=0.0, metavar="LR", help="lower lr bound of the schedule")
+    group.add_argument("--epochs", type=int, default=300, metavar="N", help="epochs to train (the schedule's length)")
+    group.add_argument("--decay-milestones", default=[90, 180, 270], type=int, nargs="+", metavar="EPOCH",
+                       help="multistep decay epochs")
+    group.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step decay interval")
+    group.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="epochs of linear warm-up")
+    group.add_argument("--warmup-prefix", action="store_true", default=False,
+                       help="exclude the warm-up from the decay schedule")
+    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="epochs at min_lr after the schedule")
+    group.add_argument("--patience-epochs", type=int, default=10, metavar="N", help="plateau scheduler patience")
+    group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate")
+
+    group = parser.add_argument_group("Augmentation and regularization")
+    group.add_argument("--no-aug", action="store_true", default=False, help="no training augmentation")
+    group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
+                       help="RandomResizedCrop scale range (ImageNet-style transforms)")
+    group.add_argument("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO",
+                       help="RandomResizedCrop aspect ratio range (ImageNet-style transforms)")
+    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 turns it off)")
+    group.add_argument("--color-jitter", type=float, default=0.0, metavar="PCT",
+                       help="color jitter of ImageNet-style transforms (timm's default is 0.4; the paper's "
+                            "ImageNet recipe is RandomResizedCrop + flip only)")
+    group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    group.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (active if > 0)")
+    group.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (active if > 0)")
+    group.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio")
+    group.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
+    group.add_argument("--mixup-mode", type=str, default="batch", help="mixup per batch, pair or elem")
+    group.add_argument("--mixup-off-epoch", default=0, type=int, metavar="N", help="turn mixup off at this epoch")
+
+    group = parser.add_argument_group("Model exponential moving average")
+    group.add_argument("--model-ema", action="store_true", default=False,
+                       help="track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
+    group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
+    group.add_argument("--model-ema-warmup", action="store_true", default=False, help="EMA decay warm-up")
+
+    group = parser.add_argument_group("Miscellaneous")
+    group.add_argument("--seed", type=int, default=42, metavar="S",
+                       help="seed of initialization, data order, augmentation and (by default) noise")
+    group.add_argument("--noise-seed", type=int, default=None, metavar="S",
+                       help="seed of the noise layers' generator (None: --seed); process r uses S + r")
+    group.add_argument("--log-interval", type=int, default=50, metavar="N",
+                       help="optimizer updates between log lines and wandb step logs")
+    group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
+                       help="checkpoint-EPOCH.pth.tar files kept besides last and best")
+    group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
+    group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
+    group.add_argument("--amp-dtype", default="float16", type=_choice_text(("float16", "bfloat16")),
+                       help="autocast dtype; float16 adds a gradient scaler")
+    group.add_argument("--pin-mem", action="store_true", default=False, help="pin DataLoader memory")
+    group.add_argument("--device", default=None, metavar="DEVICE",
+                       help="cpu, cuda, cuda:1... (None: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
+    group.add_argument("--output", default="output", metavar="PATH", help="output root; the run goes to OUTPUT/EXPERIMENT")
+    group.add_argument("--experiment", default="", metavar="NAME",
+                       help="run name = output subfolder ('': date-model; may be a {key} template)")
+    group.add_argument("--eval-metric", default="top1", type=_choice_text(("top1", "top5", "loss")),
+                       help="metric of the best checkpoint (loss: lowest)")
+    group.add_argument("--resume", default="", metavar="auto|PATH",
+                       help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
+                            "PATH: continue this checkpoint")
+    group.add_argument("--resume-allow-changes", action="store_true", default=False,
+                       help="resume even if the checkpoint's result-changing arguments differ from these")
+    group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                       help="end this process once this many epochs are done (status preempted, resumable); "
+                            "the schedule still spans --epochs")
+    group.add_argument("--log-wandb", action="store_true", default=False,
+                       help="log to Weights & Biases (offline by itself without credentials)")
+    group.add_argument("--wandb-project", default=None, type=str, metavar="NAME", help="wandb project")
+    group.add_argument("--wandb-tags", default=[], type=str, nargs="+", metavar="TAG", help="wandb tags")
+    group.add_argument("--wandb-name", default=None, type=str, metavar="NAME",
+                       help="wandb display name (None: the experiment name)")
+    # torch.distributed.launch passes --local-rank (older: --local_rank); torchrun sets LOCAL_RANK instead.
+    group.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML files
+# ----------------------------------------------------------------------------------------------
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
+    return {action.dest: action for action in parser._actions
+            if action.option_strings and action.dest not in ("help", "config")}
+
+
+def _close_matches(word: str, candidates: Iterable[str]) -> str:
+    hint = difflib.get_close_matches(word.replace("-", "_"), list(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(h) for h in hint)}?)" if hint else ""
+
+
+def _read_yaml(path: str) -> tuple[dict, dict]:
+    """A YAML file's top-level mapping and each key's line number (1-based)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path!r} cannot be read: {error}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"YAML syntax error in {where}: {problem}") from None
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of argument names to values, "
+                          f"got a {type(data).__name__}")
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            lines[key_node.value] = key_node.start_mark.line + 1
+    return data, lines
+
+
+def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
+    """``sweep:`` must map argument names (or dotted paths into them, or ``cases``) to non-empty lists."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: 'sweep' must be a mapping of argument -> list of values, "
+                          f"got {type(grid).__name__}")
+
+    def check_key(key: Any, context: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
+        root = key.split(".", 1)[0]
+        if root not in actions:
+            raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
+
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
+        if key == SWEEP_CASES_KEY:
+            for number, case in enumerate(values):
+                if not isinstance(case, dict) or not case:
+                    raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, got {case!r}")
+                for case_key in case:
+                    check_key(case_key, f"{where}: sweep.cases[{number}]")
+        else:
+            check_key(key, f"{where}: sweep")
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML value checked against (and converted to) what the flag would produce."""
+    dest = action.dest
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {dest}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if value is None:
+        return None
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise fail("a mapping of keyword -> value")
+        return copy.deepcopy(value)
+    if action.nargs == 0:  # store_true
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if dest == "norm":
+        if not isinstance(value, (str, list, dict)):
+            raise fail("a spec (string, mapping or list)")
+        return copy.deepcopy(value)
+    if dest == "torchcompile" and isinstance(value, bool):
+        return action.const if value else None
+
+    convert = action.type or str
+    choices = getattr(convert, "choices", ())
+    if isinstance(value, bool) and "on" in choices and "off" in choices:
+        return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+
+    def scalar(item: Any) -> Any:
+        if isinstance(item, (list, dict)):
+            raise fail("a single value")
+        if convert is str:
+            if isinstance(item, bool):
+                raise fail("a string")
+            return str(item)
+        if isinstance(item, bool):
+            raise fail(f"a {getattr(convert, '__name__', 'value')}")
+        if convert is int and isinstance(item, float):
+            raise fail("an integer (written without a decimal point)")
+        try:
+            return convert(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+            raise fail(f"a {getattr(convert, '__name__', 'value')} ({error})") from None
+
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, list):
+            raise fail("a list")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise fail(f"a list of {action.nargs} values")
+        if action.nargs == "+" and not value:
+            raise fail("a non-empty list")
+        return [scalar(item) for item in value]
+    if action.nargs == "?" and isinstance(value, str):
+        return value
+    return scalar(value)
+
+
+def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple) -> dict:
+    real = os.path.realpath(path)
+    if real in chain:
+        cycle = " -> ".join(os.path.relpath(p) for p in (*chain, real))
+        raise ConfigError(f"config bases form a cycle: {cycle}")
+    data, lines = _read_yaml(path)
+    bases = data.pop("bases", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}, line {lines.get('bases', '?')}: 'bases' must be a list of relative paths, "
+                          f"got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}, line {lines.get('bases', '?')}: base config {base!r} not found "
+                              f"(looked for {os.path.normpath(base_path)})")
+        merged.update(_load_merged(base_path, actions, (*chain, real)))
+    for key, value in data.items():
+        where = f"{path}, line {lines.get(key, '?')}"
+        if key == "sweep":
+            _check_sweep(value, actions, where)
+            merged[key] = value
+            continue
+        if not isinstance(key, str) or key not in actions:
+            raise ConfigError(f"{where}: unknown key {key!r}{_close_matches(str(key), actions)}; keys are "
+                              f"train.py argument dests (batch_size, weight_decay, ...) or {', '.join(META_KEYS)}")
+        merged[key] = _coerce(actions[key], value, where)
+    return merged
+
+
+def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """A config file's values with its bases merged in, checked against train.py's arguments.
+
+    Args:
+        path: the YAML file.
+        parser: the parser to check keys against (default: :func:`create_parser`).
+
+    Returns:
+        ``{dest: value}`` in merge order; ``sweep`` is kept (validated), ``bases`` is consumed.
+        Templates are not formatted yet (that needs the command line: :func:`parse_args`).
+
+    Raises:
+        ConfigError: missing file, YAML syntax error (with line), unknown key (with close matches),
+            wrongly typed value, bad ``bases`` or ``sweep``, a cycle of bases.
+    """
+    actions = _actions_by_dest(parser or create_parser())
+    return _load_merged(str(path), actions, ())
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates
+# ----------------------------------------------------------------------------------------------
+
+_PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\])*$")
+_FORMATTER = string.Formatter()
+
+
+def _placeholders(text: str) -> Optional[list]:
+    """The ``{key...}`` fields of ``text``, or None when it is not a template (JSON, YAML, no braces)."""
+    if "{" not in text:
+        return None
+    try:
+        fields = [(name, spec) for _, name, spec, _ in _FORMATTER.parse(text) if name is not None]
+    except ValueError:
+        return None
+    if not fields:
+        return None
+    for name, spec in fields:
+        if not _PLACEHOLDER_NAME.match(name) or (spec and re.search(r"\s", spec)):
+            return None
+    return fields
+
+
+class _TemplateFormatter(string.Formatter):
+    """``str.format`` restricted to item access on the resolved arguments (no attribute access)."""
+
+    def __init__(self, resolve):
+        super().__init__()
+        self._resolve = resolve
+
+    def get_field(self, field_name, args, kwargs):
+        first, rest = _formatter_field_name_split(field_name)
+        value = self._resolve(first)
+        for is_attribute, key in rest:
+            if is_attribute:
+                raise ConfigError(f"template field {{{field_name}}}: attribute access is not allowed")
+            try:
+                value = value[key]
+            except (KeyError, IndexError, TypeError):
+                raise ConfigError(f"template field {{{field_name}}}: {first} has no item {key!r} "
+                                  f"(its value is {value!r})") from None
+        return value, first
+
+
+def _formatter_field_name_split(field_name: str):
+    import _string  # CPython's own field-name parser, as used by string.Formatter
+
+    return _string.formatter_field_name_split(field_name)
+
+
+def format_templates(values: dict) -> dict:
+    """Format every ``{key}`` template of ``values`` with the (formatted) values themselves.
+
+    A template may name another templated key; they are resolved in dependency order, and a cycle is
+    an error. Returns a new dict; ``values`` is unchanged.
+
+    Raises:
+        ConfigError: unknown key in a placeholder (with close matches), a cycle, a bad item access.
+    """
+    resolved: dict = {}
+    in_progress: list = []
+
+    def resolve(key: str) -> Any:
+        if key in resolved:
+            return resolved[key]
+        if key not in values:
+            raise ConfigError(f"template placeholder {{{key}}} names no argument{_close_matches(key, values)}")
+        if key in in_progress:
+            raise ConfigError(f"template cycle: {' -> '.join(in_progress + [key])}")
+        in_progress.append(key)
+        try:
+            resolved[key] = render(values[key], key)
+        finally:
+            in_progress.pop()
+        return resolved[key]
+
+    formatter = _TemplateFormatter(resolve)
+
+    def render(value: Any, key: str) -> Any:
+        if isinstance(value, str):
+            if _placeholders(value) is None:
+                return value
+            try:
+                return formatter.vformat(value, (), {})
+            except ConfigError as error:
+                raise ConfigError(f"{key}: {value!r}: {error}") from None
+            except (ValueError, TypeError) as error:  # a format spec that does not fit the value
+                raise ConfigError(f"{key}: {value!r}: {error}") from None
+        if isinstance(value, list):
+            return [render(item, key) for item in value]
+        if isinstance(value, dict):
+            return {k: render(v, key) for k, v in value.items()}
+        return value
+
+    for name in values:
+        resolve(name)
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line + config
+# ----------------------------------------------------------------------------------------------
+
+def args_to_dict(args: argparse.Namespace | Mapping) -> dict:
+    """Arguments as plain YAML/JSON-able Python (tuples -> lists), for args.yaml and checkpoints."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
+    return {key: plain(value) for key, value in items}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Resolve train.py's arguments: defaults < config file (bases, then file) < command-line flags.
+
+    Args:
+        argv: command-line words (default: ``sys.argv[1:]``).
+
+    Returns:
+        The namespace with every template formatted. ``args.config`` is the config path ('' if none).
+
+    Raises:
+        ConfigError: a bad config file or template (see :func:`load_config`, :func:`format_templates`).
+        SystemExit: argparse's usage errors on the command line itself (exit code 2), and ``--help``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = create_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        values = load_config(known.config, parser)
+        values.pop("sweep", None)
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    return argparse.Namespace(**format_templates(vars(args)))
+
+
+def yaml_text(args: argparse.Namespace | Mapping) -> str:
+    """The resolved arguments as the text of args.yaml (sorted keys, one per line)."""
+    return yaml.safe_dump(args_to_dict(args), default_flow_style=False, sort_keys=True)
