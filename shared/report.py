@@ -308,12 +308,13 @@ def _mean_std(values: Sequence[float]) -> tuple:
 
 
 def _format_value(value: Any) -> str:
+    """A table cell: scalars as they are, structures in compact YAML flow style."""
     if value is None:
         return ""
-    if isinstance(value, dict):
-        return " ".join(f"{k}={_format_value(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, (dict, list, tuple)):
+        text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True,
+                              sort_keys=False, width=10**6)
+        return text.strip()
     return str(value)
 
 
@@ -422,16 +423,20 @@ def _context_label(group: Group, context_keys: Sequence[str]) -> str:
     return (" [" + ", ".join(parts) + "]") if parts else ""
 
 
+def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
+    """The columns whose value differs between ``groups``."""
+    return [c for c in columns if len({_canonical(g.args.get(c)) for g in groups}) > 1]
+
+
 def _series(rows: Sequence[dict], columns: Sequence[str], x_of, label_of, metric: str, band: str) -> dict:
     """Lines keyed by label: sorted lists of (x, mean, band half-width)."""
+    plotted = [row for row in rows if x_of(row["_group"].args) is not None and math.isfinite(row[f"{metric}_mean"])]
     # Keys other than the norm and the plotted dropout that still vary split lines (e.g. two datasets).
-    context = [c for c in columns if c not in ("norm", "model_kwargs")]
+    context = [c for c in _varying([r["_group"] for r in plotted], columns) if c not in ("norm", "model_kwargs")]
     lines: dict = {}
-    for row in rows:
+    for row in plotted:
         group = row["_group"]
         x = x_of(group.args)
-        if x is None or not math.isfinite(row[f"{metric}_mean"]):
-            continue
         label = label_of(group.args) + _context_label(group, context)
         lines.setdefault(label, []).append((x, row[f"{metric}_mean"],
                                             _band_width(row[f"{metric}_std"], row["n"], band)))
@@ -448,7 +453,7 @@ def _draw_lines(ax, lines: dict) -> None:
 
 def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metric: str, band: str) -> None:
     """Plain BN setups (no ghost batch size, no dropout) as horizontal reference lines."""
-    context = [c for c in columns if c not in ("norm", "model_kwargs")]
+    context = [c for c in _varying([r["_group"] for r in rows], columns) if c not in ("norm", "model_kwargs")]
     for row in rows:
         args = row["_group"].args
         method, ghost = describe_norm(args.get("norm"))
@@ -520,17 +525,35 @@ def _mean_curve(runs: Sequence[Run], column: str) -> tuple:
     return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
 
 
+def _short_label(args: dict, columns: Sequence[str]) -> str:
+    """A legend entry: the norm spec (or method and N), the dropout kind and p, then other columns."""
+    parts = []
+    for column in columns:
+        value = args.get(column)
+        if column == "norm":
+            method, ghost = describe_norm(value)
+            parts.append(value if isinstance(value, str) and len(value) <= 24 else
+                         method + (f" N={ghost}" if ghost is not None else ""))
+        elif column == "model_kwargs" and dropout_of(args) is not None:
+            kind, p = dropout_of(args)
+            parts.append(f"{kind} p={p:g}")
+        else:
+            parts.append(f"{column}={_format_value(value)}")
+    return ", ".join(parts) or "all runs"
+
+
 def plot_curves(groups: Sequence[Group], columns: Sequence[str], out_dir: Path, per_file: int = 10) -> list:
     """Eval top-1 and train/eval loss vs epoch, mean over each setup's runs; ``per_file`` setups a file."""
     with_curves = [g for g in groups if any(r.curve for r in g.runs)]
     paths = []
     for start in range(0, len(with_curves), per_file):
         chunk = with_curves[start:start + per_file]
+        shown = _varying(chunk, columns) or [c for c in columns if c in ("model", "norm")]
         plt = _pyplot()
-        fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+        legend_inches = 0.2 * math.ceil(len(chunk) / 2) + 0.2
+        fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_inches))
         for group in chunk:
-            label = ", ".join(_format_value(group.args.get(c)) for c in columns) or "run"
-            label += f" (n={len(group.runs)})"
+            label = _short_label(group.args, shown) + f" (n={len(group.runs)})"
             epochs, top1 = _mean_curve(group.runs, "top1")
             (line,) = ax_top1.plot(epochs, top1, label=label)
             for column, style in (("train_loss", "-"), ("eval_loss", ":")):
@@ -543,8 +566,10 @@ def plot_curves(groups: Sequence[Group], columns: Sequence[str], out_dir: Path, 
         ax_loss.set_yscale("log")
         for ax in (ax_top1, ax_loss):
             ax.grid(alpha=0.3)
-        ax_top1.legend(fontsize=6)
-        fig.tight_layout()
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        # below both panels, so that it hides no curve
+        fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
         path = out_dir / f"curves_{start // per_file + 1}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -1,0 +1,585 @@
+r"""Measure ghost noise at a model's norm sites: what GBN induces, what GNI injects, and the analytic law.
+
+::
+
+    python -m shared.analysis --model cifar_resnet18 --synthetic --ghost-batch-size 16 --batch-size 256 --out noise/
+    python -m shared.analysis --checkpoint output/c100-rn18-bn-s42/last.pth.tar --dataset torch/cifar100 \
+        --data-dir data/ --ghost-batch-size 16 --batch-size 256 --sites layer1.0.bn1,final_norm --out noise/
+
+What is measured. Forward pre-hooks record the input ``x`` of every chosen norm site (the batch-norm-like
+layers by default, see :func:`norm_sites`) for each batch. With ``mean_i, var_i`` the per-sample,
+per-channel moments of ``x`` (over every dimension but batch and channel) and ``mu, sigma^2`` the
+full batch's mean and biased variance of a channel, a ghost batch ``g`` of ``N`` samples has
+
+.. math::
+    m = \frac{\mu_g - \mu}{\sigma}, \qquad
+    s = \sqrt{\frac{\sigma_g^2 / \sigma^2 + \epsilon}{1 + \epsilon}}
+
+the shift and scale of the exact decomposition ``(x - mu_g) / sigma_g = (x_hat - m) / s`` of ghost batch
+norm into batch norm plus noise (``x_hat`` the full-batch normalized input). Per sample and channel:
+
+* **GBN**: the batch is shuffled and cut into ``B / N`` ghost batches without replacement (``B`` must be a
+  multiple of ``N``, as for GBN itself); each sample gets its ghost batch's ``(m, s)``.
+* **GNI**: each sample draws its own ghost batch of ``N`` indices uniformly with replacement, as
+  :class:`nodo.GhostNoiseInjector` does (``nodo.functional.sample_ghost_indices``); the same formulas.
+* **analytic**: ``m ~ Normal(0, 1/N)`` and ``s ~ sqrt(chi2(N-1) / N)``, the law of the mean and biased
+  variance of ``N`` i.i.d. standard normal values (the noise of :class:`nodo.NoisyAffine`).
+
+Both measurements reuse :mod:`nodo.functional` (``sample_moments``, ``sample_ghost_indices``,
+``ghost_batch_weights``, ``ghost_noise_from_moments``) on the moments of ``x_hat``, so GNI's numbers are
+exactly the noise GNI would apply at that site with ``eps`` (default ``1e-3``, GNI's; ``--eps 0`` gives
+the pure ratio ``sigma_g / sigma``, which may be 0).
+
+Outputs (``--out DIR``): ``noise_stats.csv`` (per site, source and noise: n, mean, std, min, max,
+quantiles; for the scale also the largest multiplier ``1/s``), ``ks.csv`` (per site and noise:
+Kolmogorov-Smirnov distances GBN-vs-GNI with ``scipy.stats.ks_2samp``, and GBN-vs-analytic and
+GNI-vs-analytic as one-sample ``scipy.stats.kstest`` against the exact analytic CDF, which avoids the
+sampling noise of a drawn analytic sample), ``analysis.json`` (both, with the setup), and per site a PNG
+``hist_<site>.png`` of both histograms with the analytic densities overlaid, plus ``ks_by_site.png``.
+
+Reading the results. For conv feature maps the measured noise is *smaller* than the analytic law: a
+ghost mean averages ``N * H * W`` correlated values, and the spread of per-sample spatial means is below
+``sigma``, so the shift variance is ``Var(mean_i) / (N sigma^2) < 1/N`` (``effective_n_shift = 1 /
+Var(m)`` reports the ``N`` the analytic law would need). GBN and GNI agree with each other up to the
+with-replacement draws. Where a ghost batch's variance is tiny the multiplier ``1/s`` is large: GNI
+bounds it by ``sqrt((1 + eps) / eps)`` (31.6 at eps 1e-3); ``min scale`` and ``max 1/scale`` show how
+close a site comes to that bound.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import nodo
+from nodo import functional as NF
+
+__all__ = [
+    "QUANTILES",
+    "norm_sites",
+    "ghost_noise_samples",
+    "measure",
+    "summarize_samples",
+    "analytic_cdf",
+    "analytic_pdf",
+    "ks_distances",
+    "write_outputs",
+    "main",
+]
+
+QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+NOISES = ("shift", "scale")
+SOURCES = ("gbn", "gni")
+# A channel whose batch variance is below this (relative to float32 resolution) carries no signal
+# (e.g. a channel that is exactly zero); its noise is undefined and it is left out.
+_MIN_VARIANCE = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Sites
+# ----------------------------------------------------------------------------------------------
+
+def _site_types() -> tuple:
+    types = [nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d,
+             nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d, nodo.GhostNoiseInjector, nodo.NoisyAffine]
+    try:
+        from shared.specs import NormSequence
+        types.append(NormSequence)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
+    """``{name: module}`` of the sites to measure.
+
+    Args:
+        model: any module.
+        sites: module names (as in ``model.named_modules()``), or None for every norm site: a
+            batch-norm-like, group/layer-norm or ghost-noise module that is not inside another one (a
+            composite GNI spec is measured at its input, once).
+
+    Raises:
+        ValueError: an unknown module name (with close matches), or a model without norm sites.
+    """
+    modules = dict(model.named_modules())
+    if sites:
+        unknown = [s for s in sites if s not in modules or s == ""]
+        if unknown:
+            hints = {s: difflib.get_close_matches(s, [n for n in modules if n], n=3) for s in unknown}
+            text = "; ".join(f"{s!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
+                             for s, h in hints.items())
+            raise ValueError(f"sites: no module named {text} in {type(model).__name__}")
+        return {s: modules[s] for s in sites}
+    types = _site_types()
+    chosen: dict = {}
+    for name, module in modules.items():
+        if not name or not isinstance(module, types):
+            continue
+        if any(name.startswith(parent + ".") for parent in chosen):
+            continue  # inside a site already chosen (e.g. the BN part of a composite GNI spec)
+        chosen[name] = module
+    if not chosen:
+        raise ValueError(f"{type(model).__name__} has no norm sites (batch/group/layer norm or ghost noise "
+                         f"layers); name the modules to measure with sites=")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+def _channel_dim(x: torch.Tensor) -> int:
+    # (B, C, H, W) and (B, C) are channels-first; (B, L, C) token sites (ViT LayerNorms) channels-last.
+    return -1 if x.dim() == 3 else 1
+
+
+def ghost_noise_samples(x: torch.Tensor, ghost_batch_size: int, eps: float = 1e-3,
+                        generator: Optional[torch.Generator] = None) -> dict:
+    """The shift and scale noise GBN induces and GNI injects for one activation batch.
+
+    Args:
+        x: a site's input, ``(B, C, *)`` (or ``(B, L, C)`` tokens).
+        ghost_batch_size: ``N``; must divide ``B`` (GBN's ghost batches partition the batch).
+        eps: added to both relative variances in the scale, as GNI does.
+        generator: for the shuffle (GBN) and the with-replacement draws (GNI).
+
+    Returns:
+        ``{"gbn": (shift, scale), "gni": (shift, scale)}``, float64 numpy arrays of the values of every
+        (sample, channel) pair, channels without variance left out.
+    """
+    batch_size = x.shape[0]
+    if batch_size % ghost_batch_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of ghost_batch_size {ghost_batch_size}: "
+                         f"GBN's ghost batches must partition the batch")
+    with torch.no_grad():
+        mean, var = NF.sample_moments(x.detach().float(), _channel_dim(x))
+        batch_mean = mean.mean(0)
+        batch_var = (var + (mean - batch_mean).square()).mean(0)
+        keep = batch_var > _MIN_VARIANCE
+        std = batch_var.clamp_min(_MIN_VARIANCE).sqrt()
+        # moments of x_hat = (x - mu) / sigma: the noise below is then already relative to sigma
+        mean_hat, var_hat = (mean - batch_mean) / std, var / batch_var.clamp_min(_MIN_VARIANCE)
+        result = {}
+        for source, sampling in (("gbn", "shuffle"), ("gni", "replacement")):
+            indices = NF.sample_ghost_indices(batch_size, ghost_batch_size, sampling, device=x.device,
+                                              generator=generator)
+            weights = NF.ghost_batch_weights(indices, dtype=mean_hat.dtype)
+            shift, scale = NF.ghost_noise_from_moments(mean_hat, var_hat, weights, eps)
+            result[source] = (shift[:, keep].double().cpu().numpy().ravel(),
+                              scale[:, keep].double().cpu().numpy().ravel())
+    return result
+
+
+def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size: int,
+            sites: Optional[Sequence[str]] = None, eps: float = 1e-3, seed: int = 0,
+            train_mode: bool = True) -> dict:
+    """Run ``batches`` through ``model`` and collect the ghost noise at each site.
+
+    Args:
+        model: the network (its weights are not changed; BN running statistics are, in train mode).
+        batches: input tensors ``(B, ...)`` on the model's device.
+        ghost_batch_size: ``N``.
+        sites: module names, or None for :func:`norm_sites`'s default.
+        eps: see :func:`ghost_noise_samples`.
+        seed: seeds the generator of the ghost batch draws.
+        train_mode: run the model in training mode (activations as during training, noise layers
+            active) or in eval mode.
+
+    Returns:
+        ``{site: {"gbn": {"shift": array, "scale": array}, "gni": {...}, "shape": [C, *spatial]}}``.
+    """
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 2:
+        raise ValueError(f"ghost_batch_size must be an int >= 2 (the analytic scale needs N - 1 >= 1 degrees "
+                         f"of freedom), got {ghost_batch_size!r}")
+    chosen = norm_sites(model, sites)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    collected = {name: {s: {n: [] for n in NOISES} for s in SOURCES} for name in chosen}
+    shapes: dict = {}
+
+    def make_hook(name: str) -> Callable:
+        def hook(_module, inputs):
+            x = inputs[0]
+            shapes[name] = list(x.shape[1:])
+            for source, (shift, scale) in ghost_noise_samples(x, ghost_batch_size, eps, generator).items():
+                collected[name][source]["shift"].append(shift)
+                collected[name][source]["scale"].append(scale)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in chosen.items()]
+    was_training = model.training
+    model.train(train_mode)
+    try:
+        with torch.no_grad():
+            count = 0
+            for batch in batches:
+                model(batch)
+                count += 1
+        if count == 0:
+            raise ValueError("no batches: the batch source was empty")
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: {**{s: {n: np.concatenate(values[s][n]) for n in NOISES} for s in SOURCES},
+                   "shape": shapes.get(name)}
+            for name, values in collected.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+def analytic_cdf(noise: str, ghost_batch_size: int) -> Callable:
+    """CDF of the analytic shift (Normal(0, 1/N)) or scale (sqrt(chi2(N-1)/N)) noise."""
+    from scipy import stats
+    n = ghost_batch_size
+    if noise == "shift":
+        return stats.norm(loc=0.0, scale=1.0 / math.sqrt(n)).cdf
+    # P(s <= t) = P(chi2 <= N t^2) for t >= 0
+    return lambda t: stats.chi2.cdf(n * np.square(np.clip(t, 0.0, None)), df=n - 1)
+
+
+def analytic_pdf(noise: str, ghost_batch_size: int) -> Callable:
+    """Density of the analytic noise; the scale's by change of variables: f(t) = chi2_pdf(N t^2) * 2 N t."""
+    from scipy import stats
+    n = ghost_batch_size
+    if noise == "shift":
+        return stats.norm(loc=0.0, scale=1.0 / math.sqrt(n)).pdf
+    return lambda t: stats.chi2.pdf(n * np.square(t), df=n - 1) * 2.0 * n * np.clip(t, 0.0, None)
+
+
+def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
+    from scipy import stats
+    n = ghost_batch_size
+    if noise == "shift":
+        dist = stats.norm(loc=0.0, scale=1.0 / math.sqrt(n))
+        quantile = dist.ppf
+        mean, std = 0.0, 1.0 / math.sqrt(n)
+        low, high = -math.inf, math.inf
+    else:
+        chi2 = stats.chi2(df=n - 1)
+        quantile = lambda q: math.sqrt(chi2.ppf(q) / n)  # noqa: E731
+        mean = math.sqrt(2.0 / n) * math.exp(math.lgamma(n / 2) - math.lgamma((n - 1) / 2))
+        std = math.sqrt(max((n - 1) / n - mean * mean, 0.0))
+        low, high = 0.0, math.inf
+    row = {"n": math.inf, "mean": mean, "std": std, "min": low, "max": high}
+    row.update({f"q{q:g}": float(quantile(q)) for q in QUANTILES})
+    return row
+
+
+def summarize_samples(values: np.ndarray) -> dict:
+    """n, mean, std, min, max and :data:`QUANTILES` of a sample."""
+    row = {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
+           "min": float(values.min()), "max": float(values.max())}
+    row.update({f"q{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))})
+    return row
+
+
+def ks_distances(site: dict, ghost_batch_size: int) -> dict:
+    """KS distances per noise: GBN vs GNI (two-sample), GBN / GNI vs the exact analytic CDF."""
+    from scipy import stats
+    result = {}
+    for noise in NOISES:
+        gbn, gni = site["gbn"][noise], site["gni"][noise]
+        cdf = analytic_cdf(noise, ghost_batch_size)
+        result[noise] = {
+            "gbn_vs_gni": float(stats.ks_2samp(gbn, gni).statistic),
+            "gbn_vs_analytic": float(stats.kstest(gbn, cdf).statistic),
+            "gni_vs_analytic": float(stats.kstest(gni, cdf).statistic),
+        }
+    return result
+
+
+def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
+    """Summary statistics, KS distances and the extreme-noise figures of one site."""
+    stats_rows = {}
+    for source in SOURCES:
+        for noise in NOISES:
+            stats_rows[f"{source}/{noise}"] = summarize_samples(site[source][noise])
+    for noise in NOISES:
+        stats_rows[f"analytic/{noise}"] = _analytic_summary(noise, ghost_batch_size)
+    extremes = {}
+    for source in SOURCES:
+        shift, scale = site[source]["shift"], site[source]["scale"]
+        extremes[source] = {"max_abs_shift": float(np.abs(shift).max()), "min_scale": float(scale.min()),
+                            "max_inverse_scale": float(1.0 / max(scale.min(), 1e-300)),
+                            "effective_n_shift": float(1.0 / max(shift.var(), 1e-300))}
+    return {"site": name, "shape": site.get("shape"), "stats": stats_rows,
+            "ks": ks_distances(site, ghost_batch_size), "extremes": extremes}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+def _safe_name(site: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", site)
+
+
+def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, noise in zip(axes, NOISES):
+        values = np.concatenate([site[s][noise] for s in SOURCES])
+        low, high = np.quantile(values, [0.0005, 0.9995])
+        if noise == "shift":
+            bound = max(abs(low), abs(high), 4.0 / math.sqrt(ghost_batch_size))
+            low, high = -bound, bound
+        else:
+            low, high = 0.0, max(high, 1.0 + 4.0 / math.sqrt(ghost_batch_size))
+        bins = np.linspace(low, high, 101)
+        for source, style in zip(SOURCES, ("-", "--")):
+            ax.hist(np.clip(site[source][noise], low, high), bins=bins, density=True, histtype="step",
+                    linestyle=style, linewidth=1.3, label=f"{source.upper()} (measured)")
+        grid = np.linspace(low, high, 400)
+        ax.plot(grid, analytic_pdf(noise, ghost_batch_size)(grid), color="black", linewidth=1,
+                label="analytic " + ("Normal(0, 1/N)" if noise == "shift" else "sqrt(chi2(N-1)/N)"))
+        ax.set_xlabel("shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    shape = "x".join(str(d) for d in site.get("shape") or [])
+    fig.suptitle(f"{site_name} ({shape}), ghost batch size N = {ghost_batch_size}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_ks(reports: Sequence[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    positions = np.arange(len(reports))
+    for ax, noise in zip(axes, NOISES):
+        for key in ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"):
+            ax.plot(positions, [r["ks"][noise][key] for r in reports], marker="o", markersize=3,
+                    label=key.replace("_", " "))
+        ax.set_title(f"{noise} noise")
+        ax.set_xticks(positions, [r["site"] for r in reports], rotation=90, fontsize=6)
+        ax.set_ylabel("KS distance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, setup: Optional[dict] = None,
+                  plots: bool = True) -> dict:
+    """Write ``noise_stats.csv``, ``ks.csv``, ``analysis.json`` and the PNGs; return the site reports."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = [site_report(name, site, ghost_batch_size) for name, site in measured.items()]
+    stat_fields = ["n", "mean", "std", "min", "max"] + [f"q{q:g}" for q in QUANTILES]
+    with open(out / "noise_stats.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"])
+        for report in reports:
+            for key, row in report["stats"].items():
+                source, noise = key.split("/")
+                extreme = ""
+                if source in report["extremes"]:
+                    extreme = report["extremes"][source]["max_abs_shift" if noise == "shift" else "max_inverse_scale"]
+                writer.writerow([report["site"], source, noise] + [row[f] for f in stat_fields] + [extreme])
+    with open(out / "ks.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["site", "noise", "gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"])
+        for report in reports:
+            for noise in NOISES:
+                ks = report["ks"][noise]
+                writer.writerow([report["site"], noise, ks["gbn_vs_gni"], ks["gbn_vs_analytic"], ks["gni_vs_analytic"]])
+    document = {"setup": setup or {}, "ghost_batch_size": ghost_batch_size, "sites": reports}
+    (out / "analysis.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    if plots:
+        for name, site in measured.items():
+            _plot_site(name, site, ghost_batch_size, out / f"hist_{_safe_name(name)}.png")
+        _plot_ks(reports, out / "ks_by_site.png")
+    return {"reports": reports, "out": out}
+
+
+def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
+    """The per-site summary printed by the command."""
+    analytic_std = 1.0 / math.sqrt(ghost_batch_size)
+    lines = [f"ghost batch size N = {ghost_batch_size}; analytic: std(shift) = {analytic_std:.4f}, "
+             f"mean(scale) = {_analytic_summary('scale', ghost_batch_size)['mean']:.4f}, "
+             f"std(scale) = {_analytic_summary('scale', ghost_batch_size)['std']:.4f}",
+             f"{'site':<28s} {'shape':<12s} {'std(m) gbn/gni':>16s} {'std(s) gbn/gni':>16s} "
+             f"{'KS m: gbn-gni/gbn-an/gni-an':>28s} {'KS s: gbn-gni/gbn-an/gni-an':>28s} "
+             f"{'max|m|':>7s} {'min s':>7s} {'N_eff(m)':>9s}"]
+    for r in reports:
+        st, ks, ex = r["stats"], r["ks"], r["extremes"]
+        shape = "x".join(str(d) for d in r["shape"] or [])
+        lines.append(
+            f"{r['site'][:28]:<28s} {shape:<12s} "
+            f"{st['gbn/shift']['std']:7.4f}/{st['gni/shift']['std']:<8.4f} "
+            f"{st['gbn/scale']['std']:7.4f}/{st['gni/scale']['std']:<8.4f} "
+            f"{ks['shift']['gbn_vs_gni']:8.3f}/{ks['shift']['gbn_vs_analytic']:.3f}/{ks['shift']['gni_vs_analytic']:<8.3f} "
+            f"{ks['scale']['gbn_vs_gni']:8.3f}/{ks['scale']['gbn_vs_analytic']:.3f}/{ks['scale']['gni_vs_analytic']:<8.3f} "
+            f"{max(ex['gbn']['max_abs_shift'], ex['gni']['max_abs_shift']):7.3f} "
+            f"{min(ex['gbn']['min_scale'], ex['gni']['min_scale']):7.4f} "
+            f"{ex['gni']['effective_n_shift']:9.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def _read_run_args(checkpoint: Path) -> dict:
+    """args.yaml beside a checkpoint (train.py's run directory), or {}."""
+    import yaml
+    path = checkpoint.parent / "args.yaml"
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _load_state_dict(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model"):  # train.py / timm checkpoints, then other common layouts
+            if isinstance(checkpoint.get(key), dict):
+                return checkpoint[key]
+        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return checkpoint
+    raise ValueError(f"checkpoint {str(path)!r} holds no model state dict (expected a 'state_dict' entry)")
+
+
+def _parse_kwargs(items: Sequence[str]) -> dict:
+    import yaml
+    kwargs = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-kwargs expects key=value items, got {item!r}")
+        kwargs[key] = yaml.safe_load(text)
+    return kwargs
+
+
+def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: int, seed: int,
+                       device: torch.device) -> Iterator[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(num_batches):
+        yield torch.randn(batch_size, *input_size, generator=generator).to(device)
+
+
+def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], device: torch.device
+                     ) -> Iterator[torch.Tensor]:
+    """Batches of the training split of a dataset, through the harness's data code (eval transforms)."""
+    from shared import data
+    dataset = data.create_dataset(options.dataset, root=options.data_dir, split=options.split,
+                                  download=options.dataset_download)
+    transform = data.create_transform(options.dataset, input_size=tuple(input_size), is_training=False,
+                                      mean=options.mean, std=options.std)
+    dataset.transform = transform
+    generator = torch.Generator().manual_seed(options.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=True, drop_last=True,
+                                         generator=generator, num_workers=options.workers)
+    for index, (images, _targets) in enumerate(loader):
+        if index >= options.num_batches:
+            break
+        yield images.to(device)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared.analysis", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="timm model name (default: from the checkpoint's args.yaml)")
+    parser.add_argument("--checkpoint", default=None, help="train.py checkpoint (*.pth.tar); fresh weights if absent")
+    parser.add_argument("--norm", default=None, help="norm spec (default: the checkpoint run's, else the model's)")
+    parser.add_argument("--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="extra model arguments")
+    parser.add_argument("--num-classes", type=int, default=None)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synthetic", action="store_true", help="standard-normal images (no data needed)")
+    source.add_argument("--dataset", help="dataset name as for train.py (torch/cifar10, folder, digits, ...)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", default="train", help="dataset split (default: train)")
+    parser.add_argument("--dataset-download", action="store_true")
+    parser.add_argument("--mean", type=float, nargs=3, default=None)
+    parser.add_argument("--std", type=float, nargs=3, default=None)
+    parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                        help="input size (default: the model's pretrained_cfg, e.g. 3 32 32)")
+    parser.add_argument("--ghost-batch-size", type=int, required=True, help="N (>= 2; must divide --batch-size)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-batches", type=int, default=2, help="batches to measure (default 2)")
+    parser.add_argument("--sites", default="all", help="'all' (every norm site) or comma-separated module names")
+    parser.add_argument("--eps", type=float, default=1e-3, help="eps of the scale, as in GNI (default 1e-3)")
+    parser.add_argument("--mode", choices=("train", "eval"), default="train",
+                        help="model mode while measuring (default train: activations as in training)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    options = _build_parser().parse_args(argv)
+    try:
+        if options.ghost_batch_size < 2:
+            raise ValueError(f"--ghost-batch-size must be >= 2, got {options.ghost_batch_size}")
+        if options.batch_size % options.ghost_batch_size:
+            raise ValueError(f"--batch-size {options.batch_size} must be a multiple of --ghost-batch-size "
+                             f"{options.ghost_batch_size} (GBN's ghost batches partition the batch)")
+        if options.num_batches < 1:
+            raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
+        checkpoint = Path(options.checkpoint) if options.checkpoint else None
+        if checkpoint is not None and not checkpoint.is_file():
+            raise ValueError(f"--checkpoint {str(checkpoint)!r} does not exist")
+        run_args = _read_run_args(checkpoint) if checkpoint else {}
+        model_name = options.model or run_args.get("model")
+        if not model_name:
+            raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")
+        norm = options.norm if options.norm is not None else run_args.get("norm")
+        model_kwargs = dict(run_args.get("model_kwargs") or {}) if options.model_kwargs is None else {}
+        model_kwargs.update(_parse_kwargs(options.model_kwargs))
+        num_classes = options.num_classes or run_args.get("num_classes")
+        if num_classes:
+            model_kwargs["num_classes"] = num_classes
+        import shared
+        model = shared.create_model(model_name, norm=norm, **model_kwargs)
+        if checkpoint is not None:
+            model.load_state_dict(_load_state_dict(checkpoint))
+        device = torch.device(options.device)
+        model.to(device)
+        input_size = options.input_size or run_args.get("input_size") or \
+            list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
+        if options.synthetic:
+            batches = _synthetic_batches(options.batch_size, input_size, options.num_batches, options.seed, device)
+        else:
+            batches = _dataset_batches(options, input_size, device)
+        sites = None if options.sites in ("all", "") else [s.strip() for s in options.sites.split(",") if s.strip()]
+        measured = measure(model, batches, options.ghost_batch_size, sites, options.eps, options.seed,
+                           train_mode=options.mode == "train")
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
+             "source": "synthetic" if options.synthetic else options.dataset, "batch_size": options.batch_size,
+             "num_batches": options.num_batches, "eps": options.eps, "mode": options.mode, "seed": options.seed}
+    result = write_outputs(measured, options.ghost_batch_size, options.out, setup, plots=not options.no_plots)
+    print(format_table(result["reports"], options.ghost_batch_size))
+    print(f"wrote {result['out']}/noise_stats.csv, ks.csv, analysis.json" + ("" if options.no_plots else ", *.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""shared.report: fake run directories (train.py's output contract) -> tables and figures."""
+import csv
+import json
+import math
+
+import pytest
+import yaml
+
+from shared import report
+
+BASE_ARGS = dict(model="cifar_resnet18", dataset="torch/cifar100", lr=0.3, batch_size=256, epochs=3,
+                 train_split="train", val_split="test", output="/runs", data_dir="/data", workers=4)
+
+
+def make_run(root, name, status="finished", final_top1=None, best_top1=None, epochs_done=3, curve=True, **args):
+    """A run directory as train.py writes it: args.yaml, summary.csv and results.json."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    resolved = {**BASE_ARGS, **args, "experiment": name}
+    (run_dir / "args.yaml").write_text(yaml.safe_dump(resolved))
+    if curve:
+        with open(run_dir / "summary.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["epoch", "train_loss", "eval_loss", "top1", "top5", "lr", "time"])
+            for epoch in range(epochs_done):
+                top1 = (final_top1 or 50.0) - 2.0 * (epochs_done - 1 - epoch)
+                writer.writerow([epoch, 2.0 / (epoch + 1), 2.5 / (epoch + 1), top1, top1 + 20, 0.1, 10.0])
+    if status is not None:
+        results = {"status": status, "epochs_done": epochs_done, "wall_time_s": 30.0}
+        if final_top1 is not None:
+            results["final"] = {"epoch": epochs_done - 1, "train_loss": 0.5, "eval_loss": 1.0,
+                                "top1": final_top1, "top5": final_top1 + 20}
+            results["best"] = {"epoch": epochs_done - 1, "top1": best_top1 or final_top1,
+                               "top5": (best_top1 or final_top1) + 20}
+        (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    root = tmp_path / "runs"
+    # BN, 3 seeds: final top-1 70.0, 71.0, 72.5; best 70.5, 71.5, 73.0
+    for seed, top1 in zip((42, 43, 44), (70.0, 71.0, 72.5)):
+        make_run(root, f"c100-rn18-bn-s{seed}", final_top1=top1, best_top1=top1 + 0.5, norm="bn", seed=seed)
+    # GNI-16: two finished, one still running (listed, not averaged)
+    make_run(root, "c100-rn18-gni16-s42", final_top1=73.0, norm="gni16", seed=42)
+    make_run(root, "c100-rn18-gni16-s43", final_top1=74.0, norm="gni16", seed=43)
+    make_run(root, "c100-rn18-gni16-s44", status="running", epochs_done=1, norm="gni16", seed=44)
+    # GBN-16: only a failed run and a run without results.json: no table row at all
+    make_run(root, "c100-rn18-gbn16-s42", status="failed", epochs_done=2, norm="gbn16", seed=42)
+    make_run(root, "c100-rn18-gbn16-s43", status=None, epochs_done=1, norm="gbn16", seed=43)
+    return root
+
+
+def test_table_values_are_computed_over_finished_runs_only(runs_dir, tmp_path):
+    out = tmp_path / "report"
+    result = report.write_report(runs_dir, out, plots=False)
+    rows = {row["norm"]: row for row in result["rows"]}
+    assert set(rows) == {"bn", "gni16"}  # gbn16 has no finished run
+    # BN by hand: mean = (70 + 71 + 72.5) / 3 = 71.1667; deviations -1.1667, -0.1667, 1.3333;
+    # sample variance = (1.3611 + 0.0278 + 1.7778) / 2 = 1.5833, std = 1.2583.
+    assert rows["bn"]["n"] == 3 and rows["bn"]["seeds"] == "42,43,44"
+    assert rows["bn"]["top1_mean"] == pytest.approx(213.5 / 3)
+    assert rows["bn"]["top1_std"] == pytest.approx(math.sqrt((1.3611111 + 0.0277778 + 1.7777778) / 2), rel=1e-6)
+    assert rows["bn"]["best_top1_mean"] == pytest.approx(213.5 / 3 + 0.5)
+    # GNI: the running seed-44 run is not averaged: mean of 73 and 74, std sqrt(0.5).
+    assert rows["gni16"]["n"] == 2 and rows["gni16"]["seeds"] == "42,43"
+    assert rows["gni16"]["top1_mean"] == pytest.approx(73.5)
+    assert rows["gni16"]["top1_std"] == pytest.approx(math.sqrt(0.5))
+    # The unfinished runs are listed with their status and progress.
+    unfinished = {run.name: run for run in result["unfinished"]}
+    assert set(unfinished) == {"c100-rn18-gni16-s44", "c100-rn18-gbn16-s42", "c100-rn18-gbn16-s43"}
+    assert unfinished["c100-rn18-gbn16-s42"].status == "failed"
+    assert unfinished["c100-rn18-gbn16-s43"].status == "no results.json"
+    assert unfinished["c100-rn18-gbn16-s43"].epochs_done == 1  # from summary.csv
+
+    markdown = (out / "results.md").read_text()
+    assert "| cifar_resnet18 | bn | 3 | 42,43,44 | 71.17 ± 1.26 | 71.67 ± 1.26 |" in markdown
+    assert "| cifar_resnet18 | gni16 | 2 | 42,43 | 73.50 ± 0.71 |" in markdown
+    not_finished = markdown.split("## Not finished")[1]
+    assert "c100-rn18-gni16-s44 | running | 1 | 3" in not_finished
+    with open(out / "results.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["norm"] for r in table] == ["bn", "gni16"]
+    assert float(table[0]["top1_std"]) == pytest.approx(rows["bn"]["top1_std"])
+    with open(out / "unfinished.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+
+
+def test_single_run_has_no_std(tmp_path):
+    make_run(tmp_path / "runs", "one-s1", final_top1=60.0, norm="bn", seed=1)
+    result = report.write_report(tmp_path / "runs", tmp_path / "out", plots=False)
+    assert math.isnan(result["rows"][0]["top1_std"])
+    assert "| 60.00 |" in result["markdown"]
+
+
+def test_seeded_split_runs_form_one_setup_and_repeated_seeds_are_flagged(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (20, 21):
+        make_run(root, f"val-s{seed}", final_top1=60.0 + (seed - 20), norm="gbn16", seed=seed,
+                 train_split=f"train[:0.9]-{seed}", val_split=f"train[0.9:]-{seed}")
+    # the reference's test_all_42 repeated seed 42: two runs of one setup with one seed
+    make_run(root, "bn-s42-a", final_top1=70.0, norm="bn", seed=42)
+    make_run(root, "bn-s42-b", final_top1=71.0, norm="bn", seed=42)
+    result = report.write_report(root, tmp_path / "out", plots=False)
+    rows = {row["norm"]: row for row in result["rows"]}
+    assert rows["gbn16"]["n"] == 2 and rows["gbn16"]["top1_mean"] == pytest.approx(60.5)
+    assert rows["bn"]["duplicate_seeds"]
+    assert "42,42 (repeated!)" in result["markdown"]
+    # train_split differs between the two setups, so it is shown, in its seed-free form
+    assert "train_split" in result["markdown"].splitlines()[2]
+
+
+def test_group_by_overrides_the_setup_definition(runs_dir, tmp_path):
+    result = report.write_report(runs_dir, tmp_path / "out", group_by=["model"], plots=False)
+    assert len(result["rows"]) == 1
+    assert result["rows"][0]["n"] == 5  # 3 BN + 2 GNI finished runs
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("bn", ("bn", None)),
+    ("gbn16", ("gbn", 16)),
+    ("gni16-shift", ("gni-shift", 16)),
+    ("nat1024-scale", ("nat-scale", 1024)),
+    ("xbn32", ("xbn", 32)),
+    ("ebn8", ("ebn", 8)),
+    ("gn1", ("gn1", None)),  # GroupNorm's number is a group count
+    ([{"subtype": "xbn2d", "affine": False}, "gnir16", "gain", "bias"], ("xbn2d+gnir", 16)),
+    ('[{"type":"norm","subtype":"bn2d","dkwargs":{"affine":false}},'
+     '{"type":"noise","subtype":"ghost_noise_injector_rep","dkwargs":{"batch_size":32,"shift_noise":false}},'
+     '{"type":"gain","subtype":"standard"},{"type":"bias","subtype":"standard"}]',
+     ("bn2d+ghost_noise_injector_rep-scale", 32)),
+])
+def test_describe_norm(spec, expected):
+    assert report.describe_norm(spec) == expected
+
+
+def test_dropout_of():
+    args = {"model_kwargs": {"block_dropout": {"subtype": "flexible_dropout", "kind": "gaussian",
+                                               "channel_wise": True, "p": 0.2}}}
+    assert report.dropout_of(args) == ("gaussian channel-wise", 0.2)
+    assert report.dropout_of({"model_kwargs": {"conv": "ws"}}) is None
+    assert report.dropout_of({}) is None
+
+
+@pytest.mark.slow
+def test_figures_ghost_batch_size_dropout_and_curves(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for method in ("gbn", "gni"):
+        for ghost in (4, 16, 64):
+            for seed in (20, 21):
+                make_run(root, f"{method}{ghost}-s{seed}", final_top1=60 + ghost / 16 + seed - 20,
+                         norm=f"{method}{ghost}", seed=seed)
+    for seed in (20, 21):
+        make_run(root, f"bn-s{seed}", final_top1=61.0 + seed - 20, norm="bn", seed=seed)
+        for p in (0.0, 0.1, 0.3):
+            make_run(root, f"gedo{p}-s{seed}", final_top1=60 + p, norm="bn", seed=seed,
+                     model_kwargs={"block_dropout": {"subtype": "flexible_dropout", "kind": "gaussian",
+                                                     "channel_wise": False, "p": p}})
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--band", "sem"]) == 0
+    printed = capsys.readouterr().out
+    assert "## Finished runs" in printed and "acc_vs_ghost_batch_size.png" in printed
+    for name in ("acc_vs_ghost_batch_size.png", "acc_vs_dropout.png", "curves_1.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    # 6 GBN/GNI setups + BN + 3 dropout setups = 10 setups: one curves file (10 setups per file)
+    assert not (out / "curves_2.png").exists()
+
+
+def test_plots_are_skipped_when_there_is_nothing_to_plot(runs_dir, tmp_path):
+    result = report.write_report(runs_dir, tmp_path / "out")
+    names = {p.name for p in result["files"]}
+    assert "acc_vs_ghost_batch_size.png" in names  # gni16 has an N
+    assert "acc_vs_dropout.png" not in names  # no block dropout in these runs
+
+
+def test_command_errors(tmp_path, capsys):
+    assert report.main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "no runs" in capsys.readouterr().err
