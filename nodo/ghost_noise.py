@@ -1,4 +1,4 @@
-"""Ghost Noise Injection layers: GhostNoiseInjector and the fused GhostNoiseBatchNorm2d.
+r"""Ghost Noise Injection layers: GhostNoiseInjector and the fused GhostNoiseBatchNorm2d.
 
 Paper: "Ghost Noise for Regularizing Deep Neural Networks", Kosson, Fan, Jaggi (AAAI 2024),
 https://arxiv.org/abs/2305.17205. The math lives in :mod:`nodo.functional.ghost_noise`.

@@ -1,4 +1,4 @@
-"""NoisyAffine: the analytic form of Ghost Noise Injection (math in nodo.functional.noisy_affine)."""
+r"""NoisyAffine: the analytic form of Ghost Noise Injection (math in nodo.functional.noisy_affine)."""
 from __future__ import annotations
 
 from typing import Optional

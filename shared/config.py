@@ -252,7 +252,8 @@ def create_parser() -> argparse.ArgumentParser:
                        help="RandomResizedCrop scale range (ImageNet-style transforms)")
     group.add_argument("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO",
                        help="RandomResizedCrop aspect ratio range (ImageNet-style transforms)")
-    group.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (0 turns it off)")
+    group.add_argument("--hflip", type=float, default=None,
+                       help="horizontal flip probability (None: 0.5, but 0 for digits, which are not mirror-symmetric)")
     group.add_argument("--color-jitter", type=float, default=0.0, metavar="PCT",
                        help="color jitter of ImageNet-style transforms (timm's default is 0.4; the paper's "
                             "ImageNet recipe is RandomResizedCrop + flip only)")
@@ -300,6 +301,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
+    group.add_argument("--nonfinite", default="stop", type=_choice_text(("stop", "skip")),
+                       help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
+                            "the update and count it in the log")
     group.add_argument("--log-wandb", action="store_true", default=False,
                        help="log to Weights & Biases (offline by itself without credentials)")
     group.add_argument("--wandb-project", default=None, type=str, metavar="NAME", help="wandb project")

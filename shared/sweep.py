@@ -158,6 +158,8 @@ def _parse(config, argv: Sequence[str]) -> dict:
         namespace = config.parse_args(list(argv))
     except SystemExit as error:
         raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
+    except ValueError as error:  # shared.config.ConfigError: a bad config file, value or template
+        raise SweepError(f"{shlex.join(argv)}: {error}") from None
     return dict(vars(namespace)) if not isinstance(namespace, dict) else dict(namespace)
 
 
@@ -339,7 +341,10 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     where = str(path)
     if not path.is_file():
         raise SweepError(f"config file {where!r} does not exist")
-    merged = config_module.load_config(str(path))
+    try:
+        merged = config_module.load_config(str(path))
+    except ValueError as error:  # shared.config.ConfigError
+        raise SweepError(str(error)) from None
     if not isinstance(merged, dict):
         raise SweepError(f"{where}: load_config returned {type(merged).__name__}, expected a mapping")
     merged = copy.deepcopy(merged)

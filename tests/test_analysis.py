@@ -59,7 +59,8 @@ def test_gbn_noise_is_constant_within_a_ghost_batch():
     noise = analysis.ghost_noise_samples(x, 8, eps=1e-3, generator=torch.Generator().manual_seed(0))
     shift = noise["gbn"][0].reshape(64, 3)
     for channel in range(3):
-        values, counts = np.unique(np.round(shift[:, channel], 12), return_counts=True)
+        # float32 sums in another order differ by ~1e-7; distinct ghost batches differ by ~0.1
+        values, counts = np.unique(np.round(shift[:, channel], 4), return_counts=True)
         assert len(values) == 64 // 8 and set(counts) == {8}
     # The shifts of the 8 ghost batches of a partition sum to zero (their means average to the batch mean).
     assert shift.sum(0) == pytest.approx(np.zeros(3), abs=1e-5)

@@ -106,7 +106,7 @@ def _runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool) -> Tensor:
+def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool, scale: float = 1.0) -> Tensor:
     r"""For each sample, the mean of ``per_sample`` over its ghost batch, or over the others in it.
 
     ``per_sample`` has shape ``(B, C)``. With ``exclusive=False`` row ``i`` of the result is
@@ -114,7 +114,8 @@ def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool) -> Tensor:
     ``(1/(n-1)) sum_{j in g(i), j != i} v_j`` (exclusive batch norm), ``n = |g(i)|``.
 
     Both are linear maps ``v -> P v`` with a *symmetric* matrix ``P``, so the same function also
-    applies ``P^T`` in the backward pass.
+    applies ``P^T`` in the backward pass. The result is multiplied by ``scale`` and may be a
+    broadcast view: read it, do not write into it.
     """
     channels = per_sample.shape[1]
     pieces = []
@@ -122,9 +123,9 @@ def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool) -> Tensor:
         block = per_sample[first : first + count * size].reshape(count, size, channels)
         total = block.sum(dim=1, keepdim=True)
         if exclusive:
-            mixed = (total - block) / (size - 1)
+            mixed = (total - block).mul_(scale / (size - 1))
         else:
-            mixed = (total / size).expand(count, size, channels)
+            mixed = (total * (scale / size)).expand(count, size, channels)
         pieces.append(mixed.reshape(count * size, channels))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -133,14 +134,14 @@ def _per_sample_sums(input: Tensor, statistics_dtype: torch.dtype) -> tuple[Tens
     """``(sum_hw x, sum_hw x^2, buffer)`` per sample and channel; ``buffer`` may hold the output.
 
     The sum of squares uses ``vector_norm(..., dtype=float32)``, which upcasts element by element
-    without a float32 copy of the activation. For a float32 activation that is not NCHW-contiguous
-    (``channels_last``) that strided reduction is slow on CPU, so ``x * x`` is written into a fresh
-    tensor that the caller then overwrites with the normalized output: the output has to be
-    allocated anyway, and the extra elementwise pass is cheaper than the strided norm.
+    without a float32 copy of the activation. On CPU that strided reduction is slow for a float32
+    activation that is not NCHW-contiguous (``channels_last``), so there ``x * x`` is written into
+    a fresh tensor that the caller then overwrites with the normalized output: the output has to
+    be allocated anyway, and the extra elementwise pass is cheaper than the strided norm.
     """
     spatial = (2, 3)
     sum_x = input.sum(dim=spatial, dtype=statistics_dtype)
-    if input.dtype == statistics_dtype and not input.is_contiguous():
+    if input.device.type == "cpu" and input.dtype == statistics_dtype and not input.is_contiguous():
         buffer = torch.mul(input, input)
         return sum_x, buffer.sum(dim=spatial), buffer
     norm = torch.linalg.vector_norm(input, ord=2, dim=spatial, dtype=statistics_dtype)
@@ -156,13 +157,13 @@ def _scale_shift(input: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tens
     """One fused pass ``out = input * scale + shift`` in the dtype and memory format of ``input``.
 
     ``scale``/``shift`` are ``(B, C)`` in float32; the arithmetic runs in float32 and is rounded
-    once into the input's dtype. On a contiguous NCHW tensor a multiply followed by an in-place
-    add is faster on CPU than ``addcmul`` (whose broadcast of ``shift`` over the innermost
-    dimension falls off the vectorized path); for ``channels_last`` ``addcmul`` is the faster one.
+    once into the input's dtype. On CPU, for a contiguous NCHW tensor, a multiply followed by an
+    in-place add is faster than ``addcmul`` (whose broadcast of ``shift`` over the innermost
+    dimension falls off the vectorized path); elsewhere the single ``addcmul`` kernel is used.
     """
     if out is None:
         out = torch.empty_like(input)
-    if input.is_contiguous():
+    if input.device.type == "cpu" and input.is_contiguous():
         torch.mul(input, _as_map(scale), out=out)
         out.add_(_as_map(shift))
     else:
@@ -188,37 +189,43 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         dx_j     = weight rstd_j dy_j + ((P g_mean)_j + 2 x_j (P g_sq)_j) / HW     (P = P^T)
         dweight  = sum_i rstd_i (E_i - mean_i D_i),   dbias = sum_i D_i
 
-    where the ``rstd^3`` terms are zeroed where the variance was clamped at 0. Besides the
-    normalized output it returns ``s1`` and ``s2`` (non-differentiable) for the running statistics.
+    where the ``rstd^3`` terms are zeroed where the variance was clamped at 0. The first and second
+    moments are mixed together as one ``(B, 2C)`` tensor, which keeps the number of small kernels
+    (and the launch overhead that dominates on GPU) low. Besides the normalized output it returns
+    ``s1``, ``s2`` and the unclamped variances ``var_i`` (non-differentiable) for the running
+    statistics.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
         statistics_dtype = _statistics_dtype(input.dtype)
+        channels = input.shape[1]
         pixels = input.shape[2] * input.shape[3]
         sum_x, sum_sq, buffer = _per_sample_sums(input, statistics_dtype)
 
-        mean = _mix(sum_x, sizes, exclusive) / pixels
-        raw_var = _mix(sum_sq, sizes, exclusive) / pixels - mean.square()
-        rstd = (raw_var.clamp_min(0.0) + eps).rsqrt()
-        # d rstd / d var = -rstd^3 / 2 where the variance was not clamped, 0 where it was.
-        rstd_cubed = torch.where(raw_var > 0, rstd.pow(3), torch.zeros_like(rstd))
+        moments = _mix(torch.cat([sum_x, sum_sq], dim=1), sizes, exclusive, scale=1.0 / pixels)
+        mean, mean_sq = moments[:, :channels], moments[:, channels:]
+        raw_var = torch.addcmul(mean_sq, mean, mean, value=-1.0)
+        rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
 
         scale = rstd if weight is None else rstd * weight.to(statistics_dtype)
-        shift = -mean * scale if bias is None else bias.to(statistics_dtype) - mean * scale
+        if bias is None:
+            shift = torch.mul(mean, scale).neg_()
+        else:
+            shift = torch.addcmul(bias.to(statistics_dtype), mean, scale, value=-1.0)
         output = _scale_shift(input, scale, shift, out=buffer)
 
-        ctx.save_for_backward(input, weight, mean, rstd, rstd_cubed)
+        ctx.save_for_backward(input, weight, mean, rstd, raw_var)
         ctx.sizes = sizes
         ctx.exclusive = exclusive
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(sum_x, sum_sq)
-        return output, sum_x, sum_sq
+        ctx.mark_non_differentiable(sum_x, sum_sq, raw_var)
+        return output, sum_x, sum_sq, raw_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, _grad_sum_x, _grad_sum_sq):
-        input, weight, mean, rstd, rstd_cubed = ctx.saved_tensors
+    def backward(ctx, grad_output, *_non_differentiable):
+        input, weight, mean, rstd, raw_var = ctx.saved_tensors
         statistics_dtype = mean.dtype
         pixels = input.shape[2] * input.shape[3]
         spatial = (2, 3)
@@ -232,15 +239,18 @@ class _MixedStatisticsNorm(torch.autograd.Function):
             # float16/bfloat16: take the products in float32, else E - mean * D cancels badly.
             sum_dy_x = (grad_output.to(statistics_dtype) * input).sum(dim=spatial)
             grad_input = torch.empty_like(input)
-        centered = sum_dy_x - mean * sum_dy  # sum_hw dy * (x - mean)
+        centered = torch.addcmul(sum_dy_x, mean, sum_dy, value=-1.0)  # sum_hw dy * (x - mean)
 
         weight_stats = None if weight is None else weight.to(statistics_dtype)
         scale = rstd if weight_stats is None else rstd * weight_stats
         grad_rstd = centered if weight_stats is None else centered * weight_stats
-        grad_mean = -scale * sum_dy + grad_rstd * rstd_cubed * mean
-        grad_mean_sq = -0.5 * grad_rstd * rstd_cubed
-        coef_const = _mix(grad_mean, ctx.sizes, ctx.exclusive) / pixels
-        coef_x = _mix(grad_mean_sq, ctx.sizes, ctx.exclusive) * (2.0 / pixels)
+        # g = g_rstd * rstd^3, zero where the variance was clamped (d rstd / d var = -rstd^3 / 2)
+        g = torch.where(raw_var > 0, rstd.pow(3).mul_(grad_rstd), 0.0)
+        grad_mean = torch.addcmul(g * mean, scale, sum_dy, value=-1.0)
+        # mix [g_mean, 2 g_sq] = [g_mean, -g] together, then divide by HW: the dx coefficients
+        coefficients = _mix(torch.cat([grad_mean, g.neg_()], dim=1), ctx.sizes, ctx.exclusive, scale=1.0 / pixels)
+        channels = mean.shape[1]
+        coef_const, coef_x = coefficients[:, :channels], coefficients[:, channels:]
 
         # dx = coef_x * x + coef_const + scale * dy, in two fused passes over the activation.
         _scale_shift(input, coef_x, coef_const, out=grad_input)
@@ -286,33 +296,32 @@ def _update_running_stats(
             running.lerp_(observed.to(running.dtype), weight)
 
 
-def _ghost_running_stats(sum_x: Tensor, sum_sq: Tensor, sizes: Sequence[int], pixels: int) -> tuple[Tensor, Tensor]:
+def _ghost_running_stats(sum_x: Tensor, ghost_var: Tensor, sizes: Sequence[int], pixels: int) -> tuple[Tensor, Tensor]:
     """Running-statistics targets of ghost batch norm (see the note in :func:`ghost_batch_norm`).
 
-    mean: sample-weighted mean of the ghost-batch means (= the batch mean);
-    var: sample-weighted mean of the ghost batches' *unbiased* variances.
+    ``ghost_var`` is each sample's (biased, unclamped) ghost-batch variance, ``(B, C)``.
+    mean: sample-weighted mean of the ghost-batch means, which is the batch mean;
+    var: sample-weighted mean of the ghost batches' *unbiased* variances, i.e. the mean over
+    samples of their ghost batch's unbiased variance.
     """
-    channels = sum_x.shape[1]
     batch_size = sum_x.shape[0]
-    weighted_var = sum_x.new_zeros(channels)
-    for first, count, size in _runs(sizes):
-        rows = slice(first, first + count * size)
-        values = size * pixels
-        group_x = sum_x[rows].reshape(count, size, channels).sum(dim=1)
-        group_sq = sum_sq[rows].reshape(count, size, channels).sum(dim=1)
-        group_mean = group_x / values
-        group_var = (group_sq / values - group_mean.square()).clamp_min(0.0)
-        weighted_var = weighted_var + (group_var * (values / (values - 1))).sum(dim=0) * size
     batch_mean = sum_x.sum(dim=0) / (batch_size * pixels)
-    return batch_mean, weighted_var / batch_size
+    total = None
+    for first, count, size in _runs(sizes):
+        values = size * pixels
+        # Bessel's correction of a ghost batch of `values` values per channel, and the 1/B average
+        factor = values / ((values - 1) * batch_size)
+        part = ghost_var[first : first + count * size].clamp_min(0.0).sum(dim=0).mul_(factor)
+        total = part if total is None else total.add_(part)
+    return batch_mean, total
 
 
 def _batch_running_stats(sum_x: Tensor, sum_sq: Tensor, pixels: int) -> tuple[Tensor, Tensor]:
     """Mean and unbiased variance of the whole batch (nn.BatchNorm2d's running-statistics targets)."""
     values = sum_x.shape[0] * pixels
     mean = sum_x.sum(dim=0) / values
-    var = (sum_sq.sum(dim=0) / values - mean.square()).clamp_min(0.0)
-    return mean, var * (values / (values - 1))
+    var = torch.addcmul(sum_sq.sum(dim=0) / values, mean, mean, value=-1.0).clamp_min_(0.0)
+    return mean, var.mul_(values / (values - 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +382,9 @@ def ghost_batch_norm(
     sizes = ghost_batch_partition(input.shape[0], ghost_batch_size)
     pixels = input.shape[2] * input.shape[3]
     _check_values_per_channel("ghost_batch_norm", sizes, pixels)
-    output, sum_x, sum_sq = _MixedStatisticsNorm.apply(input, weight, bias, sizes, False, eps)
+    output, sum_x, _, ghost_var = _MixedStatisticsNorm.apply(input, weight, bias, sizes, False, eps)
     if running_mean is not None or running_var is not None:
-        _update_running_stats(running_mean, running_var, *_ghost_running_stats(sum_x, sum_sq, sizes, pixels), momentum)
+        _update_running_stats(running_mean, running_var, *_ghost_running_stats(sum_x, ghost_var, sizes, pixels), momentum)
     return output
 
 
@@ -428,7 +437,7 @@ def exclusive_batch_norm(
         )
     sizes = ghost_batch_partition(input.shape[0], ghost_batch_size)
     pixels = input.shape[2] * input.shape[3]
-    output, sum_x, sum_sq = _MixedStatisticsNorm.apply(input, weight, bias, sizes, True, eps)
+    output, sum_x, sum_sq, _ = _MixedStatisticsNorm.apply(input, weight, bias, sizes, True, eps)
     if running_mean is not None or running_var is not None:
         _update_running_stats(running_mean, running_var, *_batch_running_stats(sum_x, sum_sq, pixels), momentum)
     return output

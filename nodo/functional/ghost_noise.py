@@ -1,4 +1,4 @@
-"""Ghost noise: the math of Ghost Noise Injection (GNI) and of fused BN -> GNI -> affine.
+r"""Ghost noise: the math of Ghost Noise Injection (GNI) and of fused BN -> GNI -> affine.
 
 Ghost batch norm (GBN) normalizes each ghost batch of ``N`` samples with its own statistics.
 With ``mu, var`` the full-batch mean and biased variance of a channel and ``mu_g, var_g`` those
@@ -550,7 +550,9 @@ def _affine_rows(input: Tensor, center: Tensor, multiplier: Tensor, offset: Opti
         offset_rows = None if offset is None else offset.repeat(batch_size)
         out = F.batch_norm(rows, center.reshape(-1), torch.ones_like(center).view(-1),
                            multiplier.reshape(-1), offset_rows, False, 0.0, 0.0)
-        return out.view(input.shape)
+        # _unsafe_view: a reshape autograd does not track as a view of the temporary, so that the
+        # custom Function's output may be modified in place (e.g. by ReLU(inplace=True))
+        return torch.ops.aten._unsafe_view(out, input.shape)
     shape = _broadcast_shape(input, 1)
     shift = -center * multiplier
     if offset is not None:

@@ -1,4 +1,4 @@
-"""Noisy affine transform: the analytic form of Ghost Noise Injection.
+r"""Noisy affine transform: the analytic form of Ghost Noise Injection.
 
 For ``N`` i.i.d. standard-normal values, the sample mean and the biased sample standard
 deviation are independent, with ``mean ~ Normal(0, 1/N)`` and ``std ~ sqrt(chi2(N-1) / N)``.

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
+import nodo
 from shared.specs._parse import parse_spec
 from shared.specs._table import (
     CHANNELS_FIRST, TABLE, TAKES_FEATURES, NormSpec, PartSpec, SpecError, accepted_arguments, make_part,
@@ -179,13 +180,18 @@ def create_linear_factory(spec: Any) -> Callable[..., nn.Module]:
 # Noise generator
 # ----------------------------------------------------------------------------------------------
 
+# nodo.NoiseGenerator: the counter-based generator nodo's ghost-noise layers also accept (compiles without
+# graph breaks). One generator must serve every noise layer and FlexibleDropout takes torch.Generator only,
+# so a torch.Generator is what we attach; an existing NoiseGenerator is replaced like any generator.
+_GENERATOR_TYPES = (torch.Generator, nodo.NoiseGenerator)
+
+
 def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch.device, None] = None
                            ) -> torch.Generator:
     """Give every noise module of ``model`` one dedicated ``torch.Generator`` seeded with ``seed``.
 
-    Every submodule with a ``generator`` attribute that is None or a ``torch.Generator`` (nodo's
-    GhostNoiseInjector, GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same generator
-    object. The noise then no longer draws from
+    Every submodule whose ``generator`` attribute is None or a generator (nodo's GhostNoiseInjector,
+    GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same ``torch.Generator`` object. The noise then no longer draws from
     torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
     run with the same seed, and the noise itself is reproducible from ``seed``. Checkpoint the returned
     generator's ``get_state()`` to resume the noise stream exactly.
@@ -210,10 +216,10 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed)
     for module in model.modules():
-        # modules that sample noise keep ``generator`` as None or a torch.Generator; anything else called
-        # "generator" (a GAN's submodule...) is not ours to replace
-        if isinstance(getattr(module, "generator", False), torch.Generator) or (
-                hasattr(module, "generator") and module.generator is None):
+        # noise layers keep ``generator`` as None or a generator; anything else called "generator" (a
+        # GAN's submodule...) is not ours to replace
+        current = getattr(module, "generator", False)
+        if current is None or isinstance(current, _GENERATOR_TYPES):
             module.generator = generator
     return generator
 
