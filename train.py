@@ -76,7 +76,7 @@ def check_args(args) -> None:
     """Reject values that cannot train before any work is done."""
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
-    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval"):
+    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"):
         value = getattr(args, name)
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -473,17 +473,20 @@ def run(args, info) -> int:
                 mixup.mixup_enabled = False
             train_metrics = train_one_epoch(epoch, start_batch if epoch == start_epoch else 0, state, args, info,
                                             progress_bar)
-            metrics = evaluate(model, loaders.eval, args, info, autocast)
+            evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs
+            metrics = evaluate(model, loaders.eval, args, info, autocast) if evaluated else \
+                {"eval_loss": None, "top1": None, "top5": None}
             row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
                    "time": time.time() - epoch_start}
-            if ema is not None:
+            if ema is not None and evaluated:
                 row.update({f"ema_{k}": v for k, v in evaluate(ema.module, loaders.eval, args, info, autocast).items()})
             if train_metrics["skipped"]:
                 row["skipped_updates"] = train_metrics["skipped"]
             history.append(row)
-            scheduler.step(epoch + 1, metrics["eval_loss" if args.eval_metric == "loss" else args.eval_metric])
             metric = row["eval_loss" if args.eval_metric == "loss" else args.eval_metric]
-            improved = best is None or (metric < best["metric"] if args.eval_metric == "loss" else metric > best["metric"])
+            scheduler.step(epoch + 1, metric)
+            improved = evaluated and (best is None or (
+                metric < best["metric"] if args.eval_metric == "loss" else metric > best["metric"]))
             if improved:
                 best = {"epoch": epoch, "metric": metric, "top1": row["top1"], "top5": row["top5"],
                         "eval_loss": row["eval_loss"]}
@@ -492,10 +495,11 @@ def run(args, info) -> int:
                 keep_extra_checkpoints(run_dir, last_path, epoch, improved, args.checkpoint_hist)
                 run_files.write_summary(run_dir, history)
                 run_files.write_results(run_dir, results("running"))
-            logger.log({f"eval/{k}": v for k, v in metrics.items()} | {"epoch": epoch, "train/epoch_loss":
-                        row["train_loss"]}, step=state["num_updates"])
-            log(info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} eval_loss {row['eval_loss']:.4f} "
-                      f"top1 {row['top1']:.2f} top5 {row['top5']:.2f} ({row['time']:.1f} s)")
+            logger.log({f"eval/{k}": v for k, v in metrics.items() if v is not None} | {"epoch": epoch,
+                        "train/epoch_loss": row["train_loss"]}, step=state["num_updates"])
+            evaluation = (f"eval_loss {row['eval_loss']:.4f} top1 {row['top1']:.2f} top5 {row['top5']:.2f}"
+                          if evaluated else "not evaluated")
+            log(info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {evaluation} ({row['time']:.1f} s)")
             if _stop_signal and epoch + 1 < num_epochs:
                 raise Preempted(f"end of epoch {epoch}")
             if args.stop_after is not None and len(history) >= args.stop_after and epoch + 1 < num_epochs:

@@ -291,6 +291,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--output", default="output", metavar="PATH", help="output root; the run goes to OUTPUT/EXPERIMENT")
     group.add_argument("--experiment", default="", metavar="NAME",
                        help="run name = output subfolder ('': date-model; may be a {key} template)")
+    group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
+                       help="evaluate every this many epochs (and always after the last); the best checkpoint is "
+                            "chosen among evaluated epochs")
     group.add_argument("--eval-metric", default="top1", type=_choice_text(("top1", "top5", "loss")),
                        help="metric of the best checkpoint (loss: lowest)")
     group.add_argument("--resume", default="", metavar="auto|PATH",
