@@ -119,6 +119,25 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
     return model.to(info.device)
 
 
+def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
+    """Reject ghost batch norms (GBN, XBN, EvalNorm) whose ghost batch exceeds the per-process batch.
+
+    Such a layer would silently normalize over the whole batch (plain or exclusive batch norm). Ghost
+    noise layers (GNI, NoisyAffine) draw their ghost batches with replacement, so they take any size.
+    """
+    from nodo.ghost_batch_norm import _GhostNormBase
+
+    too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
+               if isinstance(module, _GhostNormBase) and module.ghost_batch_size is not None
+               and module.ghost_batch_size > batch_size]
+    if too_big:
+        name, size = too_big[0]
+        raise UsageError(f"ghost_batch_size {size} of {type(model.get_submodule(name)).__name__} {name!r} (and "
+                         f"{len(too_big) - 1} more layers) is larger than the per-process batch size "
+                         f"--batch-size {batch_size}: it must be at most {batch_size} (ghost noise layers, "
+                         f"gni/nat, accept any size)")
+
+
 def build_loss(args) -> tuple:
     """(training loss, mixup function or None): timm's losses, as timm's train.py chooses them."""
     from timm.data import Mixup
@@ -296,6 +315,10 @@ def evaluate(model: nn.Module, loader, args, info, autocast) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _training_started
+    _training_started = False  # main() may be called more than once in one process (tests)
+    _stop_signal.clear()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         args = config_module.parse_args(argv)
         check_args(args)
@@ -313,6 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     finally:
         distributed.shutdown()
+        for signum, handler in handlers.items():  # run() installed _request_stop; put back the caller's
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 def run(args, info) -> int:
@@ -360,6 +386,7 @@ def run(args, info) -> int:
     num_classes = loaders.config.num_classes
     args.num_classes = num_classes
     model = build_model(args, num_classes, loaders.config.input_size[0], info)
+    check_ghost_batches(model, args.batch_size)
     noise_seed = (args.noise_seed if args.noise_seed is not None else args.seed) + info.rank
     noise_generator = specs.attach_noise_generator(model, noise_seed, info.device)
     if args.channels_last:
@@ -424,7 +451,8 @@ def run(args, info) -> int:
     from shared.logging_wandb import WandbLogger
 
     if info.is_primary:
-        run_files.atomic_write_text(run_dir / "args.yaml", config_module.yaml_text(args_dict | {"lr": args.lr}))
+        # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
+        run_files.atomic_write_text(run_dir / "args.yaml", config_module.yaml_text(args))
     logger = WandbLogger(run_dir, args.experiment, args_dict, project=args.wandb_project, tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "

@@ -16,8 +16,10 @@ accepts it.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +27,11 @@ import numpy as np
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+
+# Test hook (tests/test_reliability.py): with this environment variable set to S > 0, every checkpoint
+# write stops for S seconds with half of the file written, so a test can kill a process mid-write.
+TEST_WRITE_DELAY_ENV = "GHOST_NOISE_TEST_CHECKPOINT_WRITE_DELAY_S"
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +62,17 @@ def save_checkpoint(state: dict, path: os.PathLike) -> None:
     temporary = path.with_name(path.name + ".tmp")
     try:
         with open(temporary, "wb") as handle:
-            torch.save(state, handle)
+            delay = float(os.environ.get(TEST_WRITE_DELAY_ENV) or 0)
+            if delay > 0:  # test hook: a slow disk, so a test can SIGKILL a half-written checkpoint
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                data = buffer.getvalue()
+                handle.write(data[:len(data) // 2])
+                handle.flush()
+                time.sleep(delay)
+                handle.write(data[len(data) // 2:])
+            else:
+                torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)

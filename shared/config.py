@@ -161,6 +161,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help="evaluation split: validation/val, test, or a subset such as 'train[0.9:]-SEED'")
     group.add_argument("--dataset-download", action="store_true", default=False,
                        help="allow torchvision datasets to download")
+    group.add_argument("--data-strict", action="store_true", default=False,
+                       help="an unreadable or corrupt image file is an error (default: skipped, with a count in the log, "
+                            "where the data is decoded up front)")
     group.add_argument("--fast-loader", default="auto", type=_choice_text(("auto", "on", "off")),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
@@ -437,7 +440,8 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
             raise fail("a list")
         if isinstance(action.nargs, int) and len(value) != action.nargs:
             raise fail(f"a list of {action.nargs} values")
-        if action.nargs == "+" and not value:
+        if action.nargs == "+" and not value and action.default != []:
+            # An empty list is the flag's own default for e.g. wandb_tags (args.yaml writes it back).
             raise fail("a non-empty list")
         return [scalar(item) for item in value]
     if action.nargs == "?" and isinstance(value, str):
@@ -501,6 +505,8 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 _PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\])*$")
+# A field that would be a placeholder but for attribute access: ``{seed.real}``, ``{a[b].c}``.
+_ATTRIBUTE_FIELD = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*\.[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*$")
 _FORMATTER = string.Formatter()
 
 
@@ -515,7 +521,13 @@ def _placeholders(text: str) -> Optional[list]:
     if not fields:
         return None
     for name, spec in fields:
-        if not _PLACEHOLDER_NAME.match(name) or (spec and re.search(r"\s", spec)):
+        if spec and re.search(r"\s", spec):
+            return None
+        if _ATTRIBUTE_FIELD.match(name):
+            # Refused loudly rather than left as text: the run would get a literal '{seed.real}' name.
+            raise ConfigError(f"template field {{{name}}} in {text!r}: attribute access is not allowed "
+                              f"(use {{key}} or item access {{key[item]}})")
+        if not _PLACEHOLDER_NAME.match(name):
             return None
     return fields
 
@@ -577,9 +589,9 @@ def format_templates(values: dict) -> dict:
 
     def render(value: Any, key: str) -> Any:
         if isinstance(value, str):
-            if _placeholders(value) is None:
-                return value
             try:
+                if _placeholders(value) is None:
+                    return value
                 return formatter.vformat(value, (), {})
             except ConfigError as error:
                 raise ConfigError(f"{key}: {value!r}: {error}") from None

@@ -18,6 +18,11 @@ the dataset's. A fraction ``f`` of ``n`` samples is cut at ``floor(f * n)`` comp
 decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
 and together hold every sample exactly once.
 
+Unreadable images (ImageFolder). A corrupt, truncated or non-image file under a class folder is skipped,
+with a count in the log and in the loader description, where the dataset is decoded up front (the
+fast loader); ``--data-strict`` makes it an error naming the file. A ``DataLoader`` reads files lazily,
+so there such a file is always an error naming it, raised when the file is reached.
+
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
 the CIFAR recipe: random crop with zero padding ``H // 8`` (4 at 32 pixels) and a horizontal flip
 (probability ``--hflip``; off for digits), then normalization. Larger images get timm's ImageNet
@@ -66,6 +71,7 @@ __all__ = [
     "create_datasets",
     "create_loaders",
     "Loaders",
+    "read_image",
 ]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -264,9 +270,25 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
 
     path = _folder_path(args.data_dir, split)
     try:
-        return datasets.ImageFolder(path)
+        return datasets.ImageFolder(path, loader=read_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(f"ImageFolder {path!r}: {error}") from None
+
+
+def read_image(path: str):
+    """An ImageFolder file as an RGB PIL image; an unreadable or corrupt file raises a DataError naming it.
+
+    (torchvision's default loader raises PIL's own errors, which do not always name the file.)
+    A module-level function, so that DataLoader worker processes can pickle the dataset.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        detail = str(error).replace(repr(path), "the file").replace(path, "the file")  # named once
+        raise DataError(f"unreadable or corrupt image {path!r}: {type(error).__name__}: {detail}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,9 +332,17 @@ def _native_size(dataset: Dataset) -> Optional[tuple]:
         return (int(data.shape[3]), int(data.shape[1]), int(data.shape[2]))
     if len(dataset) == 0:
         return None
-    image, _ = dataset[0]
-    width, height = image.size
-    return (len(image.getbands()), height, width)
+    # The first readable image: an unreadable one is skipped (or refused) later, where all are decoded.
+    first_error = None
+    for position in range(min(len(dataset), 64)):
+        try:
+            image, _ = dataset[position]
+        except DataError as error:
+            first_error = first_error or error
+            continue
+        width, height = image.size
+        return (len(image.getbands()), height, width)
+    raise first_error
 
 
 def _channels(name: str, values: Optional[Sequence[float]], channels: int, default: tuple) -> tuple:
@@ -553,23 +583,41 @@ def create_datasets(args) -> tuple:
     """
     kind = _dataset_kind(args.dataset, args.data_dir)
     specs = {role: (text, parse_split(text)) for role, text in (("train", args.train_split), ("eval", args.val_split))}
-    bases: dict = {}
-    result = {}
+    bases: dict = {}  # canonical split -> raw dataset: 'val' and 'test' of CIFAR are one dataset
+    result, canonical, chosen = {}, {}, {}
     for role, (text, spec) in specs.items():
-        if spec.base not in bases:
-            bases[spec.base] = _base_dataset(kind, spec.base, args)
-        base = bases[spec.base]
+        key = _canonical_split(kind, spec.base, args)
+        if key not in bases:
+            bases[key] = _base_dataset(kind, spec.base, args)
+        base = bases[key]
         if len(base) == 0:
             raise DataError(f"split {spec.base!r} of {kind} has no samples")
-        result[role] = Subset(base, split_indices(spec, len(base), text)) if spec.is_subset else base
+        canonical[role] = key
+        if spec.is_subset:
+            chosen[role] = split_indices(spec, len(base), text)
+            result[role] = Subset(base, chosen[role])
+        else:
+            chosen[role] = range(len(base))
+            result[role] = base
     train_spec, eval_spec = specs["train"][1], specs["eval"][1]
-    if (train_spec.base == eval_spec.base and train_spec.is_subset and eval_spec.is_subset
-            and set(result["train"].indices) & set(result["eval"].indices)):
-        raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} overlap; "
-                        f"use complementary subsets with one seed, e.g. train[:0.9]-S and train[0.9:]-S")
-    classes = getattr(bases[train_spec.base], "classes", None)
+    # A seeded/counted subset is meant to hold data out: it must not share samples with the other split
+    # (also when the other one is the whole split). Two plain full splits are an explicit choice.
+    if canonical["train"] == canonical["eval"] and (train_spec.is_subset or eval_spec.is_subset):
+        shared = set(chosen["train"]) & set(chosen["eval"])
+        if shared:
+            raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} overlap "
+                            f"({len(shared)} shared samples); use complementary subsets with one seed, "
+                            f"e.g. train[:0.9]-S and train[0.9:]-S")
+    classes = getattr(bases[canonical["train"]], "classes", None)
     num_classes = len(classes) if classes else 0
     return kind, result["train"], result["eval"], num_classes
+
+
+def _canonical_split(kind: str, base: str, args) -> str:
+    """The dataset a split name selects: test aliases of CIFAR/digits are one; folders by their path."""
+    if kind == "imagefolder":
+        return os.path.realpath(_folder_path(args.data_dir, base))
+    return "test" if base in _TEST_ALIASES else base
 
 
 def _fast_loader_reason(config: DataConfig, args, train_dataset: Dataset) -> Optional[str]:
@@ -615,8 +663,18 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
 
         common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
                       world_size=world_size)
-        train_images, train_labels = decode_to_uint8(train_raw)
-        eval_images, eval_labels = decode_to_uint8(eval_raw)
+        from shared.fast_loader import UnreadableImageError
+
+        strict = bool(getattr(args, "data_strict", False))
+        try:
+            train_images, train_labels = decode_to_uint8(train_raw, strict=strict)
+            eval_images, eval_labels = decode_to_uint8(eval_raw, strict=strict)
+        except UnreadableImageError as error:
+            raise DataError(f"{error} (--data-strict is set; without it such files are skipped)") from None
+        skipped = (len(train_raw) - len(train_labels)) + (len(eval_raw) - len(eval_labels))
+        if len(train_labels) // world_size < args.batch_size:
+            raise DataError(f"the training split has {len(train_labels)} readable samples, fewer than one batch "
+                            f"of {args.batch_size} per process: lower --batch-size")
         _check_labels(train_labels, num_classes, "train")
         _check_labels(eval_labels, num_classes, "eval")
         train = FastBatches(DeviceImageLoader(
@@ -625,7 +683,10 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
         evaluation = FastBatches(DeviceImageLoader(
             eval_images, eval_labels, eval_batch_size, train=False, crop_padding=0, hflip=False,
             drop_last=False, **common))
+        train_size, eval_size = len(train_labels), len(eval_labels)
     else:
+        skipped = 0
+        train_size, eval_size = len(train_raw), len(eval_raw)
         train_dataset = AugmentedDataset(train_raw, create_transform(config, True, args), args.seed)
         eval_dataset = AugmentedDataset(eval_raw, create_transform(config, False, args), args.seed)
         loader_options = dict(workers=args.workers, pin_memory=args.pin_mem, device=device)
@@ -638,11 +699,12 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     augmentation = ("none" if args.no_aug else
                     f"crop pad {config.crop_padding} + flip {config.hflip}" if config.recipe == "cifar" else
                     f"RandomResizedCrop {config.input_size[1]} + flip {config.hflip}")
-    description = (f"{kind}: train {args.train_split!r} ({len(train_raw)} samples), eval {args.val_split!r} "
-                   f"({len(eval_raw)}), {num_classes} classes, input {tuple(config.input_size)}, "
+    description = (f"{kind}: train {args.train_split!r} ({train_size} samples), eval {args.val_split!r} "
+                   f"({eval_size}), {num_classes} classes, input {tuple(config.input_size)}, "
                    f"augmentation {augmentation}, loader {train.kind}"
+                   + (f", {skipped} unreadable images skipped" if skipped else "")
                    + (f" (fast loader off: {reason})" if not use_fast and reason and args.fast_loader == "auto" else ""))
-    return Loaders(train, evaluation, config, len(train_raw), len(eval_raw), description)
+    return Loaders(train, evaluation, config, train_size, eval_size, description)
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:

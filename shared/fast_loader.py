@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import logging
 import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["DeviceImageLoader", "decode_to_uint8"]
+__all__ = ["DeviceImageLoader", "UnreadableImageError", "decode_to_uint8"]
+
+_LOG = logging.getLogger(__name__)
 
 
 def _stream_seed(*parts: int) -> int:
@@ -363,7 +366,10 @@ def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise TypeError(f"{where}: expected an (H, W[, C]) uint8 array, got {image.ndim}-D {image.dtype}")
         array = image if image.ndim == 3 else image[:, :, None]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on such arrays
+            array = array.copy()
+        return torch.from_numpy(array).permute(2, 0, 1)
     mode = getattr(image, "mode", None)
     if mode is None:
         raise TypeError(f"{where}: expected a PIL image, a uint8 array or a uint8 tensor, got {type(image).__name__}")
@@ -394,23 +400,45 @@ def _folder_cache_key(samples: list[tuple[str, int]]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _decode_folder(dataset: Any, indices: Optional[list[int]], num_workers: int) -> tuple[Tensor, Tensor]:
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded (``strict=True``); the message names the file."""
+
+
+# What PIL (and shared.data.read_image, a ValueError) raise for a truncated, corrupt or non-image file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def _decode_folder(dataset: Any, indices: Optional[list[int]], num_workers: int,
+                   strict: bool) -> tuple[Tensor, Tensor]:
     samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
     loader = dataset.loader
 
-    def decode(position: int) -> Tensor:
+    def decode(position: int) -> Optional[Tensor]:
         path = samples[position][0]
-        return _image_to_chw_uint8(loader(path), path)
+        try:
+            image = loader(path)
+        except _DECODE_ERRORS as error:
+            if strict:
+                raise UnreadableImageError(f"unreadable or corrupt image {path!r}: {error}") from None
+            return None
+        return _image_to_chw_uint8(image, path)
 
     # PIL releases the GIL while decoding, so threads decode in parallel without pickling images.
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-        images = list(pool.map(decode, range(len(samples)), chunksize=256))
-    labels = torch.tensor([target for _, target in samples], dtype=torch.int64)
-    return _stack(images, type(dataset).__name__), labels
+        decoded = list(pool.map(decode, range(len(samples)), chunksize=256))
+    kept = [position for position, image in enumerate(decoded) if image is not None]
+    skipped = [samples[position][0] for position, image in enumerate(decoded) if image is None]
+    if skipped:
+        shown = ", ".join(repr(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        _LOG.warning("decode_to_uint8: skipped %d unreadable or corrupt image(s) of %d (%s); "
+                     "pass strict=True (train.py: --data-strict) to make this an error",
+                     len(skipped), len(samples), shown)
+    labels = torch.tensor([samples[position][1] for position in kept], dtype=torch.int64)
+    return _stack([decoded[position] for position in kept], type(dataset).__name__), labels
 
 
 def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
-                    num_workers: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                    num_workers: Optional[int] = None, strict: bool = False) -> tuple[Tensor, Tensor]:
     """Decode a torchvision-style dataset once into ``(images, labels)`` for :class:`DeviceImageLoader`.
 
     Supported, possibly wrapped in (nested) ``torch.utils.data.Subset``:
@@ -431,6 +459,10 @@ def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
             hash of the file list (paths, class indices, sizes, modification times); a later call
             with the same files loads them instead of decoding. Default: no cache.
         num_workers: decoding threads for folder datasets. Default: ``os.cpu_count()``.
+        strict: for folder datasets, an unreadable or corrupt image file raises
+            :class:`UnreadableImageError` naming it. Default ``False``: such files are left out
+            (images and labels both) and their count is logged as a warning (logger
+            ``shared.fast_loader``), so the result may hold fewer samples than the dataset.
 
     Returns:
         ``images``: ``(N, C, H, W)`` uint8; ``labels``: ``(N,)`` int64. Both on the CPU.
@@ -438,6 +470,7 @@ def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     _check_int("num_workers", num_workers, 1)
+    _check_bool("strict", strict)
     base, indices = _unwrap_subsets(dataset)
     _check_raw(base)
     name = type(base).__name__
@@ -457,13 +490,15 @@ def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
         return images, labels
     if isinstance(base, datasets.DatasetFolder):
         if cache_dir is None:
-            return _decode_folder(base, indices, num_workers)
+            return _decode_folder(base, indices, num_workers, strict)
         samples = base.samples if indices is None else [base.samples[i] for i in indices]
         cache_path = os.path.join(cache_dir, f"decoded-{name}-{_folder_cache_key(samples)}.pt")
         if os.path.exists(cache_path):
             cached = torch.load(cache_path, weights_only=True)
             return cached["images"], cached["labels"]
-        images, labels = _decode_folder(base, indices, num_workers)
+        images, labels = _decode_folder(base, indices, num_workers, strict)
+        if len(labels) != len(samples):
+            return images, labels  # not cached: a later strict call must see the unreadable files
         os.makedirs(cache_dir, exist_ok=True)
         temporary = f"{cache_path}.{os.getpid()}.tmp"
         torch.save({"images": images, "labels": labels}, temporary)

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nodo._checks import check_bool, check_choice, check_int, check_positive_float
+from nodo.functional._rows import row_sums as _row_sums
+from nodo.functional._rows import rows_view as _rows_view
 
 __all__ = [
     "NoiseGenerator",
@@ -322,32 +324,6 @@ def ghost_batch_weights(ghost_indices: Tensor, dtype: torch.dtype = torch.float3
 # ---------------------------------------------------------------------------------------------
 # statistics
 # ---------------------------------------------------------------------------------------------
-def _rows_view(input: Tensor) -> Optional[Tensor]:
-    """``input`` (B, C, *) seen as a ``(1, B*C, L)`` view, one row per (sample, channel) pair.
-
-    Only possible for contiguous (not channels_last) tensors with the channels in dim 1; returns
-    ``None`` otherwise. On this view every per-(sample, channel) statistic is a per-channel
-    batch-norm statistic, which lets us use ATen's fused batch-norm kernels below.
-    """
-    if not input.is_contiguous():
-        return None
-    return input.view(1, input.shape[0] * input.shape[1], -1)
-
-
-def _row_sums(grad_rows: Tensor, input_rows: Tensor, center: Tensor, dot: bool, total: bool):
-    """Per-row ``sum(grad)`` and ``sum(grad * (input - center))`` in one pass, no temporaries.
-
-    ``aten.native_batch_norm_backward`` in training mode returns exactly these two reductions
-    as ``grad_bias`` and ``grad_weight`` (with ``save_invstd = 1``). It reads both tensors once,
-    accumulates in float32 for reduced-precision inputs and allocates nothing of the input's
-    size, which a ``(grad * input).sum(...)`` expression would.
-    """
-    ones = torch.ones_like(center)
-    _, dot_sum, grad_sum = torch.ops.aten.native_batch_norm_backward(
-        grad_rows, input_rows, None, None, None, center, ones, True, 0.0, [False, dot, total])
-    return dot_sum, grad_sum
-
-
 def sample_moments(input: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]:
     r"""Per-sample, per-channel mean and biased variance.
 

@@ -1,0 +1,521 @@
+"""shared.data: split syntax, datasets (ImageFolder, torchvision CIFAR, digits, real CIFAR-10 JPEGs),
+train/val overlap, unreadable images, transforms, samplers and both loaders."""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared import data
+from shared.config import create_parser
+from shared.data import DataError, parse_split, split_indices
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def make_args(*argv):
+    return create_parser().parse_args(list(argv))
+
+
+def indices_of(text, num_samples):
+    return split_indices(parse_split(text), num_samples, text)
+
+
+# ----------------------------------------------------------------------------------------------
+# split syntax
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("train", ("train", None, None, None)),
+    ("validation", ("validation", None, None, None)),
+    ("train[:0.9]-20", ("train", None, "0.9", 20)),
+    ("train[0.9:]-20", ("train", "0.9", None, 20)),
+    ("train[:500]", ("train", None, "500", None)),
+    ("train[10:20]-3", ("train", "10", "20", 3)),
+    ("train[.25:1.]", ("train", ".25", "1.", None)),
+    ("train-7", ("train", None, None, 7)),
+    (" test[:]-0 ", ("test", None, None, 0)),
+])
+def test_parse_split(text, expected):
+    spec = parse_split(text)
+    assert (spec.base, spec.start, spec.stop, spec.seed) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "train[", "train[:0.9", "train[0.9]", "train[:-1]", "train[:1.5]", "train[a:b]", "train[:0.9]-x",
+    "train[:0.9]-", "tr ain", "train[:0.9]-1-2", "train[1e3:]", "train[0.9:]20",
+])
+def test_malformed_splits_name_the_value(text):
+    with pytest.raises(DataError, match=re.escape(repr(text))):
+        parse_split(text)
+
+
+def test_non_string_split():
+    with pytest.raises(DataError, match="42"):
+        parse_split(42)
+
+
+@pytest.mark.parametrize("num_samples", [50000, 1001, 10, 7])
+@pytest.mark.parametrize("fraction", ["0.9", "0.1", "0.33", "0.5", ".7"])
+def test_complementary_fractions_partition_the_split(num_samples, fraction):
+    cut = round(float(fraction) * 100) * num_samples // 100  # floor(f * n) in integers
+    if cut == 0:  # 10% of 7 samples: an empty training subset is an error
+        with pytest.raises(DataError, match="empty"):
+            indices_of(f"train[:{fraction}]-20", num_samples)
+        return
+    first = indices_of(f"train[:{fraction}]-20", num_samples)
+    second = indices_of(f"train[{fraction}:]-20", num_samples)
+    assert len(first) == cut and len(second) == num_samples - cut
+    assert not set(first) & set(second)
+    assert sorted(first + second) == list(range(num_samples))
+
+
+def test_exact_decimal_cut():
+    # float: 0.9 * 50000 = 45000.00000000001 and 0.7 * 10 = 6.999999999999999; the cut must be exact.
+    assert len(indices_of("train[:0.9]-1", 50000)) == 45000
+    assert len(indices_of("train[:0.7]-1", 10)) == 7
+    assert len(indices_of("train[:0.29]-1", 100)) == 29  # 0.29 * 100 = 28.999999999999996 in float
+
+
+def test_seeds():
+    same = indices_of("train[:0.1]-5", 1000), indices_of("train[:0.1]-5", 1000)
+    assert same[0] == same[1]
+    other = indices_of("train[:0.1]-6", 1000)
+    assert set(other) != set(same[0])
+    # Without a seed the order is the dataset's; a seed alone shuffles the whole split.
+    assert indices_of("train[:0.1]", 1000) == list(range(100))
+    assert indices_of("train[100:200]", 1000) == list(range(100, 200))
+    shuffled = indices_of("train-3", 1000)
+    assert sorted(shuffled) == list(range(1000)) and shuffled != list(range(1000))
+
+
+def test_counts_and_bounds():
+    assert len(indices_of("train[:500]", 2560)) == 500
+    assert len(indices_of("train[:500]-1", 2560)) == 500
+    assert indices_of("train[:2560]-0", 2560) == indices_of("train-0", 2560)
+    with pytest.raises(DataError, match=r"'train\[:2561\]'.*2561 samples asked for.*only 2560"):
+        indices_of("train[:2561]", 2560)
+    with pytest.raises(DataError, match="2561"):
+        indices_of("train[2561:]", 2560)
+
+
+@pytest.mark.parametrize("text", ["train[0.5:0.5]-1", "train[20:10]", "train[:0.001]-1", "train[1.0:]", "train[:0]"])
+def test_empty_subsets_raise(text):
+    with pytest.raises(DataError, match=re.escape(repr(text)) + ".*empty"):
+        indices_of(text, 100)
+
+
+# ----------------------------------------------------------------------------------------------
+# train/val overlap (digits: the embedded dataset)
+# ----------------------------------------------------------------------------------------------
+
+def digits_args(train_split, val_split, *more):
+    return make_args("--dataset", "digits", "--train-split", train_split, "--val-split", val_split, *more)
+
+
+@pytest.mark.parametrize("train_split,val_split", [
+    ("train[:0.9]-1", "train[0.85:]-1"),    # a shifted cut
+    ("train[:0.9]-1", "train[0.9:]-2"),     # different seeds
+    ("train[:0.9]-1", "train"),             # a subset and the whole split
+    ("train", "train[0.9:]-1"),
+    ("test[:0.5]-3", "validation"),         # two names of one split
+    ("train[:100]", "train[50:150]"),
+])
+def test_overlapping_splits_are_refused(train_split, val_split):
+    with pytest.raises(DataError, match="overlap"):
+        data.create_datasets(digits_args(train_split, val_split))
+
+
+def test_complementary_splits_and_full_splits_are_accepted():
+    kind, train, evaluation, classes = data.create_datasets(digits_args("train[:0.9]-4", "train[0.9:]-4"))
+    assert kind == "digits" and classes == 10
+    assert len(train) == 1350 and len(evaluation) == 150
+    assert not set(train.indices) & set(evaluation.indices)
+    _, train, evaluation, _ = data.create_datasets(digits_args("train", "test"))
+    assert (len(train), len(evaluation)) == (1500, 297)
+    _, train, evaluation, _ = data.create_datasets(digits_args("train", "train"))  # explicit: allowed
+    assert len(train) == len(evaluation) == 1500
+
+
+def test_digits_dataset():
+    dataset = data.DigitsDataset("train")
+    image, label = dataset[0]
+    assert image.size == (16, 16) and image.mode == "L" and 0 <= label < 10
+    assert set(dataset.targets) == set(range(10))
+    test = data.DigitsDataset("test")
+    both = np.concatenate([dataset.data, test.data]).reshape(1797, -1)
+    assert len({row.tobytes() for row in both}) > 1700  # the splits are two parts of one set
+    with pytest.raises(DataError, match="'valid'"):
+        data.DigitsDataset("valid")
+
+
+def test_unknown_dataset_suggests():
+    with pytest.raises(DataError, match="did you mean 'torch/cifar10'"):
+        data.create_datasets(make_args("--dataset", "torch/cifar1O"))
+    with pytest.raises(DataError, match="--data-dir"):
+        data.create_datasets(make_args("--dataset", ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+# ----------------------------------------------------------------------------------------------
+
+def write_images(folder, count, size=32, fmt="png", seed=0):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.{fmt}")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """train/{ant,bee,cat} with 6 PNG + 2 JPEG images each, val/ with 3 per class; 32x32."""
+    root = tmp_path / "images"
+    for number, name in enumerate(("cat", "ant", "bee")):
+        write_images(root / "train" / name, 6, seed=number)
+        write_images(root / "train" / name / "jpeg", 0)  # a sub-folder: ImageFolder recurses
+        write_images(root / "train" / name, 2, fmt="jpg", seed=10 + number)
+        write_images(root / "val" / name, 3, fmt="jpeg", seed=20 + number)
+    return root
+
+
+def test_image_folder_classes_and_labels(folder):
+    kind, train, evaluation, classes = data.create_datasets(
+        make_args("--data-dir", str(folder), "--val-split", "validation"))
+    assert kind == "imagefolder" and classes == 3
+    assert train.classes == ["ant", "bee", "cat"] and len(train) == 24 and len(evaluation) == 9
+    for path, label in train.samples:
+        assert Path(path).parent.name == train.classes[label]
+    image, label = train[0]
+    assert image.size == (32, 32) and image.mode == "RGB" and label == 0
+    # A seeded subset of a folder split.
+    _, train, evaluation, _ = data.create_datasets(
+        make_args("--dataset", "imagefolder", "--data-dir", str(folder), "--train-split", "train[:0.75]-1",
+                  "--val-split", "train[0.75:]-1"))
+    assert (len(train), len(evaluation)) == (18, 6)
+
+
+def test_image_folder_errors(folder, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.create_datasets(make_args("--data-dir", str(tmp_path / "nowhere")))
+    with pytest.raises(DataError, match=r"no folder 'test'.*train, val"):
+        data.create_datasets(make_args("--data-dir", str(folder), "--val-split", "test"))
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "val").mkdir()
+    with pytest.raises(DataError, match="class folder"):
+        data.create_datasets(make_args("--data-dir", str(empty)))
+    (folder / "train" / "dog").mkdir()  # a class folder without images
+    (folder / "train" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="dog"):
+        data.create_datasets(make_args("--data-dir", str(folder)))
+
+
+def test_read_image_names_a_corrupt_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(DataError, match="broken.jpg"):
+        data.read_image(str(bad))
+    write_images(tmp_path / "ok", 1)
+    image = data.read_image(str(tmp_path / "ok" / "000.png"))
+    assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def loader_args(root, *more):
+    return make_args("--data-dir", str(root), "-b", "4", "--workers", "0", "--seed", "3", *more)
+
+
+def test_corrupt_image_skipped_with_a_count_or_refused_when_strict(folder, caplog):
+    (folder / "train" / "bee" / "zzz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    loaders = data.create_loaders(loader_args(folder), torch.device("cpu"))
+    assert loaders.train.kind == "DeviceImageLoader"
+    assert loaders.train_size == 24 and "1 unreadable images skipped" in loaders.description
+    assert "zzz.png" in caplog.text
+    with pytest.raises(DataError, match="zzz.png"):
+        data.create_loaders(loader_args(folder, "--data-strict"), torch.device("cpu"))
+    # The DataLoader path reads images lazily: a corrupt file is an error naming it when it is reached.
+    loaders = data.create_loaders(loader_args(folder, "--fast-loader", "off"), torch.device("cpu"))
+    raw = loaders.train.dataset.dataset
+    position = [i for i, (path, _) in enumerate(raw.samples) if path.endswith("zzz.png")][0]
+    with pytest.raises(DataError, match="zzz.png"):
+        loaders.train.dataset[position]
+
+
+def test_a_corrupt_first_image_is_skipped_too(folder):
+    (folder / "train" / "ant" / "000.png").write_bytes(b"garbage")  # the first sample of the split
+    loaders = data.create_loaders(loader_args(folder), torch.device("cpu"))
+    assert loaders.config.input_size == (3, 32, 32) and loaders.train_size == 23
+    for split in ("train", "val"):  # nothing readable at all: an error naming a file
+        for path in (folder / split).rglob("*.*"):
+            path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"unreadable or corrupt image '[^']*000\.(png|jpg)': "):
+        data.create_loaders(loader_args(folder), torch.device("cpu"))
+
+
+def test_folder_loaders_fast_and_torch_agree(folder):
+    """Evaluation (no augmentation) gives the same batches from both loaders; training shapes match."""
+    fast = data.create_loaders(loader_args(folder), torch.device("cpu"))
+    slow = data.create_loaders(loader_args(folder, "--fast-loader", "off"), torch.device("cpu"))
+    assert fast.train.kind == "DeviceImageLoader" and slow.train.kind.startswith("DataLoader")
+    assert fast.config.recipe == "cifar" and fast.config.crop_padding == 4 and fast.config.hflip == 0.5
+    assert fast.config.input_size == (3, 32, 32)
+    for (a, b), (c, d) in zip(fast.eval.batches(), slow.eval.batches(), strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+        assert torch.equal(b, d)
+    for loaders in (fast, slow):
+        loaders.train.set_epoch(1)
+        batches = list(loaders.train.batches())
+        assert len(batches) == len(loaders.train) == 6
+        assert all(x.shape == (4, 3, 32, 32) and y.shape == (4,) for x, y in batches)
+        assert sorted(torch.cat([y for _, y in batches]).tolist()) == [0] * 8 + [1] * 8 + [2] * 8
+        # Resuming at batch 2 gives the rest of the same epoch.
+        rest = list(loaders.train.batches(2))
+        assert all(torch.equal(x, z) for (x, _), (z, _) in zip(batches[2:], rest, strict=True))
+
+
+def test_torch_loader_batches_do_not_depend_on_the_worker_count(folder):
+    batches = []
+    for workers in ("0", "1"):
+        loaders = data.create_loaders(loader_args(folder, "--fast-loader", "off", "--workers", workers),
+                                      torch.device("cpu"))
+        loaders.train.set_epoch(2)
+        batches.append(list(loaders.train.batches()))
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(*batches, strict=True))
+
+
+def test_fast_loader_auto_falls_back_and_on_refuses(folder):
+    loaders = data.create_loaders(loader_args(folder, "--hflip", "0.3"), torch.device("cpu"))
+    assert loaders.train.kind.startswith("DataLoader") and "fast loader off: --hflip 0.3" in loaders.description
+    with pytest.raises(DataError, match="--fast-loader on cannot be used"):
+        data.create_loaders(loader_args(folder, "--hflip", "0.3", "--fast-loader", "on"), torch.device("cpu"))
+
+
+def test_large_images_use_the_imagenet_recipe(tmp_path):
+    write_images(tmp_path / "big" / "train" / "a", 2, size=80)
+    write_images(tmp_path / "big" / "val" / "a", 2, size=80)
+    args = make_args("--data-dir", str(tmp_path / "big"), "-b", "2")
+    kind, train, _, classes = data.create_datasets(args)
+    config = data.resolve_data_config(args, kind, train, classes)
+    assert config.recipe == "imagenet" and config.input_size == (3, 224, 224) and config.crop_padding == 0
+    assert data._fast_loader_reason(config, args, train) is not None
+    with pytest.raises(DataError, match="--fast-loader on"):
+        data.create_loaders(make_args("--data-dir", str(tmp_path / "big"), "-b", "2", "--fast-loader", "on"),
+                            torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms and samplers
+# ----------------------------------------------------------------------------------------------
+
+def test_cifar_recipe_transforms():
+    from torchvision import transforms
+
+    config = data.DataConfig((3, 32, 32), (0.5,) * 3, (0.25,) * 3, "cifar", 4, 0.5, 10)
+    train = data.create_transform(config, True, make_args())
+    kinds = [type(t) for t in train.transforms]
+    assert kinds == [transforms.RandomCrop, transforms.RandomHorizontalFlip, transforms.ToTensor, transforms.Normalize]
+    assert train.transforms[0].padding == 4 and tuple(train.transforms[0].size) == (32, 32)
+    assert train.transforms[1].p == 0.5
+    evaluation = data.create_transform(config, False, make_args())
+    assert [type(t) for t in evaluation.transforms] == [transforms.ToTensor, transforms.Normalize]
+
+
+def test_digits_config_and_flags():
+    args = digits_args("train", "test")
+    kind, train, _, classes = data.create_datasets(args)
+    config = data.resolve_data_config(args, kind, train, classes)
+    assert config.input_size == (1, 16, 16) and config.crop_padding == 2 and config.hflip == 0.0
+    assert config.mean == data.DIGITS_MEAN
+    no_aug = make_args("--dataset", "digits", "--no-aug")
+    config = data.resolve_data_config(no_aug, kind, train, classes)
+    assert config.crop_padding == 0 and config.hflip == 0.0
+    for flags, words in [(("--hflip", "1.5"), "--hflip"), (("--std", "0.1", "0"), "--std"),
+                         (("--mean", "0.1", "0.2"), "--mean has 2 values"),
+                         (("--input-size", "3", "16", "16"), "channels")]:
+        with pytest.raises(DataError, match=words):
+            data.resolve_data_config(make_args("--dataset", "digits", *flags), kind, train, classes)
+
+
+def test_augmented_dataset_is_seeded_per_sample():
+    dataset = data.DigitsDataset("train")
+    config = data.DataConfig((1, 16, 16), (0.5,), (0.25,), "cifar", 2, 0.5, 10)
+    augmented = data.AugmentedDataset(dataset, data.create_transform(config, True, make_args()), seed=1)
+    first = [augmented[i][0] for i in (5, 6, 7)]
+    torch.manual_seed(123)  # the global RNG state does not matter...
+    again = [augmented[i][0] for i in (7, 6, 5)][::-1]  # ...nor the visiting order
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    state = torch.random.get_rng_state()
+    augmented[0]
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's stream is untouched
+    epochs = []
+    for epoch in range(8):
+        augmented.set_epoch(epoch)
+        epochs.append(augmented[5][0])
+    assert any(not torch.equal(epochs[0], other) for other in epochs[1:])
+
+
+def test_epoch_sampler_sharding():
+    samplers = [data.EpochSampler(103, shuffle=True, seed=2, rank=r, world_size=4) for r in range(4)]
+    shards = [list(s) for s in samplers]
+    assert all(len(s) == 25 for s in shards)
+    assert len(set().union(*map(set, shards))) == 100
+    samplers[0].set_epoch(1)
+    assert list(samplers[0]) != shards[0]
+    chunks = [list(data.EpochSampler(103, shuffle=False, seed=2, rank=r, world_size=4)) for r in range(4)]
+    assert sum(chunks, []) == list(range(103)) and [len(c) for c in chunks] == [26, 26, 26, 25]
+
+
+def test_batch_size_larger_than_the_split():
+    with pytest.raises(DataError, match="lower --batch-size"):
+        data.create_loaders(digits_args("train[:10]", "test", "-b", "32"), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision CIFAR files, built here (no download)
+# ----------------------------------------------------------------------------------------------
+
+def write_cifar(root, hundred=False, per_batch=20, test=30):
+    """torchvision's file layout with tiny batches; pixel (0, 0, red) of image k holds k % 256."""
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    label_key = "fine_labels" if hundred else "labels"
+    classes = 100 if hundred else 10
+    counter = 0
+
+    def batch(count):
+        nonlocal counter
+        pixels = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        pixels[:, 0] = (np.arange(counter, counter + count) % 256).astype(np.uint8)
+        counter += count
+        return {"data": pixels, label_key: [int(v) for v in rng.integers(0, classes, count)]}
+
+    names = ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)]
+    for name in names:
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch(per_batch * (5 if hundred else 1)), handle)
+    with open(folder / "test" if hundred else folder / "test_batch", "wb") as handle:
+        pickle.dump(batch(test), handle)
+    meta = ({"fine_label_names": [f"class{i}" for i in range(100)]} if hundred
+            else {"label_names": CIFAR10_CLASSES})
+    with open(folder / ("meta" if hundred else "batches.meta"), "wb") as handle:
+        pickle.dump(meta, handle)
+    return root
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """torchvision checks each file's md5 against the real CIFAR's; here only that the file exists."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_torchvision_cifar(tmp_path, no_md5, hundred):
+    name = "torch/cifar100" if hundred else "torch/cifar10"
+    root = write_cifar(tmp_path / "cifar", hundred=hundred)
+    args = make_args("--dataset", name, "--data-dir", str(root), "--train-split", "train[:0.9]-7",
+                     "--val-split", "train[0.9:]-7", "-b", "8")
+    kind, train, evaluation, classes = data.create_datasets(args)
+    assert classes == (100 if hundred else 10) and (len(train), len(evaluation)) == (90, 10)
+    base = train.dataset
+    assert base.data.shape == (100, 32, 32, 3) and (hundred or base.classes == CIFAR10_CLASSES)
+    from shared.fast_loader import decode_to_uint8
+
+    images, labels = decode_to_uint8(train)
+    assert images.shape == (90, 3, 32, 32)
+    assert images[:, 0, 0, 0].tolist() == [i % 256 for i in train.indices]
+    assert labels.tolist() == [base.targets[i] for i in train.indices]
+    config = data.resolve_data_config(args, kind, train, classes)
+    expected_mean = data.CIFAR100_MEAN if hundred else data.CIFAR10_MEAN
+    assert config.mean == expected_mean and config.recipe == "cifar" and config.crop_padding == 4
+    loaders = data.create_loaders(args, torch.device("cpu"))
+    assert loaders.train.kind == "DeviceImageLoader" and len(loaders.train) == 90 // 8
+    # The test split under its aliases.
+    for alias in ("test", "validation", "val"):
+        _, _, evaluation, _ = data.create_datasets(make_args("--dataset", name, "--data-dir", str(root),
+                                                             "--val-split", alias))
+        assert len(evaluation) == 30 and not evaluation.train
+
+
+def test_torchvision_cifar_fast_and_torch_loaders_agree(tmp_path, no_md5):
+    root = write_cifar(tmp_path / "cifar")
+    common = ("--dataset", "torch/cifar10", "--data-dir", str(root), "-b", "8", "--workers", "0")
+    fast = data.create_loaders(make_args(*common), torch.device("cpu"))
+    slow = data.create_loaders(make_args(*common, "--fast-loader", "off"), torch.device("cpu"))
+    for (a, b), (c, d) in zip(fast.eval.batches(), slow.eval.batches(), strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+        assert torch.equal(b, d)
+
+
+def test_torchvision_cifar_missing(tmp_path, no_md5):
+    with pytest.raises(DataError, match="--dataset-download"):
+        data.create_datasets(make_args("--dataset", "torch/cifar10", "--data-dir", str(tmp_path)))
+    with pytest.raises(DataError, match="needs --data-dir"):
+        data.create_datasets(make_args("--dataset", "torch/cifar10"))
+    root = write_cifar(tmp_path / "cifar")
+    with pytest.raises(DataError, match="'extra'"):
+        data.create_datasets(make_args("--dataset", "torch/cifar10", "--data-dir", str(root), "--val-split", "extra"))
+
+
+# ----------------------------------------------------------------------------------------------
+# real CIFAR-10 (JPEG folders beside the checkout; skipped when absent)
+# ----------------------------------------------------------------------------------------------
+
+PER_CLASS = 30
+
+
+@pytest.fixture(scope="module")
+def real_cifar(tmp_path_factory):
+    if not CIFAR10_TAR.is_file():
+        pytest.skip(f"{CIFAR10_TAR} is absent")
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    counts: dict = {}
+    with tarfile.open(CIFAR10_TAR, "r|gz") as archive:  # a stream: stop once test/ is done
+        for member in archive:
+            parts = Path(member.name).parts
+            if parts[0] != "test":
+                if counts:
+                    break
+                continue
+            if not member.isfile() or len(parts) != 3 or counts.get(parts[1], 0) >= PER_CLASS:
+                continue
+            counts[parts[1]] = counts.get(parts[1], 0) + 1
+            archive.extract(member, root, filter="data")
+    assert sorted(counts) == CIFAR10_CLASSES and set(counts.values()) == {PER_CLASS}
+    return root
+
+
+def test_real_cifar10_jpegs(real_cifar):
+    args = make_args("--data-dir", str(real_cifar), "--train-split", "test[:0.9]-0", "--val-split",
+                     "test[0.9:]-0", "-b", "16")
+    kind, train, evaluation, classes = data.create_datasets(args)
+    base = train.dataset
+    assert kind == "imagefolder" and classes == 10 and base.classes == CIFAR10_CLASSES
+    assert (len(train), len(evaluation)) == (270, 30)
+    assert [label for _, label in base.samples] == sorted(label for _, label in base.samples)
+    for path, label in base.samples:
+        assert Path(path).parent.name == CIFAR10_CLASSES[label]
+    from shared.fast_loader import decode_to_uint8
+
+    images, labels = decode_to_uint8(base, num_workers=2)
+    assert images.shape == (300, 3, 32, 32) and labels.bincount().tolist() == [PER_CLASS] * 10
+    mean = images.float().mean(dim=(0, 2, 3)) / 255
+    # The README's test-split means are 0.494, 0.485, 0.450; per-image means spread by about 0.12,
+    # so the standard error over 300 images is about 0.007: 0.05 is over 7 standard errors.
+    assert torch.allclose(mean, torch.tensor([0.4941, 0.4851, 0.4504]), atol=0.05)
+    loaders = data.create_loaders(args, torch.device("cpu"))
+    assert loaders.config.recipe == "cifar" and loaders.config.input_size == (3, 32, 32)
+    assert loaders.train.kind == "DeviceImageLoader" and len(loaders.train) == 270 // 16
+    x, y = next(iter(loaders.train.batches()))
+    assert x.shape == (16, 3, 32, 32) and y.max() < 10
