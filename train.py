@@ -212,6 +212,9 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
             images = images.contiguous(memory_format=torch.channels_last)
         if mixup is not None:
             images, targets = mixup(images, targets)
+        if args.nonfinite == "skip" and position == group_start:
+            # a skipped update must also undo what its forward passes did to the running statistics
+            buffers_before = [buffer.clone() for buffer in state["unwrapped"].buffers()]
         # under DDP, gradients are synchronized only on the last micro-batch of an update
         sync = state["ddp"] is None or last_of_group
         with (nullcontext() if sync else state["ddp"].no_sync()), state["autocast"]():
@@ -242,6 +245,9 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
                                      f"site: {first_nonfinite_site(state['unwrapped'], images)}")
             skipped += 1
+            with torch.no_grad():  # (a resume always starts at an update boundary: the snapshot exists)
+                for buffer, saved in zip(state["unwrapped"].buffers(), buffers_before):
+                    buffer.copy_(saved)
             log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
         if args.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
@@ -548,6 +554,11 @@ def run(args, info) -> int:
     except CheckpointError as error:
         status["value"], exit_code = "failed", EXIT_FAILED
         print(f"error: {error}", file=sys.stderr, flush=True)
+        if info.is_primary:
+            try:
+                run_files.write_results(run_dir, results("failed", str(error)))
+            except OSError:  # the same disk problem may stop this small write too
+                pass
     if info.is_primary and status["value"] != "failed":
         run_files.write_results(run_dir, results(status["value"]))
     if status["value"] == "finished":
