@@ -42,7 +42,7 @@ class Settings:
 
 PRESETS = {
     "full": Settings(),
-    "quick": Settings(layer_repeats=3, step_repeats=2, data_images=2560, data_repeats=2, e2e_images=512,
+    "quick": Settings(layer_repeats=5, step_repeats=3, data_images=2560, data_repeats=2, e2e_images=512,
                       e2e_log_interval=1),
     # Seconds, for tests: tiny tensors, ResNet-20 on 8x8 images, one repeat; checks the plumbing only.
     "smoke": Settings(layer_batch=32, layer_channels=8, layer_size=8, layer_repeats=1, step_model="cifar_resnet20",
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     device = _device(args.device)
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     s = settings
-    print(f"# bench: nodo layers vs nn.BatchNorm2d, float32 forward+backward, medians of interleaved repeats")
+    print("# bench: nodo layers vs nn.BatchNorm2d, float32 forward+backward, medians of interleaved repeats")
     print(f"# device: {_describe(device)}")
     print(f"# torch: {torch.__version__}  python: {platform.python_version()}  preset: {preset}  "
           f"sections: {','.join(args.sections)}")

@@ -480,22 +480,41 @@ def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: 
         yield torch.randn(batch_size, *input_size, generator=generator).to(device)
 
 
+def _data_args(options: argparse.Namespace, input_size=None) -> argparse.Namespace:
+    """train.py's defaults with this command's dataset options (for shared.data)."""
+    from shared import config
+    args = config.create_parser().parse_args([])
+    args.dataset, args.data_dir, args.dataset_download = options.dataset, options.data_dir, options.dataset_download
+    args.train_split = args.val_split = options.split
+    args.mean, args.std = options.mean, options.std
+    args.input_size = list(input_size) if input_size else None
+    return args
+
+
+def _native_input_size(options: argparse.Namespace) -> list:
+    """(C, H, W) the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
+    from shared import data
+    args = _data_args(options)
+    kind, dataset, _eval, num_classes = data.create_datasets(args)
+    return list(data.resolve_data_config(args, kind, dataset, num_classes).input_size)
+
+
 def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], device: torch.device
                      ) -> Iterator[torch.Tensor]:
-    """Batches of the training split of a dataset, through the harness's data code (eval transforms)."""
+    """Batches of a split of a dataset, through the harness's data code (eval transforms)."""
     from shared import data
-    dataset = data.create_dataset(options.dataset, root=options.data_dir, split=options.split,
-                                  download=options.dataset_download)
-    transform = data.create_transform(options.dataset, input_size=tuple(input_size), is_training=False,
-                                      mean=options.mean, std=options.std)
-    dataset.transform = transform
+    args = _data_args(options, input_size)
+    kind, dataset, _eval, num_classes = data.create_datasets(args)
+    transform = data.create_transform(data.resolve_data_config(args, kind, dataset, num_classes), False, args)
+    images = [transform(dataset[i][0]) for i in range(len(dataset))] if len(dataset) <= 4096 else None
     generator = torch.Generator().manual_seed(options.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=True, drop_last=True,
-                                         generator=generator, num_workers=options.workers)
-    for index, (images, _targets) in enumerate(loader):
-        if index >= options.num_batches:
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    for index in range(options.num_batches):
+        chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
+        if len(chosen) < options.batch_size:
             break
-        yield images.to(device)
+        batch = [images[i] if images is not None else transform(dataset[i][0]) for i in chosen]
+        yield torch.stack(batch).to(device)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -554,14 +573,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_classes = options.num_classes or run_args.get("num_classes")
         if num_classes:
             model_kwargs["num_classes"] = num_classes
+        input_size = options.input_size or run_args.get("input_size")
+        if not input_size and not options.synthetic:
+            input_size = _native_input_size(options)  # e.g. digits: 1 x 16 x 16, as train.py sees it
+        if input_size and input_size[0] != 3:
+            model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
         import shared
         model = shared.create_model(model_name, norm=norm, **model_kwargs)
         if checkpoint is not None:
             model.load_state_dict(_load_state_dict(checkpoint))
         device = torch.device(options.device)
         model.to(device)
-        input_size = options.input_size or run_args.get("input_size") or \
-            list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
+        input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
         if options.synthetic:
             batches = _synthetic_batches(options.batch_size, input_size, options.num_batches, options.seed, device)
         else:

@@ -190,17 +190,29 @@ def _setup_value(key: str, value: Any, seed: Any) -> Any:
     return value
 
 
-def setup_key(run: Run, group_by: Optional[Sequence[str]] = None) -> tuple:
-    """The setup a run belongs to: ``((arg, canonical value), ...)``."""
+def setup_key(run: Run, group_by: Optional[Sequence[str]] = None, seeded_splits: bool = True) -> tuple:
+    """The setup a run belongs to: ``((arg, canonical value), ...)``.
+
+    ``seeded_splits=False`` compares split strings as they are (a fixed split such as ``train[:128]-0``
+    that happens to end in the run's seed 0).
+    """
     keys = group_by if group_by is not None else sorted(k for k in run.args if k not in NON_SETUP_KEYS)
-    return tuple((k, _canonical(_setup_value(k, run.args.get(k), run.seed))) for k in keys)
+    return tuple((k, _canonical(_setup_value(k, run.args.get(k), run.seed) if seeded_splits else run.args.get(k)))
+                 for k in keys)
 
 
 def group_runs(runs: Iterable[Run], group_by: Optional[Sequence[str]] = None) -> list:
     """Finished runs grouped by setup, in a stable natural order."""
+    runs = list(runs)
+    # A run whose split ends in its own seed is a seeded split (``train[:0.9]-{seed}``) unless runs of
+    # the same setup use that exact split with other seeds: then it is a fixed split (``train[:128]-0``
+    # for every seed) and the run belongs with them.
+    fixed = {setup_key(run, group_by, seeded_splits=False) for run in runs
+             if setup_key(run, group_by) == setup_key(run, group_by, seeded_splits=False)}
     groups: dict = {}
     for run in runs:
-        key = setup_key(run, group_by)
+        raw = setup_key(run, group_by, seeded_splits=False)
+        key = raw if raw in fixed else setup_key(run, group_by)
         groups.setdefault(key, Group(key)).runs.append(run)
     return sorted(groups.values(), key=lambda g: _natural_key(g.key))
 

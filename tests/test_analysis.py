@@ -126,3 +126,31 @@ def test_command_rejects_bad_arguments(tmp_path, capsys, argv, message):
     code = analysis.main(["--model", "cifar_resnet20", "--synthetic", "--out", str(tmp_path), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_command_on_a_real_train_run_checkpoint(tmp_path, capsys):
+    """train.py on the embedded digits dataset -> last.pth.tar -> measured noise, tables and PNGs."""
+    import yaml
+    import train
+
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(dict(
+        model="cifar_resnet20", dataset="digits", train_split="train[:128]-0", val_split="test[:64]-0",
+        epochs=1, batch_size=64, lr=0.05, workers=0, checkpoint_hist=0, log_wandb=False, norm="gni4",
+        output=str(tmp_path / "runs"), experiment="digits-gni4")))
+    assert train.main(["-c", str(config_path)]) == 0
+    checkpoint = tmp_path / "runs" / "digits-gni4" / "last.pth.tar"
+    assert checkpoint.is_file()
+    out = tmp_path / "noise"
+    code = analysis.main(["--checkpoint", str(checkpoint), "--dataset", "digits", "--ghost-batch-size", "4",
+                          "--batch-size", "32", "--num-batches", "1", "--sites", "layer1.0.bn1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    document = json.loads((out / "analysis.json").read_text())
+    site = document["sites"][0]
+    assert site["site"] == "layer1.0.bn1"
+    # 32 digits x 16 channels, in both measurements
+    assert site["stats"]["gni/shift"]["n"] == 32 * 16 and site["stats"]["gbn/shift"]["n"] == 32 * 16
+    for name in ("hist_layer1.0.bn1.png", "ks_by_site.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name

@@ -181,3 +181,70 @@ def test_command_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "no runs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Real train.py run directories (embedded digits dataset, a tiny ResNet-20, one epoch)
+# ----------------------------------------------------------------------------------------------
+
+TINY = dict(model="cifar_resnet20", dataset="digits", train_split="train[:128]-0", val_split="test[:64]-0",
+            epochs=1, batch_size=64, lr=0.05, workers=0, checkpoint_hist=0, log_wandb=False)
+
+
+def train_tiny(tmp_path, name, **overrides):
+    """Train one tiny run with train.py's main() in this process; return (exit code, run dir)."""
+    import train
+
+    config_path = tmp_path / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump({**TINY, **overrides, "output": str(tmp_path / "runs"), "experiment": name}))
+    return train.main(["-c", str(config_path)]), tmp_path / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trained")
+    codes = {}
+    for name, overrides in {"bn-s0": dict(norm="bn", seed=0), "bn-s1": dict(norm="bn", seed=1),
+                            "gni4-s0": dict(norm="gni4", seed=0),
+                            # stopped after 1 of 2 epochs: status "preempted", resumable
+                            "gni4-s1": dict(norm="gni4", seed=1, epochs=2, stop_after=1)}.items():
+        codes[name], _ = train_tiny(tmp_path, name, **overrides)
+    # a run that died before writing results.json: only its args.yaml is there
+    broken = tmp_path / "runs" / "gni4-s2"
+    broken.mkdir()
+    (broken / "args.yaml").write_text((tmp_path / "runs" / "gni4-s0" / "args.yaml").read_text()
+                                      .replace("seed: 0", "seed: 2").replace("gni4-s0", "gni4-s2"))
+    return tmp_path / "runs", codes
+
+
+@pytest.mark.slow
+def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
+    root, codes = trained_runs
+    assert codes == {"bn-s0": 0, "bn-s1": 0, "gni4-s0": 0, "gni4-s1": 0}
+    for name in codes:  # train.py's output contract
+        for file in ("args.yaml", "summary.csv", "results.json", "last.pth.tar"):
+            assert (root / name / file).is_file(), (name, file)
+    assert json.loads((root / "gni4-s1" / "results.json").read_text())["status"] == "preempted"
+
+    out = tmp_path / "report"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = report.write_report(root, tmp_path / "again", plots=False)
+    rows = {row["norm"]: row for row in result["rows"]}
+    assert set(rows) == {"bn", "gni4"}
+    assert rows["bn"]["n"] == 2 and rows["bn"]["seeds"] == "0,1"
+    # only the finished GNI run is averaged; the preempted and the broken run are listed
+    assert rows["gni4"]["n"] == 1 and rows["gni4"]["seeds"] == "0"
+    finals = {name: json.loads((root / name / "results.json").read_text())["final"]["top1"]
+              for name in ("bn-s0", "bn-s1", "gni4-s0")}
+    assert rows["bn"]["top1_mean"] == pytest.approx((finals["bn-s0"] + finals["bn-s1"]) / 2)
+    assert rows["gni4"]["top1_mean"] == pytest.approx(finals["gni4-s0"])
+    unfinished = {run.name: run.status for run in result["unfinished"]}
+    assert unfinished == {"gni4-s1": "preempted", "gni4-s2": "no results.json"}
+    markdown = (out / "results.md").read_text()
+    assert "gni4-s1" in markdown.split("## Not finished")[1] and "preempted" in markdown
+    assert "gni4-s1" in printed
+    for name in ("acc_vs_ghost_batch_size.png", "curves_1.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
+    assert (out / "results.csv").is_file()

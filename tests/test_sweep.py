@@ -1,0 +1,140 @@
+"""shared.sweep: --dry-run, --count, --write-list, --wandb-sweep, --index, errors, signal forwarding."""
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared import config, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_dry_run_prints_every_command_and_they_parse_back(capsys):
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--dry-run", "--set", "output=/scratch/runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    headers, commands = lines[0::2], lines[1::2]
+    assert len(headers) == len(commands) == 21 and headers[0] == "# [0] c10-rn20-bn-s42"
+    seen = set()
+    for command in commands:
+        words = shlex.split(command)
+        assert words[1].endswith("train.py") and words[2:4] == ["-c", "configs/c10_rn20/test_all.yaml"]
+        args = config.parse_args(words[2:])
+        assert args.output == "/scratch/runs" and args.resume == "auto" and args.lr == 0.2
+        seen.add((args.norm, args.seed))
+    assert len(seen) == 21
+
+
+@pytest.mark.slow
+def test_dry_run_command_line():
+    """`python -m shared.sweep CONFIG --dry-run` as a user runs it."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "shared.sweep", "configs/i1k_rn50/gbn_accum.yaml", "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0::2] == ["# [0] i1k-rn50-bn-b16x16-s0", "# [1] i1k-rn50-bn-b32x8-s0", "# [2] i1k-rn50-bn-b64x4-s0"]
+    assert shlex.split(lines[1])[2:] == ["-c", "configs/i1k_rn50/gbn_accum.yaml", "--batch-size", "16",
+                                         "--grad-accum-steps", "16", "--experiment", "i1k-rn50-bn-b16x16-s0",
+                                         "--resume", "auto"]
+
+
+def test_count_and_write_list(tmp_path, capsys):
+    assert sweep.main(["configs/c100_rn18/test_all.yaml", "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "24"
+    target = tmp_path / "runs.json"
+    assert sweep.main(["configs/c100_rn18/test_all.yaml", "--write-list", str(target)]) == 0
+    records = json.loads(target.read_text())
+    assert [r["index"] for r in records] == list(range(24))
+    assert records[-1]["name"] == "c100-rn18-bn-gedo0.2-s44"
+    assert records[-1]["command"][-4:] == ["--experiment", "c100-rn18-bn-gedo0.2-s44", "--resume", "auto"]
+
+
+def test_wandb_sweep_grid_over_flags(tmp_path):
+    target = tmp_path / "sweep.yaml"
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--wandb-sweep", str(target)]) == 0
+    spec = yaml.safe_load(target.read_text())
+    assert spec["method"] == "grid" and spec["program"] == "train.py"
+    assert spec["parameters"]["seed"]["values"] == [42, 43, 44]
+    assert spec["parameters"]["norm"]["values"] == ["bn", "gbn16", "gbn32", "gbn64", "gni16", "gni32", "gni64"]
+    assert "configs/c10_rn20/test_all.yaml" in spec["command"] and "${args}" in spec["command"]
+
+
+def test_wandb_sweep_over_cases_uses_the_index(tmp_path):
+    target = tmp_path / "sweep.yaml"
+    assert sweep.main(["configs/c100_rn18/test_all.yaml", "--wandb-sweep", str(target)]) == 0
+    spec = yaml.safe_load(target.read_text())
+    assert spec["parameters"] == {"index": {"values": list(range(24))}}
+    assert spec["command"][2:5] == ["-m", "shared.sweep", "configs/c100_rn18/test_all.yaml"]
+    # a wandb agent passes ${args} as --index=I: the sweep command accepts that form
+    assert sweep._build_parser().parse_args(["configs/c100_rn18/test_all.yaml", "--index=3"]).index == "3"
+
+
+def test_only_renumbers(capsys):
+    runs = sweep.expand("configs/c100_rn18/sweep_gni.yaml", only="*gni16-*")
+    assert [r.name for r in runs] == [f"c100-rn18-val-gni16-s{s}" for s in range(20, 25)]
+    assert [r.index for r in runs] == list(range(5))
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"sede": [1, 2]}, "not a train.py argument"),
+    ({"seed": []}, "non-empty list"),
+    ({"norm": ["bn", "gni4"]}, "both named"),  # the template below does not use {norm}
+])
+def test_bad_sweeps_are_errors(tmp_path, grid, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": "cifar_resnet20", "experiment": "x-s{seed}", "sweep": grid}))
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.expand(path)
+
+
+def test_cli_errors(capsys):
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--set", "seed=1"]) == 2
+    assert "cannot be overridden" in capsys.readouterr().err
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--index", "21"]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_index_skips_a_finished_run(tmp_path, capsys):
+    run = sweep.expand("configs/c10_rn20/test_all.yaml", {"output": str(tmp_path)})[5]
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "results.json").write_text(json.dumps({"status": "finished"}))
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--index", "5", "--set", f"output={tmp_path}"]) == 0
+    assert "is finished" in capsys.readouterr().out
+
+
+def test_execute_forwards_sigusr1_and_returns_the_preempted_code(tmp_path, monkeypatch):
+    """The sweep process passes SLURM's signal on to the run and exits with the run's code."""
+    ready = tmp_path / "ready"
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: (pathlib.Path(sys.argv[2]).write_text('usr1'), sys.exit(75)))\n"
+        "pathlib.Path(sys.argv[1]).write_text('ready')\n"
+        "time.sleep(60)\n")
+    got = tmp_path / "got"
+    monkeypatch.setattr(sweep, "train_command", lambda run, n=1: [sys.executable, str(child), str(ready), str(got)])
+    run = sweep.expand("configs/c10_rn20/test_all.yaml")[0]
+
+    def send():
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=send, daemon=True).start()
+    start = time.time()
+    assert sweep.execute(run) == sweep.PREEMPTED_EXIT_CODE == 75
+    assert got.read_text() == "usr1" and time.time() - start < 30
