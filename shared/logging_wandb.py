@@ -69,11 +69,12 @@ class WandbLogger:
             self._warn(f"wandb is not installed ({error})")
             return
         try:
-            if not os.environ.get("WANDB_MODE") and not _has_credentials():
-                os.environ["WANDB_MODE"] = "offline"
-            self.offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+            # passed explicitly (not through the environment): wandb keeps process-wide settings from
+            # its first use, and a second run in the same process must still get its own mode
+            mode = os.environ.get("WANDB_MODE") or ("online" if _has_credentials() else "offline")
+            self.offline = mode in ("offline", "dryrun")
             self.run = wandb.init(
-                project=project or "ghost-noise", name=display_name or name, id=_run_id(run_dir, name),
+                mode=mode, project=project or "ghost-noise", name=display_name or name, id=_run_id(run_dir, name),
                 resume="allow", dir=str(run_dir), config=config, tags=list(tags) or None,
                 settings=wandb.Settings(init_timeout=120))
         except Exception as error:  # wandb raises many types (UsageError, CommError, timeouts...)
