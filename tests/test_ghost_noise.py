@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nodo
+from compile_check import assert_compiles_like_eager
 import nodo.functional as NF
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -388,27 +389,13 @@ def test_noise_generator_distributions():
 @pytest.mark.slow
 @pytest.mark.parametrize("sampling", ["replacement", "shuffle"])
 def test_compiles_without_graph_breaks_or_recompiles(sampling):
-    import torch._dynamo as dynamo
-
     def build():
         generator = nodo.NoiseGenerator(seed=0)
         return torch.nn.Sequential(
             torch.nn.Conv2d(3, 6, 3), nodo.GhostNoiseInjector(4, sampling=sampling, generator=generator),
             torch.nn.Flatten(2), nodo.GhostNoiseInjector(4, sampling=sampling, channel_dim=-1, generator=generator))
 
-    x = torch.randn(16, 3, 8, 8)
-    dynamo.reset()
-    explanation = dynamo.explain(build())(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    eager, compiled = build(), build()
-    compiled.load_state_dict(eager.state_dict())
-    compiled_fn = torch.compile(compiled, backend="aot_eager")
-    with dynamo.config.patch(error_on_recompile=True):
-        for _ in range(3):  # same noise as eager, step after step, one compilation
-            expected, got = eager(x), compiled_fn(x)
-            torch.testing.assert_close(got, expected, **FLOAT32_TOL)
-            got.square().sum().backward()
-    dynamo.reset()
+    assert_compiles_like_eager(build, torch.randn(16, 3, 8, 8), **FLOAT32_TOL)
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nodo
+from compile_check import assert_compiles_like_eager
 import nodo.functional as NF
 
 # float32 tolerance. The fused layer computes the BN statistics from per-sample moments of x and
@@ -421,8 +422,6 @@ def test_not_a_batch_norm_subclass():
 @pytest.mark.slow
 def test_compiles_without_graph_breaks_or_recompiles():
     # momentum 0.1 (float) and None (a tensor 1 / num_batches_tracked) in one graph
-    import torch._dynamo as dynamo
-
     def build():
         generator = nodo.NoiseGenerator(seed=0)
         return nn.Sequential(nn.Conv2d(3, C, 3),
@@ -430,24 +429,11 @@ def test_compiles_without_graph_breaks_or_recompiles():
                              nn.ReLU(inplace=True),
                              nodo.GhostNoiseBatchNorm2d(C, 4, momentum=None, sampling="shuffle", generator=generator))
 
-    x = torch.randn(16, 3, 8, 8)
-    dynamo.reset()
-    explanation = dynamo.explain(build())(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    eager, compiled = build(), build()
-    compiled.load_state_dict(eager.state_dict())
-    compiled_fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
-    with dynamo.config.patch(error_on_recompile=True):
-        for _ in range(3):  # same noise as eager, step after step, one compilation
-            expected, got = eager(x), compiled_fn(x)
-            torch.testing.assert_close(got, expected, **FLOAT32_TOL)
-            expected.square().sum().backward()
-            got.square().sum().backward()
+    eager, compiled = assert_compiles_like_eager(build, torch.randn(16, 3, 8, 8), **FLOAT32_TOL)
     for (name, value), (_, value_eager) in zip(compiled.state_dict().items(), eager.state_dict().items()):
         torch.testing.assert_close(value, value_eager, **FLOAT32_TOL, msg=name)
     for p, p_eager in zip(compiled.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, p_eager.grad, rtol=1e-4, atol=1e-4)
-    dynamo.reset()
 
 
 # --- bad input -------------------------------------------------------------------------------

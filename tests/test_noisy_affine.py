@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nodo
+from compile_check import assert_compiles_like_eager
 import nodo.functional as NF
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -233,27 +234,13 @@ def test_gradient_is_one_over_scale():
 
 @pytest.mark.slow
 def test_compiles_without_graph_breaks_or_recompiles():
-    import torch._dynamo as dynamo
-
     def build():
         generator = nodo.NoiseGenerator(seed=0)
         return torch.nn.Sequential(
             torch.nn.Conv2d(3, 6, 3), nodo.NoisyAffine(4, generator=generator),
             torch.nn.Flatten(2), nodo.NoisyAffine(8, channel_dim=-1, generator=generator))
 
-    x = torch.randn(16, 3, 8, 8)
-    dynamo.reset()
-    explanation = dynamo.explain(build())(x)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-    eager, compiled = build(), build()
-    compiled.load_state_dict(eager.state_dict())
-    compiled_fn = torch.compile(compiled, backend="aot_eager", fullgraph=True)
-    with dynamo.config.patch(error_on_recompile=True):
-        for _ in range(3):  # same noise as eager, step after step, one compilation
-            expected, got = eager(x), compiled_fn(x)
-            torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
-            got.square().sum().backward()
-    dynamo.reset()
+    assert_compiles_like_eager(build, torch.randn(16, 3, 8, 8), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("value,error", [(1, ValueError), (0, ValueError), (-3, ValueError),
