@@ -125,6 +125,7 @@ def test_wandb_offline_run_holds_the_final_metrics(tmp_path, monkeypatch):
     offline_runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 1, "wandb did not fall back to offline mode"
     log_file = offline_runs[0] / f"run-{run_id}.wandb"
+    wandb_records.wait_until_complete(log_file)
     summary = wandb_records.summary_values(log_file)
     results = json.loads((run_dir / "results.json").read_text())
     assert summary["final/top1"] == pytest.approx(results["final"]["top1"])

@@ -66,3 +66,20 @@ def history_rows(path: Path) -> list:
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+def wait_until_complete(path: Path, timeout_s: float = 60.0) -> None:
+    """Wait until the log holds its ``exit`` record: ``run.finish()`` can return while wandb's service
+    process is still writing the last records (the summary among them) of an offline run."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if any(kind == "exit" for kind, _ in read_records(path)):
+                return
+        except Exception:  # a record being written right now (protobuf DecodeError, short read)
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout_s} s")
+        time.sleep(0.2)
