@@ -234,11 +234,14 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
         # an update: check, clip, step, schedule, EMA
         if scaler is not None:
             scaler.unscale_(optimizer)
-        loss_finite = math.isfinite(loss.item())
-        # float16's scaler expects inf gradients now and then (it skips the step and lowers its scale)
-        grads_finite = scaler is not None or all(bool(torch.isfinite(p.grad).all())
-                                                 for p in model.parameters() if p.grad is not None)
-        finite = not distributed.any_process(not (loss_finite and grads_finite), info)
+        # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
+        # float16's scaler expects inf gradients now and then (it skips the step and lowers its scale).
+        checks = [loss.detach().float().reshape(1)]
+        if scaler is None:
+            checks += [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                       for p in model.parameters() if p.grad is not None]
+        locally_finite = bool(torch.isfinite(torch.cat(checks)).all())
+        finite = not distributed.any_process(not locally_finite, info)
         if not finite:
             where = f"epoch {epoch}, step {position + 1} of {num_batches} (update {state['num_updates'] + 1})"
             if args.nonfinite == "stop":
