@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import hashlib
 import math
 import os
 import random
@@ -58,6 +57,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from shared.fast_loader import stream_seed
 
 __all__ = [
     "DataError",
@@ -426,9 +427,8 @@ def create_transform(config: DataConfig, train: bool, args):
 # ----------------------------------------------------------------------------------------------
 
 def _stream_seed(*parts: int) -> int:
-    """A 63-bit seed from integers such as (seed, epoch, index); a hash keeps neighbours unrelated."""
-    digest = hashlib.blake2b("/".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    """The fast loader's stream hash cut to 63 bits (the seeds of the DataLoader path's per-sample streams)."""
+    return stream_seed(*parts) >> 1
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ __all__ = ["DeviceImageLoader", "UnreadableImageError", "decode_to_uint8"]
 _LOG = logging.getLogger(__name__)
 
 
-def _stream_seed(*parts: int) -> int:
+def stream_seed(*parts: int) -> int:
     """A 64-bit seed for one random stream, derived from integers such as (seed, epoch, rank, stream).
 
     A hash (rather than e.g. ``seed + epoch``) keeps the streams of neighbouring seeds and epochs
@@ -47,7 +47,7 @@ def _stream_seed(*parts: int) -> int:
 
 
 def _cpu_generator(*parts: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(_stream_seed(*parts))
+    return torch.Generator(device="cpu").manual_seed(stream_seed(*parts))
 
 
 # Stream identifiers, so that the permutation and the augmentation draws never share a generator.
