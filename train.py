@@ -13,11 +13,13 @@ Flags keep timm's train.py names (``python train.py --help``); configuration is 
 Read top to bottom: ``main`` parses and checks everything that can be checked before training, builds
 the data, model, optimizer and schedule from timm's factories, restores a checkpoint if resuming, and
 runs :func:`train_one_epoch` / :func:`evaluate` per epoch, checkpointing after each. Exit codes:
-0 done, 1 crash, 2 bad input, 3 non-finite loss, 75 preempted (checkpointed; requeue with
-``--resume auto``).
+0 done, 1 crash (or a disk that cannot be written), 2 bad input (also: the run directory is in use
+by another run, or holds results), 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1; checkpointed, requeue
+with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``--resume auto``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -33,9 +35,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared import config as config_module
-from shared import distributed, run_files
+from shared import distributed, run_files, validate
+from shared.validate import set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from shared.config import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, PREEMPTED_EXIT_CODE, ConfigError
+from shared.run_files import RunFileError
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C
+# Ghost noise layers draw a (B, N) tensor of int64 sample indices per call: B x N above this (512 MiB)
+# is a typo, not an experiment (the paper's largest is N = 1024 at B = 256: 262,144 indices).
+MAX_GHOST_INDICES = 2 ** 26
 
 
 class UsageError(ValueError):
@@ -47,20 +56,29 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was written at a step boundary."""
+    """SIGTERM/SIGUSR1/SIGINT arrived; a checkpoint was written at a step boundary."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Signals: SLURM sends SIGTERM (or SIGUSR1 with --signal) before it preempts a job.
+# Signals: SLURM sends SIGTERM (or SIGUSR1 with --signal) before it preempts a job; Ctrl-C sends SIGINT
+# (to every process of the terminal's foreground group, torchrun's workers included).
 # ----------------------------------------------------------------------------------------------
 
 _stop_signal: list = []
 _training_started = False  # set once set-up is done: errors after it are not "bad input"
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _request_stop(signum, _frame) -> None:
+    """Ask the training loop to checkpoint and stop at the next step boundary; a second Ctrl-C aborts."""
+    if signum == signal.SIGINT and signal.SIGINT in _stop_signal:
+        raise KeyboardInterrupt
     _stop_signal.append(signum)
-    print(f"\nreceived {signal.Signals(signum).name}: checkpointing at the next step boundary", file=sys.stderr, flush=True)
+    again = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
+    print(f"\nreceived {signal.Signals(signum).name}: checkpointing at the next step boundary{again}",
+          file=sys.stderr, flush=True)
 
 
 def log(info, *parts) -> None:
@@ -72,10 +90,38 @@ def log(info, *parts) -> None:
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
+# Ranges of the numeric flags a typo can push out of any sensible experiment: (dest, test, the rule).
+FLAG_RANGES = (
+    ("lr", lambda v: 0 < v <= 100, "positive and at most 100"),
+    ("weight_decay", lambda v: 0 <= v <= 10, "in [0, 10]"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("drop", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("clip_grad", lambda v: v > 0, "positive"),
+    ("mixup", lambda v: v >= 0, ">= 0"),
+    ("cutmix", lambda v: v >= 0, ">= 0"),
+    ("mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("model_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("warmup_lr", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def check_args(args) -> None:
     """Reject values that cannot train before any work is done."""
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    for dest, value in sorted(vars(args).items()):
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise UsageError(f"{_flag(dest)} must be a finite number, got {value}")
+    for dest, valid, rule in FLAG_RANGES:
+        value = getattr(args, dest, None)
+        if value is not None and not valid(value):
+            raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
     for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"):
         value = getattr(args, name)
         if value < 1:
@@ -86,10 +132,10 @@ def check_args(args) -> None:
         raise UsageError(f"--checkpoint-hist must be >= 0, got {args.checkpoint_hist}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be a positive number of epochs, got {args.stop_after}")
-    if not 0.0 <= args.smoothing < 1.0:
-        raise UsageError(f"--smoothing must be in [0, 1), got {args.smoothing}")
     if args.resume == "auto" and not args.experiment:
         raise UsageError("--resume auto needs a fixed --experiment name (the run directory to continue)")
+    if args.experiment:
+        run_files.check_experiment_name(args.experiment)
 
 
 def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
@@ -116,16 +162,82 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
         model = create_model(args.model, norm=args.norm, pretrained=args.pretrained, **kwargs)
     except TypeError as error:  # an unknown model keyword, named by Python in the message
         raise UsageError(f"--model {args.model} with --model-kwargs {args.model_kwargs}: {error}") from None
+    except RecursionError:  # a spec string nested (or aliased into itself) without end
+        raise UsageError(f"--norm {str(args.norm)[:60]!r}...: the spec is nested too deeply (or refers to "
+                         f"itself)") from None
+    except (OSError, RuntimeError) as error:
+        if not args.pretrained:
+            raise
+        # offline: huggingface_hub's LocalEntryNotFoundError (an OSError) after its retries; a model
+        # without weights: timm's RuntimeError. Either way one line, not the hub's traceback.
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"--pretrained: the weights of {args.model} could not be loaded ({type(error).__name__}: "
+                         f"{first_line}); timm fetches them from the Hugging Face hub: go online, fill the hub "
+                         f"cache (HF_HOME) beforehand, or give the file with --initial-checkpoint PATH") from None
+    try:
+        set_norm_hyperparameters(model, args.bn_momentum, args.bn_eps)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.initial_checkpoint:
+        load_initial_checkpoint(model, args.initial_checkpoint)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     return model.to(info.device)
 
 
-def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
-    """Reject ghost batch norms (GBN, XBN, EvalNorm) whose ghost batch exceeds the per-process batch.
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """``--initial-checkpoint``: timm's ``load_checkpoint`` (EMA weights when present, as timm's train.py)."""
+    from timm.models import load_checkpoint as timm_load_checkpoint
 
-    Such a layer would silently normalize over the whole batch (plain or exclusive batch norm). Ghost
-    noise layers (GNI, NoisyAffine) draw their ghost batches with replacement, so they take any size.
+    if not Path(path).is_file():
+        raise UsageError(f"--initial-checkpoint {path!r}: no such file")
+    try:
+        timm_load_checkpoint(model, path, use_ema=True)
+    except RuntimeError as error:  # missing/unexpected keys or shape mismatches, listed by torch
+        first_lines = " ".join(str(error).splitlines()[:3])[:400]
+        raise UsageError(f"--initial-checkpoint {path!r} does not fit --model {model.__class__.__name__} "
+                         f"with this --norm: {first_lines}") from None
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """``--grad-checkpointing`` through timm's ``set_grad_checkpointing``, refused where it would be wrong.
+
+    Checkpointing runs each block's forward again during backward. torch replays its own random
+    streams for that, but not the noise layers' dedicated generator (see
+    :func:`shared.specs.attach_noise_generator`): the recomputed block would draw different noise than
+    the one whose loss is being differentiated, so noise specs are refused.
+    """
+    # noise layers are the modules with a ``generator`` slot (the ones attach_noise_generator fills)
+    noisy = [type(m).__name__ for m in model.modules()
+             if hasattr(m, "generator") and not isinstance(m.generator, nn.Module)]
+    if noisy:
+        raise UsageError(f"--grad-checkpointing cannot be used with noise layers ({noisy[0]} and "
+                         f"{len(noisy) - 1} more): recomputing a block would draw different noise")
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise UsageError(f"--grad-checkpointing: --model {name} has no set_grad_checkpointing (not a timm model?)")
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as error:
+        raise UsageError(f"--grad-checkpointing: --model {name} does not support it ({error or 'no reason given'})") from None
+
+
+def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
+    """Reject ghost batch sizes N that cannot work with the per-process batch size B.
+
+    Ghost batch norms (GBN, XBN, EvalNorm) need N <= B: a larger one would silently normalize over the
+    whole batch. Ghost noise layers (GNI, NoisyAffine) draw their ghost batches with replacement, so
+    N > B is fine, but each call holds a (B, N) int64 index tensor: B x N must stay within
+    :data:`MAX_GHOST_INDICES`.
     """
     from nodo.ghost_batch_norm import _GhostNormBase
+
+    for name, module in model.named_modules():
+        size = getattr(module, "ghost_batch_size", None)
+        if isinstance(size, int) and batch_size * size > MAX_GHOST_INDICES:
+            raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} needs a "
+                             f"{batch_size} x {size} index tensor at --batch-size {batch_size} "
+                             f"({batch_size * size * 8 / 2 ** 30:.1f} GiB); B x N must be at most "
+                             f"{MAX_GHOST_INDICES} (N at most {MAX_GHOST_INDICES // batch_size} at this batch size)")
 
     too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
                if isinstance(module, _GhostNormBase) and module.ghost_batch_size is not None
@@ -196,7 +308,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
     model.train()
     loader.set_epoch(epoch)
     total_loss = torch.tensor(state.pop("partial_loss", 0.0), device=info.device)
-    counted, skipped = 0, 0
+    counted, skipped, updates = 0, 0, 0
     batches = loader.batches(start_batch)
     bar = None
     if progress_bar:
@@ -269,6 +381,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
             ema.update(state["unwrapped"], step=state["num_updates"])
         scheduler.step_update(num_updates=state["num_updates"])
         counted += group_size
+        updates += 1
         lr = optimizer.param_groups[0]["lr"]
 
         updates_done = (position + 1) // accum
@@ -290,33 +403,34 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
             raise Preempted(f"epoch {epoch}, step {position + 1}")
     if bar is not None:
         bar.close()
+    if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
+        raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and were "
+                             f"skipped (--nonfinite skip): the model is not training")
     train_loss = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
                                                                                     device=info.device)]), info)
     return {"train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
             "lr": optimizer.param_groups[0]["lr"], "skipped": skipped}
 
 
-@torch.no_grad()
+def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
+    """``--dist-bn``: make every process's running statistics equal before an evaluation, as timm does.
+
+    ``reduce``: each ``running_mean``/``running_var`` buffer becomes the mean over the W processes,
+    ``(1/W) sum_r buffer_r``; ``broadcast``: rank 0's is copied to all. Applied to the model and to the
+    EMA model (whose statistics are averaged from each process's own). No-op on one process or with ''.
+    """
+    if not info.distributed or not mode:
+        return
+    from timm.utils import distribute_bn
+
+    for module in (model, ema.module if ema is not None else None):
+        if module is not None:
+            distribute_bn(module, info.world_size, reduce=mode == "reduce")
+
+
 def evaluate(model: nn.Module, loader, args, info, autocast) -> dict:
-    """Loss, top-1 and top-5 accuracy (%) over the whole evaluation split, summed over processes."""
-    model.eval()
-    totals = torch.zeros(4, device=info.device, dtype=torch.float64)  # loss sum, top1, top5, count
-    loader.set_epoch(0)
-    for images, targets in loader.batches(0):
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            output = model(images)
-        output = output.float()
-        topk = output.topk(min(5, output.shape[1]), dim=1).indices
-        hits = topk.eq(targets[:, None])
-        totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
-                               hits[:, :1].sum().double(), hits.sum().double(),
-                               torch.tensor(float(targets.numel()), device=info.device, dtype=torch.float64)])
-    totals = distributed.all_reduce_sum(totals, info)
-    count = totals[3].clamp_min(1)
-    return {"eval_loss": (totals[0] / count).item(), "top1": (100 * totals[1] / count).item(),
-            "top5": (100 * totals[2] / count).item()}
+    """Loss, top-1 and top-5 accuracy (%) over the whole evaluation split (:func:`shared.validate.evaluate`)."""
+    return validate.evaluate(model, loader, info, autocast, args.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,16 +441,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global _training_started
     _training_started = False  # main() may be called more than once in one process (tests)
     _stop_signal.clear()
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     try:
         args = config_module.parse_args(argv)
         check_args(args)
-    except (ConfigError, UsageError) as error:
+    except (ConfigError, UsageError, run_files.RunDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     info = distributed.init_distributed(args.device)
     try:
-        return run(args, info)
+        with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however run() ends
+            return run(args, info, cleanup)
+    except KeyboardInterrupt:  # Ctrl-C during set-up, before the stop handler is installed: nothing to save
+        print("\ninterrupted during set-up: nothing was trained", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     except (ValueError, CheckpointError) as error:
         if _training_started:  # past set-up a ValueError is a bug: keep its traceback
             raise
@@ -350,35 +468,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 signal.signal(signum, handler)
 
 
-def run(args, info) -> int:
+def open_run_dir(run_dir: Path, args, info) -> run_files.RunLock:
+    """Create and lock ``run_dir`` (process 0), then refuse it if it holds results this run may not touch.
+
+    Results may be continued (``--resume auto`` with a ``last.pth.tar``, ``--resume`` of it) or moved
+    aside (``--start-fresh``), never overwritten. Every process learns whether process 0 refused.
+
+    Raises:
+        RunDirError: in use by another run, not writable, or holding results (the message says what to do).
+    """
+    lock, refusal = run_files.NO_LOCK, None
+    if info.is_primary:
+        try:
+            lock = run_files.prepare_run_dir(run_dir)
+            continues = args.resume == "auto" or (args.resume and Path(args.resume).resolve() ==
+                                                  (run_dir / "last.pth.tar").resolve())
+            if not args.start_fresh and not (continues and (run_dir / "last.pth.tar").is_file()):
+                run_files.refuse_if_results(run_dir)
+        except run_files.RunDirError as error:
+            lock.release()
+            refusal = error
+    if distributed.any_process(refusal is not None, info):
+        raise refusal or run_files.RunDirError(f"process 0 refused {run_dir} (see its message)")
+    return lock
+
+
+def run(args, info, cleanup: contextlib.ExitStack) -> int:
     import timm.optim
     import timm.scheduler
     import timm.utils
 
     from shared import data, specs
 
-    # ---- run directory and resume decision (before any expensive work)
+    # ---- run directory (locked before anything is written) and resume decision, before any expensive work
     if not args.experiment:
         args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
     run_dir = Path(args.output) / args.experiment
     last_path = run_dir / "last.pth.tar"
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
+                         f"fresh when none exists)")
+    cleanup.callback(open_run_dir(run_dir, args, info).release)
     resume_path = None
-    if args.resume == "auto":
+    if args.resume == "auto" and not args.start_fresh:
         resume_path = last_path if last_path.is_file() else None
-    elif args.resume:
+    elif args.resume and args.resume != "auto":
         resume_path = Path(args.resume)
-        if not resume_path.is_file():
-            raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
-                             f"fresh when none exists)")
-    elif last_path.is_file():
-        raise UsageError(f"{run_dir} already holds a run (last.pth.tar); continue it with --resume auto or "
-                         f"choose another --experiment")
-    if info.is_primary:
-        run_files.prepare_run_dir(run_dir)
     checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
+    if args.start_fresh and info.is_primary:  # after loading: --resume may name a checkpoint in there
+        aside = run_files.move_results_aside(run_dir)
+        if aside is not None:
+            log(info, f"--start-fresh: the earlier results of {run_dir} are now in {aside}")
     args_dict = config_module.args_to_dict(args)
     if checkpoint is not None:
-        changes = run_files.changed_result_keys(checkpoint.get("args", {}), args_dict)
+        changes = run_files.changed_result_keys(checkpoint.get("args", {}), args_dict,
+                                                config_module.parser_defaults())
         if changes and not args.resume_allow_changes:
             raise UsageError(f"refusing to resume {resume_path}: these result-changing arguments differ from the "
                              f"checkpoint's\n{run_files.format_changes(changes)}\npass the original values, "
@@ -429,17 +573,23 @@ def run(args, info) -> int:
     start_epoch, start_batch, num_updates, history, best, partial_loss = 0, 0, 0, [], None, 0.0
     if checkpoint is not None:
         try:
-            model.load_state_dict(checkpoint["model"])
+            model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as error:
             raise UsageError(f"checkpoint {resume_path} does not fit --model {args.model}: {error}") from None
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if args.no_resume_opt:  # timm's --no-resume-opt: weights, position and schedule only
+            log(info, "--no-resume-opt: the optimizer and gradient scaler start afresh")
+        else:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if scaler is not None and checkpoint.get("scaler") is not None:
+                scaler.load_state_dict(checkpoint["scaler"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        if ema is not None and checkpoint.get("ema") is not None:
-            ema.load_state_dict(checkpoint["ema"])
-        if scaler is not None and checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("state_dict_ema") is not None:
+            ema.module.load_state_dict(checkpoint["state_dict_ema"])
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch"]
-        num_updates, history, best = checkpoint["num_updates"], checkpoint["history"], checkpoint["best"]
+        num_updates = checkpoint["num_updates"]
+        # rows and best of a previous-version checkpoint carry the old metric names (top1...)
+        history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
+        best = run_files.timm_metric_names(checkpoint["best"])
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank], noise_generator)
@@ -461,8 +611,10 @@ def run(args, info) -> int:
 
     if info.is_primary:
         # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
-        run_files.atomic_write_text(run_dir / "args.yaml", config_module.yaml_text(args))
-    logger = WandbLogger(run_dir, args.experiment, args_dict, project=args.wandb_project, tags=args.wandb_tags,
+        run_files.write_run_file(run_dir / "args.yaml", config_module.yaml_text(args))
+    # the wandb config holds the resolved arguments too (args_dict was taken before num_classes, lr... were set)
+    logger = WandbLogger(run_dir, args.experiment, config_module.args_to_dict(args), project=args.wandb_project,
+                         tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
@@ -479,14 +631,17 @@ def run(args, info) -> int:
                 "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
                 "num_updates": state["num_updates"]}
 
-    def save(epoch: int, batch: int, partial_loss: float = 0.0) -> None:
+    def save(epoch: int, batch: int, partial_loss: float = 0.0, metric: Optional[float] = None) -> None:
         """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""
         rng = distributed.gather_objects((capture_rng_state(noise_generator), partial_loss), info)
         if not info.is_primary:
             return
         save_checkpoint({
-            "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            # timm's keys (timm.models.load_checkpoint reads state_dict / state_dict_ema, arch, args)
+            "state_dict": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "arch": args.model,
+            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
+            "metric": metric,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "batch": batch, "num_updates": state["num_updates"], "history": history, "best": best,
             "rng": [r for r, _ in rng], "partial_loss": [loss for _, loss in rng], "args": args_dict, "wall_time_s": wall_before + time.time() - started,
@@ -495,7 +650,7 @@ def run(args, info) -> int:
     state = dict(model=model, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
                  loss_fn=loss_fn, mixup=mixup, scaler=scaler, ema=ema, ddp=ddp, autocast=autocast,
                  num_updates=num_updates, logger=logger, save=save, partial_loss=partial_loss)
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _request_stop)
     global _training_started
     _training_started = True
@@ -511,8 +666,10 @@ def run(args, info) -> int:
             train_metrics = train_one_epoch(epoch, start_batch if epoch == start_epoch else 0, state, args, info,
                                             progress_bar)
             evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs
+            if evaluated:
+                sync_norm_statistics(model, ema, args.dist_bn, info)
             metrics = evaluate(model, loaders.eval, args, info, autocast) if evaluated else \
-                {"eval_loss": None, "top1": None, "top5": None}
+                {"eval_loss": None, "eval_top1": None, "eval_top5": None}
             row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
                    "time": time.time() - epoch_start}
             if ema is not None and evaluated:
@@ -520,24 +677,27 @@ def run(args, info) -> int:
             if train_metrics["skipped"]:
                 row["skipped_updates"] = train_metrics["skipped"]
             history.append(row)
-            metric = row["eval_loss" if args.eval_metric == "loss" else args.eval_metric]
+            # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
+            metric = row.get(ranking_column(args))
             scheduler.step(epoch + 1, metric)
             improved = evaluated and (best is None or (
                 metric < best["metric"] if args.eval_metric == "loss" else metric > best["metric"]))
             if improved:
-                best = {"epoch": epoch, "metric": metric, "top1": row["top1"], "top5": row["top5"],
-                        "eval_loss": row["eval_loss"]}
-            save(epoch + 1, 0)
+                best = {"epoch": epoch, "metric": metric, "metric_name": ranking_column(args),
+                        **{k: v for k, v in row.items() if k.startswith(("eval_", "ema_eval_"))}}
+            save(epoch + 1, 0, metric=metric)
             if info.is_primary:
-                keep_extra_checkpoints(run_dir, last_path, epoch, improved, args.checkpoint_hist)
+                keep_extra_checkpoints(run_dir, last_path, epoch, improved,
+                                       checkpoints_to_keep(run_dir, history, args, epoch))
                 run_files.write_summary(run_dir, history)
                 run_files.write_results(run_dir, results("running"))
-            logger.log({f"eval/{k}": v for k, v in metrics.items() if v is not None} | {"epoch": epoch,
+            # wandb keys as before (eval/top1, eval/top5, eval/eval_loss): dashboards keep working
+            logger.log({f"eval/{k.replace('eval_top', 'top')}": v for k, v in metrics.items() if v is not None} | {"epoch": epoch,
                         "train/epoch_loss": row["train_loss"]}, step=state["num_updates"])
-            evaluation = (f"eval_loss {row['eval_loss']:.4f} top1 {row['top1']:.2f} top5 {row['top5']:.2f}"
+            evaluation = (f"eval_loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
                           if evaluated else "not evaluated")
             log(info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {evaluation} ({row['time']:.1f} s)")
-            if _stop_signal and epoch + 1 < num_epochs:
+            if distributed.any_process(bool(_stop_signal), info) and epoch + 1 < num_epochs:
                 raise Preempted(f"end of epoch {epoch}")
             if args.stop_after is not None and len(history) >= args.stop_after and epoch + 1 < num_epochs:
                 status["value"] = "preempted"
@@ -546,15 +706,20 @@ def run(args, info) -> int:
         else:
             status["value"] = "finished"
     except Preempted as where:
-        status["value"], exit_code = "preempted", PREEMPTED_EXIT_CODE
-        log(info, f"preempted at {where}: checkpoint written to {last_path}; requeue with --resume auto "
-                  f"(exit {PREEMPTED_EXIT_CODE})")
+        status["value"], exit_code = (("interrupted", INTERRUPTED_EXIT_CODE) if signal.SIGINT in _stop_signal
+                                      else ("preempted", PREEMPTED_EXIT_CODE))
+        again = "requeue" if exit_code == PREEMPTED_EXIT_CODE else "continue"
+        log(info, f"{status['value']} at {where}: checkpoint written to {last_path}; {again} with --resume auto "
+                  f"(exit {exit_code})")
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this moment, the last one stays
+        status["value"], exit_code = "interrupted", INTERRUPTED_EXIT_CODE
+        print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
     except NonFiniteError as error:
         status["value"], exit_code = "failed", EXIT_NONFINITE
-        print(f"error: {error}. The last good checkpoint ({last_path}) is kept.", file=sys.stderr, flush=True)
+        print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
         if info.is_primary:
             run_files.write_results(run_dir, results("failed", str(error)))
-    except CheckpointError as error:
+    except (CheckpointError, RunFileError) as error:
         status["value"], exit_code = "failed", EXIT_FAILED
         print(f"error: {error}", file=sys.stderr, flush=True)
         if info.is_primary:
@@ -563,40 +728,79 @@ def run(args, info) -> int:
             except OSError:  # the same disk problem may stop this small write too
                 pass
     if info.is_primary and status["value"] != "failed":
-        run_files.write_results(run_dir, results(status["value"]))
+        try:
+            run_files.write_results(run_dir, results(status["value"]))
+        except RunFileError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            exit_code = EXIT_FAILED
     if status["value"] == "finished":
         summary = {"final/" + k: v for k, v in (history[-1] if history else {}).items()}
         summary |= {"best/" + k: v for k, v in (best or {}).items()}
         logger.summary(summary)
-        log(info, f"done: final top1 {history[-1]['top1']:.2f}, best top1 {best['top1']:.2f} (epoch {best['epoch']})")
-    logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE) else 1)
+        log(info, f"done: final top1 {history[-1]['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
+                  f"(epoch {best['epoch']})")
+    logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1)
     return exit_code
 
 
-def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, improved: bool, history_size: int) -> None:
+def kept_checkpoint(last_path: Path) -> str:
+    """What a stopped run leaves to continue from: promise a checkpoint only when one exists."""
+    if last_path.is_file():
+        return f"The last good checkpoint ({last_path}) is kept; continue with --resume auto."
+    return "No checkpoint was written yet (it is written at the end of each epoch); the run must start over."
+
+
+def ranking_column(args) -> str:
+    """The summary column that ranks checkpoints: ``eval_top1``/``eval_top5``/``eval_loss``, ``ema_``-prefixed
+    with EMA (timm ranks on the EMA model's metric when there is one)."""
+    return ("ema_" if args.model_ema else "") + f"eval_{args.eval_metric}"
+
+
+def rank_checkpoints(metrics: dict, decreasing: bool, size: int) -> list:
+    """The epochs whose checkpoint-EPOCH files timm's CheckpointSaver would keep, best first.
+
+    ``metrics`` maps epoch -> metric (None: not evaluated). Ranked epochs come first, best metric first
+    (lowest when ``decreasing``), ties keep the earlier epoch; unranked ones follow, newest first, so an
+    unranked checkpoint never displaces a ranked one. The first ``size`` are kept.
+    """
+    ranked = sorted((e for e, m in metrics.items() if m is not None),
+                    key=lambda e: (metrics[e] if decreasing else -metrics[e], e))
+    unranked = sorted((e for e, m in metrics.items() if m is None), reverse=True)
+    return (ranked + unranked)[:size]
+
+
+def numbered_checkpoints(run_dir: Path) -> dict:
+    """``{epoch: path}`` of the checkpoint-EPOCH.pth.tar files in ``run_dir``."""
+    found = {}
+    for path in run_dir.glob("checkpoint-*.pth.tar"):
+        number = path.name[len("checkpoint-"):-len(".pth.tar")]
+        if number.isdigit():
+            found[int(number)] = path
+    return found
+
+
+def checkpoints_to_keep(run_dir: Path, history: list, args, epoch: int) -> set:
+    """Epochs of checkpoint-EPOCH files to keep after ``epoch``: the files present plus ``epoch``, ranked."""
+    by_epoch = {row["epoch"]: row.get(ranking_column(args)) for row in history}
+    present = set(numbered_checkpoints(run_dir))
+    candidates = {e: by_epoch.get(e) for e in present | {epoch}}
+    return set(rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist))
+
+
+def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, improved: bool, keep: set) -> None:
     """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to this epoch's last.pth.tar.
 
-    A link costs no copy; the next epoch's atomic rename gives last.pth.tar a new file, so a link keeps
-    the content it was made with. Only the ``history_size`` newest checkpoint-EPOCH files are kept.
+    (:func:`shared.run_files.atomic_link`: no copy, and each keeps the content it was made with.)
+    checkpoint-EPOCH files of epochs not in ``keep`` are removed, and this epoch's is made only if it is
+    in ``keep`` (see :func:`rank_checkpoints`).
     """
-    def link(target: Path) -> None:
-        temporary = target.with_name(target.name + ".tmp")
-        temporary.unlink(missing_ok=True)
-        try:
-            os.link(last_path, temporary)
-        except OSError:  # filesystems without hard links
-            import shutil
-
-            shutil.copyfile(last_path, temporary)
-        os.replace(temporary, target)
-
     if improved:
-        link(run_dir / "model_best.pth.tar")
-    if history_size > 0:
-        link(run_dir / f"checkpoint-{epoch}.pth.tar")
-        numbered = sorted(run_dir.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.name.split("-")[1].split(".")[0]))
-        for old in numbered[:-history_size]:
-            old.unlink(missing_ok=True)
+        run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
+    if epoch in keep:
+        run_files.atomic_link(last_path, run_dir / f"checkpoint-{epoch}.pth.tar")
+    for number, path in numbered_checkpoints(run_dir).items():
+        if number not in keep:
+            path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

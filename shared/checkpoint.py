@@ -1,8 +1,14 @@
 """Checkpoints that are never half-written, and the random state that makes a resume bit-identical.
 
 A checkpoint is one ``torch.save`` dict (see :func:`save_checkpoint`'s caller in ``train.py`` for the
-keys). Writing goes to ``NAME.tmp`` in the same directory, is flushed and ``fsync``-ed, and is then
-renamed over ``NAME``: a rename within one filesystem is atomic, so a process killed at any moment
+keys) with timm's keys: ``state_dict`` (the model), ``state_dict_ema`` (the EMA model, or None),
+``optimizer``, ``epoch``, ``arch``, ``args``, ``metric``, so ``timm.models.load_checkpoint(model, path,
+use_ema=...)`` and ``timm.models.resume_checkpoint`` read it. ``epoch`` is the next epoch to run (with
+``batch``, the next micro-batch of it); no ``version`` key is written, which is how timm's
+``resume_checkpoint`` reads ``epoch`` as the epoch to resume at. Checkpoints of the previous version
+(``model``/``ema``) are read through :func:`with_timm_keys`.
+
+Writing goes to ``NAME.tmp`` in the same directory, is flushed and ``fsync``-ed, and is then renamed over ``NAME``: a rename within one filesystem is atomic, so a process killed at any moment
 leaves either the old checkpoint or the new one, never a mixture. Reading uses
 ``torch.load(weights_only=True)``, which unpickles tensors and plain Python containers only, so a
 checkpoint from an untrusted source cannot run code.
@@ -16,74 +22,37 @@ accepts it.
 """
 from __future__ import annotations
 
-import io
 import os
 import random
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+from shared.run_files import atomic_write, describe_os_error
 
-
-# Test hook (tests/test_reliability.py): with this environment variable set to S > 0, every checkpoint
-# write stops for S seconds with half of the file written, so a test can kill a process mid-write.
-TEST_WRITE_DELAY_ENV = "GHOST_NOISE_TEST_CHECKPOINT_WRITE_DELAY_S"
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "with_timm_keys", "capture_rng_state",
+           "restore_rng_state"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file and the cause."""
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def save_checkpoint(state: dict, path: os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+    """Write ``state`` to ``path`` atomically (:func:`shared.run_files.atomic_write`).
 
     Raises:
         CheckpointError: the directory is not writable, the disk is full... The file at ``path``
             (the previous checkpoint, if any) is left as it was, and the temporary file is removed.
     """
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as handle:
-            delay = float(os.environ.get(TEST_WRITE_DELAY_ENV) or 0)
-            if delay > 0:  # test hook: a slow disk, so a test can SIGKILL a half-written checkpoint
-                buffer = io.BytesIO()
-                torch.save(state, buffer)
-                data = buffer.getvalue()
-                handle.write(data[:len(data) // 2])
-                handle.flush()
-                time.sleep(delay)
-                handle.write(data[len(data) // 2:])
-            else:
-                torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a short write as RuntimeError
-        try:
-            temporary.unlink()
-        except OSError:
-            pass
-        raise CheckpointError(f"could not write checkpoint {path}: {error}; the previous checkpoint "
+        atomic_write(path, lambda handle: torch.save(state, handle))
+    except (OSError, RuntimeError) as error:  # (a write error of the handle reaches us as the OSError itself)
+        cause = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        raise CheckpointError(f"could not write checkpoint {path}: {cause}; the previous checkpoint "
                               f"(if any) is intact") from error
-    _fsync_directory(path.parent)
 
 
 def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> dict:
@@ -101,9 +70,25 @@ def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> dict:
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
                               f"{type(error).__name__}: {error}") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no 'model' entry)")
-    return state
+    if not isinstance(state, dict) or not ("state_dict" in state or "model" in state):
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (no 'state_dict' entry)")
+    return with_timm_keys(state)
+
+
+def with_timm_keys(state: dict) -> dict:
+    """A checkpoint of the previous version (``model``, ``ema``) with timm's keys; others unchanged.
+
+    The previous version stored the EMA as ``ModelEmaV3.state_dict()``, whose keys carry the wrapper's
+    ``module.`` prefix; timm (and this version) store the EMA model's own state dict, without it.
+    """
+    if "state_dict" in state or "model" not in state:
+        return state
+    upgraded = {key: value for key, value in state.items() if key not in ("model", "ema")}
+    upgraded["state_dict"] = state["model"]
+    ema = state.get("ema")
+    upgraded["state_dict_ema"] = None if ema is None else {
+        key[len("module."):] if key.startswith("module.") else key: value for key, value in ema.items()}
+    return upgraded
 
 
 def capture_rng_state(noise_generator: Optional[torch.Generator] = None) -> dict:

@@ -111,6 +111,63 @@ class ParseKwargs(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
+# Limits on YAML (config files, structured --norm specs): real configs and specs are a few hundred values
+# nested a few levels. Without them a few hundred bytes of aliases expand to gigabytes once anything walks
+# the result ("billion laughs"), and deep nesting ends in a RecursionError.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_NESTING = 32
+
+
+def _yaml_extent(node: yaml.Node, depth: int, extents: dict, where: str) -> tuple:
+    """``(values, levels)`` of ``node`` with every alias expanded, computed once per node (aliases share
+    nodes); raises :class:`ConfigError` past :data:`MAX_YAML_VALUES` / :data:`MAX_YAML_NESTING` or on a
+    recursive alias."""
+    line = f"line {node.start_mark.line + 1}"
+    if id(node) in extents:
+        if extents[id(node)] is None:
+            raise ConfigError(f"{where}, {line}: a YAML alias refers to itself (recursive structure)")
+        values, levels = extents[id(node)]
+    else:
+        extents[id(node)] = None
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else []
+        if depth + 1 > MAX_YAML_NESTING:
+            raise ConfigError(f"{where}, {line}: nested more than {MAX_YAML_NESTING} levels deep")
+        sizes = [_yaml_extent(child, depth + 1, extents, where) for child in children]
+        values = 1 + sum(size for size, _ in sizes)
+        levels = 1 + max((height for _, height in sizes), default=0)
+        extents[id(node)] = (values, levels)
+    if depth + levels > MAX_YAML_NESTING:
+        raise ConfigError(f"{where}, {line}: nested more than {MAX_YAML_NESTING} levels deep (through aliases)")
+    if values > MAX_YAML_VALUES:
+        raise ConfigError(f"{where}, {line}: expands to more than {MAX_YAML_VALUES} values through YAML aliases "
+                          f"(&anchor / *alias); write the values out")
+    return values, levels
+
+
+def load_bounded_yaml(text: str, where: str) -> tuple:
+    """``(node, value)`` of YAML ``text``, refused (:class:`ConfigError`) when it nests or expands too far.
+
+    The document is composed once (aliases stay shared references, so composing costs the text's size),
+    measured with every alias expanded, and only then built into Python values.
+
+    Raises:
+        yaml.YAMLError: a syntax error. ConfigError: the limits above, naming ``where`` and the line.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_YAML_NESTING} levels deep") from None
+    if node is None:
+        return None, None
+    _yaml_extent(node, 0, {}, where)
+    loader = yaml.SafeLoader("")
+    try:
+        return node, loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _spec_text(text: str) -> Any:
     """``--norm`` value: structured text (``[...]`` / ``{...}``) is read as YAML, else kept as a string.
 
@@ -121,9 +178,11 @@ def _spec_text(text: str) -> Any:
     stripped = text.strip()
     if stripped[:1] in "[{":
         try:
-            return yaml.safe_load(stripped)
+            return load_bounded_yaml(stripped, "--norm")[1]
         except yaml.YAMLError:
             return text  # the spec parser reports what is wrong with it
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 
@@ -156,11 +215,13 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--dataset", default="", metavar="NAME",
                        help="torch/cifar10, torch/cifar100, digits (embedded), imagefolder (or '' with --data-dir)")
     group.add_argument("--train-split", default="train", metavar="SPLIT",
-                       help="train split; a seeded subset: 'train[:0.9]-SEED' (fractions) or 'train[:500]' (counts)")
+                       help="train split; a seeded subset: 'train[:0.9]-SEED' (fractions) or 'train[:500]-SEED' "
+                            "(counts); without -SEED a subset is drawn with the fixed seed 0 (printed)")
     group.add_argument("--val-split", default="validation", metavar="SPLIT",
-                       help="evaluation split: validation/val, test, or a subset such as 'train[0.9:]-SEED'")
+                       help="evaluation split: validation/val/test (an ImageFolder's val/ or test/ folder), or a "
+                            "subset such as 'train[0.9:]-SEED'")
     group.add_argument("--dataset-download", action="store_true", default=False,
-                       help="allow torchvision datasets to download")
+                       help="allow torchvision datasets to download (never without this flag)")
     group.add_argument("--data-strict", action="store_true", default=False,
                        help="an unreadable or corrupt image file is an error (default: skipped, with a count in the log, "
                             "where the data is decoded up front)")
@@ -175,7 +236,18 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                        help="extra keyword arguments for the model (values are Python literals or strings)")
     group.add_argument("--pretrained", action="store_true", default=False,
-                       help="start from the model's pretrained weights (timm)")
+                       help="start from the model's pretrained weights (timm; downloads from the Hugging Face hub)")
+    group.add_argument("--initial-checkpoint", default="", metavar="PATH",
+                       help="load these weights before training (timm.models.load_checkpoint; its EMA weights if "
+                            "it has them, as timm)")
+    group.add_argument("--img-size", type=int, default=None, metavar="N",
+                       help="image size H = W (None: the dataset's, 224 for ImageFolder); --input-size wins")
+    group.add_argument("--bn-momentum", type=float, default=None,
+                       help="momentum of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
+    group.add_argument("--bn-eps", type=float, default=None,
+                       help="epsilon of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
+    group.add_argument("--grad-checkpointing", action="store_true", default=False,
+                       help="gradient checkpointing of the timm model (model.set_grad_checkpointing)")
     group.add_argument("--num-classes", type=int, default=None, metavar="N",
                        help="number of classes (None: the dataset's)")
     group.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N",
@@ -202,6 +274,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help="drop path rate (passed to the model as drop_path_rate when set)")
     group.add_argument("--sync-bn", action="store_true", default=False,
                        help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
+    group.add_argument("--dist-bn", type=_choice_text(("reduce", "broadcast", "")), default="reduce",
+                       help="under DDP, before each evaluation: average (reduce) the norm layers' running "
+                            "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
                        help="torch.compile the model with this backend (flag alone: inductor)")
 
@@ -268,6 +343,13 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix instead of mixup")
     group.add_argument("--mixup-mode", type=str, default="batch", help="mixup per batch, pair or elem")
     group.add_argument("--mixup-off-epoch", default=0, type=int, metavar="N", help="turn mixup off at this epoch")
+    group.add_argument("--aa", type=str, default=None, metavar="NAME",
+                       help="timm AutoAugment/RandAugment/AugMix policy, e.g. rand-m9-mstd0.5-inc1, original, "
+                            "augmix-m5-w4-d2 (None: off; needs the DataLoader, not the fast loader)")
+    group.add_argument("--reprob", type=float, default=0.0, metavar="PCT",
+                       help="random erasing probability (timm RandomErasing; needs the DataLoader)")
+    group.add_argument("--remode", type=str, default="pixel", help="random erasing mode: const, rand or pixel")
+    group.add_argument("--recount", type=int, default=1, help="random erasing count")
 
     group = parser.add_argument_group("Model exponential moving average")
     group.add_argument("--model-ema", action="store_true", default=False,
@@ -302,16 +384,23 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
                             "PATH: continue this checkpoint")
+    group.add_argument("--no-resume-opt", action="store_true", default=False,
+                       help="when resuming, do not restore the optimizer (and gradient scaler) state")
     group.add_argument("--resume-allow-changes", action="store_true", default=False,
                        help="resume even if the checkpoint's result-changing arguments differ from these")
+    group.add_argument("--start-fresh", action="store_true", default=False,
+                       help="the run directory holds results of an earlier run: move them into "
+                            "OUTPUT/EXPERIMENT/superseded-TIMESTAMP/ and start anew (without it, such a "
+                            "directory is only resumed or refused)")
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
     group.add_argument("--nonfinite", default="stop", type=_choice_text(("stop", "skip")),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
-    group.add_argument("--log-wandb", action="store_true", default=False,
-                       help="log to Weights & Biases (offline by itself without credentials)")
+    group.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=False,
+                       help="log to Weights & Biases (offline by itself without credentials); --no-log-wandb "
+                            "turns off a config's log_wandb: true")
     group.add_argument("--wandb-project", default=None, type=str, metavar="NAME", help="wandb project")
     group.add_argument("--wandb-tags", default=[], type=str, nargs="+", metavar="TAG", help="wandb tags")
     group.add_argument("--wandb-name", default=None, type=str, metavar="NAME",
@@ -345,8 +434,7 @@ def _read_yaml(path: str) -> tuple[dict, dict]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {path!r} cannot be read: {error}") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = load_bounded_yaml(text, path)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else path
@@ -410,6 +498,11 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     if dest == "norm":
         if not isinstance(value, (str, list, dict)):
             raise fail("a spec (string, mapping or list)")
+        if isinstance(value, str) and value.strip()[:1] in "[{":  # spec text, parsed later by shared.specs
+            try:
+                load_bounded_yaml(value, f"{where}: norm")
+            except yaml.YAMLError:
+                pass  # the spec parser reports what is wrong with it
         return copy.deepcopy(value)
     if dest == "torchcompile" and isinstance(value, bool):
         return action.const if value else None
@@ -611,6 +704,11 @@ def format_templates(values: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Command line + config
 # ----------------------------------------------------------------------------------------------
+
+def parser_defaults() -> dict:
+    """``{dest: default}`` of every train.py flag (an argument absent from an older checkpoint had it)."""
+    return {dest: action.default for dest, action in _actions_by_dest(create_parser()).items()}
+
 
 def args_to_dict(args: argparse.Namespace | Mapping) -> dict:
     """Arguments as plain YAML/JSON-able Python (tuples -> lists), for args.yaml and checkpoints."""

@@ -71,6 +71,9 @@ __all__ = [
     "DataConfig",
     "create_datasets",
     "create_loaders",
+    "create_eval_loader",
+    "open_split",
+    "DEFAULT_SUBSET_SEED",
     "Loaders",
     "read_image",
 ]
@@ -87,7 +90,15 @@ _FOLDER_NAMES = ("", "imagefolder", "folder")
 # Split names that mean "the held-out split" of datasets with a fixed train/test split.
 _TEST_ALIASES = ("test", "val", "validation", "eval")
 # Folder names tried for a split name of an ImageFolder dataset.
-_FOLDER_SPLITS = {"validation": ("validation", "val"), "val": ("val", "validation")}
+# (the default --val-split is "validation": an ImageFolder with train/ and test/ only evaluates on test/)
+_FOLDER_SPLITS = {"validation": ("validation", "val", "test"), "val": ("val", "validation", "test")}
+# The seed of a subset written without one (``test[:256]``): fixed, independent of --seed, so every run
+# of a sweep evaluates on the same samples, and never the dataset's order (an ImageFolder is sorted by
+# class: its first 256 test images are one class).
+DEFAULT_SUBSET_SEED = 0
+# torchvision's CIFAR folders inside --data-dir; without them a --data-dir holding train/ is read as an
+# ImageFolder copy of the dataset.
+_TORCHVISION_FOLDERS = {"torch/cifar10": "cifar-10-batches-py", "torch/cifar100": "cifar-100-python"}
 
 
 class DataError(ValueError):
@@ -222,7 +233,9 @@ class DigitsDataset(Dataset):
         return image, self.targets[index]
 
 
-def _dataset_kind(name: str, data_dir: Optional[str]) -> str:
+def _dataset_kind(name: str, data_dir: Optional[str], download: bool = False) -> str:
+    if name in _TORCHVISION_FOLDERS and data_dir and not download and _is_image_folder_copy(data_dir, name):
+        return "imagefolder"  # the paper configs name torch/cifar*; an ImageFolder copy serves them as well
     if name in ("torch/cifar10", "torch/cifar100", "digits"):
         return name
     if name in _FOLDER_NAMES:
@@ -234,6 +247,12 @@ def _dataset_kind(name: str, data_dir: Optional[str]) -> str:
     hint = difflib.get_close_matches(name, DATASETS, n=3)
     raise DataError(f"unknown dataset {name!r}" + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else "")
                     + f"; valid: {', '.join(DATASETS)}, or '' with --data-dir")
+
+
+def _is_image_folder_copy(data_dir: str, name: str) -> bool:
+    """``data_dir`` holds ``train/`` but not torchvision's files of dataset ``name``."""
+    return (os.path.isdir(os.path.join(data_dir, "train"))
+            and not os.path.isdir(os.path.join(data_dir, _TORCHVISION_FOLDERS[name])))
 
 
 def _folder_path(data_dir: str, split: str) -> str:
@@ -264,9 +283,14 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
         try:
             return cls(args.data_dir, train=split == "train", download=args.dataset_download)
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True"
-            raise DataError(f"{kind} not found in {args.data_dir!r} ({error}); pass --dataset-download to fetch "
-                            f"it, or point --data-dir at the folder holding cifar-10-batches-py / "
-                            f"cifar-100-python") from None
+            raise DataError(f"{kind} not found in {args.data_dir!r} ({str(error).rstrip('.')}); pass "
+                            f"--dataset-download to fetch it, or point --data-dir at the folder holding "
+                            f"{_TORCHVISION_FOLDERS[kind]} or an ImageFolder copy (train/, test/)") from None
+        except OSError as error:  # the download itself: URLError (no network), HTTP errors, a full disk
+            reason = getattr(error, "reason", None) or error.strerror or error
+            raise DataError(f"--dataset-download: fetching {kind} into {args.data_dir!r} failed ({reason}); "
+                            f"download it elsewhere and copy {_TORCHVISION_FOLDERS[kind]} there, or use an "
+                            f"ImageFolder copy (train/, test/)") from None
     from torchvision import datasets
 
     path = _folder_path(args.data_dir, split)
@@ -274,6 +298,24 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
         return datasets.ImageFolder(path, loader=read_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(f"ImageFolder {path!r}: {error}") from None
+
+
+def _to_8_bit(image, path: str):
+    """A 16-bit grayscale image (PIL modes I;16*, or I holding 0..65535) as 8-bit L: round(v / 257).
+
+    PIL's own ``convert`` clips such values at 255 (a 16-bit PNG turns white); 8-bit modes pass
+    unchanged. Other wide modes (32-bit integers beyond 16 bits, floats) have no agreed 8-bit reading.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+        return image
+    values = np.asarray(image)
+    if image.mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise ValueError(f"PIL mode {image.mode!r} with values {values.min()}..{values.max()} has no 8-bit "
+                         f"reading (16-bit 0..65535 and 8-bit images are read)")
+    return Image.fromarray(np.round(values.astype(np.float64) / 257).astype(np.uint8), mode="L")
 
 
 def read_image(path: str):
@@ -286,7 +328,7 @@ def read_image(path: str):
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return _to_8_bit(image, path).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         detail = str(error).replace(repr(path), "the file").replace(path, "the file")  # named once
         raise DataError(f"unreadable or corrupt image {path!r}: {type(error).__name__}: {detail}") from None
@@ -370,11 +412,17 @@ def resolve_data_config(args, kind: str, train_dataset: Dataset, num_classes: in
         "torch/cifar100": (CIFAR100_MEAN, CIFAR100_STD),
         "digits": (DIGITS_MEAN, DIGITS_STD),
     }
-    mean, std = defaults.get(kind, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    # an ImageFolder copy of CIFAR keeps CIFAR's statistics
+    mean, std = defaults.get(kind, defaults.get(args.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)))
+    img_size = getattr(args, "img_size", None)
+    if img_size is not None and img_size <= 0:
+        raise DataError(f"--img-size must be a positive integer, got {img_size}")
     if args.input_size is not None:
         input_size = tuple(int(v) for v in args.input_size)
         if any(v <= 0 for v in input_size):
             raise DataError(f"--input-size must be three positive integers C H W, got {list(input_size)}")
+    elif img_size is not None:  # timm: --img-size sets H = W, the channels stay the data's
+        input_size = ((native[0] if native is not None else 3), img_size, img_size)
     elif kind != "imagefolder" or (native is not None and max(native[1:]) <= 64):
         input_size = native  # CIFAR-sized data trains at its own size
     else:
@@ -402,24 +450,58 @@ def resolve_data_config(args, kind: str, train_dataset: Dataset, num_classes: in
 
 
 def create_transform(config: DataConfig, train: bool, args):
-    """The torchvision transform of one split (PIL image -> normalized float tensor)."""
+    """The torchvision transform of one split (PIL image -> normalized float tensor).
+
+    Training with ``--aa NAME`` adds timm's AutoAugment/RandAugment/AugMix after crop and flip, and
+    ``--reprob P`` timm's RandomErasing after normalization (``--remode``, ``--recount``), in both
+    recipes, as timm's ``create_transform`` orders them.
+    """
     from torchvision import transforms
 
+    augment = train and not args.no_aug
+    aa, reprob = getattr(args, "aa", None), getattr(args, "reprob", 0.0)
     if config.recipe == "cifar":
         steps = []
         if train and config.crop_padding:
             steps.append(transforms.RandomCrop(config.input_size[1:], padding=config.crop_padding))
         if train and config.hflip > 0:
             steps.append(transforms.RandomHorizontalFlip(config.hflip))
+        if augment and aa:
+            steps.append(_auto_augment(aa, config))
         steps += [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
+        if augment and reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            steps.append(RandomErasing(reprob, mode=args.remode, max_count=args.recount, device="cpu"))
         return transforms.Compose(steps)
     from timm.data import create_transform as timm_create_transform
 
+    if augment and aa:
+        _auto_augment(aa, config)  # the same clear error for a bad policy name as the CIFAR recipe
     return timm_create_transform(
         config.input_size, is_training=train, no_aug=args.no_aug, scale=tuple(args.scale),
         ratio=tuple(args.ratio), hflip=config.hflip, vflip=0.0,
-        color_jitter=args.color_jitter if args.color_jitter > 0 else None,
+        color_jitter=args.color_jitter if args.color_jitter > 0 else None, auto_augment=aa if augment else None,
+        re_prob=reprob if augment else 0.0, re_mode=args.remode, re_count=args.recount,
         interpolation=config.interpolation, mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+
+
+def _auto_augment(name: str, config: DataConfig):
+    """timm's policy named ``name`` (``rand-...``, ``augmix-...``, else AutoAugment), with the
+    parameters timm's ``create_transform`` gives it: translation 45% of the image side, fill = the mean."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    hparams = {"translate_const": int(min(config.input_size[1:]) * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in config.mean)}
+    try:
+        if name.startswith("rand"):
+            return rand_augment_transform(name, hparams)
+        if name.startswith("augmix"):
+            return augment_and_mix_transform(name, dict(hparams, translate_pct=0.3))
+        return auto_augment_transform(name, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:
+        raise DataError(f"--aa {name!r} is not a timm augmentation policy ({type(error).__name__}: {error}); "
+                        f"examples: rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,15 +515,19 @@ def _stream_seed(*parts: int) -> int:
 
 @contextlib.contextmanager
 def _seeded_rng(seed: int):
-    """Run a block with torch's CPU RNG and Python's ``random`` seeded, then restore both."""
-    python_state = random.getstate()
+    """Run a block with torch's CPU RNG, Python's ``random`` and numpy's global RNG seeded, then restore them."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed % 2 ** 32)  # timm's AugMix and weighted RandAugment draw from numpy
         try:
             yield
         finally:
             random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class AugmentedDataset(Dataset):
@@ -581,24 +667,12 @@ def create_datasets(args) -> tuple:
 
     The raw datasets yield PIL images (no transform); seeded subsets are ``torch.utils.data.Subset``.
     """
-    kind = _dataset_kind(args.dataset, args.data_dir)
+    kind = dataset_kind(args)
     specs = {role: (text, parse_split(text)) for role, text in (("train", args.train_split), ("eval", args.val_split))}
     bases: dict = {}  # canonical split -> raw dataset: 'val' and 'test' of CIFAR are one dataset
     result, canonical, chosen = {}, {}, {}
     for role, (text, spec) in specs.items():
-        key = _canonical_split(kind, spec.base, args)
-        if key not in bases:
-            bases[key] = _base_dataset(kind, spec.base, args)
-        base = bases[key]
-        if len(base) == 0:
-            raise DataError(f"split {spec.base!r} of {kind} has no samples")
-        canonical[role] = key
-        if spec.is_subset:
-            chosen[role] = split_indices(spec, len(base), text)
-            result[role] = Subset(base, chosen[role])
-        else:
-            chosen[role] = range(len(base))
-            result[role] = base
+        canonical[role], result[role], chosen[role] = open_split(kind, text, args, bases)
     train_spec, eval_spec = specs["train"][1], specs["eval"][1]
     # A seeded/counted subset is meant to hold data out: it must not share samples with the other split
     # (also when the other one is the whole split). Two plain full splits are an explicit choice.
@@ -609,8 +683,136 @@ def create_datasets(args) -> tuple:
                             f"({len(shared)} shared samples); use complementary subsets with one seed, "
                             f"e.g. train[:0.9]-S and train[0.9:]-S")
     classes = getattr(bases[canonical["train"]], "classes", None)
+    check_same_classes(classes, getattr(bases[canonical["eval"]], "classes", None), args)
     num_classes = len(classes) if classes else 0
     return kind, result["train"], result["eval"], num_classes
+
+
+def _folder_file_problem(path: str, size_hw: tuple, first_seen: dict, decode: bool) -> Optional[str]:
+    """Why an ImageFolder file cannot be used as a sample at ``size_hw`` (None: it can).
+
+    Reads the header, and with ``decode`` the pixels too (a truncated file has a valid header)."""
+    from PIL import Image
+
+    try:
+        if os.stat(path).st_size == 0:
+            return "empty file"
+    except OSError:
+        return "unreadable"  # a dangling symlink, or removed since the folder was listed
+    real = os.path.realpath(path)
+    if real in first_seen:
+        return "read twice"  # a (sym)link to a file that is already a sample
+    first_seen[real] = path
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        if decode:
+            read_image(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # (DataError is a ValueError)
+        return "unreadable"
+    return None if (height, width) == tuple(size_hw) else "other size"
+
+
+def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool, decode: bool) -> tuple:
+    """Leave out ImageFolder files neither loader could use as they are, the same for both loaders.
+
+    For data used at its native size (the CIFAR recipe, where nothing is resized): empty files,
+    unreadable ones (not an image, a dangling symlink), files of another height x width, and files
+    that are already a sample (a link to another sample, also across the splits: it would be read
+    twice). With ``decode``, files whose pixels cannot be decoded too (for the DataLoader, which would
+    otherwise fail mid-epoch; the fast loader decodes everything up front and leaves them out itself).
+    Returns ``(datasets, note)``: each dataset as a ``Subset`` of its usable samples when some
+    were left out, and a note counting them by cause with an example (empty when nothing was left out).
+
+    Raises:
+        DataError: under ``strict`` (``--data-strict``), naming the first file of each cause.
+    """
+    first_seen: dict = {}
+    screened, problems = [], {}
+    for dataset in datasets:
+        base, positions = dataset, list(range(len(dataset)))
+        while isinstance(base, Subset):  # positions in `dataset` -> samples of the ImageFolder
+            positions = [int(base.indices[i]) for i in positions]
+            base = base.dataset
+        if not isinstance(getattr(base, "samples", None), list):
+            screened.append(dataset)
+            continue
+        kept = []
+        for position, sample in enumerate(positions):
+            problem = _folder_file_problem(base.samples[sample][0], size_hw, first_seen, decode)
+            if problem is None:
+                kept.append(position)
+            else:
+                problems.setdefault(problem, []).append(base.samples[sample][0])
+        screened.append(dataset if len(kept) == len(dataset) else Subset(dataset, kept))
+    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})" for cause, paths in problems.items())
+    if note and strict:
+        raise DataError(f"image files that cannot be used at {size_hw[0]}x{size_hw[1]}: {note} (--data-strict; "
+                        f"without it they are left out and counted)")
+    return screened, note
+
+
+def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
+    """Refuse splits whose class lists differ: label i would name a different class in each.
+
+    ImageFolder numbers classes by their sorted folder names, so a class folder missing from one split
+    (or named differently) shifts every later label. Raises :class:`DataError` naming the differences.
+    """
+    if train_classes is None or eval_classes is None or list(train_classes) == list(eval_classes):
+        return
+    only_train = sorted(set(train_classes) - set(eval_classes))
+    only_eval = sorted(set(eval_classes) - set(train_classes))
+
+    def names(found: list) -> str:
+        return ", ".join(repr(c) for c in found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "") \
+            if found else "none"
+
+    raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have different classes "
+                    f"({len(train_classes)} vs {len(eval_classes)}): only in the training split: {names(only_train)}; "
+                    f"only in the evaluation split: {names(only_eval)}. Labels are class indices in sorted "
+                    f"folder order, so they would mean different classes; give both splits the same class folders")
+
+
+def _dataset_name(args) -> str:
+    return "imagefolder" if args.dataset in _FOLDER_NAMES else args.dataset
+
+
+def dataset_kind(args) -> str:
+    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a copy of torch/cifar*)."""
+    return _dataset_kind(args.dataset, args.data_dir, bool(getattr(args, "dataset_download", False)))
+
+
+def with_subset_seed(spec: SplitSpec) -> SplitSpec:
+    """A subset without ``-SEED`` gets :data:`DEFAULT_SUBSET_SEED` (a whole split keeps its order)."""
+    if spec.is_subset and spec.seed is None:
+        return dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
+    return spec
+
+
+def split_label(text: str) -> str:
+    """How the loader description names a split: with the seed an unseeded subset was drawn with."""
+    spec = parse_split(text)
+    return f"{text!r} (drawn with the fixed subset seed {DEFAULT_SUBSET_SEED})" \
+        if spec.is_subset and spec.seed is None else repr(text)
+
+
+def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tuple:
+    """``(canonical split, raw dataset or Subset, chosen indices)`` of split ``text``.
+
+    ``bases`` (canonical split -> raw dataset) shares one raw dataset between splits that name it.
+    """
+    bases = {} if bases is None else bases
+    spec = with_subset_seed(parse_split(text))
+    key = _canonical_split(kind, spec.base, args)
+    if key not in bases:
+        bases[key] = _base_dataset(kind, spec.base, args)
+    base = bases[key]
+    if len(base) == 0:
+        raise DataError(f"split {spec.base!r} of {kind} has no samples")
+    if not spec.is_subset:
+        return key, base, range(len(base))
+    chosen = split_indices(spec, len(base), text)
+    return key, Subset(base, chosen), chosen
 
 
 def _canonical_split(kind: str, base: str, args) -> str:
@@ -624,6 +826,10 @@ def _fast_loader_reason(config: DataConfig, args, train_dataset: Dataset) -> Opt
     """Why the fast loader cannot serve this data (None: it can)."""
     if config.recipe != "cifar":
         return "the images need resizing (ImageNet recipe)"
+    if getattr(args, "aa", None) and not args.no_aug:
+        return f"--aa {args.aa} (timm's PIL policies run in the DataLoader only)"
+    if getattr(args, "reprob", 0.0) > 0 and not args.no_aug:
+        return f"--reprob {args.reprob} (random erasing runs in the DataLoader only)"
     if config.hflip not in (0.0, 0.5):
         return f"--hflip {config.hflip} (the fast loader flips with probability 0.5 or not at all)"
     size = len(train_dataset) * math.prod(config.input_size)
@@ -657,6 +863,14 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     if args.fast_loader == "on" and reason is not None:
         raise DataError(f"--fast-loader on cannot be used: {reason}; use --fast-loader auto or off")
+    left_out = ""
+    if config.recipe == "cifar":  # native size, nothing resized: both loaders use the same screened files
+        (train_raw, eval_raw), left_out = screen_folder_images(
+            (train_raw, eval_raw), tuple(config.input_size[1:]), bool(getattr(args, "data_strict", False)),
+            decode=not use_fast)  # (the fast loader decodes every file anyway, and leaves out the same ones)
+        if len(train_raw) // world_size < args.batch_size:
+            raise DataError(f"the training split has {len(train_raw)} usable samples, fewer than one batch of "
+                            f"{args.batch_size} per process: lower --batch-size")
 
     if use_fast:
         from shared.fast_loader import DeviceImageLoader, decode_to_uint8
@@ -699,12 +913,33 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     augmentation = ("none" if args.no_aug else
                     f"crop pad {config.crop_padding} + flip {config.hflip}" if config.recipe == "cifar" else
                     f"RandomResizedCrop {config.input_size[1]} + flip {config.hflip}")
-    description = (f"{kind}: train {args.train_split!r} ({train_size} samples), eval {args.val_split!r} "
-                   f"({eval_size}), {num_classes} classes, input {tuple(config.input_size)}, "
+    copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if kind != _dataset_name(args) else ""
+    description = (f"{kind}{copy_of}: train {split_label(args.train_split)} ({train_size} samples), "
+                   f"eval {split_label(args.val_split)} ({eval_size}), {num_classes} classes, input {tuple(config.input_size)}, "
                    f"augmentation {augmentation}, loader {train.kind}"
                    + (f", {skipped} unreadable images skipped" if skipped else "")
+                   + (f"; left out: {left_out}" if left_out else "")
                    + (f" (fast loader off: {reason})" if not use_fast and reason and args.fast_loader == "auto" else ""))
     return Loaders(train, evaluation, config, train_size, eval_size, description)
+
+
+def create_eval_loader(args, device: torch.device) -> tuple:
+    """``(loader, DataConfig)`` of split ``args.val_split`` alone, for evaluating a checkpoint.
+
+    The evaluation transform of :func:`create_loaders` (train.py's) through a DataLoader, batches of
+    ``args.validation_batch_size``; the input size defaults to the split's own images.
+    """
+    kind = dataset_kind(args)
+    key, raw, _ = open_split(kind, args.val_split, args)
+    base = raw.dataset if isinstance(raw, Subset) else raw
+    classes = getattr(base, "classes", None)
+    num_classes = args.num_classes or (len(classes) if classes else 0)
+    config = resolve_data_config(args, kind, raw, num_classes)
+    dataset = AugmentedDataset(raw, create_transform(config, False, args), args.seed)
+    loader = TorchBatches(dataset, EpochSampler(len(raw), shuffle=False, seed=args.seed),
+                          args.validation_batch_size or args.batch_size, drop_last=False, workers=args.workers,
+                          pin_memory=args.pin_mem, device=device)
+    return loader, config
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:

@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'norm':<8} {'final top1 %':>12} {'best top1 %':>12} {'final train loss':>17} {'time s':>7}")
     for norm, result in results.items():
         final, best = result["final"], result["best"]
-        print(f"{norm:<8} {final['top1']:>12.2f} {best['top1']:>12.2f} {final['train_loss']:>17.4f} "
+        print(f"{norm:<8} {final['eval_top1']:>12.2f} {best['eval_top1']:>12.2f} {final['train_loss']:>17.4f} "
               f"{result['seconds']:>7.1f}")
     print("One seed on a tiny dataset: a smoke test of the harness, not evidence for either method "
           "(see the README's real-data table).")

@@ -2,8 +2,9 @@
 
 * Offline by itself: with no ``WANDB_MODE`` set and no credentials (``WANDB_API_KEY`` or a netrc entry
   for wandb), the run is logged offline into the run directory and the ``wandb sync`` command is printed.
-* One wandb run per run directory: the run id is kept in ``RUN_DIR/wandb_run_id.txt`` (for a sweep run
-  it is the run name), and a resumed or requeued run logs into the same wandb run (``resume="allow"``).
+* One wandb run per run directory: a random run id is made on the first start and kept in
+  ``RUN_DIR/wandb_run_id.txt``, so a resumed or requeued run logs into the same wandb run
+  (``resume="allow"``) and a run of the same name in another output folder into its own.
 * Any wandb failure (not installed, bad settings, a crash mid-run) becomes one warning; after it every
   call is a no-op and training and the local logs (summary.csv, results.json) go on.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import re
 import sys
 import uuid
 import warnings
@@ -21,7 +21,6 @@ from typing import Any, Optional, Sequence
 __all__ = ["WandbLogger", "RUN_ID_FILE"]
 
 RUN_ID_FILE = "wandb_run_id.txt"
-_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _has_credentials() -> bool:
@@ -35,13 +34,15 @@ def _has_credentials() -> bool:
 
 
 def _run_id(run_dir: Path, name: str) -> str:
-    """The run directory's wandb id: the stored one, else one made from the run name (and stored)."""
+    """The run directory's wandb id: the stored one (also one an earlier version stored), else a new
+    random one, stored for the resumes. Random, not the run name: two run directories with the same
+    experiment name (another --output) are two wandb runs, not one merged run."""
     path = run_dir / RUN_ID_FILE
     if path.is_file():
         stored = path.read_text().strip()
         if stored:
             return stored
-    run_id = _ID_CHARACTERS.sub("-", name)[:64] or uuid.uuid4().hex[:12]
+    run_id = uuid.uuid4().hex[:16]
     path.write_text(run_id + "\n")
     return run_id
 

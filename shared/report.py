@@ -49,6 +49,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+from shared.run_files import results_with_timm_names, timm_metric_names
+
 __all__ = [
     "NON_SETUP_KEYS",
     "METRICS",
@@ -73,10 +75,10 @@ NON_SETUP_KEYS = frozenset({
 })
 # Where each metric comes from in results.json: (section, key).
 METRICS = {
-    "top1": ("final", "top1"),
-    "top5": ("final", "top5"),
-    "best_top1": ("best", "top1"),
-    "best_top5": ("best", "top5"),
+    "top1": ("final", "eval_top1"),
+    "top5": ("final", "eval_top5"),
+    "best_top1": ("best", "eval_top1"),
+    "best_top5": ("best", "eval_top5"),
     "eval_loss": ("final", "eval_loss"),
     "train_loss": ("final", "train_loss"),
 }
@@ -140,7 +142,7 @@ def _read_summary(path: Path) -> list:
                     parsed[key] = float(value)
                 except (TypeError, ValueError):
                     parsed[key] = math.nan
-            rows.append(parsed)
+            rows.append(timm_metric_names(parsed))  # a previous version's summary says top1/top5
     return rows
 
 
@@ -153,7 +155,7 @@ def _read_run(directory: Path) -> Run:
     results_path = directory / "results.json"
     if results_path.is_file():
         try:
-            results = json.loads(results_path.read_text())
+            results = results_with_timm_names(json.loads(results_path.read_text()))
         except json.JSONDecodeError as error:
             results = {"status": f"unreadable results.json ({error.msg})"}
     curve = _read_summary(directory / "summary.csv")
@@ -566,7 +568,7 @@ def plot_curves(groups: Sequence[Group], columns: Sequence[str], out_dir: Path, 
         fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_inches))
         for group in chunk:
             label = _short_label(group.args, shown) + f" (n={len(group.runs)})"
-            epochs, top1 = _mean_curve(group.runs, "top1")
+            epochs, top1 = _mean_curve(group.runs, "eval_top1")
             (line,) = ax_top1.plot(epochs, top1, label=label)
             for column, style in (("train_loss", "-"), ("eval_loss", ":")):
                 epochs, loss = _mean_curve(group.runs, column)

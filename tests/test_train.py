@@ -41,7 +41,7 @@ def _summary(run_dir: Path) -> list:
 
 
 def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "last.pth.tar", weights_only=True)["model"]
+    return torch.load(run_dir / "last.pth.tar", weights_only=True)["state_dict"]
 
 
 def test_two_epoch_run_writes_every_output(tmp_path):
@@ -50,16 +50,16 @@ def test_two_epoch_run_writes_every_output(tmp_path):
     assert args["norm"] == "gni16" and args["epochs"] == 2 and args["num_classes"] == 10
 
     rows = _summary(run_dir)
-    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "top1", "top5", "lr", "time"]
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "time"]
     assert [row["epoch"] for row in rows] == ["0", "1"]
     for row in rows:
-        assert 0.0 <= float(row["top1"]) <= float(row["top5"]) <= 100.0
+        assert 0.0 <= float(row["eval_top1"]) <= float(row["eval_top5"]) <= 100.0
         assert float(row["train_loss"]) > 0 and float(row["eval_loss"]) > 0
 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "finished" and results["epochs_done"] == 2
-    assert results["final"]["top1"] == pytest.approx(float(rows[-1]["top1"]), abs=1e-4)
-    assert results["best"]["top1"] == pytest.approx(max(float(row["top1"]) for row in rows), abs=1e-4)
+    assert results["final"]["eval_top1"] == pytest.approx(float(rows[-1]["eval_top1"]), abs=1e-4)
+    assert results["best"]["eval_top1"] == pytest.approx(max(float(row["eval_top1"]) for row in rows), abs=1e-4)
     assert results["num_updates"] == 2 * 10
 
     # last, best, and --checkpoint-hist 1 keeps only the newest numbered checkpoint
@@ -80,7 +80,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    metrics = ("epoch", "train_loss", "eval_loss", "top1", "top5", "lr")
+    metrics = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
     assert [[r[m] for m in metrics] for r in _summary(straight)] == \
            [[r[m] for m in metrics] for r in _summary(tmp_path / "resumed")]
 
@@ -102,7 +102,7 @@ def test_gradient_accumulation_counts_updates_and_keeps_the_last_partial_one(tmp
 
 def test_eval_interval_evaluates_only_the_chosen_epochs_and_the_last(tmp_path):
     run_dir = _run(tmp_path, "interval", "--epochs", "3", "--eval-interval", "2")
-    evaluated = [row["top1"] != "" for row in _summary(run_dir)]
+    evaluated = [row["eval_top1"] != "" for row in _summary(run_dir)]
     assert evaluated == [False, True, True]
 
 
@@ -121,16 +121,16 @@ def test_wandb_offline_run_holds_the_final_metrics(tmp_path, monkeypatch):
     run_dir = _run(tmp_path, "wandb", "--epochs", "1", "--norm", "bn", "--log-wandb", "--wandb-project", "test-project",
                    "--wandb-tags", "a", "b")
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
-    assert run_id == "wandb"
+    assert len(run_id) == 16 and run_id != "wandb"  # random, not the experiment name
     offline_runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 1, "wandb did not fall back to offline mode"
     log_file = offline_runs[0] / f"run-{run_id}.wandb"
     wandb_records.wait_until_complete(log_file)
     summary = wandb_records.summary_values(log_file)
     results = json.loads((run_dir / "results.json").read_text())
-    assert summary["final/top1"] == pytest.approx(results["final"]["top1"])
-    assert summary["best/top1"] == pytest.approx(results["best"]["top1"])
-    assert summary["eval/top1"] == pytest.approx(results["final"]["top1"])
+    assert summary["final/eval_top1"] == pytest.approx(results["final"]["eval_top1"])
+    assert summary["best/eval_top1"] == pytest.approx(results["best"]["eval_top1"])
+    assert summary["eval/top1"] == pytest.approx(results["final"]["eval_top1"])
     history = wandb_records.history_rows(log_file)
     # --log-interval 5 over 10 updates: train loss and lr at updates 5 and 10, eval once
     assert [row["_step"] for row in history if "train/loss" in row] == [5, 10]
