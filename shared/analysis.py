@@ -446,13 +446,22 @@ def _read_run_args(checkpoint: Path) -> dict:
     import yaml
     path = checkpoint.parent / "args.yaml"
     if path.is_file():
-        loaded = yaml.safe_load(path.read_text()) or {}
+        from shared.config import load_bounded_yaml
+
+        try:
+            loaded = load_bounded_yaml(path.read_text(), str(path))[1] or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} cannot be read: {error}") from None
         return loaded if isinstance(loaded, dict) else {}
     return {}
 
 
 def _load_state_dict(path: Path) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupt?): "
+                         f"{type(error).__name__}: {error}") from None
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model"):  # train.py / timm checkpoints, then other common layouts
             if isinstance(checkpoint.get(key), dict):
@@ -469,7 +478,10 @@ def _parse_kwargs(items: Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--model-kwargs expects key=value items, got {item!r}")
-        kwargs[key] = yaml.safe_load(text)
+        try:
+            kwargs[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--model-kwargs {item!r}: not a YAML value ({error})") from None
     return kwargs
 
 
@@ -581,7 +593,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import shared
         model = shared.create_model(model_name, norm=norm, **model_kwargs)
         if checkpoint is not None:
-            model.load_state_dict(_load_state_dict(checkpoint))
+            try:
+                model.load_state_dict(_load_state_dict(checkpoint))
+            except RuntimeError as error:  # missing/unexpected keys, shape mismatches
+                raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
+                                 f"(norm {norm!r}): {error}") from None
         device = torch.device(options.device)
         model.to(device)
         input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
@@ -598,7 +614,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
              "source": "synthetic" if options.synthetic else options.dataset, "batch_size": options.batch_size,
              "num_batches": options.num_batches, "eps": options.eps, "mode": options.mode, "seed": options.seed}
-    result = write_outputs(measured, options.ghost_batch_size, options.out, setup, plots=not options.no_plots)
+    try:
+        result = write_outputs(measured, options.ghost_batch_size, options.out, setup, plots=not options.no_plots)
+    except OSError as error:
+        print(f"error: cannot write the outputs to --out {options.out!r}: {error.strerror} ({error.filename})",
+              file=sys.stderr)
+        return 2
     print(format_table(result["reports"], options.ghost_batch_size))
     print(f"wrote {result['out']}/noise_stats.csv, ks.csv, analysis.json" + ("" if options.no_plots else ", *.png"))
     return 0

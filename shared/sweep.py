@@ -470,15 +470,29 @@ def _run_all(runs: Sequence[SweepRun], nproc_per_node: int) -> int:
 # Lists for launchers
 # ----------------------------------------------------------------------------------------------
 
+def _one_line_command(run: SweepRun, nproc_per_node: int) -> str:
+    """The run's command as one shell line; a value with a line break would split it, so it is refused
+    (shell quoting keeps a newline inside quotes, but line-based launchers read one line per run)."""
+    command = train_command(run, nproc_per_node)
+    broken = next((word for word in command if any(c in word for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")),
+                  None)
+    if broken is not None:
+        raise SweepError(f"run {run.index} ({run.name}): the value {broken!r} holds a line break, so its command "
+                         f"cannot be one line of a list; remove it (or write a .json list)")
+    return shlex.join(command)
+
+
 def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1) -> None:
-    """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``."""
+    """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
+    from shared.run_files import atomic_write_text
+
     path = Path(path)
     if path.suffix == ".json":
         records = [dict(index=r.index, name=r.name, output_dir=str(r.output_dir), point=r.point,
                         command=train_command(r, nproc_per_node)) for r in runs]
-        path.write_text(json.dumps(records, indent=1, default=str) + "\n")
+        atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
     else:
-        path.write_text("".join(shlex.join(train_command(r, nproc_per_node)) + "\n" for r in runs))
+        atomic_write_text(path, "".join(_one_line_command(r, nproc_per_node) + "\n" for r in runs))
 
 
 def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
@@ -572,6 +586,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(shlex.join(train_command(run, options.nproc_per_node)))
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output file (--write-list, --wandb-sweep) that cannot be written
+        print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
     return 0
 

@@ -234,20 +234,14 @@ def loader_args(root, *more):
     return make_args("--data-dir", str(root), "-b", "4", "--workers", "0", "--seed", "3", *more)
 
 
-def test_corrupt_image_skipped_with_a_count_or_refused_when_strict(folder, caplog):
+def test_corrupt_image_skipped_with_a_count_or_refused_when_strict(folder):
     (folder / "train" / "bee" / "zzz.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    loaders = data.create_loaders(loader_args(folder), torch.device("cpu"))
-    assert loaders.train.kind == "DeviceImageLoader"
-    assert loaders.train_size == 24 and "1 unreadable images skipped" in loaders.description
-    assert "zzz.png" in caplog.text
-    with pytest.raises(DataError, match="zzz.png"):
-        data.create_loaders(loader_args(folder, "--data-strict"), torch.device("cpu"))
-    # The DataLoader path reads images lazily: a corrupt file is an error naming it when it is reached.
-    loaders = data.create_loaders(loader_args(folder, "--fast-loader", "off"), torch.device("cpu"))
-    raw = loaders.train.dataset.dataset
-    position = [i for i, (path, _) in enumerate(raw.samples) if path.endswith("zzz.png")][0]
-    with pytest.raises(DataError, match="zzz.png"):
-        loaders.train.dataset[position]
+    for loader in ("auto", "off"):  # both loaders: left out and counted, naming the file
+        loaders = data.create_loaders(loader_args(folder, "--fast-loader", loader), torch.device("cpu"))
+        assert loaders.train_size == 24 and "1 unreadable (e.g. " in loaders.description
+        assert "zzz.png" in loaders.description
+        with pytest.raises(DataError, match="zzz.png"):
+            data.create_loaders(loader_args(folder, "--data-strict", "--fast-loader", loader), torch.device("cpu"))
 
 
 def test_a_corrupt_first_image_is_skipped_too(folder):
@@ -519,3 +513,80 @@ def test_real_cifar10_jpegs(real_cifar):
     assert loaders.train.kind == "DeviceImageLoader" and len(loaders.train) == 270 // 16
     x, y = next(iter(loaders.train.batches()))
     assert x.shape == (16, 3, 32, 32) and y.max() < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# no silent change to the data: class sets, odd image files (issue 10)
+# ----------------------------------------------------------------------------------------------
+
+def test_splits_with_different_classes_are_refused(folder):
+    (folder / "val" / "cat").rename(folder / "val" / "dog")  # 'cat' only in train, 'dog' only in val
+    with pytest.raises(DataError, match=r"different classes.*only in the training split: 'cat'; "
+                                        r"only in the evaluation split: 'dog'"):
+        data.create_datasets(make_args("--data-dir", str(folder)))
+    (folder / "val" / "dog").rename(folder / "val" / "cat")  # negative control: the same classes again
+    assert data.create_datasets(make_args("--data-dir", str(folder)))[3] == 3
+
+
+def test_read_image_reads_16_bit_grayscale_correctly(tmp_path):
+    from PIL import Image
+
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(values).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as raw:
+        assert raw.mode.startswith("I")  # really a 16-bit file
+        assert np.asarray(raw.convert("RGB")).max() == 255 and (np.asarray(raw.convert("RGB")) == 255).mean() > 0.9
+    pixels = np.asarray(data.read_image(str(tmp_path / "gray16.png")))
+    expected = np.round(values / 257).astype(np.uint8)
+    assert pixels.shape == (32, 32, 3) and all(np.array_equal(pixels[..., c], expected) for c in range(3))
+
+
+def add_odd_images(root: Path) -> None:
+    """Real odd files in a 32x32 folder: each kind is one a loader could read wrongly, twice or not at all."""
+    from PIL import Image
+
+    (root / "train" / "ant" / "empty.png").write_bytes(b"")
+    os.symlink(root / "train" / "bee" / "000.png", root / "train" / "bee" / "link.png")  # a sample twice
+    os.symlink(root / "train" / "nowhere.png", root / "train" / "cat" / "dangling.png")
+    write_images(root / "big", 1, size=40)
+    (root / "big" / "000.png").rename(root / "train" / "cat" / "big.png")  # another size
+    whole = (root / "train" / "cat" / "000.png").read_bytes()
+    (root / "train" / "cat" / "truncated.png").write_bytes(whole[:len(whole) // 2])  # valid header
+    os.symlink(root / "train" / "ant" / "001.png", root / "val" / "ant" / "from-train.png")  # train in val
+    rng = np.random.default_rng(7)  # read correctly: 16-bit grayscale, palette, RGBA
+    Image.fromarray(rng.integers(0, 65536, (32, 32), dtype=np.uint16)).save(root / "train" / "ant" / "g16.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert("P").save(root / "train" / "bee" / "p.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)).save(root / "train" / "cat" / "rgba.png")
+
+
+@pytest.mark.parametrize("loader", ["auto", "off"])
+def test_odd_images_are_left_out_and_counted_the_same_by_both_loaders(folder, loader):
+    add_odd_images(folder)
+    loaders = data.create_loaders(loader_args(folder, "--fast-loader", loader), torch.device("cpu"))
+    assert (loaders.train.kind == "DeviceImageLoader") == (loader == "auto")
+    # 24 good + 3 read correctly (16-bit, palette, RGBA); empty, link, dangling, big, truncated left out
+    assert (loaders.train_size, loaders.eval_size) == (27, 9)
+    text = loaders.description
+    for cause in ("1 empty file", "2 read twice", "1 other size"):
+        assert cause in text, text
+    unreadable = 2 if loader == "off" else 1  # the fast loader counts the truncated file as it decodes it
+    assert f"{unreadable} unreadable" in text and (loader == "off" or "1 unreadable images skipped" in text)
+    loaders.train.set_epoch(0)
+    labels = torch.cat([y for _, y in loaders.train.batches()])
+    assert len(labels) == 27 // 4 * 4  # every batch decodes: nothing unreadable is left in the DataLoader
+
+
+def test_both_loaders_evaluate_the_same_odd_folder(folder):
+    add_odd_images(folder)
+    fast = data.create_loaders(loader_args(folder), torch.device("cpu"))
+    slow = data.create_loaders(loader_args(folder, "--fast-loader", "off"), torch.device("cpu"))
+    for (a, b), (c, d) in zip(fast.eval.batches(), slow.eval.batches(), strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+        assert torch.equal(b, d)
+
+
+@pytest.mark.parametrize("loader", ["auto", "off"])
+def test_odd_images_are_an_error_under_data_strict(folder, loader):
+    add_odd_images(folder)
+    with pytest.raises(DataError, match=r"empty file \(e.g. '[^']*empty.png'\).*--data-strict"):
+        data.create_loaders(loader_args(folder, "--fast-loader", loader, "--data-strict"), torch.device("cpu"))

@@ -11,8 +11,9 @@
 
 To skip interpreter start-up (~10-20 s here), killed runs are ``os.fork`` children of the test process
 that call ``train.main`` (a real process: real signals, real exit codes); only the torchrun test starts
-fresh interpreters. All runs use one intra-op thread, so they are bit-identical to each other. The only
-test hook is ``shared.checkpoint.TEST_WRITE_DELAY_ENV`` (a checkpoint write pauses half-written).
+fresh interpreters. All runs use one intra-op thread, so they are bit-identical to each other. Faults
+that need a hook (a checkpoint write paused half-way) come from the test-only entry point
+``tests/fault_injection.py``, which patches and then calls ``train.main``.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fault_injection
 import train
-from shared.checkpoint import TEST_WRITE_DELAY_ENV
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -54,9 +55,9 @@ def run_inprocess(argv) -> tuple:
 
 
 class Child:
-    """``train.main(argv)`` in a forked process, stdout and stderr to ``log``."""
+    """``entry(argv)`` (``train.main``) in a forked process, stdout and stderr to ``log``."""
 
-    def __init__(self, argv, log: Path, env=None):
+    def __init__(self, argv, log: Path, env=None, entry=None):
         self.log, self.code = log, None
         sys.stdout.flush(), sys.stderr.flush()
         self.pid = os.fork()
@@ -67,7 +68,7 @@ class Child:
                 os.dup2(fd, 1), os.dup2(fd, 2)
                 sys.stdout = sys.stderr = open(log, "a", buffering=1)
                 os.environ.update(env or {})
-                code = train.main(argv)
+                code = (entry or train.main)(argv)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -125,7 +126,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def assert_identical_to(run_dir: Path, reference: Path) -> None:
     final, expected = load(run_dir / "last.pth.tar"), load(reference / "last.pth.tar")
     assert (final["epoch"], final["batch"], final["num_updates"]) == (2, 0, 2 * STEPS)
-    assert_same_weights(final["model"], expected["model"])
+    assert_same_weights(final["state_dict"], expected["state_dict"])
     assert summary_rows(run_dir) == summary_rows(reference)
     assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
 
@@ -149,7 +150,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
     last, temporary = run_dir / "last.pth.tar", run_dir / "last.pth.tar.tmp"
 
     # (a) killed while the epoch-1 checkpoint is half-written: the epoch-0 one must be intact
-    child = Child(argv, tmp_path / "a.log", env={TEST_WRITE_DELAY_ENV: "1.5"})
+    child = Child(["--slow-checkpoint-write", "1.5"] + argv, tmp_path / "a.log", entry=fault_injection.main)
     wait_until(lambda: (run_dir / "checkpoint-0.pth.tar").exists(), 120, "the epoch-0 checkpoint", child)
     wait_until(lambda: temporary.exists() and temporary.stat().st_size > 0, 120, "a half-written checkpoint", child)
     child.kill()
@@ -158,7 +159,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
         load(temporary)  # really half a file
     survivor = load(last)
     assert (survivor["epoch"], survivor["batch"]) == (1, 0)
-    assert_same_weights(survivor["model"], load(reference / "checkpoint-0.pth.tar")["model"])
+    assert_same_weights(survivor["state_dict"], load(reference / "checkpoint-0.pth.tar")["state_dict"])
 
     # (b) killed at seeded random moments after the resume's set-up
     for attempt in range(2):
@@ -235,7 +236,7 @@ def test_nonfinite_stop_names_epoch_step_site_and_keeps_checkpoint(monkeypatch, 
     assert "last good checkpoint" in err
     kept = load(tmp_path / "nan" / "last.pth.tar")
     assert (kept["epoch"], kept["batch"]) == (1, 0)
-    assert_same_weights(kept["model"], load(reference / "checkpoint-0.pth.tar")["model"])
+    assert_same_weights(kept["state_dict"], load(reference / "checkpoint-0.pth.tar")["state_dict"])
     assert json.loads((tmp_path / "nan" / "results.json").read_text())["status"] == "failed"
 
 
@@ -248,7 +249,7 @@ def test_nonfinite_skip_skips_and_counts(monkeypatch, tmp_path):
     assert out.count("update skipped") == 2
     assert f"epoch 0, step 3 of {STEPS}" in out and f"epoch 0, step 7 of {STEPS}" in out
     assert summary_rows(tmp_path / "skip")[0]["skipped_updates"] == "2"
-    model = load(tmp_path / "skip" / "last.pth.tar")["model"]
+    model = load(tmp_path / "skip" / "last.pth.tar")["state_dict"]
     assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
 
 
@@ -270,7 +271,7 @@ def test_checkpoint_write_failure_exits_nonzero_and_keeps_previous(monkeypatch, 
     assert "previous checkpoint" in err and "Traceback" not in err
     kept = load(run_dir / "last.pth.tar")
     assert (kept["epoch"], kept["batch"]) == (1, 0)
-    assert_same_weights(kept["model"], load(reference / "checkpoint-0.pth.tar")["model"])
+    assert_same_weights(kept["state_dict"], load(reference / "checkpoint-0.pth.tar")["state_dict"])
 
 
 # ---------------------------------------------------------------------------------------------- 5. wandb
