@@ -680,11 +680,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
             # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
             metric = row.get(ranking_column(args))
             scheduler.step(epoch + 1, metric)
-            improved = evaluated and (best is None or (
-                metric < best["metric"] if args.eval_metric == "loss" else metric > best["metric"]))
-            if improved:
-                best = {"epoch": epoch, "metric": metric, "metric_name": ranking_column(args),
-                        **{k: v for k, v in row.items() if k.startswith(("eval_", "ema_eval_"))}}
+            best = best_epoch(history, args)  # from the whole history: also right after an old-version resume
+            improved = evaluated and best is not None and best["epoch"] == epoch
             save(epoch + 1, 0, metric=metric)
             if info.is_primary:
                 keep_extra_checkpoints(run_dir, last_path, epoch, improved,
@@ -725,7 +722,7 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         if info.is_primary:
             try:
                 run_files.write_results(run_dir, results("failed", str(error)))
-            except OSError:  # the same disk problem may stop this small write too
+            except RunFileError:  # the same disk problem may stop this small write too
                 pass
     if info.is_primary and status["value"] != "failed":
         try:
@@ -767,6 +764,19 @@ def rank_checkpoints(metrics: dict, decreasing: bool, size: int) -> list:
                     key=lambda e: (metrics[e] if decreasing else -metrics[e], e))
     unranked = sorted((e for e, m in metrics.items() if m is None), reverse=True)
     return (ranked + unranked)[:size]
+
+
+def best_epoch(history: list, args) -> Optional[dict]:
+    """results.json's ``best``: the epoch ranked first by :func:`rank_checkpoints` (the earliest of equal
+    ones), its ranking metric and every eval column of its summary row; None before any evaluation."""
+    column = ranking_column(args)
+    metrics = {row["epoch"]: row.get(column) for row in history}
+    first = rank_checkpoints(metrics, args.eval_metric == "loss", 1)
+    if not first or metrics[first[0]] is None:
+        return None
+    row = next(row for row in history if row["epoch"] == first[0])
+    return {"epoch": row["epoch"], "metric": row[column], "metric_name": column,
+            **{k: v for k, v in row.items() if k.startswith(("eval_", "ema_eval_"))}}
 
 
 def numbered_checkpoints(run_dir: Path) -> dict:

@@ -591,6 +591,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if input_size and input_size[0] != 3:
             model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
         import shared
+        import timm
+
+        if not timm.is_model(model_name.split(".", 1)[0]):
+            raise ValueError(f"--model {model_name!r} is not a timm model (`timm.list_models()` lists them)")
         model = shared.create_model(model_name, norm=norm, **model_kwargs)
         if checkpoint is not None:
             try:

@@ -375,8 +375,9 @@ def _native_size(dataset: Dataset) -> Optional[tuple]:
         return (int(data.shape[3]), int(data.shape[1]), int(data.shape[2]))
     if len(dataset) == 0:
         return None
-    # The first readable image: an unreadable one is skipped (or refused) later, where all are decoded.
-    first_error = None
+    # The most common size of the first 64 readable images (the first one on a tie): one odd file that
+    # sorts first must not change the recipe of all. Unreadable ones are left out (or refused) later.
+    first_error, sizes = None, []
     for position in range(min(len(dataset), 64)):
         try:
             image, _ = dataset[position]
@@ -384,8 +385,10 @@ def _native_size(dataset: Dataset) -> Optional[tuple]:
             first_error = first_error or error
             continue
         width, height = image.size
-        return (len(image.getbands()), height, width)
-    raise first_error
+        sizes.append((len(image.getbands()), height, width))
+    if not sizes:
+        raise first_error
+    return max(sizes, key=sizes.count)
 
 
 def _channels(name: str, values: Optional[Sequence[float]], channels: int, default: tuple) -> tuple:

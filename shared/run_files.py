@@ -108,7 +108,6 @@ def _replacing(path: os.PathLike) -> Iterator[Path]:
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.unlink(missing_ok=True)  # (a leftover of a killed process; os.link will not replace it)
         yield temporary
         os.replace(temporary, path)
     except BaseException:
@@ -139,6 +138,7 @@ def atomic_link(source: os.PathLike, target: os.PathLike) -> None:
     """
     try:
         with _replacing(target) as temporary:
+            temporary.unlink(missing_ok=True)  # a killed process's leftover: os.link does not replace files
             os.link(source, temporary)
     except OSError:  # filesystems without hard links
         with open(source, "rb") as original:

@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,8 @@ import torch
 
 import fault_injection
 import train
+import yaml
+from shared import run_files
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -182,20 +185,23 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
 # ---------------------------------------------------------------------------------------------- 2. SIGTERM/SIGUSR1
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_stop_signal_checkpoints_mid_epoch_and_resumes_bit_identical(signum, reference, tmp_path):
+@pytest.mark.parametrize("signum, exit_code, status", [(signal.SIGTERM, 75, "preempted"),
+                                                       (signal.SIGUSR1, 75, "preempted"),
+                                                       (signal.SIGINT, 130, "interrupted")],
+                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_stop_signal_checkpoints_mid_epoch_and_resumes_bit_identical(signum, exit_code, status, reference, tmp_path):
     run_dir = tmp_path / "run"
     argv = COMMON + ["--output", str(tmp_path), "--experiment", "run", "--resume", "auto", "--log-wandb"]
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     child = Child(argv, tmp_path / "first.log", env=env)
     wait_until(lambda: f"epoch 0 [    3/{STEPS}]" in child.output(), 120, "step 3", child)
     child.kill(signum)
-    assert child.wait() == 75, child.output()[-3000:]
+    assert child.wait() == exit_code, child.output()[-3000:]
     output = child.output()
-    assert f"received {signum.name}" in output and "requeue with --resume auto" in output
+    assert f"received {signum.name}" in output and "with --resume auto" in output and "Traceback" not in output
     saved = load(run_dir / "last.pth.tar")
     assert saved["epoch"] == 0 and 3 <= saved["batch"] < STEPS, (saved["epoch"], saved["batch"])  # mid-epoch
-    assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
+    assert json.loads((run_dir / "results.json").read_text())["status"] == status
     run_id = (run_dir / "wandb_run_id.txt").read_text()
 
     child = Child(argv, tmp_path / "second.log", env=env)
@@ -411,3 +417,143 @@ def test_torchrun_worker_sigkill_fails_fast_and_resumes(tmp_path):
     assert f"resumed {run_dir / 'last.pth.tar'}: epoch 1, step 0" in second.stdout
     final = load(run_dir / "last.pth.tar")
     assert (final["epoch"], final["batch"], len(final["history"])) == (2, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------- 8. one writer per directory
+
+QUICK = COMMON + ["--epochs", "1", "--train-split", "train[:256]-0"]
+
+
+def test_two_racing_runs_one_refused_naming_the_holder(tmp_path):
+    """Two real processes start on one run directory with different seeds: one runs, one exits 2."""
+    children = [Child(QUICK + ["--output", str(tmp_path), "--experiment", "race", "--seed", str(seed)],
+                      tmp_path / f"seed{seed}.log") for seed in (1, 2)]
+    codes = [child.wait() for child in children]
+    assert sorted(codes) == [0, 2], [child.output()[-2000:] for child in children]
+    winner = codes.index(0)
+    loser = children[1 - winner].output()
+    assert f"is in use by another run (host {socket.gethostname()} pid {children[winner].pid} since" in loser
+    assert "Traceback" not in loser
+    run_dir, seed = tmp_path / "race", winner + 1  # every file is the winner's
+    assert yaml.safe_load((run_dir / "args.yaml").read_text())["seed"] == seed
+    assert load(run_dir / "last.pth.tar")["args"]["seed"] == seed
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "finished"
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    """No stale lock: the kernel drops it with the process, so the next run takes over at once."""
+    run_dir, ready = tmp_path / "held", tmp_path / "ready"
+    run_dir.mkdir()
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the holder: takes the lock, then waits to be killed
+        try:
+            run_files.RunLock(run_dir)
+            ready.write_text("locked")
+            time.sleep(120)
+        finally:
+            os._exit(0)
+    try:
+        wait_until(ready.exists, 60, "the holder's lock")
+        with pytest.raises(run_files.RunDirError, match=f"in use by another run .*pid {pid} since"):
+            run_files.RunLock(run_dir)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    lock = run_files.RunLock(run_dir)  # the lock file is still there; the lock is not
+    assert f"pid {os.getpid()} since" in (run_dir / run_files.LOCK_NAME).read_text()
+    lock.release()
+
+
+# ---------------------------------------------------------------------------------------------- 9. never overwrite
+
+def _files(run_dir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != run_files.LOCK_NAME}
+
+
+def test_results_without_a_checkpoint_are_refused_then_moved_aside(tmp_path):
+    argv = QUICK + ["--output", str(tmp_path), "--experiment", "done"]
+    code, out, err = run_inprocess(argv)
+    assert code == 0, err
+    run_dir = tmp_path / "done"
+    (run_dir / "last.pth.tar").unlink()  # a finished run whose last.pth.tar is gone
+    before = _files(run_dir)
+    for extra in ([], ["--resume", "auto"], ["--resume", "auto", "--seed", "7"]):
+        code, out, err = run_inprocess(argv + extra)
+        assert code == 2 and "Traceback" not in err, err
+        assert "already holds a run" in err and "no last.pth.tar" in err and "--start-fresh" in err
+        assert _files(run_dir) == before  # nothing touched
+    code, out, err = run_inprocess(argv + ["--seed", "7", "--start-fresh"])
+    assert code == 0, err
+    aside = [p for p in run_dir.iterdir() if p.name.startswith("superseded-")]
+    assert len(aside) == 1 and f"now in {aside[0]}" in out
+    assert _files(aside[0]) == {("args.superseded.yaml" if name == "args.yaml" else name): content
+                                for name, content in before.items()}
+    assert yaml.safe_load((run_dir / "args.yaml").read_text())["seed"] == 7
+    assert load(run_dir / "last.pth.tar")["args"]["seed"] == 7
+
+
+# ---------------------------------------------------------------------------------------------- 10. Ctrl-C
+
+def test_ctrl_c_during_evaluation_keeps_the_epoch(tmp_path):
+    """A real SIGINT as the epoch's evaluation starts: evaluation finishes, the epoch is saved, exit 130."""
+    run_dir = tmp_path / "run"
+    argv = ["--sigint", "eval", "1"] + COMMON + ["--output", str(tmp_path), "--experiment", "run"]
+    child = Child(argv, tmp_path / "eval.log", entry=fault_injection.main)
+    assert child.wait() == 130, child.output()[-3000:]
+    output = child.output()
+    assert "received SIGINT" in output and "Traceback" not in output and "interrupted at end of epoch 0" in output
+    rows = summary_rows(run_dir)
+    assert len(rows) == 1 and rows[0]["eval_top1"] != ""  # the evaluation was not thrown away
+    saved = load(run_dir / "last.pth.tar")
+    assert (saved["epoch"], saved["batch"]) == (1, 0)
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("step, promise", [(STEPS + 3, "The last good checkpoint"), (3, "No checkpoint was written")],
+                         ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_second_ctrl_c_aborts_at_once(step, promise, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["--sigint", str(step), "2"] + COMMON + ["--output", str(tmp_path), "--experiment", "run"]
+    child = Child(argv, tmp_path / "twice.log", entry=fault_injection.main)
+    assert child.wait() == 130, child.output()[-3000:]
+    output = child.output()
+    assert "aborted by a second Ctrl-C" in output and promise in output and "Traceback" not in output
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+    if step > STEPS:  # aborted inside a step: the checkpoint is the end of epoch 0's, not a new one
+        saved = load(run_dir / "last.pth.tar")
+        assert (saved["epoch"], saved["batch"]) == (1, 0)
+    else:
+        assert not (run_dir / "last.pth.tar").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 11. bounded runs
+
+def test_nonfinite_stop_before_any_checkpoint_promises_none(monkeypatch, tmp_path):
+    poison(monkeypatch, "layer2.0.conv1", lambda n: n >= 2)
+    code, out, err = run_inprocess(COMMON + ["--output", str(tmp_path), "--experiment", "early"])
+    assert code == 3 and f"epoch 0, step 2 of {STEPS}" in err
+    assert "No checkpoint was written yet" in err and "last good checkpoint" not in err
+
+
+def test_nonfinite_skip_stops_when_every_update_is_skipped(monkeypatch, tmp_path):
+    poison(monkeypatch, "layer1.0.conv1", lambda n: True)
+    argv = COMMON + ["--output", str(tmp_path), "--experiment", "all", "--nonfinite", "skip"]
+    code, out, err = run_inprocess(argv)
+    assert code == 3, err
+    assert f"all {STEPS} updates of epoch 0 had a non-finite loss or gradient and were skipped" in err
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("victim", ["results.json", "last.pth.tar"])
+def test_a_full_disk_is_named_as_such(victim, tmp_path):
+    """A real ENOSPC: the temporary file of the write is a link to /dev/full."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    run_dir = tmp_path / "full"
+    run_dir.mkdir()
+    os.symlink("/dev/full", run_dir / f"{victim}.tmp")
+    code, out, err = run_inprocess(QUICK + ["--output", str(tmp_path), "--experiment", "full"])
+    assert code == 1 and "Traceback" not in err, err
+    assert f"could not write" in err and victim in err and "the disk (or its inodes) is full" in err
+    assert not (run_dir / f"{victim}.tmp").exists()  # no temporary file left behind
