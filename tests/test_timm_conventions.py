@@ -1,0 +1,292 @@
+"""train.py behaves as timm's: checkpoint keys timm reads, summary names, best-N checkpoints, timm's flags,
+validate.py; runs and summaries of the previous version still resume and report; local-data configs.
+
+Runs are tiny (256 digits, 4 steps of 64 per epoch, cifar_resnet20 at 16x16); train.main runs in-process.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_timm_conventions", REPO / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+from shared import config as config_module, data, run_files, validate  # noqa: E402
+from shared.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY = ["--dataset", "digits", "--train-split", "train[:256]-0", "--model", "cifar_resnet20", "-b", "64",
+        "--lr", "0.1", "--warmup-epochs", "0", "--smoothing", "0", "--log-interval", "4", "-j", "0"]
+# EMA with a short memory, so its weights differ clearly from the model's after 4 updates
+EMA = ["--model-ema", "--model-ema-decay", "0.5"]
+# train.py arguments the previous version did not have (an old checkpoint's args lack them)
+FLAGS_ADDED_FOR_TIMM = {"initial_checkpoint", "img_size", "bn_momentum", "bn_eps", "grad_checkpointing", "dist_bn",
+                        "aa", "reprob", "remode", "recount", "no_resume_opt"}
+
+
+def _run(root: Path, name: str, *extra: str, code: int = 0) -> Path:
+    assert train.main([*TINY, "--output", str(root), "--experiment", name, *extra]) == code
+    return root / name
+
+
+def _summary(run_dir: Path) -> list:
+    with open(run_dir / "summary.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _same_tensors(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A straight 2-epoch EMA run and the same run stopped after epoch 0 (copied before each use)."""
+    root = tmp_path_factory.mktemp("runs")
+    _run(root, "straight", "--epochs", "2", *EMA)
+    _run(root, "stopped", "--epochs", "2", "--stop-after", "1", *EMA)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints timm reads
+# ----------------------------------------------------------------------------------------------
+
+def test_timm_load_checkpoint_reads_the_model_and_the_ema_weights(runs):
+    import timm.models
+
+    from shared import create_model
+
+    path = runs / "straight" / "last.pth.tar"
+    saved = torch.load(path, weights_only=True)
+    assert saved["arch"] == "cifar_resnet20" and saved["args"]["model_ema"] is True
+    assert not _same_tensors(saved["state_dict"], saved["state_dict_ema"])  # else use_ema proves nothing
+    for use_ema, key in ((False, "state_dict"), (True, "state_dict_ema")):
+        model = create_model("cifar_resnet20", num_classes=10, in_chans=1)
+        timm.models.load_checkpoint(model, str(path), use_ema=use_ema)
+        assert _same_tensors(model.state_dict(), saved[key]), key
+    # timm's resume_checkpoint reads "epoch" (no "version" key) as the epoch to resume at
+    model = create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    assert timm.models.resume_checkpoint(model, str(path), log_info=False) == 2 == saved["epoch"]
+
+
+def _to_previous_version(run_dir: Path) -> None:
+    """Rewrite a run directory as the previous version wrote it: checkpoint keys model/ema (the EMA
+    wrapper's state dict, 'module.'-prefixed), metric names top1/top5, and no arguments added since."""
+    path = run_dir / "last.pth.tar"
+    state = torch.load(path, weights_only=True)
+    state["model"] = state.pop("state_dict")
+    state["ema"] = {"module." + k: v for k, v in state.pop("state_dict_ema").items()}
+    for key in ("arch", "metric"):
+        state.pop(key)
+    state["history"] = [{{"eval_top1": "top1", "eval_top5": "top5", "ema_eval_top1": "ema_top1",
+                          "ema_eval_top5": "ema_top5"}.get(k, k): v for k, v in row.items()} for row in state["history"]]
+    best = state["best"]
+    state["best"] = {"epoch": best["epoch"], "metric": best["eval_top1"], "top1": best["eval_top1"],
+                     "top5": best["eval_top5"], "eval_loss": best["eval_loss"]}
+    state["args"] = {k: v for k, v in state["args"].items() if k not in FLAGS_ADDED_FOR_TIMM}
+    torch.save(state, path)
+    summary = (run_dir / "summary.csv").read_text().splitlines()
+    summary[0] = summary[0].replace("ema_eval_top", "ema_top").replace("eval_top", "top")
+    (run_dir / "summary.csv").write_text("\n".join(summary) + "\n")
+    results = json.loads((run_dir / "results.json").read_text())
+    results["final"] = state["history"][-1]
+    results["best"] = state["best"]
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_a_previous_version_run_reports_and_resumes_bit_identically(runs, tmp_path):
+    from shared import report
+
+    run_dir = tmp_path / "stopped"
+    shutil.copytree(runs / "stopped", run_dir)
+    new_row = _summary(run_dir)[0]
+    _to_previous_version(run_dir)
+    assert "top1" in _summary(run_dir)[0] and "eval_top1" not in _summary(run_dir)[0]
+
+    (old,) = report.load_runs(tmp_path)
+    assert old.metric("top1") == pytest.approx(float(new_row["eval_top1"]), abs=1e-4)
+    assert old.curve[0]["eval_top1"] == pytest.approx(float(new_row["eval_top1"]), abs=1e-4)
+    assert run_files.read_results(run_dir)["final"]["ema_eval_top1"] == pytest.approx(
+        float(new_row["ema_eval_top1"]), abs=1e-4)
+    assert load_checkpoint(run_dir / "last.pth.tar")["state_dict_ema"].keys() == \
+        torch.load(runs / "straight" / "last.pth.tar", weights_only=True)["state_dict_ema"].keys()
+
+    train.main([*TINY, "--output", str(tmp_path), "--experiment", "stopped", "--epochs", "2", *EMA,
+                "--resume", "auto"])
+    resumed = torch.load(run_dir / "last.pth.tar", weights_only=True)
+    straight = torch.load(runs / "straight" / "last.pth.tar", weights_only=True)
+    for key in ("state_dict", "state_dict_ema"):
+        assert _same_tensors(resumed[key], straight[key]), key
+    assert [row["eval_top1"] for row in _summary(run_dir)] == [row["eval_top1"] for row in _summary(runs / "straight")]
+
+
+# ----------------------------------------------------------------------------------------------
+# --checkpoint-hist: the best N, as timm's CheckpointSaver; best on the EMA metric with EMA
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metrics, decreasing, size, kept", [
+    ({0: 50.0, 1: 70.0, 2: 60.0, 3: 65.0}, False, 2, [1, 3]),         # the best two, not the newest two
+    ({0: 1.5, 1: 0.7, 2: 0.9, 3: 2.0}, True, 2, [1, 2]),              # --eval-metric loss: lowest first
+    ({0: 60.0, 1: 60.0, 2: 60.0}, False, 2, [0, 1]),                  # ties keep the earlier epoch
+    ({0: None, 1: 40.0, 2: None, 3: None}, False, 2, [1, 3]),         # ranked first, then the newest unranked
+    ({0: None, 1: None, 2: None}, False, 2, [2, 1]),                  # never evaluated: the newest N
+    ({0: 50.0, 1: 70.0}, False, 0, []),
+])
+def test_rank_checkpoints_keeps_what_timm_keeps(metrics, decreasing, size, kept):
+    assert train.rank_checkpoints(metrics, decreasing, size) == kept
+
+
+@pytest.mark.slow
+def test_checkpoint_hist_keeps_the_best_epochs_ranked_on_the_ema(tmp_path):
+    run_dir = _run(tmp_path, "hist", "--epochs", "4", "--checkpoint-hist", "2", *EMA)
+    rows = _summary(run_dir)
+    ema = {int(row["epoch"]): float(row["ema_eval_top1"]) for row in rows}
+    expected = train.rank_checkpoints(ema, False, 2)
+    assert {p.name for p in run_dir.glob("checkpoint-*.pth.tar")} == {f"checkpoint-{e}.pth.tar" for e in expected}
+    best = run_files.read_results(run_dir)["best"]
+    assert best["metric_name"] == "ema_eval_top1" and best["epoch"] == expected[0]
+    assert best["metric"] == pytest.approx(max(ema.values()), abs=1e-4)
+    best_file = torch.load(run_dir / "model_best.pth.tar", weights_only=True)
+    assert best_file["epoch"] == expected[0] + 1 and best_file["metric"] == pytest.approx(best["metric"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags a timm user types: each one has an effect
+# ----------------------------------------------------------------------------------------------
+
+CPU = train.distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _model(*flags: str, in_chans: int = 1):
+    args = config_module.parse_args(["--model", "cifar_resnet20", *flags])
+    return train.build_model(args, 10, in_chans, CPU)
+
+
+def test_initial_checkpoint_loads_the_ema_weights_as_timm_does(runs, tmp_path):
+    saved = torch.load(runs / "straight" / "last.pth.tar", weights_only=True)
+    model = _model("--initial-checkpoint", str(runs / "straight" / "last.pth.tar"))
+    assert _same_tensors(model.state_dict(), saved["state_dict_ema"])
+    assert not _same_tensors(_model().state_dict(), saved["state_dict_ema"])
+    with pytest.raises(train.UsageError, match="does not fit"):
+        _model("--initial-checkpoint", str(runs / "straight" / "last.pth.tar"), "--norm", "ln")
+    with pytest.raises(train.UsageError, match="no such file"):
+        _model("--initial-checkpoint", str(tmp_path / "missing.pth.tar"))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gbn16", "gni16", "xbn32"])
+def test_bn_momentum_and_eps_reach_every_batch_norm_like_layer(norm):
+    from nodo.ghost_batch_norm import _GhostNormBase
+
+    def batch_norms(model):
+        return [m for m in model.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase, _GhostNormBase))]
+
+    default = batch_norms(_model("--norm", norm))
+    assert default and all(m.momentum != 0.25 and m.eps != 1e-3 for m in default)
+    changed = batch_norms(_model("--norm", norm, "--bn-momentum", "0.25", "--bn-eps", "1e-3"))
+    assert len(changed) == len(default) and all(m.momentum == 0.25 and m.eps == 1e-3 for m in changed)
+
+
+def test_bn_flags_on_a_model_without_batch_norm_are_refused():
+    with pytest.raises(train.UsageError, match="no BatchNorm-like layer"):
+        _model("--norm", "ln", "--bn-eps", "1e-3")
+
+
+def test_grad_checkpointing_recomputes_blocks_and_refuses_noise_layers():
+    def forward_calls(*flags):
+        args = config_module.parse_args(["--model", "resnet10t", *flags])
+        model = train.build_model(args, 10, 3, CPU).train()
+        calls = []
+        # a pre-hook: torch's recomputation stops early, once the saved tensors it needs are back
+        model.layer1[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        return len(calls)
+
+    assert forward_calls() == 1
+    assert forward_calls("--grad-checkpointing") == 2  # recomputed during backward
+    with pytest.raises(train.UsageError, match="noise layers.*different noise"):
+        forward_calls("--grad-checkpointing", "--norm", "gni16")
+
+
+def _digit_tensors(*flags: str, count: int = 8) -> torch.Tensor:
+    """The augmented training tensors of the first ``count`` digits under ``flags`` (seed 0, epoch 0)."""
+    args = config_module.parse_args(["--dataset", "digits", "--seed", "0", *flags])
+    raw = data.DigitsDataset("train")
+    config = data.resolve_data_config(args, "digits", raw, 10)
+    dataset = data.AugmentedDataset(raw, data.create_transform(config, True, args), seed=0)
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def test_aa_and_reprob_change_the_training_images_and_take_the_dataloader():
+    plain = _digit_tensors()
+    assert torch.equal(plain, _digit_tensors())  # seeded: a difference below is the flag's doing
+    assert not torch.equal(plain, _digit_tensors("--aa", "rand-m9-mstd0.5"))
+    erased = _digit_tensors("--reprob", "1.0")
+    assert not torch.equal(plain, erased)
+    with pytest.raises(data.DataError, match="'rand-m99x'.*not a timm augmentation policy"):
+        _digit_tensors("--aa", "rand-m99x")
+    for flag in (["--aa", "original"], ["--reprob", "0.5"]):
+        args = config_module.parse_args([*TINY, "--fast-loader", "on", *flag])
+        with pytest.raises(data.DataError, match=f"--fast-loader on cannot be used: {flag[0]}"):
+            data.create_loaders(args, torch.device("cpu"))
+        args = config_module.parse_args([*TINY, *flag])
+        assert "DataLoader" in data.create_loaders(args, torch.device("cpu")).description
+
+
+def test_img_size_sets_height_and_width_and_input_size_wins():
+    raw = data.DigitsDataset("test")
+    config = data.resolve_data_config(config_module.parse_args(["--img-size", "24"]), "digits", raw, 10)
+    assert config.input_size == (1, 24, 24) and config.recipe == "imagenet"
+    args = config_module.parse_args(["--img-size", "24", "--input-size", "1", "20", "20"])
+    assert data.resolve_data_config(args, "digits", raw, 10).input_size == (1, 20, 20)
+
+
+def test_no_resume_opt_restarts_the_optimizer(runs, tmp_path, capsys):
+    shutil.copytree(runs / "stopped", tmp_path / "stopped")
+    train.main([*TINY, "--output", str(tmp_path), "--experiment", "stopped", "--epochs", "2", *EMA,
+                "--resume", "auto", "--no-resume-opt"])
+    assert "--no-resume-opt: the optimizer and gradient scaler start afresh" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "stopped" / "last.pth.tar", weights_only=True)["state_dict"]
+    # with the optimizer's momentum restored the resume is bit-identical (the test above); without, not
+    assert not _same_tensors(resumed, torch.load(runs / "straight" / "last.pth.tar", weights_only=True)["state_dict"])
+
+
+def test_pretrained_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub-cache"))
+    for model in ("resnet10t", "cifar_resnet20"):  # no network / no pretrained weights at all
+        _run(tmp_path, model, "--model", model, "--pretrained", "--epochs", "1", code=2)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --pretrained: the weights of") and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
+
+
+def _dist_bn_worker(rank: int, init_file: str, mode: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = train.distributed.DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    model = torch.nn.BatchNorm2d(3)
+    model.running_mean.fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
+    train.sync_norm_statistics(model, None, mode, info)
+    results[rank] = model.running_mean.tolist()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, expected", [("reduce", [1.5, 1.5]), ("broadcast", [1.0, 1.0]), ("", [1.0, 2.0])])
+def test_dist_bn_averages_or_broadcasts_running_statistics(tmp_path, mode, expected):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_dist_bn_worker, args=(str(tmp_path / "init"), mode, results), nprocs=2, join=True)
+    assert [results[0][0], results[1][0]] == expected
