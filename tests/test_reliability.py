@@ -557,3 +557,26 @@ def test_a_full_disk_is_named_as_such(victim, tmp_path):
     assert code == 1 and "Traceback" not in err, err
     assert f"could not write" in err and victim in err and "the disk (or its inodes) is full" in err
     assert not (run_dir / f"{victim}.tmp").exists()  # no temporary file left behind
+
+
+# ---------------------------------------------------------------------------------------------- 12. upgrades
+
+V0_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run_v0"
+V0_ARGS = ["--dataset", "digits", "--model", "cifar_resnet", "--model-kwargs", "stage_depths=[1,1]", "base_channels=4",
+           "--norm", "gni4", "-b", "16", "--lr", "0.05", "--epochs", "3", "--warmup-epochs", "0", "-j", "0",
+           "--train-split", "train[:64]-0", "--val-split", "test[:32]", "--checkpoint-hist", "1", "--model-ema"]
+
+
+def test_a_run_of_the_previous_version_resumes(tmp_path):
+    """The run directory of main at 785bf40 (old checkpoint keys and column names) continues to the end."""
+    shutil.copytree(V0_FIXTURE, tmp_path / "v0")
+    old = torch.load(V0_FIXTURE / "last.pth.tar", map_location="cpu", weights_only=True)
+    assert "model" in old and "state_dict" not in old  # really the old format
+    code, out, err = run_inprocess(V0_ARGS + ["--output", str(tmp_path), "--experiment", "v0", "--resume", "auto"])
+    assert code == 0, err
+    assert f"resumed {tmp_path / 'v0' / 'last.pth.tar'}: epoch 1, step 0, update 4" in out
+    final = load(tmp_path / "v0" / "last.pth.tar")
+    assert (final["epoch"], len(final["history"])) == (3, 3)
+    assert json.loads((tmp_path / "v0" / "results.json").read_text())["status"] == "finished"
+    rows = summary_rows(tmp_path / "v0")
+    assert len(rows) == 3 and rows[0]["train_loss"] == "2.301363"  # epoch 0 as the old version logged it
