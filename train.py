@@ -38,10 +38,10 @@ from shared import config as config_module
 from shared import distributed, run_files, validate
 from shared.validate import set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from shared.config import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, PREEMPTED_EXIT_CODE, ConfigError
+from shared.config import (EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, INTERRUPTED_EXIT_CODE,
+                           PREEMPTED_EXIT_CODE, ConfigError)
 from shared.run_files import RunFileError
 
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C
 # Ghost noise layers draw a (B, N) tensor of int64 sample indices per call: B x N above this (512 MiB)
 # is a typo, not an experiment (the paper's largest is N = 1024 at B = 256: 262,144 indices).
 MAX_GHOST_INDICES = 2 ** 26

@@ -56,6 +56,7 @@ __all__ = [
     "EXIT_USAGE",
     "EXIT_NONFINITE",
     "PREEMPTED_EXIT_CODE",
+    "INTERRUPTED_EXIT_CODE",
     "META_KEYS",
     "create_parser",
     "load_config",
@@ -66,10 +67,13 @@ __all__ = [
 
 # Exit codes of train.py (the README's "When things go wrong" lists them).
 EXIT_OK = 0
-EXIT_FAILED = 1          # an unexpected error (a bug, a crash inside torch): see the traceback
-EXIT_USAGE = 2           # bad input: config, flags, data directory... (argparse's own convention)
-EXIT_NONFINITE = 3       # the loss became NaN/inf: the last good checkpoint is kept
+EXIT_FAILED = 1          # an unexpected error (a bug, a crash inside torch: see the traceback), or a disk
+                         # that cannot be written (the message says why: full, quota...)
+EXIT_USAGE = 2           # bad input: config, flags, data directory...; also a run directory in use by
+                         # another run or holding results (argparse's own convention)
+EXIT_NONFINITE = 3       # the loss became NaN/inf: the last good checkpoint (if any) is kept
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; requeue with --resume auto
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpointed; --resume auto continues
 
 META_KEYS = ("bases", "sweep")
 SWEEP_CASES_KEY = "cases"

@@ -18,10 +18,16 @@ the dataset's. A fraction ``f`` of ``n`` samples is cut at ``floor(f * n)`` comp
 decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
 and together hold every sample exactly once.
 
-Unreadable images (ImageFolder). A corrupt, truncated or non-image file under a class folder is skipped,
-with a count in the log and in the loader description, where the dataset is decoded up front (the
-fast loader); ``--data-strict`` makes it an error naming the file. A ``DataLoader`` reads files lazily,
-so there such a file is always an error naming it, raised when the file is reached.
+Image files (ImageFolder). Both splits must hold the same class folders (labels are indices in
+sorted folder order; a missing or renamed class would shift them): otherwise a DataError names the
+differing classes. Files are read by :func:`read_image` in both loaders (16-bit grayscale scaled to 8
+bits, palette/RGBA/CMYK converted to RGB). Where images are used at their native size (the CIFAR
+recipe, nothing resized; the native size is the most common one among the first images), both loaders
+leave out the same files, with a count by cause in the loader description: empty files, unreadable
+ones (not an image, truncated, a dangling link), files of another size, and files that are already a
+sample (a link to another sample, also across the splits). ``--data-strict`` makes any of them an
+error naming the file. Larger images (ImageNet recipe, DataLoader only) are resized, so any size is
+read; an unreadable one there is an error naming it when the DataLoader reaches it.
 
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
 the CIFAR recipe: random crop with zero padding ``H // 8`` (4 at 32 pixels) and a horizontal flip

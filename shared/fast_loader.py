@@ -500,9 +500,9 @@ def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
         if len(labels) != len(samples):
             return images, labels  # not cached: a later strict call must see the unreadable files
         os.makedirs(cache_dir, exist_ok=True)
-        temporary = f"{cache_path}.{os.getpid()}.tmp"
-        torch.save({"images": images, "labels": labels}, temporary)
-        os.replace(temporary, cache_path)  # atomic: a concurrent reader sees a whole file or none
+        from shared.run_files import atomic_write  # a concurrent reader sees a whole file or none
+
+        atomic_write(cache_path, lambda handle: torch.save({"images": images, "labels": labels}, handle), shared=True)
         return images, labels
 
     positions = range(len(base)) if indices is None else indices

@@ -99,14 +99,15 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(path: os.PathLike) -> Iterator[Path]:
+def _replacing(path: os.PathLike, shared: bool = False) -> Iterator[Path]:
     """Yield ``NAME.tmp`` to be filled; then rename it over ``NAME`` or, on any failure, remove it.
 
     A rename within one filesystem is atomic, so a reader (or a process killed at any moment) sees the
-    old file or the new one, never a mixture; ``path`` is left as it was when filling fails.
+    old file or the new one, never a mixture; ``path`` is left as it was when filling fails. ``shared``:
+    several processes may write ``path`` at once (a cache), so each fills its own ``NAME.PID.tmp``.
     """
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(path.name + (f".{os.getpid()}.tmp" if shared else ".tmp"))
     try:
         yield temporary
         os.replace(temporary, path)
@@ -119,12 +120,13 @@ def _replacing(path: os.PathLike) -> Iterator[Path]:
     _fsync_directory(path.parent)
 
 
-def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: os.PathLike, write: Callable[[BinaryIO], None], shared: bool = False) -> None:
     """Write ``path`` whole or not at all: ``write(handle)`` into ``NAME.tmp``, fsync, rename over ``NAME``.
 
     On any failure the temporary file is removed and the error raised again; ``path`` is left as it was.
+    ``shared``: other processes may write ``path`` at the same time (see :func:`_replacing`).
     """
-    with _replacing(path) as temporary, open(temporary, "wb") as handle:
+    with _replacing(path, shared) as temporary, open(temporary, "wb") as handle:
         write(handle)
         handle.flush()
         os.fsync(handle.fileno())

@@ -580,3 +580,40 @@ def test_a_run_of_the_previous_version_resumes(tmp_path):
     assert json.loads((tmp_path / "v0" / "results.json").read_text())["status"] == "finished"
     rows = summary_rows(tmp_path / "v0")
     assert len(rows) == 3 and rows[0]["train_loss"] == "2.301363"  # epoch 0 as the old version logged it
+
+
+@pytest.mark.slow
+def test_torchrun_ctrl_c_stops_every_worker_cleanly(tmp_path):
+    """A terminal's Ctrl-C: SIGINT to torchrun's whole process group (agent and workers), for real."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "train.py"] + COMMON + [
+        "-b", "32", "--output", str(tmp_path), "--experiment", "ddp", "--resume", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", GHOST_NOISE_COLLECTIVE_TIMEOUT_MIN="1")
+    run_dir, log_path = tmp_path / "ddp", tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while f"epoch 0 [    3/{STEPS}]" not in log_path.read_text():
+                assert agent.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "timed out waiting for step 3"
+                time.sleep(0.05)
+            os.killpg(agent.pid, signal.SIGINT)
+            agent.wait(timeout=120)
+        finally:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    output = log_path.read_text()
+    assert "received SIGINT" in output and "interrupted at epoch 0, step" in output, output[-3000:]
+    assert "Traceback" not in output.split("interrupted at epoch 0")[0], output[-3000:]  # none from train.py
+    saved = load(run_dir / "last.pth.tar")
+    assert saved["epoch"] == 0 and 3 <= saved["batch"] < STEPS and len(saved["rng"]) == 2
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert f"resumed {run_dir / 'last.pth.tar'}: epoch 0, step {saved['batch']}" in second.stdout
+    final = load(run_dir / "last.pth.tar")
+    assert (final["epoch"], final["batch"], len(final["history"])) == (2, 0, 2)
