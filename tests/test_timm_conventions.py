@@ -272,21 +272,55 @@ def test_pretrained_offline_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch
         assert "Traceback" not in err
 
 
-def _dist_bn_worker(rank: int, init_file: str, mode: str, results) -> None:
+def _dist_bn_worker(rank: int, init_file: str, results) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     info = train.distributed.DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    model = torch.nn.BatchNorm2d(3)
-    model.running_mean.fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
-    train.sync_norm_statistics(model, None, mode, info)
-    results[rank] = model.running_mean.tolist()
+    for mode in ("reduce", "broadcast", ""):
+        model = torch.nn.BatchNorm2d(3)
+        model.running_mean.fill_(float(rank + 1))  # rank 0: 1, rank 1: 2
+        model.running_var.fill_(float(4 * rank + 1))  # rank 0: 1, rank 1: 5
+        train.sync_norm_statistics(model, None, mode, info)
+        results[(mode, rank)] = (model.running_mean.tolist(), model.running_var.tolist())
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode, expected", [("reduce", [1.5, 1.5]), ("broadcast", [1.0, 1.0]), ("", [1.0, 2.0])])
-def test_dist_bn_averages_or_broadcasts_running_statistics(tmp_path, mode, expected):
+def test_dist_bn_averages_or_broadcasts_running_statistics(tmp_path):
     import torch.multiprocessing as mp
 
     results = mp.Manager().dict()
-    mp.spawn(_dist_bn_worker, args=(str(tmp_path / "init"), mode, results), nprocs=2, join=True)
-    assert [results[0][0], results[1][0]] == expected
+    # fork: the children need not import torch, timm and train.py again (tens of seconds on a busy machine)
+    mp.start_processes(_dist_bn_worker, args=(str(tmp_path / "init"), results), nprocs=2, join=True,
+                       start_method="fork")
+    expected = {"reduce": [(1.5, 3.0), (1.5, 3.0)], "broadcast": [(1.0, 1.0), (1.0, 1.0)], "": [(1.0, 1.0), (2.0, 5.0)]}
+    for mode, per_rank in expected.items():
+        for rank, (mean, var) in enumerate(per_rank):
+            assert results[(mode, rank)] == ([mean] * 3, [var] * 3), (mode, rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate.py
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_validate_reproduces_the_training_evaluation_of_the_model_and_the_ema(tmp_path, capsys):
+    run_dir = _run(tmp_path, "v", "--epochs", "1", "--fast-loader", "off", *EMA)  # validate.py's loader
+    row = _summary(run_dir)[-1]
+    for use_ema, prefix in ((False, "eval"), (True, "ema_eval")):
+        capsys.readouterr()
+        argv = ["--checkpoint", str(run_dir / "last.pth.tar"), "--split", "test", "-j", "0",
+                "--results-file", str(tmp_path / "result.json"), "--results-format", "json"]
+        assert validate.main(argv + (["--use-ema"] if use_ema else [])) == 0
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["top1"] == pytest.approx(float(row[f"{prefix}_top1"]), abs=1e-3)
+        assert result["top5"] == pytest.approx(float(row[f"{prefix}_top5"]), abs=1e-3)
+        assert result["loss"] == pytest.approx(float(row[f"{prefix}_loss"]), rel=1e-4)
+        assert result["samples"] == 297 and result["model"] == "cifar_resnet20" and result["use_ema"] is use_ema
+        assert json.loads(capsys.readouterr().out.split("--result\n", 1)[1]) == result
+    assert float(row["eval_loss"]) != pytest.approx(float(row["ema_eval_loss"]), rel=1e-3)  # two different models
+
+
+def test_validate_bad_input_is_exit_2(tmp_path, capsys):
+    assert validate.main(["--checkpoint", str(tmp_path / "nope.pth.tar"), "--dataset", "digits"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert validate.main(["--dataset", "digits"]) == 2
+    assert "give --checkpoint" in capsys.readouterr().err
