@@ -324,3 +324,138 @@ def test_validate_bad_input_is_exit_2(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert validate.main(["--dataset", "digits"]) == 2
     assert "give --checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs on local data: ImageFolder copies, no download unless asked, val/ or test/, seeded subsets
+# ----------------------------------------------------------------------------------------------
+
+PAPER_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("base", "cpu_c10_rn20"))
+
+
+def _image_folder(root: Path, splits=("train", "test"), per_class=(16, 8), classes=("a", "b", "c")) -> Path:
+    """A class-sorted ImageFolder of 32x32 RGB PNGs, each class one colour (plus noise)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in zip(splits, per_class):
+        for number, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = (torch.rand(32, 32, 3, generator=generator) * 60 + 60 * number).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("cifar-copy"))
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Any torchvision CIFAR construction or download fails the test."""
+    from torchvision import datasets
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a torchvision dataset was constructed or downloaded")
+
+    for cls in (datasets.CIFAR10, datasets.CIFAR100):
+        monkeypatch.setattr(cls, "__init__", refuse)
+
+
+def test_paper_configs_exist():
+    assert len(PAPER_CONFIGS) >= 20 and any("i1k" in str(p) for p in PAPER_CONFIGS)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_paper_config_reads_an_image_folder_copy_without_download(config, folder, no_download):
+    args = config_module.parse_args(["-c", str(config), "--data-dir", str(folder)])
+    assert args.dataset_download is False
+    kind, train_set, eval_set, num_classes = data.create_datasets(args)
+    assert kind == "imagefolder" and num_classes == 3 and len(train_set) > 0 and len(eval_set) > 0
+
+
+@pytest.mark.slow
+def test_a_paper_config_trains_on_the_image_folder_copy(folder, tmp_path, capsys, no_download):
+    code = train.main(["-c", str(REPO / "configs" / "c10_rn20" / "test_all.yaml"), "--data-dir", str(folder),
+                       "--epochs", "1", "-b", "16", "--warmup-epochs", "0", "--no-log-wandb", "-j", "0",
+                       "--output", str(tmp_path), "--experiment", "copy"])
+    assert code == 0
+    assert f"imagefolder (a copy of torch/cifar10 in {folder})" in capsys.readouterr().out
+    assert not (tmp_path / "copy" / "wandb").exists()  # --no-log-wandb beat the config's log_wandb: true
+
+
+def _one_line_exit_2(tmp_path, capsys, *argv) -> str:
+    assert train.main([*argv, "--model", "cifar_resnet20", "--epochs", "1", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_missing_cifar_is_one_line_and_names_the_download_flag(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = _one_line_exit_2(tmp_path, capsys, "--dataset", "torch/cifar10", "--data-dir", str(tmp_path / "empty"))
+    assert "torch/cifar10 not found" in err and "--dataset-download" in err
+
+
+def test_a_failed_download_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    from torchvision import datasets
+
+    def offline(_self):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", offline)
+    err = _one_line_exit_2(tmp_path, capsys, "--dataset", "torch/cifar10", "--data-dir", str(tmp_path),
+                           "--dataset-download")
+    assert "--dataset-download: fetching torch/cifar10" in err and "Name or service not known" in err
+
+
+@pytest.mark.parametrize("folders, chosen", [(("train", "test"), "test"), (("train", "val", "test"), "val")])
+def test_the_default_val_split_takes_val_or_test(tmp_path, folders, chosen):
+    root = _image_folder(tmp_path / "d", splits=folders, per_class=(4,) * len(folders))
+    args = config_module.parse_args(["--data-dir", str(root)])
+    assert args.val_split == "validation"
+    _, _, eval_set, _ = data.create_datasets(args)
+    assert Path(eval_set.root).name == chosen
+
+
+def test_an_unseeded_subset_is_drawn_with_a_fixed_printed_seed(folder):
+    def subset(*flags):
+        args = config_module.parse_args(["--data-dir", str(folder), "--val-split", "test[:12]", "-b", "8", *flags])
+        return data.create_datasets(args)[2], args
+
+    first, args = subset("--seed", "1")
+    assert len({first.dataset.targets[i] for i in first.indices}) > 1  # the first 12 in order: all class 'a'
+    assert first.indices == subset("--seed", "2")[0].indices  # independent of --seed
+    explicit = config_module.parse_args(["--data-dir", str(folder), "--val-split", f"test[:12]-{data.DEFAULT_SUBSET_SEED}"])
+    assert first.indices == data.create_datasets(explicit)[2].indices
+    description = data.create_loaders(args, torch.device("cpu")).description
+    assert f"'test[:12]' (drawn with the fixed subset seed {data.DEFAULT_SUBSET_SEED})" in description
+
+
+def test_help_suggests_a_seeded_subset():
+    text = " ".join(config_module.create_parser().format_help().split())
+    assert "'train[:500]-SEED'" in text and "'train[:500]' (counts)" not in text
+
+
+# ----------------------------------------------------------------------------------------------
+# wandb run ids
+# ----------------------------------------------------------------------------------------------
+
+def test_wandb_run_id_is_unique_per_run_directory_and_stable_across_resumes(tmp_path):
+    from shared.logging_wandb import RUN_ID_FILE, _run_id
+
+    first, second = tmp_path / "out1" / "same-name", tmp_path / "out2" / "same-name"
+    for directory in (first, second):
+        directory.mkdir(parents=True)
+    first_id = _run_id(first, "same-name")
+    assert first_id != _run_id(second, "same-name") and first_id != "same-name"
+    assert _run_id(first, "same-name") == first_id  # a resume
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / RUN_ID_FILE).write_text("c10-rn20-bn-s42\n")  # the previous version's id: the experiment name
+    assert _run_id(old, "c10-rn20-bn-s42") == "c10-rn20-bn-s42"
