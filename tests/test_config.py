@@ -49,6 +49,28 @@ def test_special_flag_types():
     assert parse_args(["--norm", '{"subtype": "gbn2d"}']).norm == {"subtype": "gbn2d"}
 
 
+def test_timm_flags_added_for_timm_users():
+    args = parse_args([])
+    assert (args.initial_checkpoint, args.img_size, args.aa, args.reprob, args.remode, args.recount, args.bn_momentum,
+            args.bn_eps, args.dist_bn, args.no_resume_opt, args.grad_checkpointing) == \
+        ("", None, None, 0.0, "pixel", 1, None, None, "reduce", False, False)  # timm's defaults
+    args = parse_args(["--initial-checkpoint", "w.pth", "--img-size", "64", "--aa", "rand-m9-mstd0.5", "--reprob",
+                       "0.25", "--bn-momentum", "0.01", "--bn-eps", "1e-3", "--dist-bn", "broadcast",
+                       "--no-resume-opt", "--grad-checkpointing"])
+    assert (args.initial_checkpoint, args.img_size, args.aa, args.reprob, args.bn_momentum, args.bn_eps,
+            args.dist_bn, args.no_resume_opt, args.grad_checkpointing) == \
+        ("w.pth", 64, "rand-m9-mstd0.5", 0.25, 0.01, 1e-3, "broadcast", True, True)
+    with pytest.raises(SystemExit):
+        parse_args(["--dist-bn", "average"])
+
+
+def test_no_log_wandb_turns_off_a_config_value(tmp_path):
+    config = write(tmp_path / "run.yaml", "log_wandb: true\n")
+    assert parse_args(["-c", str(config)]).log_wandb is True
+    assert parse_args(["-c", str(config), "--no-log-wandb"]).log_wandb is False
+    assert parse_args(["--log-wandb"]).log_wandb is True and parse_args([]).log_wandb is False
+
+
 @pytest.mark.parametrize("argv", [["--model-kwargs", "novalue"], ["--fast-loader", "sometimes"],
                                   ["--epochs", "2.5"], ["--no-such-flag"]])
 def test_bad_command_lines_exit_with_usage(argv, capsys):

@@ -138,6 +138,7 @@ def test_wandb_offline_run_holds_the_final_metrics(tmp_path, monkeypatch):
     run_record = [record for kind, record in wandb_records.read_records(log_file) if kind == "run"][0]
     config = {item.key: json.loads(item.value_json) for item in run_record.run.config.update}
     assert config["norm"] == "bn" and config["batch_size"] == 64
+    assert config["num_classes"] == 10  # resolved (from the data), not the flag's None
     assert run_record.run.project == "test-project" and list(run_record.run.tags) == ["a", "b"]
 
 
