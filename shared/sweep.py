@@ -225,7 +225,9 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
 
 
 def _long_flag(action: argparse.Action) -> str:
-    longs = [s for s in action.option_strings if s.startswith("--")]
+    # a BooleanOptionalAction (--log-wandb) also owns its longer negative form --no-log-wandb: not the name
+    negative = isinstance(action, argparse.BooleanOptionalAction)
+    longs = [s for s in action.option_strings if s.startswith("--") and not (negative and s.startswith("--no-"))]
     return max(longs, key=len) if longs else action.option_strings[0]
 
 

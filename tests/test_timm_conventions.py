@@ -459,3 +459,13 @@ def test_wandb_run_id_is_unique_per_run_directory_and_stable_across_resumes(tmp_
     old.mkdir()
     (old / RUN_ID_FILE).write_text("c10-rn20-bn-s42\n")  # the previous version's id: the experiment name
     assert _run_id(old, "c10-rn20-bn-s42") == "c10-rn20-bn-s42"
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_sweep_over_log_wandb_writes_a_flag_that_parses_back(value):
+    from shared import sweep
+
+    actions = sweep._actions_by_dest(config_module.create_parser())
+    tokens = sweep._flag_tokens(actions, "log_wandb", value, "test")
+    assert tokens == ["--log-wandb" if value else "--no-log-wandb"]
+    assert config_module.parse_args(tokens).log_wandb is value
