@@ -105,6 +105,11 @@ FLAG_RANGES = (
     ("model_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("min_lr", lambda v: v >= 0, ">= 0"),
     ("warmup_lr", lambda v: v >= 0, ">= 0"),
+    ("bn_momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("bn_eps", lambda v: v > 0, "positive"),
+    ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("recount", lambda v: v >= 1, ">= 1"),
+    ("img_size", lambda v: v >= 1, ">= 1"),
 )
 
 

@@ -469,3 +469,11 @@ def test_a_sweep_over_log_wandb_writes_a_flag_that_parses_back(value):
     tokens = sweep._flag_tokens(actions, "log_wandb", value, "test")
     assert tokens == ["--log-wandb" if value else "--no-log-wandb"]
     assert config_module.parse_args(tokens).log_wandb is value
+
+
+@pytest.mark.parametrize("flag, value, rule", [("--bn-momentum", "1.5", "in [0, 1]"), ("--bn-eps", "0", "positive"),
+                                               ("--reprob", "-0.1", "in [0, 1]"), ("--recount", "0", ">= 1"),
+                                               ("--img-size", "0", ">= 1")])
+def test_out_of_range_timm_flags_are_exit_2(tmp_path, capsys, flag, value, rule):
+    _run(tmp_path, "bad", flag, value, "--epochs", "1", code=2)
+    assert f"{flag} must be {rule}, got {value.lstrip('+')}" in capsys.readouterr().err
