@@ -457,8 +457,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however run() ends
             return run(args, info, cleanup)
-    except KeyboardInterrupt:  # Ctrl-C during set-up, before the stop handler is installed: nothing to save
-        print("\ninterrupted during set-up: nothing was trained", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C during set-up (no stop handler yet), or a second one after the loop
+        print("\ninterrupted by Ctrl-C outside the training loop: nothing more was saved", file=sys.stderr,
+              flush=True)
         return INTERRUPTED_EXIT_CODE
     except (ValueError, CheckpointError) as error:
         if _training_started:  # past set-up a ValueError is a bug: keep its traceback
@@ -660,7 +661,7 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
     global _training_started
     _training_started = True
     progress_bar = info.is_primary and sys.stderr.isatty()
-    exit_code = EXIT_OK
+    exit_code, failure = EXIT_OK, ""
     try:
         if start_epoch >= num_epochs:
             log(info, f"nothing to do: {start_epoch} of {num_epochs} epochs are done")
@@ -717,24 +718,18 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         status["value"], exit_code = "interrupted", INTERRUPTED_EXIT_CODE
         print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
     except NonFiniteError as error:
-        status["value"], exit_code = "failed", EXIT_NONFINITE
+        status["value"], exit_code, failure = "failed", EXIT_NONFINITE, str(error)
         print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-        if info.is_primary:
-            run_files.write_results(run_dir, results("failed", str(error)))
     except (CheckpointError, RunFileError) as error:
-        status["value"], exit_code = "failed", EXIT_FAILED
+        status["value"], exit_code, failure = "failed", EXIT_FAILED, str(error)
         print(f"error: {error}", file=sys.stderr, flush=True)
-        if info.is_primary:
-            try:
-                run_files.write_results(run_dir, results("failed", str(error)))
-            except RunFileError:  # the same disk problem may stop this small write too
-                pass
-    if info.is_primary and status["value"] != "failed":
+    if info.is_primary:
         try:
-            run_files.write_results(run_dir, results(status["value"]))
-        except RunFileError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            exit_code = EXIT_FAILED
+            run_files.write_results(run_dir, results(status["value"], failure))
+        except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
+            if failure != str(error):
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
     if status["value"] == "finished":
         summary = {"final/" + k: v for k, v in (history[-1] if history else {}).items()}
         summary |= {"best/" + k: v for k, v in (best or {}).items()}

@@ -379,12 +379,18 @@ def _rank(pid: int):
     return next((int(e[5:]) for e in environ if e.startswith(b"RANK=")), None)
 
 
-@pytest.mark.slow
-def test_torchrun_worker_sigkill_fails_fast_and_resumes(tmp_path):
+def torchrun_command(tmp_path: Path) -> tuple:
+    """(command, environment) of COMMON on 2 gloo processes into ``tmp_path/ddp``, resumable."""
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "train.py"] + COMMON + [
         "-b", "32", "--output", str(tmp_path), "--experiment", "ddp", "--resume", "auto"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", GHOST_NOISE_COLLECTIVE_TIMEOUT_MIN="1")
+    return command, dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+                         GHOST_NOISE_COLLECTIVE_TIMEOUT_MIN="1")
+
+
+@pytest.mark.slow
+def test_torchrun_worker_sigkill_fails_fast_and_resumes(tmp_path):
+    command, env = torchrun_command(tmp_path)
     run_dir = tmp_path / "ddp"
 
     log = open(tmp_path / "first.log", "w")
@@ -585,10 +591,7 @@ def test_a_run_of_the_previous_version_resumes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_ctrl_c_stops_every_worker_cleanly(tmp_path):
     """A terminal's Ctrl-C: SIGINT to torchrun's whole process group (agent and workers), for real."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "train.py"] + COMMON + [
-        "-b", "32", "--output", str(tmp_path), "--experiment", "ddp", "--resume", "auto"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", GHOST_NOISE_COLLECTIVE_TIMEOUT_MIN="1")
+    command, env = torchrun_command(tmp_path)
     run_dir, log_path = tmp_path / "ddp", tmp_path / "first.log"
     with open(log_path, "w") as log:
         agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
