@@ -709,9 +709,8 @@ def _folder_file_problem(path: str, size_hw: tuple, first_seen: dict, decode: bo
     except OSError:
         return "unreadable"  # a dangling symlink, or removed since the folder was listed
     real = os.path.realpath(path)
-    if real in first_seen:
-        return "read twice"  # a (sym)link to a file that is already a sample
-    first_seen[real] = path
+    if first_seen.setdefault(real, path) != path:
+        return "read twice"  # a (sym)link to a file that is already a sample (one path in two splits is not)
     try:
         with Image.open(path) as image:
             width, height = image.size

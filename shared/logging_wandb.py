@@ -43,7 +43,9 @@ def _run_id(run_dir: Path, name: str) -> str:
         if stored:
             return stored
     run_id = uuid.uuid4().hex[:16]
-    path.write_text(run_id + "\n")
+    from shared.run_files import atomic_write_text  # a kill mid-write must not leave an empty id
+
+    atomic_write_text(path, run_id + "\n")
     return run_id
 
 

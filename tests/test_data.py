@@ -590,3 +590,10 @@ def test_odd_images_are_an_error_under_data_strict(folder, loader):
     add_odd_images(folder)
     with pytest.raises(DataError, match=r"empty file \(e.g. '[^']*empty.png'\).*--data-strict"):
         data.create_loaders(loader_args(folder, "--fast-loader", loader, "--data-strict"), torch.device("cpu"))
+
+
+def test_one_folder_as_both_splits_is_not_read_twice(folder):
+    """Training and evaluating on the same folder is an explicit choice: the same path is not a duplicate."""
+    loaders = data.create_loaders(loader_args(folder, "--val-split", "train", "--fast-loader", "off"),
+                                  torch.device("cpu"))
+    assert (loaders.train_size, loaders.eval_size) == (24, 24) and "left out" not in loaders.description
