@@ -593,9 +593,10 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
             ema.module.load_state_dict(checkpoint["state_dict_ema"])
         start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch"]
         num_updates = checkpoint["num_updates"]
-        # rows and best of a previous-version checkpoint carry the old metric names (top1...)
+        # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
+        # on the raw model even with EMA: both are redone from the history
         history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
-        best = run_files.timm_metric_names(checkpoint["best"])
+        best = best_epoch(history, args)
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank], noise_generator)

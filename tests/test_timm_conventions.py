@@ -121,13 +121,23 @@ def test_a_previous_version_run_reports_and_resumes_bit_identically(runs, tmp_pa
     assert load_checkpoint(run_dir / "last.pth.tar")["state_dict_ema"].keys() == \
         torch.load(runs / "straight" / "last.pth.tar", weights_only=True)["state_dict_ema"].keys()
 
-    train.main([*TINY, "--output", str(tmp_path), "--experiment", "stopped", "--epochs", "2", *EMA,
-                "--resume", "auto"])
+    assert train.main([*TINY, "--output", str(tmp_path), "--experiment", "stopped", "--epochs", "2", *EMA,
+                       "--resume", "auto"]) == 0
     resumed = torch.load(run_dir / "last.pth.tar", weights_only=True)
     straight = torch.load(runs / "straight" / "last.pth.tar", weights_only=True)
     for key in ("state_dict", "state_dict_ema"):
         assert _same_tensors(resumed[key], straight[key]), key
     assert [row["eval_top1"] for row in _summary(run_dir)] == [row["eval_top1"] for row in _summary(runs / "straight")]
+    assert run_files.read_results(run_dir)["best"] == run_files.read_results(runs / "straight")["best"]
+
+
+def test_a_finished_previous_version_run_resumes_to_nothing_to_do(runs, tmp_path, capsys):
+    shutil.copytree(runs / "straight", tmp_path / "straight")
+    _to_previous_version(tmp_path / "straight")
+    assert train.main([*TINY, "--output", str(tmp_path), "--experiment", "straight", "--epochs", "2", *EMA,
+                       "--resume", "auto"]) == 0
+    assert "nothing to do: 2 of 2 epochs are done" in capsys.readouterr().out
+    assert run_files.read_results(tmp_path / "straight")["best"] == run_files.read_results(runs / "straight")["best"]
 
 
 # ----------------------------------------------------------------------------------------------
