@@ -2,19 +2,23 @@
 
 Datasets (``--dataset``):
 
-* ``torch/cifar10``, ``torch/cifar100``: torchvision's CIFAR in ``--data-dir`` (``--dataset-download``
-  fetches it). Splits ``train`` and ``test`` (``validation``/``val`` mean ``test``).
+* ``torch/cifar10``, ``torch/cifar100``: torchvision's CIFAR in ``--data-dir`` (only
+  ``--dataset-download`` fetches it; a failed or missing download is a one-line DataError). Splits
+  ``train`` and ``test`` (``validation``/``val`` mean ``test``). A ``--data-dir`` that holds ``train/``
+  but not torchvision's folder is an ImageFolder copy of the dataset and is read as ``imagefolder``
+  (the paper configs name torch/cifar*).
 * ``imagefolder`` (also ``folder``, or ``''`` with ``--data-dir``): the ImageNet layout,
   ``DATA_DIR/SPLIT/CLASS/*.jpg``. The split is the folder name; ``validation`` and ``val`` look for
-  either folder.
+  ``validation/``, ``val/``, then ``test/``.
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, shipped inside the package,
   no download), upsampled to 1x16x16. A fixed split: 1,500 ``train`` and 297 ``test`` images
   (``validation``/``val`` mean ``test``). It trains a small ResNet in seconds on a CPU (``make run``).
 
 Seeded subsets (any dataset): ``NAME[START:STOP]-SEED`` shuffles split ``NAME`` with ``SEED`` and keeps
 positions ``START`` to ``STOP``. Bounds with a decimal point are fractions (``train[:0.9]-20``,
-``train[0.9:]-20``), bounds without are sample counts (``train[:500]``); without ``-SEED`` the order is
-the dataset's. A fraction ``f`` of ``n`` samples is cut at ``floor(f * n)`` computed exactly from the
+``train[0.9:]-20``), bounds without are sample counts (``train[:500]``); without ``-SEED`` train.py draws
+the subset with :data:`DEFAULT_SUBSET_SEED`, whatever ``--seed``, and says so in the loader description
+(:func:`split_indices` itself keeps the dataset's order for an unseeded spec). A fraction ``f`` of ``n`` samples is cut at ``floor(f * n)`` computed exactly from the
 decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
 and together hold every sample exactly once.
 
