@@ -235,7 +235,7 @@ def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
     assert rows["bn"]["n"] == 2 and rows["bn"]["seeds"] == "0,1"
     # only the finished GNI run is averaged; the preempted and the broken run are listed
     assert rows["gni4"]["n"] == 1 and rows["gni4"]["seeds"] == "0"
-    finals = {name: json.loads((root / name / "results.json").read_text())["final"]["top1"]
+    finals = {name: json.loads((root / name / "results.json").read_text())["final"]["eval_top1"]
               for name in ("bn-s0", "bn-s1", "gni4-s0")}
     assert rows["bn"]["top1_mean"] == pytest.approx((finals["bn-s0"] + finals["bn-s1"]) / 2)
     assert rows["gni4"]["top1_mean"] == pytest.approx(finals["gni4-s0"])
