@@ -615,6 +615,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RecursionError:  # a spec nested (or aliased into itself) without end
+        print(f"error: --norm {str(options.norm)[:60]!r}...: the spec is nested too deeply", file=sys.stderr)
+        return 2
     setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
              "source": "synthetic" if options.synthetic else options.dataset, "batch_size": options.batch_size,
              "num_batches": options.num_batches, "eps": options.eps, "mode": options.mode, "seed": options.seed}

@@ -313,10 +313,14 @@ def _parse_set(items: Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise SweepError(f"--set expects key=value, got {item!r}")
+        from shared.config import ConfigError, load_bounded_yaml  # the limits of config files
+
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        except ConfigError as error:
+            raise SweepError(str(error)) from None
         overrides[key.strip()] = value
     return overrides
 
@@ -585,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if options.dry_run or not (options.count or options.write_list or options.wandb_sweep):
             for run in runs:
                 print(f"# [{run.index}] {run.name}")
-                print(shlex.join(train_command(run, options.nproc_per_node)))
+                print(_one_line_command(run, options.nproc_per_node))
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

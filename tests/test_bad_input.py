@@ -235,6 +235,12 @@ SWEEP_CASES = [
      ["run 0", "holds a line break", "cannot be one line"]),
     ("list-unwritable", ["{tmp}/sweep.yaml", "--write-list", "{tmp}/afile/runs.txt"], ["cannot write", "afile"]),
     ("index-range", ["{tmp}/sweep.yaml", "--index", "9"], ["--index 9 is out of range", "valid: 0..1"]),
+    ("set-deep", ["{tmp}/sweep.yaml", "--set", "norm=" + "[" * 2000 + "]" * 2000], ["--set norm",
+                                                                                 "nested more than 32 levels"]),
+    ("set-alias-bomb", ["{tmp}/sweep.yaml", "--set", "model_kwargs={a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], "
+                        "b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a], c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], "
+                        "d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c], e: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]}"],
+     ["--set model_kwargs", "expands to more than 100000 values"]),
 ]
 
 
@@ -262,6 +268,7 @@ ANALYSIS_CASES = [
                                                                                            "not a YAML value"]),
     ("out-under-file", ["--model", "cifar_resnet20", "--out", "{tmp}/afile/out"], ["cannot write", "afile"]),
     ("ghost-one", ["--model", "cifar_resnet20", "--ghost-batch-size", "1"], ["--ghost-batch-size must be >= 2"]),
+    ("norm-deep", ["--model", "cifar_resnet20", "--norm", "[" * 2000 + "]" * 2000], ["--norm", "nested too deeply"]),
 ]
 
 
