@@ -590,7 +590,7 @@ def test_a_run_of_the_previous_version_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ctrl_c_stops_every_worker_cleanly(tmp_path):
-    """A terminal's Ctrl-C: SIGINT to torchrun's whole process group (agent and workers), for real."""
+    """A terminal's Ctrl-C, for real: SIGINT to torchrun's process group; torchrun forwards it to the workers."""
     command, env = torchrun_command(tmp_path)
     run_dir, log_path = tmp_path / "ddp", tmp_path / "first.log"
     with open(log_path, "w") as log:
