@@ -61,7 +61,7 @@ class Preempted(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Signals: SLURM sends SIGTERM (or SIGUSR1 with --signal) before it preempts a job; Ctrl-C sends SIGINT
-# (to every process of the terminal's foreground group, torchrun's workers included).
+# (torchrun passes it on to its workers, which run in sessions of their own).
 # ----------------------------------------------------------------------------------------------
 
 _stop_signal: list = []
@@ -586,8 +586,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
             log(info, "--no-resume-opt: the optimizer and gradient scaler start afresh")
         else:
             optimizer.load_state_dict(checkpoint["optimizer"])
-            if scaler is not None and checkpoint.get("scaler") is not None:
-                scaler.load_state_dict(checkpoint["scaler"])
+            if scaler is not None and checkpoint.get("amp_scaler") is not None:
+                scaler.load_state_dict(checkpoint["amp_scaler"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if ema is not None and checkpoint.get("state_dict_ema") is not None:
             ema.module.load_state_dict(checkpoint["state_dict_ema"])
@@ -649,7 +649,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
             "scheduler": scheduler.state_dict(), "arch": args.model,
             "state_dict_ema": ema.module.state_dict() if ema is not None else None,
             "metric": metric,
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
+            "amp_scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "batch": batch, "num_updates": state["num_updates"], "history": history, "best": best,
             "rng": [r for r, _ in rng], "partial_loss": [loss for _, loss in rng], "args": args_dict, "wall_time_s": wall_before + time.time() - started,
         }, last_path)
