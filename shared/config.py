@@ -227,8 +227,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--dataset-download", action="store_true", default=False,
                        help="allow torchvision datasets to download (never without this flag)")
     group.add_argument("--data-strict", action="store_true", default=False,
-                       help="an unreadable or corrupt image file is an error (default: skipped, with a count in the log, "
-                            "where the data is decoded up front)")
+                       help="an image file neither loader can use as it is (empty, unreadable, another size at "
+                            "native size, a second link to one file) is an error naming it (default: left out, "
+                            "counted by cause in the data: line)")
     group.add_argument("--fast-loader", default="auto", type=_choice_text(("auto", "on", "off")),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
