@@ -2,8 +2,8 @@
 
 A checkpoint is one ``torch.save`` dict (see :func:`save_checkpoint`'s caller in ``train.py`` for the
 keys) with timm's keys: ``state_dict`` (the model), ``state_dict_ema`` (the EMA model, or None),
-``optimizer``, ``epoch``, ``arch``, ``args``, ``metric``, so ``timm.models.load_checkpoint(model, path,
-use_ema=...)`` and ``timm.models.resume_checkpoint`` read it. ``epoch`` is the next epoch to run (with
+``optimizer``, ``amp_scaler``, ``epoch``, ``arch``, ``args``, ``metric``, so
+``timm.models.load_checkpoint(model, path, use_ema=...)`` and ``timm.models.resume_checkpoint`` read it. ``epoch`` is the next epoch to run (with
 ``batch``, the next micro-batch of it); no ``version`` key is written, which is how timm's
 ``resume_checkpoint`` reads ``epoch`` as the epoch to resume at. Checkpoints of the previous version
 (``model``/``ema``) are read through :func:`with_timm_keys`.
@@ -76,15 +76,17 @@ def load_checkpoint(path: os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def with_timm_keys(state: dict) -> dict:
-    """A checkpoint of the previous version (``model``, ``ema``) with timm's keys; others unchanged.
+    """A checkpoint of the previous version (``model``, ``ema``, ``scaler``) with timm's keys
+    (``state_dict``, ``state_dict_ema``, ``amp_scaler``); others unchanged.
 
     The previous version stored the EMA as ``ModelEmaV3.state_dict()``, whose keys carry the wrapper's
     ``module.`` prefix; timm (and this version) store the EMA model's own state dict, without it.
     """
     if "state_dict" in state or "model" not in state:
         return state
-    upgraded = {key: value for key, value in state.items() if key not in ("model", "ema")}
+    upgraded = {key: value for key, value in state.items() if key not in ("model", "ema", "scaler")}
     upgraded["state_dict"] = state["model"]
+    upgraded["amp_scaler"] = state.get("scaler")
     ema = state.get("ema")
     upgraded["state_dict_ema"] = None if ema is None else {
         key[len("module."):] if key.startswith("module.") else key: value for key, value in ema.items()}

@@ -79,6 +79,28 @@ def test_timm_load_checkpoint_reads_the_model_and_the_ema_weights(runs):
     assert timm.models.resume_checkpoint(model, str(path), log_info=False) == 2 == saved["epoch"]
 
 
+@pytest.mark.slow
+def test_timm_resume_checkpoint_restores_optimizer_and_amp_scaler(tmp_path):
+    import timm.models
+    import timm.optim
+    import timm.utils
+
+    from shared import create_model
+
+    path = _run(tmp_path, "amp", "--epochs", "1", "--amp", "--amp-dtype", "float16") / "last.pth.tar"
+    saved = torch.load(path, weights_only=True)
+    model = create_model("cifar_resnet20", num_classes=10, in_chans=1)
+    # as train.py builds it (weight decay: two parameter groups, biases and norms without decay)
+    optimizer = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, momentum=0.9, weight_decay=2e-5)
+    scaler = timm.utils.NativeScaler(device="cpu")
+    assert scaler._scaler.state_dict() != saved["amp_scaler"]  # a fresh scaler has not counted the 4 steps
+    assert timm.models.resume_checkpoint(model, str(path), optimizer, scaler, log_info=False) == 1
+    assert scaler._scaler.state_dict() == saved["amp_scaler"]
+    momentum = [state["momentum_buffer"] for state in optimizer.state_dict()["state"].values()]
+    assert momentum and all(torch.equal(a, b["momentum_buffer"]) for a, b in
+                            zip(momentum, saved["optimizer"]["state"].values()))
+
+
 def _to_previous_version(run_dir: Path) -> None:
     """Rewrite a run directory as the previous version wrote it: checkpoint keys model/ema (the EMA
     wrapper's state dict, 'module.'-prefixed), metric names top1/top5, and no arguments added since."""
@@ -86,6 +108,7 @@ def _to_previous_version(run_dir: Path) -> None:
     state = torch.load(path, weights_only=True)
     state["model"] = state.pop("state_dict")
     state["ema"] = {"module." + k: v for k, v in state.pop("state_dict_ema").items()}
+    state["scaler"] = state.pop("amp_scaler")
     for key in ("arch", "metric"):
         state.pop(key)
     state["history"] = [{{"eval_top1": "top1", "eval_top5": "top5", "ema_eval_top1": "ema_top1",
