@@ -350,6 +350,13 @@ def test_validate_reproduces_the_training_evaluation_of_the_model_and_the_ema(tm
         assert result["samples"] == 297 and result["model"] == "cifar_resnet20" and result["use_ema"] is use_ema
         assert json.loads(capsys.readouterr().out.split("--result\n", 1)[1]) == result
     assert float(row["eval_loss"]) != pytest.approx(float(row["ema_eval_loss"]), rel=1e-3)  # two different models
+    # a plain state dict (no training arguments): --model and --dataset given, loaded by timm's loader
+    torch.save(torch.load(run_dir / "last.pth.tar", weights_only=True)["state_dict"], tmp_path / "plain.pth")
+    capsys.readouterr()
+    assert validate.main(["--checkpoint", str(tmp_path / "plain.pth"), "--model", "cifar_resnet20", "--dataset",
+                          "digits", "--split", "test", "-j", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.split("--result\n", 1)[1])
+    assert result["top1"] == pytest.approx(float(row["eval_top1"]), abs=1e-3)
 
 
 def test_validate_bad_input_is_exit_2(tmp_path, capsys):
