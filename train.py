@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from shared import config as config_module
 from shared import distributed, run_files, validate

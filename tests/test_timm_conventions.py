@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_timm_conventions", REPO / "train.py")
@@ -21,7 +20,7 @@ train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train)
 
 from shared import config as config_module, data, run_files, validate  # noqa: E402
-from shared.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from shared.checkpoint import load_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 
