@@ -183,13 +183,13 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint)
+        load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model, args.model)
     return model.to(info.device)
 
 
-def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
     """``--initial-checkpoint``: timm's ``load_checkpoint`` (EMA weights when present, as timm's train.py)."""
     from timm.models import load_checkpoint as timm_load_checkpoint
 
@@ -199,7 +199,7 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         timm_load_checkpoint(model, path, use_ema=True)
     except RuntimeError as error:  # missing/unexpected keys or shape mismatches, listed by torch
         first_lines = " ".join(str(error).splitlines()[:3])[:400]
-        raise UsageError(f"--initial-checkpoint {path!r} does not fit --model {model.__class__.__name__} "
+        raise UsageError(f"--initial-checkpoint {path!r} does not fit --model {name} "
                          f"with this --norm: {first_lines}") from None
 
 
@@ -222,7 +222,8 @@ def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
     try:
         model.set_grad_checkpointing(True)
     except (AssertionError, NotImplementedError) as error:
-        raise UsageError(f"--grad-checkpointing: --model {name} does not support it ({error or 'no reason given'})") from None
+        raise UsageError(f"--grad-checkpointing: --model {name} does not support it "
+                         f"({error or 'no reason given'})") from None
 
 
 def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
