@@ -7,7 +7,7 @@
 
 A checkpoint written by train.py carries its arguments: the model, ``--norm``, ``--model-kwargs``, the
 number of classes and the data settings (dataset, input size, mean/std, crop) default to the training
-run's, so usually only the data location and the split are needed. Flags given here win. Any other
+run's (its ``--data-dir`` too), so usually only the split is needed. Flags given here win. Any other
 checkpoint (timm's, a plain state dict) needs ``--model`` (and ``--norm`` if the model used one) and is
 loaded with ``timm.models.load_checkpoint``.
 
@@ -158,7 +158,9 @@ def resolve_args(options: argparse.Namespace, checkpoint) -> argparse.Namespace:
         values.update({key: saved[key] for key in (*FROM_CHECKPOINT, "bn_eps") if key in saved})
     given = {key: value for key, value in vars(options).items() if value is not None}
     values.update({key: given[key] for key in FROM_CHECKPOINT if key in given})
-    values.update(data_dir=options.data_dir or options.data, dataset_download=options.dataset_download,
+    # the data location defaults to the training run's (the same machine, usually)
+    values.update(data_dir=options.data_dir or options.data or (saved or {}).get("data_dir"),
+                  dataset_download=options.dataset_download,
                   train_split=options.split, val_split=options.split, validation_batch_size=options.batch_size,
                   workers=options.workers, pin_mem=options.pin_mem, pretrained=options.pretrained)
     if "input_size" in given or "img_size" in given:  # a size given here replaces the checkpoint's
