@@ -115,10 +115,14 @@ def test_reference_layer_norm_resnet_specs():
 
 def test_reference_simple_vit_spec_is_channels_last():
     module = create_norm_factory(SVIT_GNI, layout="channels_last")(512)
-    assert type(module[0]).__name__ == "LayerNorm" and module[0].elementwise_affine
-    _assert_attrs(module[1], ghost_batch_size=12, channel_dim=-1)
+    # a LayerNorm (its own weight / bias keys) with the noise as a parameter-free child applied after it
+    assert isinstance(module, nn.LayerNorm) and module.elementwise_affine
+    assert sorted(module.state_dict()) == ["bias", "weight"]
+    _assert_attrs(module.noise, ghost_batch_size=12, channel_dim=-1)
     tokens = torch.randn(24, 64, 512)
     assert module(tokens).shape == tokens.shape
+    module.eval()  # the injector is the identity in eval: the output is the LayerNorm's
+    torch.testing.assert_close(module(tokens), nn.functional.layer_norm(tokens, (512,), module.weight, module.bias))
 
 
 def test_reference_nf_resnet_noise_spec():

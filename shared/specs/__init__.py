@@ -87,6 +87,7 @@ from shared.specs._build import (
 )
 from shared.specs._parse import parse_spec
 from shared.specs._table import KINDS, LAYOUTS, NormSpec, PartSpec, SpecError
+from shared.specs.sites import SiteReport, census, replace_norm_sites
 
 __all__ = [
     "SpecError",
@@ -102,4 +103,7 @@ __all__ = [
     "rename_reference_kwargs",
     "KINDS",
     "LAYOUTS",
+    "SiteReport",
+    "census",
+    "replace_norm_sites",
 ]
