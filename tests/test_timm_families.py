@@ -195,3 +195,61 @@ def test_nodo_convert_keeps_every_activation(family):
 def test_nodo_convert_refuses_models_without_batch_norm(family):
     with pytest.raises(ValueError, match="no BatchNorm layer to replace"):
         nodo.convert(copy.deepcopy(_plain(family)), create_norm_factory("gni16"))
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: one epoch of a stock timm CNN and a stock timm ViT with GNI on a small local ImageFolder
+# ----------------------------------------------------------------------------------------------
+
+def _image_folder(root, per_class: int, split: str) -> None:
+    """``root/split/{class}/NNN.png``: two classes of random 32x32 RGB images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(len(split) + per_class)
+    for label in ("ant", "bee"):
+        folder = root / split / label
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train.py"
+    spec = importlib.util.spec_from_file_location("train_under_test_families", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUNS = {  # model, model kwargs, spec, expected norm sites / activations of the report
+    "regnetx_002": ([], "gni16", 44, 40),
+    "vit_tiny_patch16_224": (["img_size=32", "patch_size=8", "depth=2"], "[ln, gnir12]", 5, 2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", list(RUNS))
+def test_one_epoch_train_run_of_stock_timm_model_with_gni(tmp_path, train_module, model_name):
+    import json
+
+    model_kwargs, spec, sites, activations = RUNS[model_name]
+    data = tmp_path / "images"
+    _image_folder(data, 24, "train")
+    _image_folder(data, 6, "val")
+    argv = ["--data-dir", str(data), "--val-split", "val", "--input-size", "3", "32", "32", "--model", model_name,
+            "--norm", spec, "-b", "12", "--epochs", "1", "--lr", "0.01", "--warmup-epochs", "0", "--smoothing", "0",
+            "--output", str(tmp_path / "runs"), "--experiment", "run"]
+    if model_kwargs:
+        argv += ["--model-kwargs", *model_kwargs]
+    assert train_module.main(argv) == 0
+    results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert results["status"] == "finished" and results["num_updates"] == 4
+    report = results["norm_sites"]
+    assert report["spec"] == spec and report["sites"] == sites and report["noise_sites"] == sites
+    assert report["activations"] == [activations, activations]
+    assert 0.0 <= results["final"]["top1"] <= 100.0

@@ -174,7 +174,16 @@ def compare(spec: Any, before: dict, after: dict) -> SiteReport:
 
 
 def _spec_text(spec: Any) -> str:
-    return spec if isinstance(spec, str) else repr(spec)
+    """The spec as a user writes it: text as given, lists and mappings as flow YAML (``[ln, gnir12]``)."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, (list, tuple, dict)):
+        import yaml
+        try:
+            return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10 ** 6).strip()
+        except yaml.YAMLError:
+            pass
+    return repr(spec)
 
 
 # ----------------------------------------------------------------------------------------------
