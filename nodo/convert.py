@@ -57,6 +57,16 @@ class _ThenMixin:
                 state_dict[f"{prefix}{name}"] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time, so pickle could not find it by name: rebuild it from its base class
+        return _rebuild_then, (type(self).__bases__[1], self.__dict__)
+
+
+def _rebuild_then(base: type, state: dict) -> nn.Module:
+    module = object.__new__(_then_class(base))
+    module.__dict__.update(state)
+    return module
+
 
 @functools.lru_cache(maxsize=None)
 def _then_class(cls: type) -> type:

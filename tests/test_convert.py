@@ -1,5 +1,6 @@
 """nodo.convert: every BatchNorm replaced, trained values carried over, structure and modes kept."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -201,6 +202,7 @@ def test_append_after_keeps_keys_and_reads_older_sequential_checkpoints():
     assert torch.equal(norm.weight, legacy[0].weight)
     with pytest.raises(ValueError, match="already has children"):
         append_after(norm, {"noise": nn.Identity()})
-    copied = copy.deepcopy(norm).eval()
     x = torch.randn(2, 6)
-    torch.testing.assert_close(copied(x), legacy.eval()(x))
+    for copied in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):  # a class made at run time still copies
+        assert type(copied) is type(norm) and copied.noise is not norm.noise
+        torch.testing.assert_close(copied.eval()(x), legacy.eval()(x))
