@@ -403,7 +403,8 @@ def run(args, info) -> int:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
+        model = convert_sync_batchnorm(model)
     unwrapped = model
 
     # ---- optimizer, schedule, loss, AMP, EMA (timm's factories)

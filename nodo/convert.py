@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-__all__ = ["convert", "ConvertReport", "append_after", "after_modules"]
+__all__ = ["convert", "ConvertReport", "append_after", "after_modules", "convert_sync_batchnorm"]
 
 NormFactory = Callable[..., nn.Module]
 
@@ -252,3 +252,28 @@ def convert(module: nn.Module, factory: NormFactory, *, return_report: bool = Fa
         raise ValueError(f"convert: {type(module).__name__} has no BatchNorm layer to replace (norm layers found: "
                          f"{', '.join(norms) or 'none'}); convert only replaces BatchNorm layers")
     return (converted, report) if return_report else converted
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``nn.SyncBatchNorm.convert_sync_batchnorm`` that keeps what a BatchNorm applies after normalizing.
+
+    torch's converter turns every BatchNorm into an ``nn.SyncBatchNorm`` and re-adds its children, which
+    SyncBatchNorm's forward never calls: a timm ``BatchNormAct2d`` or a ``<Layer>Then`` of
+    :func:`append_after` would silently lose its activation. Here each ``_BatchNorm`` becomes a SyncBatchNorm
+    with the same hyperparameters, sharing its parameters and buffers (as torch's converter does), followed
+    by the same ``drop`` / ``act`` / noise modules. Ghost norms (not ``_BatchNorm``) stay per process.
+    """
+    def replace(name: str, old: nn.Module) -> Optional[nn.Module]:
+        if not isinstance(old, _BatchNorm) or isinstance(old, nn.SyncBatchNorm) and not after_modules(old):
+            return None
+        after = detach_after(name, old)
+        new = nn.SyncBatchNorm(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats,
+                               process_group)
+        if old.affine:
+            new.weight, new.bias = old.weight, old.bias
+        new.running_mean, new.running_var = old.running_mean, old.running_var
+        new.num_batches_tracked = old.num_batches_tracked
+        new.train(old.training)
+        return append_after(new, after)
+
+    return replace_modules(module, replace)

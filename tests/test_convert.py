@@ -206,3 +206,24 @@ def test_append_after_keeps_keys_and_reads_older_sequential_checkpoints():
     for copied in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):  # a class made at run time still copies
         assert type(copied) is type(norm) and copied.noise is not norm.noise
         torch.testing.assert_close(copied.eval()(x), legacy.eval()(x))
+
+
+def test_convert_sync_batchnorm_keeps_activations_where_torchs_converter_drops_them():
+    from nodo.convert import convert_sync_batchnorm
+
+    def make():
+        torch.manual_seed(0)
+        return train_a_little(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct(4), nn.Conv2d(4, 4, 1),
+                                            BatchNormAct(4, act=nn.LeakyReLU(0.3)), nn.BatchNorm2d(4)))
+    reference = make()
+    synced = convert_sync_batchnorm(make())
+    assert [type(m).__name__ for m in synced if "Norm" in type(m).__name__] == [
+        "SyncBatchNormThen", "SyncBatchNormThen", "SyncBatchNorm"]
+    assert isinstance(synced[3].act, nn.LeakyReLU) and list(synced.state_dict()) == list(reference.state_dict())
+    x = torch.randn(8, 3, 5, 5)
+    for training in (True, False):  # single process: SyncBatchNorm computes BatchNorm
+        synced.train(training), reference.train(training)
+        torch.testing.assert_close(synced(x), reference(x))
+    # negative control: torch's own converter keeps the act child but never calls it
+    dropped = nn.SyncBatchNorm.convert_sync_batchnorm(make()).eval()
+    assert not torch.allclose(dropped(x), reference(x))

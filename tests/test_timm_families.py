@@ -253,3 +253,11 @@ def test_one_epoch_train_run_of_stock_timm_model_with_gni(tmp_path, train_module
     assert report["spec"] == spec and report["sites"] == sites and report["noise_sites"] == sites
     assert report["activations"] == [activations, activations]
     assert 0.0 <= results["final"]["top1"] <= 100.0
+
+
+def test_batch_norm_eps_and_momentum_of_the_model_are_kept():
+    # tf_* ports use BN eps 1e-3: the model's own values reach the spec's norm (bn_eps / bn_momentum are timm's)
+    model = shared.create_model("mobilenetv3_small_050", norm="gni16", bn_eps=1e-3, bn_momentum=0.01)
+    norms = [m for m in model.modules() if isinstance(m, nodo.GhostNoiseBatchNorm2d)]
+    assert len(norms) == model.site_report.sites > 0
+    assert {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.01)}
