@@ -314,6 +314,33 @@ def test_factory_works_with_timm_get_norm_layer_and_pickles():
     assert str(restored.keywords["spec"]) == str(factory.keywords["spec"])
 
 
+def test_factory_called_as_timm_norm_act_layer_builds_drop_and_act_like_batchnormact2d():
+    import functools
+
+    from timm.layers import BatchNormAct2d, get_norm_act_layer
+    # timm's get_norm_act_layer binds act_layer to our factory (it would drop it for an unknown function)
+    layer = get_norm_act_layer(create_norm_factory("gni16"), act_layer=nn.SiLU)
+    drop = functools.partial(nn.Dropout, 0.1)
+    ours = layer(8, drop_layer=drop, act_kwargs={"inplace": False})
+    timm_layer = get_norm_act_layer(nn.BatchNorm2d, act_layer=nn.SiLU)(8, drop_layer=drop, act_kwargs={"inplace": False})
+    assert type(timm_layer) is BatchNormAct2d and isinstance(ours, nodo.GhostNoiseBatchNorm2d)
+    for name in ("drop", "act"):
+        assert repr(getattr(ours, name)) == repr(getattr(timm_layer, name))
+    assert list(ours.state_dict()) == list(timm_layer.state_dict())
+    ours.eval(), timm_layer.eval()  # GNI in eval is BN: the two layers compute the same
+    x = torch.randn(4, 8, 3, 3)
+    torch.testing.assert_close(ours(x), timm_layer(x))
+    # apply_act=False and act_layer=None give an Identity activation, as in timm; inplace defaults to True
+    assert type(layer(8, apply_act=False).act) is nn.Identity
+    assert type(create_norm_factory("bn")(8, act_layer=None).act) is nn.Identity
+    assert create_norm_factory("bn")(8, act_layer=nn.ReLU).act.inplace is True
+
+
+def test_factory_called_as_norm_act_layer_without_act_layer_is_an_error():
+    with pytest.raises(SpecError, match=r"norm\+activation layer .*apply_act.* without an act_layer"):
+        create_norm_factory("gni16")(8, apply_act=True)
+
+
 @pytest.mark.parametrize("spec", ["nat8", "gni16", GNI16, "[gn1, gnir4, gain, bias]"])
 def test_timm_resnet_zero_init_last_zeroes_composite_gains(spec):
     model = shared.create_model("resnet18", norm=spec, zero_init_last=True, num_classes=10)

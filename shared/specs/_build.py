@@ -201,9 +201,11 @@ def create_norm_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[...
             bias parts and the LayerNorm flavour, and rejects norms that need NCHW input.
 
     Returns:
-        A ``functools.partial`` whose ``keywords['spec']`` is the parsed :class:`NormSpec`. A composite
-        spec builds a :class:`NormSequence`; the GNI composite at a channels_first site builds the fused
-        ``nodo.GhostNoiseBatchNorm2d``.
+        A ``functools.partial`` whose ``keywords['spec']`` is the parsed :class:`NormSpec`. The GNI
+        composite at a channels_first site builds the fused ``nodo.GhostNoiseBatchNorm2d``; a norm
+        followed by parameter-free parts builds that norm with them as children (same state-dict keys);
+        other composites build a :class:`NormSequence`. Called with timm's norm+activation keywords
+        (``act_layer``...) it appends ``drop`` and ``act`` as timm's ``BatchNormAct2d`` builds them.
 
     Raises:
         SpecError: the spec is malformed or names an unknown part or keyword (with close matches).
