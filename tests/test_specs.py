@@ -322,7 +322,8 @@ def test_factory_called_as_timm_norm_act_layer_builds_drop_and_act_like_batchnor
     layer = get_norm_act_layer(create_norm_factory("gni16"), act_layer=nn.SiLU)
     drop = functools.partial(nn.Dropout, 0.1)
     ours = layer(8, drop_layer=drop, act_kwargs={"inplace": False})
-    timm_layer = get_norm_act_layer(nn.BatchNorm2d, act_layer=nn.SiLU)(8, drop_layer=drop, act_kwargs={"inplace": False})
+    timm_layer = get_norm_act_layer(nn.BatchNorm2d, act_layer=nn.SiLU)(8, drop_layer=drop,
+                                                                       act_kwargs={"inplace": False})
     assert type(timm_layer) is BatchNormAct2d and isinstance(ours, nodo.GhostNoiseBatchNorm2d)
     for name in ("drop", "act"):
         assert repr(getattr(ours, name)) == repr(getattr(timm_layer, name))

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
-import torch
 from torch import nn
 
 import nodo
@@ -55,6 +55,7 @@ def _timm_classes(names: tuple) -> tuple:
     return tuple(getattr(timm.layers, name) for name in names if hasattr(timm.layers, name))
 
 
+@functools.lru_cache(maxsize=None)
 def _layout_classes() -> tuple:
     """(channels_first classes, channels_last classes, 2d BatchNorm-family classes); channels_first is checked first
     (timm's LayerNorm2d is an nn.LayerNorm)."""
@@ -191,7 +192,8 @@ def _spec_text(spec: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
-    """The site's ``eps`` / ``momentum`` for the spec's norm part, if it is of the site's family and does not set them."""
+    """The site's ``eps`` / ``momentum`` for the spec's norm part, if that is of the site's family and does not
+    set them itself."""
     if spec is None:  # a plain factory: it gets only (num_features, device, dtype)
         return {}
     norm = next((p for p in spec.parts if p.kind == "norm"), None)
@@ -232,7 +234,8 @@ def _device_dtype(module: nn.Module) -> tuple:
 
 
 class _SiteBuilder:
-    """Builds ``spec`` for one site at a time; a factory per layout, parsed once (a bad fit raised at the first site)."""
+    """Builds ``spec`` for one site at a time: a factory per layout, parsed once (a spec that does not fit a layout
+    is raised at the first site of that layout, naming it)."""
 
     def __init__(self, model: nn.Module, spec: Any, layout: Optional[str]):
         self.model, self.spec, self.forced_layout = model, spec, layout
@@ -257,8 +260,8 @@ class _SiteBuilder:
         if layout is None:
             return None
         if layout == "unsupported":
-            raise SpecError(f"norm site {name} ({type(site).__name__}) normalizes 1d or 3d activations; the specs build "
-                            f"2d layers (N, C, H, W) or token layers (N, ..., C)")
+            raise SpecError(f"norm site {name} ({type(site).__name__}) normalizes 1d or 3d activations; the specs "
+                            f"build 2d layers (N, C, H, W) or token layers (N, ..., C)")
         if self.forced_layout is not None and self.forced_layout != layout:
             raise SpecError(f"norm site {name} ({type(site).__name__}) is {layout}, but norm_layout="
                             f"{self.forced_layout!r} was given; leave norm_layout out (it is detected per site)")
