@@ -335,6 +335,10 @@ def test_factory_called_as_timm_norm_act_layer_builds_drop_and_act_like_batchnor
     assert type(layer(8, apply_act=False).act) is nn.Identity
     assert type(create_norm_factory("bn")(8, act_layer=None).act) is nn.Identity
     assert create_norm_factory("bn")(8, act_layer=nn.ReLU).act.inplace is True
+    # a composite gets drop / act as its last children; its .weight stays its gain's, not a PReLU's
+    composite = create_norm_factory("nat8")(4, act_layer=nn.PReLU)
+    assert list(dict(composite.named_children())) == ["0", "1", "2", "3", "drop", "act"]
+    assert composite.weight is composite[2].weight and type(composite.act) is nn.PReLU
 
 
 def test_factory_called_as_norm_act_layer_without_act_layer_is_an_error():

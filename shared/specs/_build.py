@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import nodo
-from nodo.convert import append_after
+from nodo.convert import NORM_ACT_CHILDREN, append_after
 from shared.specs._parse import parse_spec
 from shared.specs._table import (
     CHANNELS_FIRST, TABLE, TAKES_FEATURES, NormSpec, PartSpec, SpecError, accepted_arguments, make_part,
@@ -29,7 +29,10 @@ class NormSequence(nn.Sequential):
     """
 
     def _last_parameter(self, name: str) -> Optional[nn.Parameter]:
-        for module in reversed(list(self.children())):
+        # the drop / act children of a norm+act site are not the norm's (a PReLU activation has a weight)
+        for child, module in reversed(list(self._modules.items())):
+            if child in NORM_ACT_CHILDREN:
+                continue
             value = getattr(module, name, None)
             if isinstance(value, torch.Tensor):
                 return value
