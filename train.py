@@ -545,13 +545,16 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
     num_classes = loaders.config.num_classes
     args.num_classes = num_classes
     model = build_model(args, num_classes, loaders.config.input_size[0], info)
+    site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
+    norm_sites = site_report.as_dict() if site_report is not None else None
     check_ghost_batches(model, args.batch_size)
     noise_seed = (args.noise_seed if args.noise_seed is not None else args.seed) + info.rank
     noise_generator = specs.attach_noise_generator(model, noise_seed, info.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
+        model = convert_sync_batchnorm(model)
     unwrapped = model
 
     # ---- optimizer, schedule, loss, AMP, EMA (timm's factories)
@@ -620,11 +623,13 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
         run_files.write_run_file(run_dir / "args.yaml", config_module.yaml_text(args))
     # the wandb config holds the resolved arguments too (args_dict was taken before num_classes, lr... were set)
-    logger = WandbLogger(run_dir, args.experiment, config_module.args_to_dict(args), project=args.wandb_project,
-                         tags=args.wandb_tags,
+    logger = WandbLogger(run_dir, args.experiment, {**config_module.args_to_dict(args), "norm_sites": norm_sites},
+                         project=args.wandb_project, tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
+    if site_report is not None:
+        log(info, str(site_report))
     log(info, f"data: {loaders.description}")
     log(info, f"schedule: {num_epochs} epochs x {updates_per_epoch} updates, global batch {global_batch}, lr {args.lr:g}")
 
@@ -636,7 +641,7 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         final = history[-1] if history else None
         return {"status": final_status, "epochs_done": len(history), "epochs": num_epochs, "final": final,
                 "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
-                "num_updates": state["num_updates"]}
+                "num_updates": state["num_updates"], "norm_sites": norm_sites}
 
     def save(epoch: int, batch: int, partial_loss: float = 0.0, metric: Optional[float] = None) -> None:
         """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""

@@ -1,5 +1,6 @@
 """nodo.convert: every BatchNorm replaced, trained values carried over, structure and modes kept."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -145,3 +146,84 @@ def test_errors():
         nodo.convert(nn.BatchNorm2d(3), lambda c, **dd: None)
     with pytest.raises(ValueError, match="lazy layer"):
         nodo.convert(nn.Sequential(nn.LazyBatchNorm2d()), ghost16)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A torch-only stand-in for timm's BatchNormAct2d: act(drop(bn(x))), drop/act as children."""
+
+    def __init__(self, num_features, act=None):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act if act is not None else nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_norm_act_layers_keep_their_activation_objects_and_compute_the_same():
+    model = train_a_little(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct(4), nn.Conv2d(4, 4, 1),
+                                         BatchNormAct(4, act=nn.LeakyReLU(0.3))))
+    acts = [model[1].act, model[3].act]
+    reference = copy.deepcopy(model)
+    converted, report = nodo.convert(model, ghost16, return_report=True)
+    assert report.replaced == ["1", "3"] and report.with_activation == 2
+    assert "replaced 2 BatchNorm layers" in str(report)
+    assert [converted[1].act, converted[3].act] == acts  # the same objects: inplace flag and slope kept
+    assert isinstance(converted[1], nodo.GhostBatchNorm2d) and type(converted[1]).__name__ == "GhostBatchNorm2dThen"
+    assert list(converted.state_dict()) == list(reference.state_dict())
+    x = torch.randn(8, 3, 5, 5)
+    torch.testing.assert_close(converted(x), reference(x))  # ghost batch 16 >= 8: GBN is BN, act applied
+    # negative control: without the kept activation the outputs differ
+    converted[3]._after_names = ("drop",)
+    assert not torch.allclose(converted(x), reference(x))
+
+
+def test_batch_norm_with_unknown_children_is_refused_by_name():
+    odd = nn.BatchNorm2d(4)
+    odd.extra = nn.ReLU()
+    with pytest.raises(ValueError, match=r"cannot replace 1 \(BatchNorm2d\): it has children \['extra'\]"):
+        nodo.convert(nn.Sequential(nn.Conv2d(3, 4, 1), odd), ghost16)
+
+
+def test_no_batch_norm_is_an_error_naming_the_norms_found():
+    with pytest.raises(ValueError, match="no BatchNorm layer to replace.*LayerNorm"):
+        nodo.convert(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), ghost16)
+
+
+def test_append_after_keeps_keys_and_reads_older_sequential_checkpoints():
+    from nodo.convert import append_after
+
+    norm = append_after(nn.LayerNorm(6), {"noise": nn.Dropout(0.5)})
+    assert isinstance(norm, nn.LayerNorm) and sorted(norm.state_dict()) == ["bias", "weight"]
+    legacy = nn.Sequential(nn.LayerNorm(6), nn.Dropout(0.5))  # the older composite: norm as child "0"
+    with torch.no_grad():
+        legacy[0].weight.uniform_()
+    norm.load_state_dict(legacy.state_dict())
+    assert torch.equal(norm.weight, legacy[0].weight)
+    with pytest.raises(ValueError, match="already has children"):
+        append_after(norm, {"noise": nn.Identity()})
+    x = torch.randn(2, 6)
+    for copied in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):  # a class made at run time still copies
+        assert type(copied) is type(norm) and copied.noise is not norm.noise
+        torch.testing.assert_close(copied.eval()(x), legacy.eval()(x))
+
+
+def test_convert_sync_batchnorm_keeps_activations_where_torchs_converter_drops_them():
+    from nodo.convert import convert_sync_batchnorm
+
+    def make():
+        torch.manual_seed(0)
+        return train_a_little(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct(4), nn.Conv2d(4, 4, 1),
+                                            BatchNormAct(4, act=nn.LeakyReLU(0.3)), nn.BatchNorm2d(4)))
+    reference = make()
+    synced = convert_sync_batchnorm(make())
+    assert [type(m).__name__ for m in synced if "Norm" in type(m).__name__] == [
+        "SyncBatchNormThen", "SyncBatchNormThen", "SyncBatchNorm"]
+    assert isinstance(synced[3].act, nn.LeakyReLU) and list(synced.state_dict()) == list(reference.state_dict())
+    x = torch.randn(8, 3, 5, 5)
+    for training in (True, False):  # single process: SyncBatchNorm computes BatchNorm
+        synced.train(training), reference.train(training)
+        torch.testing.assert_close(synced(x), reference(x))
+    # negative control: torch's own converter keeps the act child but never calls it
+    dropped = nn.SyncBatchNorm.convert_sync_batchnorm(make()).eval()
+    assert not torch.allclose(dropped(x), reference(x))

@@ -375,6 +375,19 @@ def test_shared_create_model_routes_specs():
         shared.create_model("resnet18", norm="bn", norm_layer="bn")
 
 
+
+def test_shared_create_model_reports_sites_of_our_models_and_stock_models():
+    ours = shared.create_model("cifar_resnet20", norm="gni16", base_channels=4)
+    report = ours.site_report  # compared with the model built with its default norm (on the meta device)
+    assert report.sites == 21 and report.replaced == {"BatchNorm2d -> GhostNoiseBatchNorm2d": 21}
+    assert report.after["noise_sites"] == 21 and report.before["noise_sites"] == 0
+    assert report.before["activations"] == report.after["activations"] > 0
+    assert shared.create_model("cifar_resnet20", base_channels=4).site_report is None
+    # a stock model: norm_layout, if given, must be each site's own layout
+    with pytest.raises(shared.SpecError, match=r"norm site conv1\.1 \(BatchNorm2d\) is channels_first"):
+        shared.create_model("resnet10t", norm="bn", norm_layout="channels_last")
+
+
 def test_register_is_idempotent_and_lists_models():
     names = shared.register()
     assert shared.register() == names

@@ -115,10 +115,14 @@ def test_reference_layer_norm_resnet_specs():
 
 def test_reference_simple_vit_spec_is_channels_last():
     module = create_norm_factory(SVIT_GNI, layout="channels_last")(512)
-    assert type(module[0]).__name__ == "LayerNorm" and module[0].elementwise_affine
-    _assert_attrs(module[1], ghost_batch_size=12, channel_dim=-1)
+    # a LayerNorm (its own weight / bias keys) with the noise as a parameter-free child applied after it
+    assert isinstance(module, nn.LayerNorm) and module.elementwise_affine
+    assert sorted(module.state_dict()) == ["bias", "weight"]
+    _assert_attrs(module.noise, ghost_batch_size=12, channel_dim=-1)
     tokens = torch.randn(24, 64, 512)
     assert module(tokens).shape == tokens.shape
+    module.eval()  # the injector is the identity in eval: the output is the LayerNorm's
+    torch.testing.assert_close(module(tokens), nn.functional.layer_norm(tokens, (512,), module.weight, module.bias))
 
 
 def test_reference_nf_resnet_noise_spec():
@@ -308,6 +312,38 @@ def test_factory_works_with_timm_get_norm_layer_and_pickles():
     assert type(get_norm_layer(factory)(8)) is nodo.GhostNoiseBatchNorm2d
     restored = pickle.loads(pickle.dumps(factory))
     assert str(restored.keywords["spec"]) == str(factory.keywords["spec"])
+
+
+def test_factory_called_as_timm_norm_act_layer_builds_drop_and_act_like_batchnormact2d():
+    import functools
+
+    from timm.layers import BatchNormAct2d, get_norm_act_layer
+    # timm's get_norm_act_layer binds act_layer to our factory (it would drop it for an unknown function)
+    layer = get_norm_act_layer(create_norm_factory("gni16"), act_layer=nn.SiLU)
+    drop = functools.partial(nn.Dropout, 0.1)
+    ours = layer(8, drop_layer=drop, act_kwargs={"inplace": False})
+    timm_layer = get_norm_act_layer(nn.BatchNorm2d, act_layer=nn.SiLU)(8, drop_layer=drop,
+                                                                       act_kwargs={"inplace": False})
+    assert type(timm_layer) is BatchNormAct2d and isinstance(ours, nodo.GhostNoiseBatchNorm2d)
+    for name in ("drop", "act"):
+        assert repr(getattr(ours, name)) == repr(getattr(timm_layer, name))
+    assert list(ours.state_dict()) == list(timm_layer.state_dict())
+    ours.eval(), timm_layer.eval()  # GNI in eval is BN: the two layers compute the same
+    x = torch.randn(4, 8, 3, 3)
+    torch.testing.assert_close(ours(x), timm_layer(x))
+    # apply_act=False and act_layer=None give an Identity activation, as in timm; inplace defaults to True
+    assert type(layer(8, apply_act=False).act) is nn.Identity
+    assert type(create_norm_factory("bn")(8, act_layer=None).act) is nn.Identity
+    assert create_norm_factory("bn")(8, act_layer=nn.ReLU).act.inplace is True
+    # a composite gets drop / act as its last children; its .weight stays its gain's, not a PReLU's
+    composite = create_norm_factory("nat8")(4, act_layer=nn.PReLU)
+    assert list(dict(composite.named_children())) == ["0", "1", "2", "3", "drop", "act"]
+    assert composite.weight is composite[2].weight and type(composite.act) is nn.PReLU
+
+
+def test_factory_called_as_norm_act_layer_without_act_layer_is_an_error():
+    with pytest.raises(SpecError, match=r"norm\+activation layer .*apply_act.* without an act_layer"):
+        create_norm_factory("gni16")(8, apply_act=True)
 
 
 @pytest.mark.parametrize("spec", ["nat8", "gni16", GNI16, "[gn1, gnir4, gain, bias]"])

@@ -15,7 +15,7 @@ from shared.models.cifar_resnet import CifarResNet
 from shared.models.cifar_simple_vit import CifarSimpleViT
 from shared.models.convmixer import ConvMixerCifar
 from shared.models.nf_resnet import NFResNet
-from shared.specs import LAYOUTS, create_norm_factory
+from shared.specs.sites import SiteReport, census, compare, replace_norm_sites
 
 __all__ = ["MODEL_NAMES", "create_model", "CifarResNet", "CifarSimpleViT", "ConvMixerCifar", "NFResNet"]
 
@@ -29,20 +29,26 @@ def create_model(model_name: str, norm: Any = None, pretrained: bool = False,
                  norm_layout: Optional[str] = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a norm/noise spec for our models and stock timm models alike.
 
-    For the models of this package ``norm`` is passed on as ``norm=``. For a stock timm model it is
-    turned into a factory (:func:`shared.specs.create_norm_factory`) and passed as ``norm_layer=``,
-    the argument timm's CNNs call as ``norm_layer(num_channels, device=..., dtype=...)`` at every norm
-    site; timm's own maps are not touched. A spec given as ``norm_layer=`` is converted the same way,
-    so ``--model-kwargs norm_layer='[...reference JSON...]'`` ports unchanged.
+    For the models of this package ``norm`` is passed on as ``norm=``. A stock timm model is built as
+    timm builds it (pretrained weights included), then the spec is put at each of its norm sites by
+    :func:`shared.specs.replace_norm_sites`: each site's layout (``(N, C, H, W)`` or tokens), eps and
+    momentum, weights and activation (timm's ``BatchNormAct2d``...) are kept, and nothing else changes.
+    A spec given as ``norm_layer=`` is treated the same, so ``--model-kwargs norm_layer='[...reference
+    JSON...]'`` ports unchanged.
+
+    The returned model has a ``site_report`` attribute: a :class:`shared.specs.SiteReport` (norm sites
+    replaced by what, noise sites, activations and parameters before/after), or None without a spec.
 
     Args:
         model_name: a timm model name (ours or stock).
         norm: a norm spec (string, mapping, list, JSON/YAML text) or factory; None keeps the default.
         pretrained: as in timm (our models have no weights).
-        norm_layout: layout of a stock model's norm sites: 'channels_first' (CNNs, the default) or
-            'channels_last' (token models such as timm's ViTs, whose norm_layer sees (N, L, C)).
-            Our models know their own layout and reject this argument.
+        norm_layout: None (the layout of each stock site is read from its class), or the layout every
+            norm site of a stock model must have. Our models know their own layout and reject it.
         **kwargs: passed to ``timm.create_model``.
+
+    Raises:
+        SpecError: the spec is malformed, matches no norm site, or does not fit a site (named).
     """
     import timm
 
@@ -52,12 +58,32 @@ def create_model(model_name: str, norm: Any = None, pretrained: bool = False,
         if norm is not None:
             raise TypeError(f"create_model({model_name!r}): give the spec as norm= or norm_layer=, not both")
         norm = norm_layer
-    if base_name in MODEL_NAMES:
+    if base_name not in MODEL_NAMES:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        report = None
+        if norm is not None:
+            model, report = replace_norm_sites(model, norm, layout=norm_layout)
+    else:
         if norm_layout is not None:
             raise TypeError(f"create_model({model_name!r}): norm_layout is for stock timm models; "
                             f"{base_name} knows the layout of its norm sites")
         if norm is not None:
             kwargs["norm"] = norm
-    elif norm is not None:  # a factory (class, function, partial) passes through unchanged
-        kwargs["norm_layer"] = create_norm_factory(norm, layout=norm_layout or LAYOUTS[0])
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        report = _own_model_report(model_name, norm, kwargs, model)
+    model.site_report = report
+    return model
+
+
+def _own_model_report(model_name: str, norm: Any, kwargs: dict, model: nn.Module) -> Optional[SiteReport]:
+    """Our models apply the spec themselves: compare with the model built with its default norm (on the
+    meta device, so nothing is allocated)."""
+    import timm
+    import torch
+
+    if norm is None:
+        return None
+    plain_kwargs = {k: v for k, v in kwargs.items() if k != "norm"}
+    with torch.device("meta"):
+        plain = timm.create_model(model_name, **plain_kwargs)
+    return compare(norm, census(plain), census(model))

@@ -48,9 +48,21 @@ Part tables (canonical name first, then aliases; ``N`` = the short string's numb
 
 The reference's GNI composite ``[bn2d(affine=False), gnir(N), gain, bias]`` (also what ``gniN``
 expands to) is built as the fused ``nodo.GhostNoiseBatchNorm2d`` at channels_first sites: the same
-computation and the same ghost-index draws in fewer passes (tests check equal outputs). A composite
-spec builds a :class:`NormSequence` whose ``.weight`` / ``.bias`` are those of its gain / bias part,
-so timm's ``zero_init_last`` zero-initializes it.
+computation and the same ghost-index draws in fewer passes (tests check equal outputs). A norm followed
+only by parameter-free parts (``[ln, gnir12]``) is built as that norm with the parts as children applied
+after it (``LayerNormThen``, an ``nn.LayerNorm``; :func:`nodo.convert.append_after`), so its state-dict keys
+are the plain norm's and pretrained weights load. Any other composite builds a :class:`NormSequence`
+whose ``.weight`` / ``.bias`` are those of its gain / bias part, so timm's ``zero_init_last``
+zero-initializes it.
+
+Norm sites of timm models
+-------------------------
+The factory also takes timm's norm+activation keywords (``act_layer``, ``apply_act``, ``act_kwargs``,
+``inplace``, ``drop_layer``): timm models that build ``BatchNormAct2d``-style layers from ``norm_layer``
+(efficientnet, regnet, resnetv2) then get the spec followed by the same ``drop`` and ``act`` modules.
+:func:`replace_norm_sites` (``shared/specs/sites.py``) puts a spec at every norm site of a built model,
+each with its own layout, eps and activation, and returns a :class:`SiteReport`; ``shared.create_model``
+uses it for stock timm models.
 
 Porting the reference implementation's specs
 --------------------------------------------
@@ -87,6 +99,7 @@ from shared.specs._build import (
 )
 from shared.specs._parse import parse_spec
 from shared.specs._table import KINDS, LAYOUTS, NormSpec, PartSpec, SpecError
+from shared.specs.sites import SiteReport, census, replace_norm_sites
 
 __all__ = [
     "SpecError",
@@ -102,4 +115,7 @@ __all__ = [
     "rename_reference_kwargs",
     "KINDS",
     "LAYOUTS",
+    "SiteReport",
+    "census",
+    "replace_norm_sites",
 ]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import nodo
+from nodo.convert import NORM_ACT_CHILDREN, append_after
 from shared.specs._parse import parse_spec
 from shared.specs._table import (
     CHANNELS_FIRST, TABLE, TAKES_FEATURES, NormSpec, PartSpec, SpecError, accepted_arguments, make_part,
@@ -28,7 +29,10 @@ class NormSequence(nn.Sequential):
     """
 
     def _last_parameter(self, name: str) -> Optional[nn.Parameter]:
-        for module in reversed(list(self.children())):
+        # the drop / act children of a norm+act site are not the norm's (a PReLU activation has a weight)
+        for child, module in reversed(list(self._modules.items())):
+            if child in NORM_ACT_CHILDREN:
+                continue
             value = getattr(module, name, None)
             if isinstance(value, torch.Tensor):
                 return value
@@ -86,13 +90,59 @@ def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, s
         raise SpecError(f"building '{part}' for num_features={num_features}: {err}") from err
 
 
+# Keywords timm passes to a norm+activation layer (BatchNormAct2d's signature) beyond the norm's own.
+_NORM_ACT_KWARGS = ("act_layer", "apply_act", "act_kwargs", "inplace", "drop_layer")
+_AFTER_NAMES = {"noise": "noise", "activation": "act"}  # child names of the parts appended to a norm
+
+
+def _norm_act_children(act_layer=None, apply_act: bool = True, act_kwargs: Optional[dict] = None,
+                       inplace: bool = True, drop_layer=None) -> dict:
+    """``{"drop": ..., "act": ...}`` as timm's BatchNormAct2d builds them (same defaults, ``inplace`` into act_kwargs).
+
+    ``act_layer=None`` or ``apply_act=False`` gives an ``nn.Identity`` activation, as in timm.
+    """
+    from timm.layers import create_act_layer
+    act_kwargs = {"inplace": inplace, **(act_kwargs or {})}  # a copy: timm's setdefault mutates the caller's dict
+    act = create_act_layer(act_layer, **act_kwargs) if apply_act else None
+    drop = drop_layer() if drop_layer is not None else nn.Identity()
+    return {"drop": drop, "act": act if act is not None else nn.Identity()}
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+def _assemble(modules: list, parts: tuple) -> nn.Module:
+    """One module for a site: a norm followed by parameter-free parts stays that norm (their children appended,
+    so its state-dict keys are the plain norm's: ``[ln, gnir12]`` loads LayerNorm weights); anything else is a
+    :class:`NormSequence`."""
+    if len(modules) == 1:
+        return modules[0]
+    if parts[0].kind == "norm" and not any(_has_state(m) for m in modules[1:]):
+        names: dict = {}
+        for module, part in zip(modules[1:], parts[1:]):
+            base = _AFTER_NAMES.get(part.kind, part.kind)
+            name = base if base not in names else f"{base}{sum(n.startswith(base) for n in names)}"
+            names[name] = module
+        return append_after(modules[0], names)
+    return NormSequence(*modules)
+
+
 def _build_site_module(num_features: int, device=None, dtype=None, *, spec: NormSpec, **site_kwargs) -> nn.Module:
     """The factory body: build ``spec`` for a site with ``num_features`` channels.
 
-    ``site_kwargs`` are keywords some models pass to their norm layer beyond the channel count (timm's
-    ``norm_layer(C, eps=1e-6)`` in a few architectures): they go to the spec's normalization part,
-    overriding the spec, and are an error if it does not take them.
+    ``site_kwargs`` are keywords a model passes to its norm layer beyond the channel count: timm's
+    ``norm_layer(C, eps=1e-6)`` in a few architectures goes to the spec's normalization part, overriding
+    the spec (an error if it does not take them); timm's norm+activation keywords (``act_layer``,
+    ``apply_act``, ``act_kwargs``, ``inplace``, ``drop_layer``, passed where a model builds
+    ``BatchNormAct2d``-style layers) make the site ``act(drop(spec(x)))`` with ``drop`` / ``act`` children
+    built exactly as timm's BatchNormAct2d builds them.
     """
+    norm_act = {k: site_kwargs.pop(k) for k in _NORM_ACT_KWARGS if k in site_kwargs}
+    if norm_act and "act_layer" not in norm_act:
+        raise SpecError(f"spec {spec}: the model called its norm layer as a norm+activation layer "
+                        f"({', '.join(sorted(norm_act))}) without an act_layer, so the activation is unknown; "
+                        f"timm's get_norm_act_layer passes it for factories from shared.specs (is shared imported?)")
     parts = spec.parts
     fused = _fused_gni(parts) if spec.layout == CHANNELS_FIRST else None
     if fused is not None:
@@ -108,9 +158,30 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
                             f"layer, but spec {spec} has no normalization part that takes it")
     modules = [_build_part(p, num_features, spec.layout, device, dtype, site_kwargs if i == norm_index else {})
                for i, p in enumerate(parts)]
-    if len(modules) == 1:
-        return modules[0]
-    return NormSequence(*modules)
+    module = _assemble(modules, parts)
+    if norm_act:
+        module = append_after(module, _norm_act_children(**norm_act))
+    return module
+
+
+def _register_with_timm() -> None:
+    """Make timm's ``get_norm_act_layer`` pass ``act_layer`` to our factories.
+
+    timm (1.0.x) passes a model's activation to a norm+act factory only if the factory's class or function
+    is in its ``_NORM_ACT_REQUIRES_ARG`` set; for any other function it drops the activation, and the model
+    would silently lose it (efficientnet, regnet, resnetv2, mobilenetv3 build their norm+act layers so). If a
+    timm version lacks that set, :func:`_build_site_module` refuses such calls instead of dropping the act.
+    """
+    try:
+        from timm.layers import create_norm_act
+    except ImportError:  # pragma: no cover - timm is a dependency of shared
+        return
+    requires_act = getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None)
+    if isinstance(requires_act, set):
+        requires_act.add(_build_site_module)
+
+
+_register_with_timm()
 
 
 def _as_factory(spec: Any, site: str, layout: str) -> Callable[..., nn.Module]:
@@ -133,9 +204,11 @@ def create_norm_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[...
             bias parts and the LayerNorm flavour, and rejects norms that need NCHW input.
 
     Returns:
-        A ``functools.partial`` whose ``keywords['spec']`` is the parsed :class:`NormSpec`. A composite
-        spec builds a :class:`NormSequence`; the GNI composite at a channels_first site builds the fused
-        ``nodo.GhostNoiseBatchNorm2d``.
+        A ``functools.partial`` whose ``keywords['spec']`` is the parsed :class:`NormSpec`. The GNI
+        composite at a channels_first site builds the fused ``nodo.GhostNoiseBatchNorm2d``; a norm
+        followed by parameter-free parts builds that norm with them as children (same state-dict keys);
+        other composites build a :class:`NormSequence`. Called with timm's norm+activation keywords
+        (``act_layer``...) it appends ``drop`` and ``act`` as timm's ``BatchNormAct2d`` builds them.
 
     Raises:
         SpecError: the spec is malformed or names an unknown part or keyword (with close matches).
