@@ -331,3 +331,51 @@ def test_train_py_with_the_dataloader_resumes_mid_epoch_bit_identically(tmp_path
     def rows(name: str) -> list:  # summary.csv without its wall-clock column
         return [line.rsplit(",", 1)[0] for line in (tmp_path / name / "summary.csv").read_text().splitlines()]
     assert rows("straight") == rows("resumed") and len(rows("straight")) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# the bench's ImageNet-style rows
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_process_tree_cpu_time_counts_live_and_reaped_children():
+    import subprocess
+    import sys
+
+    from bench.imagenet_loader import process_tree_cpu_seconds
+
+    burn = ("import sys, time\nstart = time.process_time()\nwhile time.process_time() - start < 0.4: pass\n"
+            "print('done', flush=True)\nsys.stdin.read()")
+    before = process_tree_cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "done"
+    alive = process_tree_cpu_seconds()
+    child.communicate("")
+    reaped = process_tree_cpu_seconds()
+    assert alive - before >= 0.35  # the live child's 0.4 s (clock ticks of 10 ms)
+    assert reaped >= alive - 0.02  # reaping moves its time to RUSAGE_CHILDREN, none is lost
+
+
+@pytest.mark.slow
+def test_bench_smoke_prints_the_imagenet_rows(capsys):
+    from bench import __main__ as bench_main
+
+    assert bench_main.main(["--smoke", "--device", "cpu", "--only", "imagenet", "--workers", "0"]) == 0
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| imagenet")]
+    assert [row[1].split(" ")[0] for row in rows] == ["timm", "ours", "torchvision"] * 2
+    assert [row[4] for row in rows] == ["img/s"] * 3 + ["cpu ms/img"] * 3
+    assert rows[1][6] == ">=1" and rows[1][7] in ("PASS", "MISS") and rows[0][5] == rows[3][5] == "1.000"
+    assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in rows)
+
+
+def test_train_py_dry_loader_times_the_data_path_alone(jpegs, tmp_path, capsys):
+    train = _load_train()
+    argv = ["--data-dir", str(jpegs), "-b", "4", "--workers", "0", "--input-size", "3", "32", "32",
+            "--output", str(tmp_path), "--experiment", "dry"]
+    assert train.main(argv + ["--dry-loader", "8"]) == 0  # 8 batches: more than one epoch of 5
+    output = capsys.readouterr().out
+    assert "dry loader: 28 images in" in output and "img/s per process (0 workers, batch 4, DataLoader" in output
+    assert not (tmp_path / "dry").exists()  # no run directory, no model
+    assert train.main(argv + ["--dry-loader", "1"]) == 2
+    assert "--dry-loader must be at least 2" in capsys.readouterr().err
