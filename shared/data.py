@@ -25,23 +25,28 @@ so there such a file is always an error naming it, raised when the file is reach
 
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
 the CIFAR recipe: random crop with zero padding ``H // 8`` (4 at 32 pixels) and a horizontal flip
-(probability ``--hflip``; off for digits), then normalization. Larger images get timm's ImageNet
-recipe (``timm.data.create_transform``): RandomResizedCrop to the input size + flip for training, resize
-to ``size / crop_pct`` (256 for 224) + center crop for evaluation. ``--no-aug`` keeps normalization only.
-Per-dataset mean/std defaults, overridden by ``--mean``/``--std``.
+(probability ``--hflip``; off for digits). Larger images get timm's ImageNet recipe: RandomResizedCrop
+to the input size (``--scale``, ``--ratio``, ``--interpolation``) + flip (+ ``--color-jitter``) for
+training, resize to ``size / crop_pct`` (256 for 224) + center crop for evaluation. ``--no-aug`` keeps
+the resize only. The transforms are shared.augment's: the DataLoader path's workers return uint8
+images, normalized (per-dataset mean/std defaults, ``--mean``/``--std``) on the training device.
 
 Determinism. The order of training epoch ``e`` is a permutation drawn from ``(seed, e)``; the random
-augmentation of sample ``i`` in epoch ``e`` is drawn from its own generator seeded by ``(seed, e, i)``.
-An epoch is therefore the same whatever the number of loader workers, and a run resumed at any step
-sees the batches it would have seen. Under DDP every process draws the same permutation and takes every
-``world_size``-th position of it (the tail of at most ``world_size - 1`` samples is left out, a
-different one each epoch); evaluation gives each process a contiguous chunk of the split, with nothing
-repeated or dropped, and train.py sums the metrics over processes.
+augmentation of sample ``i`` in epoch ``e`` is drawn from its own ``random.Random`` seeded by
+``(seed, e, i)`` (no global generator is read or reseeded). An epoch is therefore the same whatever the
+number of loader workers, and a run resumed at any step sees the batches it would have seen. Under DDP
+every process draws the same permutation and takes every ``world_size``-th position of it (the tail of
+at most ``world_size - 1`` samples is left out, a different one each epoch); evaluation gives each
+process a contiguous chunk of the split, with nothing repeated or dropped, and train.py sums the
+metrics over processes.
 
 Loaders. ``--fast-loader auto`` uses :class:`shared.fast_loader.DeviceImageLoader` (the decoded uint8
 dataset on the training device, batched crop + flip) whenever the CIFAR recipe applies and the data
-fits (at most :data:`FAST_LOADER_MAX_BYTES`); otherwise a torch ``DataLoader`` with ``--workers``.
-Both yield batches on the training device.
+fits (at most :data:`FAST_LOADER_MAX_BYTES`); otherwise a torch ``DataLoader`` with ``--workers``
+persistent worker processes (started at the first epoch, kept for the run; the epoch reaches them in
+the sampler's ``(epoch, index)`` keys), uint8 batches copied to the device one batch ahead on a side
+CUDA stream (shared.prefetch; asynchronous with ``--pin-mem``) and normalized there. Both yield
+normalized float32 batches on the training device.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Host-to-device batch hand-over of the DataLoader path: uint8 batches in, normalized float batches out.
 
 Workers send ``(B, C, H, W)`` uint8 images (a quarter of the bytes of float32); the float conversion and
-normalization run on the training device as one fused op,
+normalization run on the training device,
 
     out = x * (1 / (255 std)) + (-mean / std)  ==  (x / 255 - mean) / std   (up to float rounding),
 
@@ -36,7 +36,8 @@ class DevicePrefetcher:
         """``(B, C, H, W)`` uint8 on the device -> float32 ``images / 255`` normalized by mean and std."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
-        return torch.addcmul(self.shift, images, self.scale)
+        # float first: torch's mixed uint8 x float kernels are scalar code, about 2x slower on the CPU
+        return images.float().mul_(self.scale).add_(self.shift)
 
     def __call__(self, batches: Iterable) -> Iterator[tuple]:
         """The batches of ``batches`` on the device, normalized; on CUDA one batch ahead on a side stream."""
