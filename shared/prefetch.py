@@ -30,7 +30,8 @@ class DevicePrefetcher:
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.scale = (1.0 / (255.0 * std_tensor)).to(self.device)
         self.shift = (-mean_tensor / std_tensor).to(self.device)
-        self.stream: Optional[torch.cuda.Stream] = None  # one for the prefetcher's life (the allocator pools per stream)
+        # one side stream for the prefetcher's life: the caching allocator pools memory per stream
+        self.stream: Optional[torch.cuda.Stream] = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` uint8 on the device -> float32 ``images / 255`` normalized by mean and std."""
@@ -52,15 +53,20 @@ class DevicePrefetcher:
             with torch.cuda.stream(self.stream):
                 images = self.normalize(images.to(self.device, non_blocking=True))
                 targets = targets.to(self.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
             if pending is not None:
                 yield self._hand_over(*pending)
-            pending = images, targets
+            pending = images, targets, ready
         if pending is not None:
             yield self._hand_over(*pending)
 
-    def _hand_over(self, images: torch.Tensor, targets: torch.Tensor) -> tuple:
-        consumer = torch.cuda.current_stream(self.device)
-        consumer.wait_stream(self.stream)  # the copy and normalization are done before the consumer reads
+    @staticmethod
+    def _hand_over(images: torch.Tensor, targets: torch.Tensor, ready: torch.cuda.Event) -> tuple:
+        consumer = torch.cuda.current_stream(images.device)
+        # the consumer waits for this batch's copy and normalization only, not for the next batch's,
+        # which the side stream has already been given
+        consumer.wait_event(ready)
         # allocated on the side stream, used on the consumer's: their memory is not reused until the
         # consumer's queued work on them has finished
         images.record_stream(consumer)

@@ -301,8 +301,8 @@ def _load_train():
 @pytest.mark.slow
 def test_train_py_with_the_dataloader_resumes_mid_epoch_bit_identically(tmp_path, monkeypatch):
     train = _load_train()
-    common = ["--dataset", "digits", "--train-split", "train[:128]-0", "--val-split", "test[:64]", "--model", "cifar_resnet20", "-b", "32",
-              "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "2", "--fast-loader", "off", "--workers", "1",
+    common = ["--dataset", "digits", "--train-split", "train[:128]-0", "--val-split", "test[:64]", "--model",
+              "cifar_resnet20", "-b", "32", "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "2", "--fast-loader", "off", "--workers", "1",
               "--hflip", "0.5", "--output", str(tmp_path), "--resume", "auto"]
     assert train.main(common + ["--experiment", "straight"]) == 0
     build_model = train.build_model
