@@ -456,7 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = distributed.init_distributed(args.device)
     try:
         with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however run() ends
-            return run(args, info, cleanup)
+            return dry_loader(args, info) if args.dry_loader else run(args, info, cleanup)
     except KeyboardInterrupt:  # Ctrl-C during set-up (no stop handler yet), or a second one after the loop
         print("\ninterrupted by Ctrl-C outside the training loop: nothing more was saved", file=sys.stderr,
               flush=True)
@@ -472,6 +472,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for signum, handler in handlers.items():  # run() installed _request_stop; put back the caller's
             if handler is not None:
                 signal.signal(signum, handler)
+
+
+def dry_loader(args, info) -> int:
+    """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
+    device, normalization), timed after the first (which waits for the workers to start); prints
+    images/s per process. Training at about this rate means the loader is the bottleneck."""
+    from shared import data
+
+    if args.dry_loader < 2:
+        raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
+    loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
+    log(info, f"data: {loaders.description}")
+    done, images, epoch, started = 0, 0, 0, time.perf_counter()
+    while done < args.dry_loader:
+        loaders.train.set_epoch(epoch)
+        for batch, _ in loaders.train.batches(0):
+            done += 1
+            if done == 1:
+                synchronize(info.device)
+                started = time.perf_counter()
+            else:
+                images += batch.shape[0]
+            if done == args.dry_loader:
+                break
+        epoch += 1
+    synchronize(info.device)
+    seconds = time.perf_counter() - started
+    log(info, f"dry loader: {images} images in {seconds:.2f} s after the first batch: {images / seconds:.0f} img/s "
+              f"per process ({args.workers} workers, batch {args.batch_size}, {loaders.train.kind} on {info.device})")
+    return EXIT_OK
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def open_run_dir(run_dir: Path, args, info) -> run_files.RunLock:

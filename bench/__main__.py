@@ -1,6 +1,6 @@
 """``python -m bench [DATA.tar.gz] [--quick|--smoke] [--only SECTIONS] [--device DEVICE]``: print the table.
 
-Sections run in the order layers, step, data, e2e (``--only`` picks some, comma-separated). The
+Sections run in the order layers, step, data, imagenet, e2e (``--only`` picks some, comma-separated). The
 header lines (``# key: value``) say what was measured where; the table follows (bench.table).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench import data_path, end_to_end, layers, step
+from bench import data_path, end_to_end, imagenet_loader, layers, step
 from bench.table import format_table
 
-SECTIONS = ("layers", "step", "data", "e2e")
+SECTIONS = ("layers", "step", "data", "imagenet", "e2e")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Settings:
     data_images: int = 5120
     data_batch: int = 128
     data_repeats: int = 3
+    imagenet_images: int = 640
+    imagenet_batch: int = 64
+    imagenet_repeats: int = 5
     e2e_images: int = 1280
     e2e_log_interval: int = 2
     warmup: int = 1
@@ -42,12 +45,13 @@ class Settings:
 
 PRESETS = {
     "full": Settings(),
-    "quick": Settings(layer_repeats=5, step_repeats=3, data_images=2560, data_repeats=2, e2e_images=512,
-                      e2e_log_interval=1),
+    "quick": Settings(layer_repeats=5, step_repeats=3, data_images=2560, data_repeats=2, imagenet_images=384,
+                      imagenet_repeats=3, e2e_images=512, e2e_log_interval=1),
     # Seconds, for tests: tiny tensors, ResNet-20 on 8x8 images, one repeat; checks the plumbing only.
     "smoke": Settings(layer_batch=32, layer_channels=8, layer_size=8, layer_repeats=1, step_model="cifar_resnet20",
                       step_batch=32, step_image_size=8, step_repeats=1, data_images=256, data_batch=32,
-                      data_repeats=1, e2e_images=64, e2e_log_interval=1, warmup=0),
+                      data_repeats=1, imagenet_images=16, imagenet_batch=8, imagenet_repeats=1, e2e_images=64,
+                      e2e_log_interval=1, warmup=0),
 }
 
 
@@ -62,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1...")
     parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers of the data and e2e sections (default: min(4, cpu count))")
+                        help="DataLoader workers of the data and e2e sections (default: min(4, cpu count)) and of "
+                             "the imagenet section (default: 2)")
     parser.add_argument("--step-batch", type=int, default=None, help="override the ResNet-18 step's batch size")
     parser.add_argument("--repeats", type=int, default=None, help="override every section's timed repeats")
     args = parser.parse_args(argv)
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
     if args.step_batch is not None:
         settings = replace(settings, step_batch=args.step_batch)
     if args.repeats is not None:
-        settings = replace(settings, layer_repeats=args.repeats, step_repeats=args.repeats, data_repeats=args.repeats)
+        settings = replace(settings, layer_repeats=args.repeats, step_repeats=args.repeats, data_repeats=args.repeats,
+                           imagenet_repeats=args.repeats)
     device = _device(args.device)
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     s = settings
@@ -102,7 +108,8 @@ def main(argv=None) -> int:
           f"sections: {','.join(args.sections)}")
     print(f"# layers: {s.layer_batch}x{s.layer_channels}x{s.layer_size}x{s.layer_size} x{s.layer_repeats}  "
           f"step: {s.step_model} b{s.step_batch} {s.step_image_size}x{s.step_image_size} x{s.step_repeats}  "
-          f"data: {s.data_images} images x{s.data_repeats}  workers: {workers}", flush=True)
+          f"data: {s.data_images} images x{s.data_repeats}  workers: {workers}  imagenet: {s.imagenet_images} "
+          f"jpegs b{s.imagenet_batch} x{s.imagenet_repeats}  load average: {os.getloadavg()[0]:.1f}", flush=True)
     started = time.perf_counter()
     rows = []
     if "layers" in args.sections:
@@ -114,11 +121,15 @@ def main(argv=None) -> int:
     if "data" in args.sections:
         rows += data_path.run(device, num_images=s.data_images, batch=s.data_batch, workers=workers,
                               repeats=s.data_repeats, data_path=args.data)
+    if "imagenet" in args.sections:
+        rows += imagenet_loader.run(device, num_images=s.imagenet_images, batch=s.imagenet_batch,
+                                    workers=args.workers if args.workers is not None else 2,
+                                    repeats=s.imagenet_repeats, warmup=s.warmup)
     if "e2e" in args.sections:
         rows += end_to_end.run(device, num_images=s.e2e_images, batch=s.data_batch, workers=workers,
                                log_interval=s.e2e_log_interval)
     print(format_table(rows))
-    print(f"# wall: {time.perf_counter() - started:.0f}s")
+    print(f"# wall: {time.perf_counter() - started:.0f}s  load average: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -47,7 +47,7 @@ class Row:
     saved_target: Optional[Target] = None
 
     def cells(self) -> list[str]:
-        return [self.section, self.case, self.layout, _number(self.median, 3 if self.unit == "ms" else 0),
+        return [self.section, self.case, self.layout, _number(self.median, 3 if "ms" in self.unit else 0),
                 self.unit, _number(self.ratio, 3), str(self.target or "-"), _status(self.target, self.ratio),
                 "-" if self.saved_bytes is None else f"{self.saved_bytes / 2 ** 20:.2f}",
                 _number(self.saved_ratio, 3), str(self.saved_target or "-"),

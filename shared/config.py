@@ -375,7 +375,12 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
     group.add_argument("--amp-dtype", default="float16", type=_choice_text(("float16", "bfloat16")),
                        help="autocast dtype; float16 adds a gradient scaler")
-    group.add_argument("--pin-mem", action="store_true", default=False, help="pin DataLoader memory")
+    group.add_argument("--pin-mem", action="store_true", default=False,
+                       help="pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
+                            "overlapped with compute)")
+    group.add_argument("--dry-loader", type=int, default=0, metavar="BATCHES",
+                       help="time the training data path alone (this many batches on the device, no model, no run "
+                            "directory), print images/s and exit; 0: train")
     group.add_argument("--device", default=None, metavar="DEVICE",
                        help="cpu, cuda, cuda:1... (None: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
     group.add_argument("--output", default="output", metavar="PATH", help="output root; the run goes to OUTPUT/EXPERIMENT")

@@ -35,27 +35,31 @@ read; an unreadable one there is an error naming it when the DataLoader reaches 
 
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
 the CIFAR recipe: random crop with zero padding ``H // 8`` (4 at 32 pixels) and a horizontal flip
-(probability ``--hflip``; off for digits), then normalization. Larger images get timm's ImageNet
-recipe (``timm.data.create_transform``): RandomResizedCrop to the input size + flip for training, resize
-to ``size / crop_pct`` (256 for 224) + center crop for evaluation. ``--no-aug`` keeps normalization only.
-Per-dataset mean/std defaults, overridden by ``--mean``/``--std``.
+(probability ``--hflip``; off for digits). Larger images get timm's ImageNet recipe: RandomResizedCrop
+to the input size (``--scale``, ``--ratio``, ``--interpolation``) + flip (+ ``--color-jitter``) for
+training, resize to ``size / crop_pct`` (256 for 224) + center crop for evaluation. ``--no-aug`` keeps
+the resize only. The transforms are shared.augment's: the DataLoader path's workers return uint8
+images, normalized (per-dataset mean/std defaults, ``--mean``/``--std``) on the training device.
 
 Determinism. The order of training epoch ``e`` is a permutation drawn from ``(seed, e)``; the random
-augmentation of sample ``i`` in epoch ``e`` is drawn from its own generator seeded by ``(seed, e, i)``.
-An epoch is therefore the same whatever the number of loader workers, and a run resumed at any step
-sees the batches it would have seen. Under DDP every process draws the same permutation and takes every
-``world_size``-th position of it (the tail of at most ``world_size - 1`` samples is left out, a
-different one each epoch); evaluation gives each process a contiguous chunk of the split, with nothing
-repeated or dropped, and train.py sums the metrics over processes.
+augmentation of sample ``i`` in epoch ``e`` is drawn from its own ``random.Random`` seeded by
+``(seed, e, i)`` (no global generator is read or reseeded). An epoch is therefore the same whatever the
+number of loader workers, and a run resumed at any step sees the batches it would have seen. Under DDP
+every process draws the same permutation and takes every ``world_size``-th position of it (the tail of
+at most ``world_size - 1`` samples is left out, a different one each epoch); evaluation gives each
+process a contiguous chunk of the split, with nothing repeated or dropped, and train.py sums the
+metrics over processes.
 
 Loaders. ``--fast-loader auto`` uses :class:`shared.fast_loader.DeviceImageLoader` (the decoded uint8
 dataset on the training device, batched crop + flip) whenever the CIFAR recipe applies and the data
-fits (at most :data:`FAST_LOADER_MAX_BYTES`); otherwise a torch ``DataLoader`` with ``--workers``.
-Both yield batches on the training device.
+fits (at most :data:`FAST_LOADER_MAX_BYTES`); otherwise a torch ``DataLoader`` with ``--workers``
+persistent worker processes (started at the first epoch, kept for the run; the epoch reaches them in
+the sampler's ``(epoch, index)`` keys), uint8 batches copied to the device one batch ahead on a side
+CUDA stream (shared.prefetch; asynchronous with ``--pin-mem``) and normalized there. Both yield
+normalized float32 batches on the training device.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import math
@@ -463,40 +467,56 @@ def resolve_data_config(args, kind: str, train_dataset: Dataset, num_classes: in
 
 
 def create_transform(config: DataConfig, train: bool, args):
-    """The torchvision transform of one split (PIL image -> normalized float tensor).
+    """The seeded transform of one split: ``transform(PIL image, random.Random) -> (C, H, W) uint8``.
+
+    CIFAR recipe: :class:`~shared.augment.PadCropFlip` (training; evaluation without crop or flip).
+    ImageNet recipe: :class:`~shared.augment.ResizedCropFlip` for training (``--scale``, ``--ratio``,
+    ``--hflip``, ``--color-jitter``, ``--interpolation``); for evaluation and ``--no-aug`` training
+    :class:`~shared.augment.ResizeCenterCrop`, timm's evaluation transform: the shorter side resized to
+    ``floor(size / crop_pct)`` (256 for 224), a center crop of the input size (``--no-aug``: resized
+    to exactly the input size). Normalization happens later, on the device (shared.prefetch).
 
     Training with ``--aa NAME`` adds timm's AutoAugment/RandAugment/AugMix after crop and flip, and
-    ``--reprob P`` timm's RandomErasing after normalization (``--remode``, ``--recount``), in both
-    recipes, as timm's ``create_transform`` orders them.
+    ``--reprob P`` random erasing after it (:class:`~shared.augment.AutoAugment`,
+    :class:`~shared.augment.RandomErasing`), in the order timm's ``create_transform`` uses.
+
+    Raises:
+        DataError: an unknown ``--interpolation``, or ``--scale``/``--ratio`` that are not ordered pairs.
     """
-    from torchvision import transforms
+    from shared import augment
 
-    augment = train and not args.no_aug
-    aa, reprob = getattr(args, "aa", None), getattr(args, "reprob", 0.0)
+    base = _base_transform(config, train, args)
+    if not train or args.no_aug:
+        return base
+    if getattr(args, "aa", None):
+        base = augment.AutoAugment(base, _auto_augment(args.aa, config))
+    if getattr(args, "reprob", 0.0) > 0:
+        base = augment.RandomErasing(base, args.reprob, args.remode, args.recount, config.mean, config.std)
+    return base
+
+
+def _base_transform(config: DataConfig, train: bool, args):
+    """Crop, resize and flip of :func:`create_transform`, without timm's policies and erasing."""
+    from shared import augment
+
     if config.recipe == "cifar":
-        steps = []
-        if train and config.crop_padding:
-            steps.append(transforms.RandomCrop(config.input_size[1:], padding=config.crop_padding))
-        if train and config.hflip > 0:
-            steps.append(transforms.RandomHorizontalFlip(config.hflip))
-        if augment and aa:
-            steps.append(_auto_augment(aa, config))
-        steps += [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
-        if augment and reprob > 0:
-            from timm.data.random_erasing import RandomErasing
-
-            steps.append(RandomErasing(reprob, mode=args.remode, max_count=args.recount, device="cpu"))
-        return transforms.Compose(steps)
-    from timm.data import create_transform as timm_create_transform
-
-    if augment and aa:
-        _auto_augment(aa, config)  # the same clear error for a bad policy name as the CIFAR recipe
-    return timm_create_transform(
-        config.input_size, is_training=train, no_aug=args.no_aug, scale=tuple(args.scale),
-        ratio=tuple(args.ratio), hflip=config.hflip, vflip=0.0,
-        color_jitter=args.color_jitter if args.color_jitter > 0 else None, auto_augment=aa if augment else None,
-        re_prob=reprob if augment else 0.0, re_mode=args.remode, re_count=args.recount,
-        interpolation=config.interpolation, mean=config.mean, std=config.std, crop_pct=config.crop_pct)
+        return augment.PadCropFlip(config.crop_padding if train else 0, config.hflip if train else 0.0)
+    size = tuple(config.input_size[1:])
+    interpolation = config.interpolation
+    if interpolation not in augment.INTERPOLATIONS:
+        raise DataError(f"--interpolation {interpolation!r} is not one of {', '.join(augment.INTERPOLATIONS)}")
+    fixed = "bilinear" if interpolation == "random" else interpolation  # timm: no random choice without crops
+    if train and not args.no_aug:
+        scale, ratio = tuple(args.scale), tuple(args.ratio)
+        for name, pair in (("scale", scale), ("ratio", ratio)):
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise DataError(f"--{name} must be two positive numbers LOW HIGH with LOW <= HIGH, got {list(pair)}")
+        return augment.ResizedCropFlip(size, scale, ratio, config.hflip, interpolation, max(0.0, args.color_jitter))
+    if train:
+        return augment.ResizeCenterCrop(size, size, fixed)
+    scaled = tuple(math.floor(side / config.crop_pct) for side in size)
+    # timm resizes the shorter side where the scaled size is square; otherwise to exactly scaled
+    return augment.ResizeCenterCrop(scaled[0] if scaled[0] == scaled[1] else scaled, size, fixed)
 
 
 def _auto_augment(name: str, config: DataConfig):
@@ -526,46 +546,25 @@ def _stream_seed(*parts: int) -> int:
     return stream_seed(*parts) >> 1
 
 
-@contextlib.contextmanager
-def _seeded_rng(seed: int):
-    """Run a block with torch's CPU RNG, Python's ``random`` and numpy's global RNG seeded, then restore them."""
-    import numpy as np
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)  # timm's AugMix and weighted RandAugment draw from numpy
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
 class AugmentedDataset(Dataset):
-    """A raw dataset plus a transform whose randomness for sample ``i`` of epoch ``e`` is seeded by
-    ``(seed, e, i)``: the same in every worker process, after every resume.
+    """A raw dataset plus a seeded transform (shared.augment): item ``(epoch, i)`` is sample ``i`` as a
+    uint8 ``(C, H, W)`` tensor, augmented with ``random.Random(hash(seed, epoch, i))``.
 
-    torchvision and timm transforms draw from torch's global RNG and Python's ``random``; both are
-    seeded per sample and restored afterwards, so the training process's own streams are untouched.
+    The key carries the epoch (see :class:`EpochKeys`), so persistent worker processes need no message
+    when an epoch starts; a plain index ``i`` means ``(0, i)``. The sample is the same in every worker
+    process and after every resume, and no global random generator is read or reseeded.
     """
 
     def __init__(self, dataset: Dataset, transform, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         image, target = self.dataset[index]
-        with _seeded_rng(_stream_seed(self.seed, self.epoch, index)):
-            image = self.transform(image)
-        return image, target
+        return self.transform(image, random.Random(_stream_seed(self.seed, epoch, index))), target
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -606,14 +605,43 @@ class EpochSampler(torch.utils.data.Sampler):
 # Loaders with one interface: len(), set_epoch(e), batches(start) -> (images, targets) on device
 # ----------------------------------------------------------------------------------------------
 
+class EpochKeys(torch.utils.data.Sampler):
+    """The keys ``(epoch, index)`` of an :class:`EpochSampler`'s current epoch (read when iteration starts).
+
+    The sampler runs in the training process, so ``set_epoch`` reaches the persistent workers through
+    the keys it hands out.
+    """
+
+    def __init__(self, sampler: "EpochSampler"):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class TorchBatches:
-    """A torch DataLoader over an :class:`AugmentedDataset`, re-created every epoch (so the workers see
-    the epoch), moving batches to ``device``."""
+    """A torch DataLoader over an :class:`AugmentedDataset`: uint8 ``(B, C, H, W)`` batches from persistent
+    workers, normalized on ``device`` by a :class:`shared.prefetch.DevicePrefetcher`.
+    """
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, *, drop_last: bool,
-                 workers: int, pin_memory: bool, device: torch.device):
+                 workers: int, pin_memory: bool, device: torch.device, mean: Sequence[float], std: Sequence[float]):
+        from shared.prefetch import DevicePrefetcher
+
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
-        self.workers, self.pin_memory, self.device = workers, pin_memory, device
+        self.workers, self.device = workers, device
+        self.pin_memory = pin_memory and device.type == "cuda"
+        self.prefetcher = DevicePrefetcher(mean, std, device)
+        # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
+        # base seed for the workers' torch RNG (unused here), which would otherwise advance the training
+        # process's global generator
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler), num_workers=workers,
+                                 pin_memory=self.pin_memory, drop_last=drop_last, persistent_workers=workers > 0,
+                                 generator=torch.Generator())
         self.kind = f"DataLoader(workers={workers})"
 
     @property
@@ -626,18 +654,11 @@ class TorchBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
-        if isinstance(self.dataset, AugmentedDataset):
-            self.dataset.set_epoch(epoch)
 
     def batches(self, start: int = 0) -> Iterator:
-        """Batches of the current epoch from batch ``start`` on."""
+        """Batches of the current epoch from batch ``start`` on, normalized float32 on the device."""
         self.sampler.start = start * self.batch_size
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                            num_workers=self.workers, pin_memory=self.pin_memory and self.device.type == "cuda",
-                            drop_last=self.drop_last, persistent_workers=False)
-        non_blocking = self.pin_memory and self.device.type == "cuda"
-        for images, targets in loader:
-            yield images.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+        return self.prefetcher(self.loader)
 
 
 class FastBatches:
@@ -915,7 +936,8 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
         train_size, eval_size = len(train_raw), len(eval_raw)
         train_dataset = AugmentedDataset(train_raw, create_transform(config, True, args), args.seed)
         eval_dataset = AugmentedDataset(eval_raw, create_transform(config, False, args), args.seed)
-        loader_options = dict(workers=args.workers, pin_memory=args.pin_mem, device=device)
+        loader_options = dict(workers=args.workers, pin_memory=args.pin_mem, device=device, mean=config.mean,
+                              std=config.std)
         train = TorchBatches(train_dataset, EpochSampler(len(train_raw), shuffle=True, seed=args.seed, rank=rank,
                                                          world_size=world_size),
                              args.batch_size, drop_last=True, **loader_options)
@@ -950,7 +972,7 @@ def create_eval_loader(args, device: torch.device) -> tuple:
     dataset = AugmentedDataset(raw, create_transform(config, False, args), args.seed)
     loader = TorchBatches(dataset, EpochSampler(len(raw), shuffle=False, seed=args.seed),
                           args.validation_batch_size or args.batch_size, drop_last=False, workers=args.workers,
-                          pin_memory=args.pin_mem, device=device)
+                          pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)
     return loader, config
 
 

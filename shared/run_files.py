@@ -66,7 +66,7 @@ OPERATIONAL_KEYS = frozenset({
     "start_fresh",
     "stop_after", "log_wandb", "wandb_project", "wandb_tags", "wandb_name", "log_interval", "checkpoint_hist",
     "workers", "pin_mem", "device", "local_rank", "validation_batch_size", "nonfinite", "torchcompile",
-    "no_resume_opt",
+    "no_resume_opt", "dry_loader",
 })
 
 
@@ -300,8 +300,16 @@ class RunLock:
                                    f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
 
     def release(self) -> None:
-        """Close the file, which drops the lock (the file stays: removing it could race a new holder)."""
+        """Unlock and close the file (the file stays: removing it could race a new holder).
+
+        Unlocking explicitly matters: forked children (DataLoader workers, persistent ones included)
+        share the open file, and a plain close would leave the lock held until the last of them exits.
+        """
         if self.descriptor is not None:
+            try:
+                fcntl.flock(self.descriptor, fcntl.LOCK_UN)
+            except OSError:  # a filesystem without locks: there is nothing to release
+                pass
             os.close(self.descriptor)
             self.descriptor = None
 

@@ -311,16 +311,14 @@ def test_large_images_use_the_imagenet_recipe(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_cifar_recipe_transforms():
-    from torchvision import transforms
+    from shared.augment import PadCropFlip
 
     config = data.DataConfig((3, 32, 32), (0.5,) * 3, (0.25,) * 3, "cifar", 4, 0.5, 10)
-    train = data.create_transform(config, True, make_args())
-    kinds = [type(t) for t in train.transforms]
-    assert kinds == [transforms.RandomCrop, transforms.RandomHorizontalFlip, transforms.ToTensor, transforms.Normalize]
-    assert train.transforms[0].padding == 4 and tuple(train.transforms[0].size) == (32, 32)
-    assert train.transforms[1].p == 0.5
+    assert data.create_transform(config, True, make_args()) == PadCropFlip(padding=4, hflip=0.5)
     evaluation = data.create_transform(config, False, make_args())
-    assert [type(t) for t in evaluation.transforms] == [transforms.ToTensor, transforms.Normalize]
+    assert evaluation == PadCropFlip(padding=0, hflip=0.0)
+    image = data.DigitsDataset("test")[0][0]
+    assert torch.equal(evaluation(image, None), torch.from_numpy(np.array(image))[None])  # uint8, unchanged
 
 
 def test_digits_config_and_flags():
@@ -350,10 +348,8 @@ def test_augmented_dataset_is_seeded_per_sample():
     state = torch.random.get_rng_state()
     augmented[0]
     assert torch.equal(state, torch.random.get_rng_state())  # the caller's stream is untouched
-    epochs = []
-    for epoch in range(8):
-        augmented.set_epoch(epoch)
-        epochs.append(augmented[5][0])
+    assert torch.equal(augmented[5][0], augmented[0, 5][0])  # a plain index is epoch 0
+    epochs = [augmented[epoch, 5][0] for epoch in range(8)]
     assert any(not torch.equal(epochs[0], other) for other in epochs[1:])
 
 
