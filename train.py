@@ -328,6 +328,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _training_started = False  # main() may be called more than once in one process (tests)
     _stop_signal.clear()
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    # from the start: a preemption signal during set-up must not kill the process (SIGUSR1's default);
+    # it is acted on at the first update boundary
+    for signum in handlers:
+        signal.signal(signum, _request_stop)
     try:
         args = config_module.parse_args(argv)
         check_args(args)
@@ -462,7 +466,10 @@ def run(args, info) -> int:
     if info.is_primary:
         # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
         run_files.atomic_write_text(run_dir / "args.yaml", config_module.yaml_text(args))
-    logger = WandbLogger(run_dir, args.experiment, args_dict, project=args.wandb_project, tags=args.wandb_tags,
+    # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
+    # out of args_dict, whose keys a resume compares with the checkpoint's)
+    launch_shape = {"world_size": info.world_size, "batch_size_per_process": args.batch_size}
+    logger = WandbLogger(run_dir, args.experiment, args_dict | launch_shape, project=args.wandb_project, tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
@@ -477,7 +484,7 @@ def run(args, info) -> int:
         final = history[-1] if history else None
         return {"status": final_status, "epochs_done": len(history), "epochs": num_epochs, "final": final,
                 "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
-                "num_updates": state["num_updates"]}
+                "num_updates": state["num_updates"], **launch_shape}
 
     def save(epoch: int, batch: int, partial_loss: float = 0.0) -> None:
         """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""
