@@ -196,7 +196,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
     model.train()
     loader.set_epoch(epoch)
     total_loss = torch.tensor(state.pop("partial_loss", 0.0), device=info.device)
-    counted, skipped = 0, 0
+    counted, skipped, overflows = 0, 0, 0
     batches = loader.batches(start_batch)
     bar = None
     if progress_bar:
@@ -235,13 +235,15 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
         if scaler is not None:
             scaler.unscale_(optimizer)
         # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
-        # float16's scaler expects inf gradients now and then (it skips the step and lowers its scale).
-        checks = [loss.detach().float().reshape(1)]
-        if scaler is None:
-            checks += [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                       for p in model.parameters() if p.grad is not None]
-        locally_finite = bool(torch.isfinite(torch.cat(checks)).all())
-        finite = not distributed.any_process(not locally_finite, info)
+        checks = [loss.detach().float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                                                        for p in model.parameters() if p.grad is not None]
+        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
+        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        # float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and
+        # lowers its scale); counted, not a failure. A non-finite loss is a failure with or without it.
+        finite = not distributed.any_process(not loss_finite or (scaler is None and not grads_finite), info)
+        if finite and scaler is not None and not grads_finite:  # DDP: gradients are the same on every rank
+            overflows += 1
         if not finite:
             where = f"epoch {epoch}, step {position + 1} of {num_batches} (update {state['num_updates'] + 1})"
             if args.nonfinite == "stop":
@@ -293,7 +295,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
     train_loss = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
                                                                                     device=info.device)]), info)
     return {"train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
-            "lr": optimizer.param_groups[0]["lr"], "skipped": skipped}
+            "lr": optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
 
 
 @torch.no_grad()
@@ -469,7 +471,8 @@ def run(args, info) -> int:
     # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
     # out of args_dict, whose keys a resume compares with the checkpoint's)
     launch_shape = {"world_size": info.world_size, "batch_size_per_process": args.batch_size}
-    logger = WandbLogger(run_dir, args.experiment, args_dict | launch_shape, project=args.wandb_project, tags=args.wandb_tags,
+    logger = WandbLogger(run_dir, args.experiment, args_dict | launch_shape, project=args.wandb_project,
+                         tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
@@ -484,7 +487,8 @@ def run(args, info) -> int:
         final = history[-1] if history else None
         return {"status": final_status, "epochs_done": len(history), "epochs": num_epochs, "final": final,
                 "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
-                "num_updates": state["num_updates"], **launch_shape}
+                "num_updates": state["num_updates"], **launch_shape,
+                "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
 
     def save(epoch: int, batch: int, partial_loss: float = 0.0) -> None:
         """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""
@@ -526,6 +530,8 @@ def run(args, info) -> int:
                 row.update({f"ema_{k}": v for k, v in evaluate(ema.module, loaders.eval, args, info, autocast).items()})
             if train_metrics["skipped"]:
                 row["skipped_updates"] = train_metrics["skipped"]
+            if scaler is not None:
+                row["amp_overflow_steps"] = train_metrics["overflows"]
             history.append(row)
             metric = row["eval_loss" if args.eval_metric == "loss" else args.eval_metric]
             scheduler.step(epoch + 1, metric)
