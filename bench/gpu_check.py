@@ -43,6 +43,7 @@ NODO_TESTS = ["tests/test_ghost_noise.py", "tests/test_ghost_noise_batch_norm.py
               "tests/test_exclusive_batch_norm.py", "tests/test_eval_norm.py", "tests/test_noisy_affine.py",
               "tests/test_affine.py", "tests/test_dropout.py", "tests/test_weight_standardization.py"]
 NORMS = ("bn", "gbn16", "gni16")
+STAGES = ("tests", "bench", "step", "cifar")
 STEP_TARGETS = {"gni16": 1.03, "gbn16": 1.05}  # issue 15, with bf16 + channels_last + compile
 
 
@@ -285,8 +286,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "output" / "gpu_check"),
                         help="report folder (default: $OUT, else output/gpu_check)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests the plumbing")
-    parser.add_argument("--stages", default="tests,bench,step,cifar", help="comma-separated subset to run")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset to run")
     args = parser.parse_args(argv)
+    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if unknown or not names:
+        print(f"error: --stages: unknown stage {(unknown or [''])[0]!r}; valid: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -301,10 +307,7 @@ def main(argv=None) -> int:
               "stages": {}}
     stages = {"tests": lambda: stage_tests(plan, args.out), "bench": lambda: stage_bench(plan, args.out),
               "step": lambda: stage_step(plan, args.out), "cifar": lambda: stage_cifar(plan, args.data, args.out)}
-    for name in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        if name not in stages:
-            print(f"error: --stages: unknown stage {name!r}; valid: {', '.join(stages)}", file=sys.stderr)
-            return 2
+    for name in names:
         print(f"[gpu-check] {name} ...", flush=True)
         try:
             report["stages"][name] = stages[name]()
