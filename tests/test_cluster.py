@@ -286,3 +286,36 @@ def test_cifar_download_runs_under_the_lock_and_plain_loading_does_not(tmp_path,
     data._base_dataset("torch/cifar10", "test", argparse.Namespace(data_dir=str(tmp_path), dataset_download=False))
     assert seen == [(str(tmp_path), True, True, True), (str(tmp_path), False, False, False)]
     assert not lock_is_held()  # released afterwards
+
+
+# ---------------------------------------------------------------------------------------------- world size
+
+def test_world_size_and_per_process_batch_reach_results_and_wandb_but_not_the_resumed_args(tmp_path, monkeypatch):
+    """They describe what the ghost batches were; kept out of the arguments a resume compares, so a run
+    directory written before they existed still resumes."""
+    import contextlib
+    import io
+
+    import train
+    from shared import logging_wandb
+
+    configs = []
+
+    class RecordingLogger(logging_wandb.WandbLogger):
+        def __init__(self, run_dir, name, config, **kwargs):
+            configs.append(dict(config))
+            super().__init__(run_dir, name, config, **{**kwargs, "enabled": False})
+
+    monkeypatch.setattr(logging_wandb, "WandbLogger", RecordingLogger)
+    argv = ["--dataset", "digits", "--model", "cifar_resnet20", "-b", "32", "--lr", "0.05", "--epochs", "2",
+            "--warmup-epochs", "0", "-j", "0", "--train-split", "train[:64]-0", "--val-split", "test[:32]",
+            "--checkpoint-hist", "0", "--device", "cpu", "--norm", "gbn16", "--output", str(tmp_path),
+            "--experiment", "ws", "--resume", "auto"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.main(argv + ["--stop-after", "1"]) == 0
+        saved_args = _checkpoint(tmp_path / "ws")["args"]
+        assert train.main(argv) == 0
+    assert "world_size" not in saved_args and "batch_size_per_process" not in saved_args
+    assert [(c["world_size"], c["batch_size_per_process"]) for c in configs] == [(1, 32), (1, 32)]
+    results = json.loads((tmp_path / "ws" / "results.json").read_text())
+    assert (results["status"], results["world_size"], results["batch_size_per_process"]) == ("finished", 1, 32)
