@@ -14,7 +14,8 @@
 #   ARRAY_THROTTLE at most this many array tasks at once (slurm: --array=0-N%THROTTLE; default: no limit)
 #   SBATCH_ARGS    extra sbatch options, e.g. "--partition=gpu --time=24:00:00 --cpus-per-task=8"
 #                  (slurm: the job is named CONFIGDIR-CONFIG, logs go to $OUTPUT_DIR/slurm/NAME-%A_%a.out,
-#                  and it asks for --nodes=$NODES --gres=gpu:$GPUS_PER_TASK; SBATCH_ARGS come later and win)
+#                  and it asks for --nodes=$NODES --gres=gpu:$GPUS_PER_TASK; SBATCH_ARGS come later and win;
+#                  CPU-only on purpose: SBATCH_ARGS="--gres=none" and ALLOW_CPU=1, else GPU runs are refused)
 #   SWEEP_ARGS     extra shared.sweep options, split at whitespace (no quoting), e.g. "--only *gni16* --set workers=8"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
