@@ -207,7 +207,7 @@ def test_grad_accum_steps_k_equals_one_batch_k_times_larger_without_batch_norm(t
     ("gni4", "gni4", {"GhostNoiseBatchNorm2d"}),
     ("gbn16-gnir4", '["gbn16", "gnir4"]', {"GhostBatchNorm2d", "GhostNoiseInjector"}),
     ("xbn16-nat4", '["xbn16", "nat4"]', {"ExclusiveBatchNorm2d", "NoisyAffine"}),
-])
+], ids=["gni4", "gbn16-gnir4", "xbn16-nat4"])
 def test_torchcompile_trains_with_every_noise_layer(tmp_path, monkeypatch, name, norm, layers):
     """Fused GNI; GBN followed by the unfused ghost noise injector; XBN followed by NoisyAffine. (Dynamo
     on the CPU with the eager backend; the layers' own tests compile them whole with aot_eager.)"""

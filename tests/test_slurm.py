@@ -145,7 +145,8 @@ def _argv_recorder(path: Path, log: Path) -> Path:
 def test_multi_node_task_runs_one_launcher_per_node_with_a_rendezvous(tmp_path):
     """2 nodes: srun starts the sweep once per node with --nnodes 2 and the first hostname as endpoint."""
     srun = _argv_recorder(tmp_path / "srun", tmp_path / "srun.log")
-    scontrol = _stub(tmp_path / "scontrol-hosts", r"""[[ "$1 $2 $3" == 'show hostnames gpu[07-08]' ]] && printf 'gpu07\ngpu08\n'
+    scontrol = _stub(tmp_path / "scontrol-hosts",
+                     r"""[[ "$1 $2 $3" == 'show hostnames gpu[07-08]' ]] && printf 'gpu07\ngpu08\n'
 """)
     env = _env(tmp_path, PYTHON="/opt/venv/bin/python", SLURM_ARRAY_TASK_ID="5", SLURM_JOB_ID="900",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",

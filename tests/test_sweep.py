@@ -125,7 +125,8 @@ def test_execute_forwards_sigusr1_and_returns_the_preempted_code(tmp_path, monke
         "pathlib.Path(sys.argv[1]).write_text('ready')\n"
         "time.sleep(60)\n")
     got = tmp_path / "got"
-    monkeypatch.setattr(sweep, "train_command", lambda run, n=1, **_: [sys.executable, str(child), str(ready), str(got)])
+    monkeypatch.setattr(sweep, "train_command",
+                        lambda run, n=1, **_: [sys.executable, str(child), str(ready), str(got)])
     run = sweep.expand("configs/c10_rn20/test_all.yaml")[0]
 
     def send():
