@@ -106,8 +106,10 @@ def stage_tests(plan: Plan, out: Path) -> dict:
     return {**result, "counts": counts, "status": "ok" if result["rc"] == 0 else "failed"}
 
 
-def stage_bench(plan: Plan, out: Path) -> dict:
-    result = _subprocess([sys.executable, "-m", "bench", "--device", plan.device, *plan.bench_args],
+def stage_bench(plan: Plan, out: Path, archive: Optional[Path]) -> dict:
+    """``python -m bench`` on the device; its data section reads the CIFAR-10 archive when given."""
+    data = [str(archive)] if archive is not None and archive.is_file() else []
+    result = _subprocess([sys.executable, "-m", "bench", *data, "--device", plan.device, *plan.bench_args],
                          plan.limits["bench"], log=out / "bench.txt")
     table = (out / "bench.txt").read_text()
     return {**result, "status": "ok" if result["rc"] == 0 else "failed", "table": table[table.find("|"):]
@@ -241,6 +243,23 @@ def _run_figures(run_dir: Path, train_images: int) -> dict:
             "images_per_s": round(train_images / epoch_s) if epoch_s else None}
 
 
+def data_path_ratio(stages: dict) -> Optional[dict]:
+    """The bench's bare on-device loader (img/s) over train.py's CIFAR epoch rate, the three runs summed.
+
+    Issue 15's target is <= 2. The three runs share the GPU, so their summed rate is the fair figure.
+    """
+    table = stages.get("bench", {}).get("table", "")
+    rates = [float(cells[3]) for cells in (line.split("|")[1:] for line in table.splitlines())
+             if len(cells) > 4 and cells[0].strip() == "data" and cells[1].strip().startswith("DeviceImageLoader")
+             and cells[4].strip() == "img/s"]
+    runs = stages.get("cifar", {}).get("runs", {})
+    train_rate = sum(run.get("images_per_s") or 0 for run in runs.values())
+    if not rates or not train_rate:
+        return None
+    return {"bench_img_s": rates[0], "train_py_img_s": train_rate, "ratio": round(rates[0] / train_rate, 2),
+            "target": 2.0}
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: header, one section per stage."""
     lines = [f"# gpu-check {report['date']}", "", f"- device: {report['device']}", f"- torch {report['torch']}, "
@@ -269,6 +288,10 @@ def markdown(report: dict) -> str:
         if stage.get("status") == "failed" and stage.get("tail"):
             lines += ["", "```", stage["tail"][-1500:], "```"]
         lines.append("")
+    if report.get("data_path"):
+        ratio = report["data_path"]
+        lines += [f"data path: bench on-device loader {ratio['bench_img_s']:.0f} img/s, train.py "
+                  f"{ratio['train_py_img_s']:.0f} img/s (three runs) -> {ratio['ratio']}x (target <= 2)", ""]
     return "\n".join(lines)
 
 
@@ -305,7 +328,7 @@ def main(argv=None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "mode": "smoke" if args.smoke else "full",
               "device": _device_line(plan), "torch": torch.__version__, "python": platform.python_version(),
               "stages": {}}
-    stages = {"tests": lambda: stage_tests(plan, args.out), "bench": lambda: stage_bench(plan, args.out),
+    stages = {"tests": lambda: stage_tests(plan, args.out), "bench": lambda: stage_bench(plan, args.out, args.data),
               "step": lambda: stage_step(plan, args.out), "cifar": lambda: stage_cifar(plan, args.data, args.out)}
     for name in names:
         print(f"[gpu-check] {name} ...", flush=True)
@@ -314,6 +337,7 @@ def main(argv=None) -> int:
         except Exception as error:  # one broken stage must not hide the others' figures
             report["stages"][name] = {"status": "failed", "tail": f"{type(error).__name__}: {error}"}
         print(f"[gpu-check] {name}: {report['stages'][name].get('status')}", flush=True)
+    report["data_path"] = data_path_ratio(report["stages"])
     report["seconds"] = round(time.perf_counter() - started, 1)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (args.out / "gpu_check.md").write_text(markdown(report))

@@ -77,3 +77,15 @@ def test_smoke_mode_runs_every_stage_and_writes_the_report(tmp_path):
     assert sum(1 for p in (out / "cifar10" / "cifar10" / "train").rglob("*.png")) == 40
     markdown = (out / "gpu_check.md").read_text()
     assert "## cifar: ok" in markdown and "| gni16 | finished |" in markdown and "## step: ok" in markdown
+
+
+def test_data_path_ratio_reads_the_bench_row_and_sums_the_three_runs():
+    from bench import gpu_check
+
+    table = ("| section | case | layout | median | unit | ratio |\n"
+             "| data    | torchvision DataLoader cifar | contiguous | 900.0 | img/s | 1.0 |\n"
+             "| data    | DeviceImageLoader cifar | contiguous | 30000.0 | img/s | 33.3 |\n")
+    runs = {"bn": {"images_per_s": 6000}, "gbn16": {"images_per_s": 5000}, "gni16": {"images_per_s": 4000}}
+    ratio = gpu_check.data_path_ratio({"bench": {"table": table}, "cifar": {"runs": runs}})
+    assert ratio == {"bench_img_s": 30000.0, "train_py_img_s": 15000, "ratio": 2.0, "target": 2.0}
+    assert gpu_check.data_path_ratio({"bench": {"table": table}}) is None  # no CIFAR runs: no figure
