@@ -16,7 +16,8 @@ the whole fits the budget; a stage that fails or runs out of time is reported an
    <= 1.03x, GBN-16 <= 1.05x with bf16 + channels_last + compile).
 4. ``cifar``: BN vs GBN-16 vs GNI-16, ResNet-20 on the full CIFAR-10 copy (the ImageFolder ``.tar.gz``
    given with ``--data``), a short schedule, the three train.py runs at once on the one GPU (bf16,
-   channels_last); final top-1 and train.py's images/s per epoch.
+   channels_last); final top-1 and train.py's images/s per epoch, and (with the bench's data section)
+   the bare on-device loader's images/s over the three runs' summed rate (target <= 2).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` (default ``$OUT``, else ``output/gpu_check``).
 Exit 0 if every stage passed, 1 otherwise; without a CUDA device (and without ``--smoke``) it exits 1
