@@ -7,6 +7,8 @@
     python -m shared.sweep configs/c100_rn18/sweep_gni.yaml --run          # one after another, locally
     python -m shared.sweep CONFIG --write-list runs.txt                    # one command per line (.json: JSON)
     python -m shared.sweep CONFIG --index "$SLURM_ARRAY_TASK_ID"           # only run I (SLURM arrays)
+    python -m shared.sweep CONFIG --index 0 --nproc-per-node 4             # run 0 on 4 GPUs (torchrun)
+    python -m shared.sweep CONFIG --index 0 --nproc-per-node 4 --nnodes 2 --rdzv-endpoint HEAD:29500 --rdzv-id J
     python -m shared.sweep CONFIG --wandb-sweep sweep.yaml                 # for `wandb sweep` + `wandb agent`
     python -m shared.sweep CONFIG --run --set output=/scratch/runs --set data_dir=/data/cifar
 
