@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast bench clean
+.PHONY: venv run test test-fast bench gpu-check test-compat clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -25,6 +25,32 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# One command that proves the project on a GPU (about 8 minutes on one H100), with the machine's own
+# python (torch, torchvision, timm, pyyaml; no venv build, no wandb): `PYTHON=python3 make gpu-check`.
+# CIFAR10: the ImageFolder archive (copy ../shared/data/cifar10-jpeg.tar.gz to data/, an ignored folder,
+# so that it travels with the repository). Report: $$OUT (or output/gpu_check)/gpu_check.{md,json}.
+CIFAR10 ?= data/cifar10-jpeg.tar.gz
+gpu-check:
+	$(or $(PYTHON),python3) -m bench.gpu_check --data $(CIFAR10)
+
+# The oldest supported torch (requirements-compat.txt: torch 2.11, Python 3.12, no wandb) in its own
+# venv: every nodo test, the wandb-free training of every layer kind, and the train.py options.
+COMPAT_PYTHON ?= $(shell command -v python3.12)
+COMPAT_VENV ?= build/compat-venv
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/test_ghost_noise.py tests/test_ghost_noise_batch_norm.py tests/test_ghost_batch_norm.py \
+	tests/test_exclusive_batch_norm.py tests/test_eval_norm.py tests/test_noisy_affine.py tests/test_affine.py \
+	tests/test_dropout.py tests/test_weight_standardization.py tests/test_compat.py tests/test_amp.py
+
+$(COMPAT_STAMP): requirements-compat.txt
+	test -n "$(COMPAT_PYTHON)" || { echo "make test-compat needs python3.12 (or COMPAT_PYTHON=...)"; exit 2; }
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q -r requirements-compat.txt
+	touch $(COMPAT_STAMP)
+
+test-compat: $(COMPAT_STAMP)
+	PYTHONPATH=$(CURDIR) WANDB_MODE=disabled $(COMPAT_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q $(COMPAT_TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -313,7 +313,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
     model.train()
     loader.set_epoch(epoch)
     total_loss = torch.tensor(state.pop("partial_loss", 0.0), device=info.device)
-    counted, skipped, updates = 0, 0, 0
+    counted, skipped, updates, overflows = 0, 0, 0, 0
     batches = loader.batches(start_batch)
     bar = None
     if progress_bar:
@@ -352,13 +352,15 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
         if scaler is not None:
             scaler.unscale_(optimizer)
         # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
-        # float16's scaler expects inf gradients now and then (it skips the step and lowers its scale).
-        checks = [loss.detach().float().reshape(1)]
-        if scaler is None:
-            checks += [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                       for p in model.parameters() if p.grad is not None]
-        locally_finite = bool(torch.isfinite(torch.cat(checks)).all())
-        finite = not distributed.any_process(not locally_finite, info)
+        checks = [loss.detach().float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                                                        for p in model.parameters() if p.grad is not None]
+        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
+        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        # float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and
+        # lowers its scale); counted, not a failure. A non-finite loss is a failure with or without it.
+        finite = not distributed.any_process(not loss_finite or (scaler is None and not grads_finite), info)
+        if finite and scaler is not None and not grads_finite:  # DDP: gradients are the same on every rank
+            overflows += 1
         if not finite:
             where = f"epoch {epoch}, step {position + 1} of {num_batches} (update {state['num_updates'] + 1})"
             if args.nonfinite == "stop":
@@ -369,11 +371,11 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
                 for buffer, saved in zip(state["unwrapped"].buffers(), buffers_before):
                     buffer.copy_(saved)
             log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
-        if args.clip_grad is not None:
-            from timm.utils import dispatch_clip_grad
-
-            dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
         if finite:
+            if args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
+                from timm.utils import dispatch_clip_grad
+
+                dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
             if scaler is not None:
                 scaler.step(optimizer)
             else:
@@ -414,7 +416,7 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
     train_loss = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
                                                                                     device=info.device)]), info)
     return {"train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
-            "lr": optimizer.param_groups[0]["lr"], "skipped": skipped}
+            "lr": optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
 
 
 def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
@@ -447,6 +449,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _training_started = False  # main() may be called more than once in one process (tests)
     _stop_signal.clear()
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    # from the start: a preemption signal during set-up must not kill the process (SIGUSR1's default);
+    # it is acted on at the first update boundary (Ctrl-C during set-up stays a KeyboardInterrupt)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, _request_stop)
     try:
         args = config_module.parse_args(argv)
         check_args(args)
@@ -657,8 +663,12 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
     if info.is_primary:
         # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
         run_files.write_run_file(run_dir / "args.yaml", config_module.yaml_text(args))
+    # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
+    # out of args_dict, whose keys a resume compares with the checkpoint's)
+    launch_shape = {"world_size": info.world_size, "batch_size_per_process": args.batch_size}
     # the wandb config holds the resolved arguments too (args_dict was taken before num_classes, lr... were set)
-    logger = WandbLogger(run_dir, args.experiment, {**config_module.args_to_dict(args), "norm_sites": norm_sites},
+    logger = WandbLogger(run_dir, args.experiment,
+                         {**config_module.args_to_dict(args), "norm_sites": norm_sites, **launch_shape},
                          project=args.wandb_project, tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
@@ -676,7 +686,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         final = history[-1] if history else None
         return {"status": final_status, "epochs_done": len(history), "epochs": num_epochs, "final": final,
                 "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
-                "num_updates": state["num_updates"], "norm_sites": norm_sites}
+                "num_updates": state["num_updates"], "norm_sites": norm_sites, **launch_shape,
+                "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
 
     def save(epoch: int, batch: int, partial_loss: float = 0.0, metric: Optional[float] = None) -> None:
         """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""
@@ -724,6 +735,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
                 row.update({f"ema_{k}": v for k, v in evaluate(ema.module, loaders.eval, args, info, autocast).items()})
             if train_metrics["skipped"]:
                 row["skipped_updates"] = train_metrics["skipped"]
+            if scaler is not None:
+                row["amp_overflow_steps"] = train_metrics["overflows"]
             history.append(row)
             # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
             metric = row.get(ranking_column(args))

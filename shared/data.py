@@ -60,6 +60,7 @@ normalized float32 batches on the training device.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -295,7 +296,12 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
                             f"will hold) the torchvision files")
         cls = datasets.CIFAR10 if kind == "torch/cifar10" else datasets.CIFAR100
         try:
-            return cls(args.data_dir, train=split == "train", download=args.dataset_download)
+            if not args.dataset_download:
+                return cls(args.data_dir, train=split == "train")
+            # every rank and every array task sharing data_dir: the first to get the lock downloads, the
+            # others wait for it and then find the verified files (torchvision checks them, no download)
+            with file_lock(os.path.join(args.data_dir, ".download.lock")):
+                return cls(args.data_dir, train=split == "train", download=True)
         except RuntimeError as error:  # torchvision: "Dataset not found or corrupted. You can use download=True"
             raise DataError(f"{kind} not found in {args.data_dir!r} ({str(error).rstrip('.')}); pass "
                             f"--dataset-download to fetch it, or point --data-dir at the folder holding "
@@ -330,6 +336,25 @@ def _to_8_bit(image, path: str):
         raise ValueError(f"PIL mode {image.mode!r} with values {values.min()}..{values.max()} has no 8-bit "
                          f"reading (16-bit 0..65535 and 8-bit images are read)")
     return Image.fromarray(np.round(values.astype(np.float64) / 257).astype(np.uint8), mode="L")
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) while the block runs.
+
+    Blocks until no other process holds it; the kernel releases it if the holder dies, so a killed
+    download leaves no stale lock. Works across the processes of one machine and, where the filesystem
+    supports ``flock`` (local disks, NFSv4, Lustre with ``flock``), across nodes.
+    """
+    import fcntl
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_image(path: str):

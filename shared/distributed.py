@@ -10,6 +10,11 @@ into SyncBatchNorm. The backend is NCCL on CUDA and gloo on CPU.
 If one process dies, torchrun's agent stops the others (its default "fail fast" policy) and exits
 non-zero; collectives also time out after :data:`COLLECTIVE_TIMEOUT` instead of hanging forever. The
 run then resumes from its last checkpoint with ``--resume auto``.
+
+Preemption: SIGTERM/SIGUSR1 may reach any subset of the processes (torchrun passes SIGTERM on to its
+workers); train.py asks :func:`any_process` at every update boundary, so all ranks stop at the same one
+and rank 0 writes the checkpoint. ``shared.sweep`` starts torchrun (one per node, c10d rendezvous for
+several nodes) and turns torchrun's exit 1 after a signal into the requeue code.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@
     python -m shared.sweep configs/c100_rn18/sweep_gni.yaml --run          # one after another, locally
     python -m shared.sweep CONFIG --write-list runs.txt                    # one command per line (.json: JSON)
     python -m shared.sweep CONFIG --index "$SLURM_ARRAY_TASK_ID"           # only run I (SLURM arrays)
+    python -m shared.sweep CONFIG --index 0 --nproc-per-node 4             # run 0 on 4 GPUs (torchrun)
+    python -m shared.sweep CONFIG --index 0 --nproc-per-node 4 --nnodes 2 --rdzv-endpoint HEAD:29500 --rdzv-id J
     python -m shared.sweep CONFIG --wandb-sweep sweep.yaml                 # for `wandb sweep` + `wandb agent`
     python -m shared.sweep CONFIG --run --set output=/scratch/runs --set data_dir=/data/cifar
 
@@ -37,12 +39,20 @@ the swept values are passed as train.py flags, and each command is checked by pa
 train.py's own parser (the values must come back as the sweep set them). ``--resume auto`` starts fresh
 or continues from the run directory's last checkpoint. ``--run`` and ``--index`` skip runs whose
 ``results.json`` says ``finished``. With ``--nproc-per-node G > 1`` the command is
-``torchrun --standalone --nproc_per_node G train.py ...``.
+``PYTHON -m torch.distributed.run --standalone --nproc-per-node G train.py ...`` (torchrun, found next
+to this interpreter: no activated venv or PATH needed). With ``--nnodes N > 1`` (one launcher per node,
+as ``experiment_scripts/slurm_array.sbatch`` starts them with ``srun``) it is
+``... --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID``.
 
-Signals. While a run executes, SIGUSR1 and SIGTERM sent to this process are forwarded to train.py
-(to torchrun as SIGTERM, which it passes on to its workers; it does not handle SIGUSR1). train.py then
-checkpoints and exits with :data:`PREEMPTED_EXIT_CODE`; this process stops and exits with that code,
-which ``experiment_scripts/slurm_array.sbatch`` turns into a requeue.
+Signals. While a run executes, the first SIGUSR1 or SIGTERM sent to this process is forwarded to
+train.py (to torchrun as SIGTERM, which it passes on to its workers); later ones are not forwarded,
+because a second signal makes torchrun abandon its workers while they checkpoint. Every train.py process
+then stops at the same update boundary (they agree through an all-reduce), rank 0 writes one checkpoint
+and ``results.json`` with status ``preempted``, and the workers exit with :data:`PREEMPTED_EXIT_CODE`.
+torchrun itself exits 1 after a signal, whatever its workers did, so this process decides the exit code
+from the run's outcome: a ``results.json`` written during this launch with status ``preempted`` means
+:data:`PREEMPTED_EXIT_CODE` (it waits up to ``GHOST_NOISE_PREEMPT_GRACE_S``, default 60 s, for it after
+a signal). ``experiment_scripts/slurm_array.sbatch`` turns that code into a requeue.
 """
 from __future__ import annotations
 
@@ -74,6 +84,7 @@ __all__ = [
     "train_command",
     "run_status",
     "execute",
+    "Launch",
     "write_list",
     "wandb_sweep",
     "main",
@@ -120,12 +131,14 @@ class SweepRun:
         point: the values this run sets, ``{key or dotted path: value}``, in grid order.
         args: train.py arguments after ``train.py`` (starts with ``-c CONFIG``).
         output_dir: the run directory, ``OUTPUT/NAME``.
+        device: train.py's resolved ``--device`` (None: CUDA if available, else CPU).
     """
     index: int
     name: str
     point: Mapping[str, Any]
     args: tuple
     output_dir: Path
+    device: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +406,7 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
         names[name] = len(runs)
         output = resolved.get("output") or "output"
         args += ["--experiment", name, "--resume", "auto"]
-        runs.append(SweepRun(len(runs), name, dict(point), tuple(args), Path(output) / name))
+        runs.append(SweepRun(len(runs), name, dict(point), tuple(args), Path(output) / name, resolved.get("device")))
     if only:
         runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
         if not runs:
@@ -402,12 +415,53 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     return runs
 
 
-def train_command(run: SweepRun, nproc_per_node: int = 1, python: Optional[str] = None) -> list:
-    """The command line that trains ``run`` (from the repository root or any directory)."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How many processes train one run, and where they meet.
+
+    Attributes:
+        nproc_per_node: training processes on this node (GPUs per node).
+        nnodes: nodes; > 1 needs ``rdzv_endpoint`` (``HOST:PORT`` of the first node) and the same
+            ``rdzv_id`` on every node.
+    """
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: str = "ghost-noise"
+
+    def __post_init__(self):
+        if self.nproc_per_node < 1:
+            raise SweepError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise SweepError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if self.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", self.rdzv_endpoint or ""):
+            raise SweepError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the first node), "
+                             f"got {self.rdzv_endpoint!r}")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
+def train_command(run: SweepRun, nproc_per_node: int = 1, python: Optional[str] = None,
+                  launch: Optional[Launch] = None) -> list:
+    """The command line that trains ``run`` (from the repository root or any directory).
+
+    ``launch`` (default: ``Launch(nproc_per_node)``) > 1 process: torchrun as ``python -m
+    torch.distributed.run`` with this interpreter, so it is the project's torch without PATH lookups.
+    """
+    launch = launch or Launch(nproc_per_node)
+    python = python or sys.executable
     script = _display_path(_TRAIN_SCRIPT)
-    if nproc_per_node > 1:
-        return ["torchrun", "--standalone", f"--nproc_per_node={nproc_per_node}", script, *run.args]
-    return [python or sys.executable, script, *run.args]
+    if not launch.distributed:
+        return [python, script, *run.args]
+    if launch.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                 f"--rdzv-id={launch.rdzv_id}"]
+    return [python, "-m", "torch.distributed.run", *where, f"--nproc-per-node={launch.nproc_per_node}",
+            script, *run.args]
 
 
 def run_status(run: SweepRun) -> Optional[str]:
@@ -422,15 +476,60 @@ def run_status(run: SweepRun) -> Optional[str]:
 # Running
 # ----------------------------------------------------------------------------------------------
 
-def execute(run: SweepRun, nproc_per_node: int = 1) -> int:
-    """Run one training process, forwarding SIGUSR1/SIGTERM to it; return its exit code."""
-    command = train_command(run, nproc_per_node)
+def _preempted_since(run: SweepRun, since: float) -> bool:
+    """True if ``results.json`` was written at or after ``since`` (epoch seconds) with status preempted.
+
+    The time check keeps a ``preempted`` left by an earlier allocation from hiding a crash of this one.
+    """
+    path = run.output_dir / "results.json"
+    try:
+        fresh = path.stat().st_mtime >= since - 1.0  # 1 s: coarse filesystem timestamps
+    except OSError:
+        return False
+    return fresh and run_status(run) == "preempted"
+
+
+def _outcome(run: SweepRun, code: int, started: float, signalled: bool) -> int:
+    """The launch's exit code: the workers' verdict when torchrun's own code (1 after a signal) hides it.
+
+    After a forwarded signal, waits up to ``$GHOST_NOISE_PREEMPT_GRACE_S`` (60 s) for rank 0's
+    ``results.json``: torchrun may return before its workers finished checkpointing (a second signal).
+    """
+    if code in (0, PREEMPTED_EXIT_CODE):
+        return code
+    deadline = time.time() + (float(os.environ.get("GHOST_NOISE_PREEMPT_GRACE_S", "60")) if signalled else 0.0)
+    while True:
+        if _preempted_since(run, started):
+            print(f"[sweep] {run.name}: the workers checkpointed after the signal (results.json: preempted); "
+                  f"exit {PREEMPTED_EXIT_CODE} instead of the launcher's {code}", flush=True)
+            return PREEMPTED_EXIT_CODE
+        if time.time() >= deadline:
+            return code
+        time.sleep(0.5)
+
+
+def _child_env(launch: Launch) -> Optional[dict]:
+    """torchrun handles SIGTERM, SIGINT, SIGHUP, SIGQUIT; SIGUSR1 sent to it directly would kill it."""
+    if not launch.distributed or "TORCHELASTIC_SIGNALS_TO_HANDLE" in os.environ:
+        return None
+    return dict(os.environ, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+
+
+def execute(run: SweepRun, nproc_per_node: int = 1, launch: Optional[Launch] = None) -> int:
+    """Run one training launch, forwarding the first SIGUSR1/SIGTERM to it; return the run's exit code."""
+    launch = launch or Launch(nproc_per_node)
+    command = train_command(run, launch=launch)
     print(f"[sweep] run {run.index} {run.name}: {shlex.join(command)}", flush=True)
-    process = subprocess.Popen(command)
+    started = time.time()
+    process = subprocess.Popen(command, env=_child_env(launch))
+    received: list = []
 
     def forward(signum, _frame):
-        # torchrun handles SIGTERM (and passes it to every worker) but dies on SIGUSR1
-        sent = signal.SIGTERM if nproc_per_node > 1 else signum
+        received.append(signum)
+        if len(received) > 1:  # a second SIGTERM makes torchrun drop its workers mid-checkpoint
+            print(f"[sweep] got signal {signal.Signals(signum).name} again: already forwarded", flush=True)
+            return
+        sent = signal.SIGTERM if launch.distributed else signum
         print(f"[sweep] got signal {signal.Signals(signum).name}: forwarding {signal.Signals(sent).name} "
               f"to {run.name} (pid {process.pid})", flush=True)
         try:
@@ -440,13 +539,14 @@ def execute(run: SweepRun, nproc_per_node: int = 1) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        return process.wait()
+        code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return _outcome(run, code, started, bool(received)) if launch.distributed else code
 
 
-def _run_all(runs: Sequence[SweepRun], nproc_per_node: int) -> int:
+def _run_all(runs: Sequence[SweepRun], launch: Launch) -> int:
     """Run every unfinished run in order, continuing past failures; print a summary."""
     outcomes = []
     for run in runs:
@@ -454,7 +554,7 @@ def _run_all(runs: Sequence[SweepRun], nproc_per_node: int) -> int:
             outcomes.append((run, "skipped (finished)", 0.0))
             continue
         start = time.time()
-        code = execute(run, nproc_per_node)
+        code = execute(run, launch=launch)
         outcomes.append((run, "ok" if code == 0 else f"exit {code}", time.time() - start))
         if code == PREEMPTED_EXIT_CODE:
             print(f"[sweep] {run.name} was preempted (exit {code}); stopping here", flush=True)
@@ -476,10 +576,10 @@ def _run_all(runs: Sequence[SweepRun], nproc_per_node: int) -> int:
 # Lists for launchers
 # ----------------------------------------------------------------------------------------------
 
-def _one_line_command(run: SweepRun, nproc_per_node: int) -> str:
+def _one_line_command(run: SweepRun, launch: "Launch") -> str:
     """The run's command as one shell line; a value with a line break would split it, so it is refused
     (shell quoting keeps a newline inside quotes, but line-based launchers read one line per run)."""
-    command = train_command(run, nproc_per_node)
+    command = train_command(run, launch=launch)
     broken = next((word for word in command if any(c in word for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")),
                   None)
     if broken is not None:
@@ -488,17 +588,19 @@ def _one_line_command(run: SweepRun, nproc_per_node: int) -> str:
     return shlex.join(command)
 
 
-def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1) -> None:
+def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1,
+               launch: Optional[Launch] = None) -> None:
     """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
+    launch = launch or Launch(nproc_per_node)
     from shared.run_files import atomic_write_text
 
     path = Path(path)
     if path.suffix == ".json":
         records = [dict(index=r.index, name=r.name, output_dir=str(r.output_dir), point=r.point,
-                        command=train_command(r, nproc_per_node)) for r in runs]
+                        command=train_command(r, launch=launch)) for r in runs]
         atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
     else:
-        atomic_write_text(path, "".join(_one_line_command(r, nproc_per_node) + "\n" for r in runs))
+        atomic_write_text(path, "".join(_one_line_command(r, launch) + "\n" for r in runs))
 
 
 def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
@@ -550,26 +652,43 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", metavar="GLOB", help="keep only runs whose name matches GLOB (renumbered)")
     parser.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("GPUS_PER_TASK", "1")),
                         help="GPUs per run: > 1 launches train.py with torchrun (default: $GPUS_PER_TASK or 1)")
+    parser.add_argument("--nnodes", type=int, default=1,
+                        help="nodes per run, one launcher per node (multi-node torchrun with a c10d rendezvous)")
+    parser.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="the first node's HOST:PORT (--nnodes > 1)")
+    parser.add_argument("--rdzv-id", default="ghost-noise", help="rendezvous id, the same on every node (a job id)")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="with --index: refuse (exit 2) to start a run whose --device is not cpu when "
+                             "this machine has no CUDA device (instead of training on the CPU)")
     return parser
+
+
+def _check_gpu(run: SweepRun) -> None:
+    """--require-gpu: a run meant for a GPU (its device is not ``cpu``) needs CUDA here."""
+    import torch
+
+    if str(run.device or "cuda").startswith("cpu") or torch.cuda.is_available():
+        return
+    raise SweepError(f"run {run.index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
+                     f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
+                     f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _build_parser().parse_args(argv)
-    if options.nproc_per_node < 1:
-        print(f"error: --nproc-per-node must be >= 1, got {options.nproc_per_node}", file=sys.stderr)
-        return 2
     try:
+        launch = Launch(options.nproc_per_node, options.nnodes, options.rdzv_endpoint, options.rdzv_id)
         runs = expand(options.config, _parse_set(options.set), options.only)
         if options.count:
             print(len(runs))
         if options.write_list:
-            write_list(runs, options.write_list, options.nproc_per_node)
+            write_list(runs, options.write_list, launch=launch)
             print(f"wrote {len(runs)} commands to {options.write_list}", file=sys.stderr)
         if options.wandb_sweep:
+            from shared.run_files import atomic_write_text
+
             spec = wandb_sweep(options.config, runs)
-            Path(options.wandb_sweep).write_text(
-                f"# generated by: python -m shared.sweep {options.config} --wandb-sweep {options.wandb_sweep}\n"
-                + yaml.safe_dump(spec, sort_keys=False))
+            header = f"# generated by: python -m shared.sweep {options.config} --wandb-sweep {options.wandb_sweep}\n"
+            atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
             print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
         if options.index is not None:
             try:
@@ -583,13 +702,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if run_status(run) == "finished":
                 print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
                 return 0
-            return execute(run, options.nproc_per_node)
+            if options.require_gpu:
+                _check_gpu(run)
+            return execute(run, launch=launch)
         if options.run:
-            return _run_all(runs, options.nproc_per_node)
+            return _run_all(runs, launch)
         if options.dry_run or not (options.count or options.write_list or options.wandb_sweep):
             for run in runs:
                 print(f"# [{run.index}] {run.name}")
-                print(_one_line_command(run, options.nproc_per_node))
+                print(_one_line_command(run, launch))
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

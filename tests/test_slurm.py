@@ -30,7 +30,8 @@ def _stub(path, body):
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(REPO_ROOT=str(ROOT), SCONTROL=str(_stub(tmp_path / "scontrol", f'echo "$@" >> {tmp_path}/scontrol.log\n')),
-               WANDB_MODE="offline", OMP_NUM_THREADS="1", **extra)
+               SRUN=str(tmp_path / "no-srun"), WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    env.update(extra)
     return env
 
 
@@ -58,7 +59,7 @@ exit 1
     assert (tmp_path / "got").read_text().strip() == "usr1"
     assert (tmp_path / "argv").read_text().split() == [
         "-m", "shared.sweep", "configs/c10_rn20/test_all.yaml", "--index", "3", "--nproc-per-node", "1",
-        "--set", "output=/x"]
+        "--require-gpu", "--set", "output=/x"]
     assert "received SIGUSR1" in output
     log = tmp_path / "scontrol.log"
     if requeued:
@@ -101,7 +102,7 @@ def test_array_task_resumes_a_preempted_digits_run(tmp_path, monkeypatch):
     assert json.loads((run_dir / "results.json").read_text())["status"] == "preempted"
     assert (run_dir / "last.pth.tar").is_file()
 
-    env = _env(tmp_path, PYTHON=sys.executable, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="77")
+    env = _env(tmp_path, PYTHON=sys.executable, SLURM_ARRAY_TASK_ID="1", SLURM_JOB_ID="77", ALLOW_CPU="1")
     result = subprocess.run(["bash", str(SBATCH), str(config_path)], env=env, capture_output=True, text=True,
                             timeout=300)
     output = result.stdout + result.stderr
@@ -122,12 +123,70 @@ def test_launcher_submits_one_array_per_config(tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     _stub(fake_bin / "sbatch", f'echo "$@" >> {tmp_path}/sbatch.log\n')
+    output = tmp_path / "runs"
     env = _env(tmp_path, PATH=f"{fake_bin}:{os.environ['PATH']}", PYTHON=sys.executable, LAUNCH="slurm",
-               DATA_DIR="/data/cifar", OUTPUT_DIR="/scratch/runs", WANDB_PROJECT="gn-test")
+               DATA_DIR="/data/cifar", OUTPUT_DIR=str(output), WANDB_PROJECT="gn-test", ARRAY_THROTTLE="4",
+               NODES="2", GPUS_PER_TASK="8", SBATCH_ARGS="--time=2:00:00")
     result = subprocess.run(["bash", str(ROOT / "experiment_scripts" / "c10_rn20.sh")], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     words = (tmp_path / "sbatch.log").read_text().split()
-    assert words[0] == "--array=0-20" and words[1].endswith("experiment_scripts/slurm_array.sbatch")
-    assert words[2:] == ["configs/c10_rn20/test_all.yaml", "--set", "data_dir=/data/cifar",
-                         "--set", "output=/scratch/runs", "--set", "wandb_project=gn-test"]
+    assert words[:6] == ["--job-name=c10_rn20-test_all", "--array=0-20%4", f"--output={output}/slurm/%x-%A_%a.out",
+                         "--nodes=2", "--gres=gpu:8", "--time=2:00:00"]
+    assert (output / "slurm").is_dir() and words[6].endswith("experiment_scripts/slurm_array.sbatch")
+    assert words[7:] == ["configs/c10_rn20/test_all.yaml", "--set", "data_dir=/data/cifar",
+                         "--set", f"output={output}", "--set", "wandb_project=gn-test"]
+
+
+def _argv_recorder(path: Path, log: Path) -> Path:
+    return _stub(path, f'echo "$@" >> {log}\n')
+
+
+def test_multi_node_task_runs_one_launcher_per_node_with_a_rendezvous(tmp_path):
+    """2 nodes: srun starts the sweep once per node with --nnodes 2 and the first hostname as endpoint."""
+    srun = _argv_recorder(tmp_path / "srun", tmp_path / "srun.log")
+    scontrol = _stub(tmp_path / "scontrol-hosts",
+                     r"""[[ "$1 $2 $3" == 'show hostnames gpu[07-08]' ]] && printf 'gpu07\ngpu08\n'
+""")
+    env = _env(tmp_path, PYTHON="/opt/venv/bin/python", SLURM_ARRAY_TASK_ID="5", SLURM_JOB_ID="900",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_GPUS_ON_NODE="4",
+               SLURM_CPUS_PER_TASK="32", SRUN=str(srun), SCONTROL=str(scontrol))
+    result = subprocess.run(["bash", str(SBATCH), "configs/c10_rn20/test_all.yaml", "--set", "output=/x"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "srun.log").read_text().split() == [
+        "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
+        "/opt/venv/bin/python", "-m", "shared.sweep", "configs/c10_rn20/test_all.yaml", "--index", "5",
+        "--nproc-per-node", "4", "--require-gpu", "--nnodes", "2", "--rdzv-endpoint", "gpu07:29505",
+        "--rdzv-id", "900-5", "--set", "output=/x"]
+    env.pop("SRUN")
+    env["PATH"] = "/usr/bin:/bin"  # no srun anywhere
+    result = subprocess.run(["bash", str(SBATCH), "configs/c10_rn20/test_all.yaml"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "2 nodes need srun" in result.stderr
+
+
+def test_python_defaults_to_the_projects_venv(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    _argv_recorder(repo / ".venv" / "bin" / "python", tmp_path / "python.log")
+    env = _env(tmp_path, REPO_ROOT=str(repo), SLURM_ARRAY_TASK_ID="0", ALLOW_CPU="1")
+    env.pop("PYTHON", None)
+    result = subprocess.run(["bash", str(SBATCH), "c.yaml"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "python.log").read_text().split()[:3] == ["-m", "shared.sweep", "c.yaml"]
+    assert "--require-gpu" not in (tmp_path / "python.log").read_text()  # ALLOW_CPU=1
+
+
+@pytest.mark.slow
+def test_a_gpu_run_is_refused_on_a_cpu_only_allocation(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal needs a CPU-only node")
+    env = _env(tmp_path, PYTHON=sys.executable, SLURM_ARRAY_TASK_ID="0", SLURM_JOB_ID="12")
+    result = subprocess.run(["bash", str(SBATCH), "configs/c10_rn20/test_all.yaml", "--set", f"output={tmp_path}"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "has no CUDA device" in result.stderr and not (tmp_path / "scontrol.log").exists()
+    assert not (tmp_path / "c10-rn20-bn-s42").exists()

@@ -125,7 +125,8 @@ def test_execute_forwards_sigusr1_and_returns_the_preempted_code(tmp_path, monke
         "pathlib.Path(sys.argv[1]).write_text('ready')\n"
         "time.sleep(60)\n")
     got = tmp_path / "got"
-    monkeypatch.setattr(sweep, "train_command", lambda run, n=1: [sys.executable, str(child), str(ready), str(got)])
+    monkeypatch.setattr(sweep, "train_command",
+                        lambda run, n=1, **_: [sys.executable, str(child), str(ready), str(got)])
     run = sweep.expand("configs/c10_rn20/test_all.yaml")[0]
 
     def send():
@@ -138,3 +139,73 @@ def test_execute_forwards_sigusr1_and_returns_the_preempted_code(tmp_path, monke
     start = time.time()
     assert sweep.execute(run) == sweep.PREEMPTED_EXIT_CODE == 75
     assert got.read_text() == "usr1" and time.time() - start < 30
+
+
+def test_torchrun_is_this_interpreter_with_the_module_not_a_path_lookup():
+    run = sweep.expand("configs/c10_rn20/test_all.yaml")[0]
+    single = sweep.train_command(run)
+    assert single[0] == sys.executable and single[1].endswith("train.py") and single[2:] == list(run.args)
+    command = sweep.train_command(run, launch=sweep.Launch(nproc_per_node=4))
+    assert command[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert command[5].endswith("train.py") and command[6:] == list(run.args)
+    nodes = sweep.train_command(run, launch=sweep.Launch(2, nnodes=3, rdzv_endpoint="node07:29511", rdzv_id="88-5"))
+    assert nodes[3:8] == ["--nnodes=3", "--rdzv-backend=c10d", "--rdzv-endpoint=node07:29511", "--rdzv-id=88-5",
+                          "--nproc-per-node=2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc-per-node", "0"], "--nproc-per-node must be >= 1, got 0"),
+    (["--nnodes", "0"], "--nnodes must be >= 1, got 0"),
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT (the first node), got None"),
+    (["--nnodes", "2", "--rdzv-endpoint", "node1"], "got 'node1'"),
+])
+def test_bad_launch_options_exit_2(argv, message, capsys):
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--dry-run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _results(run, status: str, age_s: float = 0.0) -> None:
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    path = run.output_dir / "results.json"
+    path.write_text(json.dumps({"status": status}))
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+
+
+def test_torchruns_exit_1_becomes_75_only_for_a_preemption_of_this_launch(tmp_path, monkeypatch):
+    """torchrun exits 1 after a signal whatever its workers did; rank 0's fresh results.json decides."""
+    run = sweep.expand("configs/c10_rn20/test_all.yaml", {"output": str(tmp_path)})[0]
+    started = time.time()
+    assert sweep._outcome(run, 1, started, signalled=False) == 1  # nothing written: a crash
+    _results(run, "preempted", age_s=3600)  # left by the previous allocation
+    assert sweep._outcome(run, 1, started, signalled=False) == 1
+    _results(run, "failed")
+    assert sweep._outcome(run, 1, started, signalled=False) == 1
+    _results(run, "preempted")
+    assert sweep._outcome(run, 1, started, signalled=False) == sweep.PREEMPTED_EXIT_CODE
+    assert sweep._outcome(run, 0, started, signalled=True) == 0  # --stop-after: preempted, exit 0
+
+
+def test_after_a_signal_the_launcher_waits_for_the_workers_checkpoint(tmp_path, monkeypatch):
+    """torchrun may return before its workers finished (a second signal): wait for results.json."""
+    run = sweep.expand("configs/c10_rn20/test_all.yaml", {"output": str(tmp_path)})[0]
+    monkeypatch.setenv("GHOST_NOISE_PREEMPT_GRACE_S", "20")
+    started = time.time()
+    threading.Timer(1.0, _results, (run, "preempted")).start()
+    assert sweep._outcome(run, 1, started, signalled=True) == sweep.PREEMPTED_EXIT_CODE
+    assert 0.9 < time.time() - started < 10
+    monkeypatch.setenv("GHOST_NOISE_PREEMPT_GRACE_S", "1")
+    (run.output_dir / "results.json").unlink()
+    begin = time.time()
+    assert sweep._outcome(run, 1, begin, signalled=True) == 1 and time.time() - begin >= 1.0
+
+
+def test_require_gpu_refuses_a_gpu_run_without_cuda(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--index", "0", "--require-gpu",
+                       "--set", f"output={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "run 0 c10-rn20-bn-s42 trains on device 'cuda (default)'" in err and "--gres=gpu:G" in err
+    assert not (tmp_path / "c10-rn20-bn-s42").exists()

@@ -114,6 +114,7 @@ def test_log_lines_without_a_terminal(tmp_path, capsys):
 
 
 def test_wandb_offline_run_holds_the_final_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
