@@ -12,25 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from nodo._checks import check_bool, check_channels, check_choice, check_int, check_ndim, check_positive_float
-from nodo.functional.ghost_noise import (
-    GHOST_SAMPLINGS,
-    NoiseGenerator,
-    _check_generator,
-    ghost_noise_batch_norm,
-    ghost_noise_injection,
+from nodo._checks import (
+    check_bool,
+    check_channel_dim,
+    check_channels,
+    check_choice,
+    check_int,
+    check_ndim,
+    check_positive_float,
 )
+from nodo.functional.ghost_noise import GHOST_SAMPLINGS, ghost_noise_batch_norm, ghost_noise_injection
+from nodo.functional.noise_generator import NoiseGenerator, check_generator
 
 __all__ = ["GhostNoiseInjector", "GhostNoiseBatchNorm2d", "NoiseGenerator"]
-
-
-def _check_channel_dim(channel_dim) -> int:
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
-    if channel_dim == 0:
-        raise ValueError("channel_dim must not be 0, the batch dimension (use 1 for (B, C, ...) "
-                         "or -1 for (B, ..., C) layouts)")
-    return channel_dim
 
 
 class GhostNoiseInjector(nn.Module):
@@ -99,8 +93,8 @@ class GhostNoiseInjector(nn.Module):
         self.shift = check_bool("shift", shift)
         self.scale = check_bool("scale", scale)
         self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
-        self.channel_dim = _check_channel_dim(channel_dim)
-        _check_generator(generator)
+        self.channel_dim = check_channel_dim(channel_dim)
+        check_generator(generator)
         self.generator = generator
 
     def forward(self, input: Tensor) -> Tensor:
@@ -195,7 +189,7 @@ class GhostNoiseBatchNorm2d(_NormBase):
         self.shift = check_bool("shift", shift)
         self.scale = check_bool("scale", scale)
         self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
-        _check_generator(generator)
+        check_generator(generator)
         self.generator = generator
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -1,0 +1,194 @@
+r"""Per-(sample, channel) statistics shared by every nodo norm layer, accurate at any mean.
+
+Every norm in nodo (ghost, exclusive and eval-blended batch norm, fused BN -> GNI) needs, for an
+activation ``x`` of shape ``(B, C, *)`` with ``L`` values per (sample, channel), the per-sample
+sums of ``x`` and ``x^2``, combined over sets of samples. Raw sums lose everything at large means:
+``E[x^2] - E[x]^2`` in float32 has an absolute error of about ``1e-7 * mean^2``, which is 4% of
+the variance at ``|mean| = 600 std``. So the sums are *shifted*: with one value ``k_c`` per channel
+close to the channel's values (:func:`channel_shift`),
+
+.. math::
+    u = x - k_c, \qquad S_1 = \sum_l u, \qquad S_2 = \sum_l u^2, \qquad
+    \text{mean} = k_c + S_1 / L, \qquad \text{var} = S_2 / L - (S_1 / L)^2
+
+and since ``|E[u]|`` is a few standard deviations at most, the cancellation left is harmless.
+``u`` is written once into the buffer that becomes the layer's output (allocating an activation
+costs far more than a pass over one already allocated), and the normalized output is then
+computed from ``u`` in place: ``y = u * scale + shift`` with ``scale, shift`` per (sample,
+channel) and no large intermediate (:func:`scale_shift_`).
+
+Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from nodo.functional.kernels import fast_rows, row_sums
+
+__all__ = [
+    "Momentum",
+    "statistics_dtype",
+    "channel_map",
+    "sample_channel_shape",
+    "values_per_sample",
+    "channel_shift",
+    "ShiftedSums",
+    "shifted_sums",
+    "centered_input",
+    "grad_sums",
+    "scale_shift_",
+    "update_running_stats",
+]
+
+Momentum = Union[float, Tensor]
+
+# Values of each channel the shift is taken from: their mean is within sqrt(L/n) standard
+# deviations of the channel's mean (Cauchy-Schwarz), so E[u]^2 / Var[u] stays below L/n.
+_SHIFT_VALUES = 64
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32/float16/bfloat16 input; float64 input keeps float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_map(values: Tensor, ndim: int) -> Tensor:
+    """``(B, C)`` or ``(C,)`` values as a view that broadcasts over a ``(B, C, *)`` activation of ``ndim`` dims."""
+    if values.dim() == 1:
+        values = values[None]
+    return values.view(values.shape + (1,) * (ndim - 2))
+
+
+def sample_channel_shape(input: Tensor, channel_dim: int) -> list:
+    """``[B, 1, .., C, .., 1]``: the view shape of ``(B, C)`` values for channels in ``channel_dim``."""
+    shape = [1] * input.dim()
+    shape[0], shape[channel_dim] = input.shape[0], input.shape[channel_dim]
+    return shape
+
+
+def values_per_sample(input: Tensor) -> int:
+    """``L``: values per (sample, channel) of a ``(B, C, *)`` activation (1 for ``(B, C)``)."""
+    return math.prod(input.shape[2:])
+
+
+def channel_shift(input: Tensor) -> Tensor:
+    """``(C,)`` shift ``k``: the mean of up to 64 leading values of each channel in every sample.
+
+    Taken from the first row of the last dimension (a view in any memory format, so it reads a few
+    cache lines per sample). ``x - k`` is then exact wherever ``x`` is within a factor 2 of ``k``
+    (Sterbenz) and otherwise rounded relative to ``|x - k|``. Reduced-precision inputs get
+    ``k = 0``: with 8 or 11 mantissa bits ``x - k`` would round visibly, and at means where a shift
+    matters the input's own quantization dominates anyway. Returned in the statistics dtype.
+    """
+    dtype = statistics_dtype(input.dtype)
+    if input.dtype != dtype:
+        return input.new_zeros(input.shape[1], dtype=dtype)
+    index = (slice(None), slice(None)) + (0,) * max(input.dim() - 3, 0)
+    leading = input.detach()[index]
+    if leading.dim() == 3:
+        leading = leading[:, :, :_SHIFT_VALUES]
+    count = leading.shape[0] * (leading.shape[2] if leading.dim() == 3 else 1)
+    return leading.sum((0, 2) if leading.dim() == 3 else (0,)) / count
+
+
+def centered_input(input: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``u = input - shift`` per channel, in the input's dtype and memory format (into ``out`` if given).
+
+    ``out`` is filled with in-place ops (``copy_``, ``sub_``): dynamo cannot trace ``out=`` into a
+    non-contiguous (channels_last) tensor.
+    """
+    shift_map = channel_map(shift.to(input.dtype), input.dim())
+    if out is None:
+        return input - shift_map
+    return out.copy_(input).sub_(shift_map)
+
+
+class ShiftedSums(NamedTuple):
+    """``shift`` ``(C,)``; ``sum`` and ``sum_sq`` ``(B, C)``: per-sample sums of ``u`` and ``u^2``;
+    ``centered``: ``u = x - shift`` itself, an activation-sized buffer the caller may overwrite."""
+
+    shift: Tensor
+    sum: Tensor
+    sum_sq: Tensor
+    centered: Tensor
+
+
+def shifted_sums(input: Tensor) -> ShiftedSums:
+    """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
+
+    One write of ``u`` into a fresh ``empty_like(input)`` buffer, then one read of it (contiguous
+    CPU float32/float64: ATen's fused row reduction, :mod:`nodo.functional.kernels`; elsewhere a
+    sum and a ``vector_norm`` that upcasts element by element, with no float32 copy of the input).
+    """
+    dtype = statistics_dtype(input.dtype)
+    shift = channel_shift(input)
+    centered = centered_input(input, shift)
+    batch_size, channels = input.shape[:2]
+    if input.dim() == 2:
+        values = centered.to(dtype)
+        return ShiftedSums(shift, values, values.square(), centered)
+    rows = fast_rows(centered, dtype=dtype)
+    if rows is not None:
+        sum_sq, total = row_sums(rows[0], rows[0], centered.new_zeros(batch_size * channels))
+        return ShiftedSums(shift, total.view(batch_size, channels), sum_sq.view(batch_size, channels), centered)
+    dims = tuple(range(2, input.dim()))
+    total = centered.sum(dims, dtype=dtype)
+    sum_sq = torch.linalg.vector_norm(centered, 2, dims, dtype=dtype).square()
+    return ShiftedSums(shift, total, sum_sq, centered)
+
+
+def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
+
+    ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
+
+    Contiguous CPU tensors in the statistics dtype: one fused read of both (kernels.row_sums, the
+    difference formed element by element). Otherwise ``dy * u`` is formed in ``buffer`` (the
+    activation-sized tensor that becomes ``dx``), in float32 for reduced-precision inputs.
+    """
+    dtype = shift.dtype
+    batch_size, channels = input.shape[:2]
+    rows = fast_rows(grad_output, input, dtype=dtype)
+    if rows is not None:
+        dot, total = row_sums(rows[0], rows[1], shift.repeat(batch_size))
+        return total.view(batch_size, channels), dot.view(batch_size, channels)
+    dims = tuple(range(2, input.dim()))
+    if not dims:
+        return grad_output.to(dtype), grad_output.to(dtype) * centered_input(input, shift, buffer).to(dtype)
+    total = grad_output.sum(dims, dtype=dtype)
+    centered = centered_input(input, shift, buffer)
+    if input.dtype == dtype:
+        return total, centered.mul_(grad_output).sum(dims)
+    return total, (grad_output.to(dtype) * centered).sum(dims)
+
+
+def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """In place ``buffer = buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients.
+
+    Contiguous buffers: one ``addcmul`` kernel (arithmetic in float32, one rounding into the
+    buffer's dtype), except on CPU in the coefficients' dtype, where a multiply then an in-place add
+    is faster (``addcmul``'s broadcast falls off the vectorized path there). Other layouts: the
+    same two in-place ops (dynamo cannot trace ``out=`` into a non-contiguous tensor).
+    """
+    scale_map, shift_map = channel_map(scale, buffer.dim()), channel_map(shift, buffer.dim())
+    if buffer.is_contiguous() and not (buffer.device.type == "cpu" and buffer.dtype == scale.dtype):
+        return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
+    return buffer.mul_(scale_map).add_(shift_map)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                         unbiased_var: Tensor, momentum: Momentum) -> None:
+    """torch's convention: ``running = (1 - momentum) * running + momentum * observed``, in place.
+
+    ``lerp_`` is that update and takes a 0-dim tensor ``momentum`` (the cumulative average
+    ``1 / num_batches_tracked``) without a host sync. ``None`` buffers are skipped.
+    """
+    for running, observed in ((running_mean, mean), (running_var, unbiased_var)):
+        if running is not None:
+            weight = momentum.to(running.dtype) if isinstance(momentum, Tensor) else float(momentum)
+            running.lerp_(observed.to(running.dtype), weight)
