@@ -39,6 +39,7 @@ from nodo.functional.statistics import (
     channel_map,
     channel_shift,
     grad_sums,
+    input_gradient,
     scale_shift_,
     shifted_sums,
     statistics_dtype,
@@ -190,8 +191,7 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     def backward(ctx, grad_output, *_non_differentiable):
         input, weight, shift, mean_u, rstd, raw_var = ctx.saved_tensors
         dtype, values = mean_u.dtype, values_per_sample(input)
-        grad_input = torch.empty_like(input)
-        sum_dy, sum_dy_u = grad_sums(grad_output, input, shift, grad_input)
+        sum_dy, sum_dy_u = grad_sums(grad_output, input, shift)
         centered = torch.addcmul(sum_dy_u, mean_u, sum_dy, value=-1.0)  # sum dy * (u - d)
 
         weight_stats = None if weight is None else weight.to(dtype)
@@ -205,9 +205,8 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         channels = mean_u.shape[1]
         coef_const, coef_u = coefficients[:, :channels], coefficients[:, channels:]
 
-        # dx = coef_u * u + coef_const + scale * dy, in place in grad_input
-        scale_shift_(centered_input(input, shift, grad_input), coef_u, coef_const)
-        grad_input.addcmul_(grad_output, channel_map(scale.to(grad_input.dtype), input.dim()))
+        # dx = scale * dy + coef_u * (x - k) + coef_const
+        grad_input = input_gradient(grad_output, input, scale, coef_u, torch.addcmul(coef_const, coef_u, shift, value=-1.0))
 
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:

@@ -46,9 +46,9 @@ from nodo._checks import check_bool, check_choice, check_int, check_positive_flo
 from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
 from nodo.functional.statistics import (
     Momentum,
-    centered_input,
     channel_map,
     grad_sums,
+    input_gradient,
     sample_channel_shape,
     scale_shift_,
     shifted_sums,
@@ -387,8 +387,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and weight is not None
-        grad_input = torch.empty_like(input)
-        grad_sum, grad_dot = grad_sums(grad_output, input, channel_shift, grad_input)
+        grad_sum, grad_dot = grad_sums(grad_output, input, channel_shift)
         # sum(dy * x_hat) per (sample, channel), x_hat = (u - d) * invstd
         grad_dot_hat = torch.addcmul(grad_dot, grad_sum, batch_mean, value=-1.0).mul_(invstd)
         grad_weight = grad_bias = None
@@ -397,10 +396,9 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             count = input.numel() // input.shape[1]
             mean_grad = (coef * grad_sum).sum(0) / count
             input_coef = -invstd.square() * (coef * grad_dot_hat).sum(0) / count
-            const = torch.addcmul(-invstd * mean_grad, input_coef, batch_mean, value=-1.0)
-            # dx = (invstd * coef) * dy + input_coef * u + const, in place in grad_input
-            scale_shift_(centered_input(input, channel_shift, grad_input), input_coef, const)
-            grad_input.addcmul_(grad_output, channel_map((invstd * coef).to(input.dtype), input.dim()))
+            # dx = (invstd * coef) * dy + input_coef * (x - k - d) - invstd * mean_grad
+            const = torch.addcmul(-invstd * mean_grad, input_coef, batch_mean + channel_shift, value=-1.0)
+            grad_input = input_gradient(grad_output, input, invstd * coef, input_coef, const)
         else:
             grad_input = None
         if need_weight:

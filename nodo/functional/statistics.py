@@ -40,6 +40,7 @@ __all__ = [
     "shifted_sums",
     "centered_input",
     "grad_sums",
+    "input_gradient",
     "scale_shift_",
     "update_running_stats",
 ]
@@ -141,14 +142,13 @@ def shifted_sums(input: Tensor) -> ShiftedSums:
     return ShiftedSums(shift, total, sum_sq, centered)
 
 
-def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor, buffer: Tensor) -> tuple[Tensor, Tensor]:
+def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
-
     Contiguous CPU tensors in the statistics dtype: one fused read of both (kernels.row_sums, the
-    difference formed element by element). Otherwise ``dy * u`` is formed in ``buffer`` (the
-    activation-sized tensor that becomes ``dx``), in float32 for reduced-precision inputs.
+    difference formed element by element). Otherwise ``u * dy`` is formed in a temporary, in
+    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits).
     """
     dtype = shift.dtype
     batch_size, channels = input.shape[:2]
@@ -157,25 +157,35 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor, buffer: Tensor)
         dot, total = row_sums(rows[0], rows[1], shift.repeat(batch_size))
         return total.view(batch_size, channels), dot.view(batch_size, channels)
     dims = tuple(range(2, input.dim()))
+    product = centered_input(input, shift).to(dtype).mul_(grad_output)
     if not dims:
-        return grad_output.to(dtype), grad_output.to(dtype) * centered_input(input, shift, buffer).to(dtype)
-    total = grad_output.sum(dims, dtype=dtype)
-    centered = centered_input(input, shift, buffer)
-    if input.dtype == dtype:
-        return total, centered.mul_(grad_output).sum(dims)
-    return total, (grad_output.to(dtype) * centered).sum(dims)
+        return grad_output.to(dtype), product
+    return grad_output.sum(dims, dtype=dtype), product.sum(dims)
+
+
+def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input_scale: Tensor,
+                   const: Tensor) -> Tensor:
+    """``dx = grad_scale * dy + input_scale * x + const``, a new tensor of the input's dtype and layout.
+
+    The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Two
+    passes over ``dx``: an ``addcmul`` that allocates it, then one in place (a reduced-precision
+    ``dx`` is rounded after each).
+    """
+    ndim = input.dim()
+    grad_input = torch.addcmul(channel_map(const.to(input.dtype), ndim), input,
+                               channel_map(input_scale.to(input.dtype), ndim))
+    return grad_input.addcmul_(grad_output, channel_map(grad_scale.to(input.dtype), ndim))
 
 
 def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """In place ``buffer = buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients.
 
-    Contiguous buffers: one ``addcmul`` kernel (arithmetic in float32, one rounding into the
-    buffer's dtype), except on CPU in the coefficients' dtype, where a multiply then an in-place add
-    is faster (``addcmul``'s broadcast falls off the vectorized path there). Other layouts: the
-    same two in-place ops (dynamo cannot trace ``out=`` into a non-contiguous tensor).
+    Contiguous buffers: one ``addcmul`` kernel, arithmetic in float32 and one rounding into the
+    buffer's dtype. Other layouts: a multiply and an add in place, because dynamo cannot trace
+    ``out=`` into a non-contiguous (channels_last) tensor.
     """
     scale_map, shift_map = channel_map(scale, buffer.dim()), channel_map(shift, buffer.dim())
-    if buffer.is_contiguous() and not (buffer.device.type == "cpu" and buffer.dtype == scale.dtype):
+    if buffer.is_contiguous():
         return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
     return buffer.mul_(scale_map).add_(shift_map)
 
