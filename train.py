@@ -125,10 +125,10 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
     Such a layer would silently normalize over the whole batch (plain or exclusive batch norm). Ghost
     noise layers (GNI, NoisyAffine) draw their ghost batches with replacement, so they take any size.
     """
-    from nodo.ghost_batch_norm import _GhostNormBase
+    from nodo import PartitionedBatchNorm
 
     too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
-               if isinstance(module, _GhostNormBase) and module.ghost_batch_size is not None
+               if isinstance(module, PartitionedBatchNorm) and module.ghost_batch_size is not None
                and module.ghost_batch_size > batch_size]
     if too_big:
         name, size = too_big[0]
