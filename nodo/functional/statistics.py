@@ -129,8 +129,8 @@ def shifted_sums(input: Tensor) -> ShiftedSums:
     shift = channel_shift(input)
     centered = centered_input(input, shift)
     batch_size, channels = input.shape[:2]
-    if input.dim() == 2:
-        values = centered.to(dtype)
+    if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
+        values = centered.to(dtype, copy=True)
         return ShiftedSums(shift, values, values.square(), centered)
     rows = fast_rows(centered, dtype=dtype)
     if rows is not None:
