@@ -34,6 +34,7 @@ from torch import Tensor
 
 from nodo._checks import check_int, check_positive_float
 from nodo.functional.statistics import (
+    affine_coefficients,
     Momentum,
     centered_input,
     channel_map,
@@ -172,10 +173,7 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
-        scale = rstd if weight is None else rstd * weight.to(dtype)
-        offset = torch.mul(mean_u, scale).neg_() if bias is None else torch.addcmul(
-            bias.to(dtype), mean_u, scale, value=-1.0)
-        scale_shift_(output, scale, offset)
+        scale_shift_(output, *affine_coefficients(mean_u, rstd, weight, bias))
 
         ctx.save_for_backward(input, weight, shift, mean_u, rstd, raw_var)
         ctx.sizes, ctx.exclusive = sizes, exclusive
@@ -451,12 +449,7 @@ def _blended_eval(input: Tensor, running_mean: Tensor, running_var: Tensor, weig
     mean = torch.lerp(run_mean.expand_as(own_mean), own_mean, alpha)
     var = torch.lerp(running_var.to(dtype).expand_as(own_var), own_var, alpha)
     var = var + alpha * (1.0 - alpha) * (own_mean - run_mean).square()
-    scale = (var + eps).rsqrt()
-    if weight is not None:
-        scale = scale * weight.to(dtype)
-    offset = -mean * scale
-    if bias is not None:
-        offset = offset + bias.to(dtype)
+    scale, offset = affine_coefficients(mean, (var + eps).rsqrt(), weight, bias)
     if buffer is None:
         ndim = input.dim()
         return torch.addcmul(channel_map(offset, ndim), centered, channel_map(scale, ndim)).to(input.dtype)

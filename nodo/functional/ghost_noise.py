@@ -45,6 +45,7 @@ from torch import Tensor
 from nodo._checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
 from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
 from nodo.functional.statistics import (
+    affine_coefficients,
     Momentum,
     channel_map,
     grad_sums,
@@ -368,13 +369,9 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         else:
             noise_shift, noise_scale = noise_shift.to(dtype), noise_scale.to(dtype)
         inv_noise_scale = noise_scale.reciprocal()
-        multiplier = invstd * inv_noise_scale
-        if weight is not None:
-            multiplier = multiplier * weight.to(dtype)
+        # y = (u - center) * invstd / s * gain + bias, center = d + m / invstd: the ghost mean
         center = batch_mean + noise_shift / invstd
-        offset = torch.mul(center, multiplier).neg_() if bias is None else torch.addcmul(
-            bias.to(dtype), center, multiplier, value=-1.0)
-        scale_shift_(output, multiplier, offset)
+        scale_shift_(output, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
         ctx.save_for_backward(input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift)
         ctx.bias_dtype = None if bias is None else bias.dtype
         batch_mean = batch_mean + channel_shift

@@ -41,6 +41,7 @@ __all__ = [
     "centered_input",
     "grad_sums",
     "input_gradient",
+    "affine_coefficients",
     "scale_shift_",
     "update_running_stats",
 ]
@@ -175,6 +176,21 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     grad_input = torch.addcmul(channel_map(const.to(input.dtype), ndim), input,
                                channel_map(input_scale.to(input.dtype), ndim))
     return grad_input.addcmul_(grad_output, channel_map(grad_scale.to(input.dtype), ndim))
+
+
+def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The affine tail of every norm: ``(x - center) * inverse_std * weight + bias = x * scale + shift``.
+
+    Returns ``(scale, shift)`` in ``inverse_std``'s dtype, ``scale = inverse_std * weight`` and
+    ``shift = bias - center * scale`` (``weight``/``bias`` ``None``: 1 and 0). Applied to
+    ``u = x - k`` with ``center`` also relative to ``k``, no large value appears.
+    """
+    dtype = inverse_std.dtype
+    scale = inverse_std if weight is None else inverse_std * weight.to(dtype)
+    if bias is None:
+        return scale, torch.mul(center, scale).neg_()
+    return scale, torch.addcmul(bias.to(dtype), center, scale, value=-1.0)
 
 
 def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
