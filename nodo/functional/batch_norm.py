@@ -189,7 +189,7 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     def backward(ctx, grad_output, *_non_differentiable):
         input, weight, shift, mean_u, rstd, raw_var = ctx.saved_tensors
         dtype, values = mean_u.dtype, values_per_sample(input)
-        sum_dy, sum_dy_u = grad_sums(grad_output, input, shift)
+        sum_dy, sum_dy_u, scratch = grad_sums(grad_output, input, shift)
         centered = torch.addcmul(sum_dy_u, mean_u, sum_dy, value=-1.0)  # sum dy * (u - d)
 
         weight_stats = None if weight is None else weight.to(dtype)
@@ -204,7 +204,8 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         coef_const, coef_u = coefficients[:, :channels], coefficients[:, channels:]
 
         # dx = scale * dy + coef_u * (x - k) + coef_const
-        grad_input = input_gradient(grad_output, input, scale, coef_u, torch.addcmul(coef_const, coef_u, shift, value=-1.0))
+        const = torch.addcmul(coef_const, coef_u, shift, value=-1.0)
+        grad_input = input_gradient(grad_output, input, scale, coef_u, const, out=scratch)
 
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:

@@ -384,7 +384,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and weight is not None
-        grad_sum, grad_dot = grad_sums(grad_output, input, channel_shift)
+        grad_sum, grad_dot, scratch = grad_sums(grad_output, input, channel_shift)
         # sum(dy * x_hat) per (sample, channel), x_hat = (u - d) * invstd
         grad_dot_hat = torch.addcmul(grad_dot, grad_sum, batch_mean, value=-1.0).mul_(invstd)
         grad_weight = grad_bias = None
@@ -395,7 +395,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
             input_coef = -invstd.square() * (coef * grad_dot_hat).sum(0) / count
             # dx = (invstd * coef) * dy + input_coef * (x - k - d) - invstd * mean_grad
             const = torch.addcmul(-invstd * mean_grad, input_coef, batch_mean + channel_shift, value=-1.0)
-            grad_input = input_gradient(grad_output, input, invstd * coef, input_coef, const)
+            grad_input = input_gradient(grad_output, input, invstd * coef, input_coef, const, out=scratch)
         else:
             grad_input = None
         if need_weight:

@@ -143,39 +143,45 @@ def shifted_sums(input: Tensor) -> ShiftedSums:
     return ShiftedSums(shift, total, sum_sq, centered)
 
 
-def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
     Contiguous CPU tensors in the statistics dtype: one fused read of both (kernels.row_sums, the
-    difference formed element by element). Otherwise ``u * dy`` is formed in a temporary, in
-    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits).
+    difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
+    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits). The third
+    value is that tensor when it has the input's dtype (scratch for :func:`input_gradient`), else ``None``.
     """
     dtype = shift.dtype
     batch_size, channels = input.shape[:2]
     rows = fast_rows(grad_output, input, dtype=dtype)
     if rows is not None:
         dot, total = row_sums(rows[0], rows[1], shift.repeat(batch_size))
-        return total.view(batch_size, channels), dot.view(batch_size, channels)
+        return total.view(batch_size, channels), dot.view(batch_size, channels), None
     dims = tuple(range(2, input.dim()))
     product = centered_input(input, shift).to(dtype).mul_(grad_output)
+    scratch = product if product.dtype == input.dtype else None
     if not dims:
-        return grad_output.to(dtype), product
-    return grad_output.sum(dims, dtype=dtype), product.sum(dims)
+        return grad_output.to(dtype), product.clone(), scratch
+    return grad_output.sum(dims, dtype=dtype), product.sum(dims), scratch
 
 
 def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input_scale: Tensor,
-                   const: Tensor) -> Tensor:
-    """``dx = grad_scale * dy + input_scale * x + const``, a new tensor of the input's dtype and layout.
+                   const: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``dx = grad_scale * dy + input_scale * x + const`` in the input's dtype and layout.
 
-    The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Two
-    passes over ``dx``: an ``addcmul`` that allocates it, then one in place (a reduced-precision
-    ``dx`` is rounded after each).
+    The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Without
+    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. With ``out`` (an activation
+    of the input's dtype and layout that is no longer needed), four in-place passes into it and
+    no allocation, which is cheaper on the CPU. A reduced-precision ``dx`` is rounded after each.
     """
     ndim = input.dim()
-    grad_input = torch.addcmul(channel_map(const.to(input.dtype), ndim), input,
-                               channel_map(input_scale.to(input.dtype), ndim))
-    return grad_input.addcmul_(grad_output, channel_map(grad_scale.to(input.dtype), ndim))
+    grad_map, input_map, const_map = (channel_map(t.to(input.dtype), ndim) for t in (grad_scale, input_scale, const))
+    if out is None:
+        out = torch.addcmul(const_map, input, input_map)
+    else:
+        out.copy_(input).mul_(input_map).add_(const_map)
+    return out.addcmul_(grad_output, grad_map)
 
 
 def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Tensor],
