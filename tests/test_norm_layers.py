@@ -94,7 +94,8 @@ def test_fused_gni_matches_composition(dims):
 
 
 # the noise is a constant for autograd: gradcheck holds it fixed (shift 0.2 z, scale 1 + 0.1 z')
-FIXED_NOISE = (0.2 * make_input((6, 2), seed=3, mean=0.0, std=1.0), 1 + 0.1 * make_input((6, 2), seed=4, mean=0.0, std=1.0))
+FIXED_NOISE = (0.2 * make_input((6, 2), seed=3, mean=0.0, std=1.0),
+               1 + 0.1 * make_input((6, 2), seed=4, mean=0.0, std=1.0))
 FUNCTIONALS = {
     "gbn": lambda x, weight, bias: NF.ghost_batch_norm(x, 3, weight=weight, bias=bias),
     "xbn": lambda x, weight, bias: NF.exclusive_batch_norm(x, 3, weight=weight, bias=bias),
@@ -240,3 +241,21 @@ def test_every_layer_gives_the_same_results_on_the_portable_path(name):
             results.append((output,) + torch.autograd.grad(output, inputs, upstream))
     for fast, portable in zip(*results):
         torch.testing.assert_close(portable, fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(PORTABLE_LAYERS))
+def test_no_layer_calls_batch_norm_with_eps_zero(name, monkeypatch):
+    """torch 2.11's F.batch_norm rejects eps = 0 even in eval mode; emulate that and run each layer."""
+    batch_norm = F.batch_norm
+
+    def strict_batch_norm(*args, **kwargs):
+        eps = kwargs["eps"] if "eps" in kwargs else args[7] if len(args) > 7 else 1e-5
+        if eps <= 0:
+            raise RuntimeError(f"batch_norm: eps must be positive, got {eps}")
+        return batch_norm(*args, **kwargs)
+
+    monkeypatch.setattr(F, "batch_norm", strict_batch_norm)
+    layer = PORTABLE_LAYERS[name]().to(DEVICE)
+    x = make_input((8, 3, 5, 4), torch.float32).requires_grad_()
+    layer(x).square().sum().backward()
+    layer.eval()(x)
