@@ -17,6 +17,7 @@ from torch import nn
 
 import nodo
 import nodo.functional as NF
+from compile_check import assert_compiles_like_eager
 from conftest import DEVICE, F64, make_input, randomize_affine, spatial_shape
 from nodo.functional import kernels
 
@@ -259,3 +260,25 @@ def test_no_layer_calls_batch_norm_with_eps_zero(name, monkeypatch):
     x = make_input((8, 3, 5, 4), torch.float32).requires_grad_()
     layer(x).square().sum().backward()
     layer.eval()(x)
+
+
+COMPILE_CASES = {  # name: (build, input shape, channels_last)
+    "gbn2d-channels_last": (lambda: nodo.GhostBatchNorm2d(4, 4), (8, 4, 3, 3), True),
+    "xbn2d-channels_last": (lambda: nodo.ExclusiveBatchNorm2d(4, 4), (8, 4, 3, 3), True),
+    "gni2d-channels_last": (lambda: nodo.GhostNoiseBatchNorm2d(4, 4, generator=nodo.NoiseGenerator(DEVICE)),
+                            (8, 4, 3, 3), True),
+    "gni1d-features": (lambda: nodo.GhostNoiseBatchNorm1d(4, 4, generator=nodo.NoiseGenerator(DEVICE)), (8, 4), False),
+    "gbn3d": (lambda: nodo.GhostBatchNorm3d(4, 4), (8, 4, 2, 3, 3), False),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_compiles_whole_on_other_layouts_and_ranks(name):
+    """channels_last (the GPU recipe's layout) and the 1d/3d variants compile into one graph and
+    match eager mode step after step (float32 tolerance of sums of ~100 values, as elsewhere)."""
+    build, shape, channels_last = COMPILE_CASES[name]
+    x = make_input(shape, torch.float32)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert_compiles_like_eager(lambda: build().to(DEVICE), x, atol=1e-5, rtol=1e-5)
