@@ -186,22 +186,25 @@ def test_raw_sums_would_fail_the_precision_bar():
 
 # --- the private ATen reduction and its portable fallback --------------------------------------
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_aten_row_reduction_still_behaves_as_assumed(dtype):
-    """Fails loudly if a torch upgrade changes ``native_batch_norm_backward`` as a row reduction.
+def test_aten_reduction_still_behaves_as_assumed(dtype, channels_last):
+    """Fails loudly if a torch upgrade changes ``native_batch_norm_backward`` as nodo uses it.
 
     Without this, the capability probe would quietly switch every layer to the slower portable
     path. The reference is float64 sums of the same values.
     """
-    assert kernels.fast_row_sums_available(), "native_batch_norm_backward no longer gives per-row sums"
-    grad, input = make_input((3, 5, 7), seed=1).to(dtype), make_input((3, 5, 7), seed=2).to(dtype)
-    center = make_input((15,), seed=3).to(dtype).cpu()
-    rows = kernels.fast_rows(grad.cpu(), input.cpu(), dtype=dtype)
-    dot, total = kernels.row_sums(rows[0], rows[1], center)
-    flat_grad, flat_input = grad.cpu().double().view(15, 7), input.cpu().double().view(15, 7)
+    assert kernels.fast_row_sums_available(), "native_batch_norm_backward no longer gives per-sample sums"
+    grad, input = (make_input((3, 5, 4, 2), seed=seed).to("cpu", dtype) for seed in (1, 2))
+    if channels_last:
+        grad, input = (t.contiguous(memory_format=torch.channels_last) for t in (grad, input))
+    center = make_input((5,), seed=3).to("cpu", dtype)
+    dot, total = kernels.sample_sums(grad, input, center)
+    grad64, input64 = grad.double(), input.double()
     tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else F64
-    torch.testing.assert_close(total.double(), flat_grad.sum(1), **tolerance)
-    torch.testing.assert_close(dot.double(), (flat_grad * (flat_input - center.double()[:, None])).sum(1), **tolerance)
+    torch.testing.assert_close(total.double(), grad64.sum((2, 3)), **tolerance)
+    expected = (grad64 * (input64 - center.double().view(1, 5, 1, 1))).sum((2, 3))
+    torch.testing.assert_close(dot.double(), expected, **tolerance)
 
 
 def test_portable_kernels_never_call_aten(monkeypatch):

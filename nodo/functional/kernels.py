@@ -4,7 +4,7 @@ Only one trick is left: ``aten.native_batch_norm_backward`` used as a per-row re
 contiguous ``(B, C, *)`` activation seen as a ``(1, B*C, L)`` tensor has one batch-norm "channel"
 per (sample, channel) pair, and batch norm's backward in training mode returns, per channel,
 ``grad_weight = sum(grad * (input - mean) * invstd)`` and ``grad_bias = sum(grad)``. With
-``invstd = 1`` these are the two sums :func:`row_sums` needs, computed in one read of both tensors,
+``invstd = 1`` these are the two sums :func:`sample_sums` needs, computed in one read of both tensors,
 accumulated in float32 and with nothing of the activation's size allocated (on this CPU about half
 the time of ``sum`` plus a product kernel).
 
@@ -13,6 +13,7 @@ decided by *capability*, not by version string: :func:`fast_row_sums_available` 
 small CPU tensor and compares with plain ``torch`` sums; if it raises or disagrees, every call takes
 the portable path. Only CPU tensors use it (on CUDA the plain reductions are bandwidth-bound
 already). :func:`portable_kernels` forces the portable path, so the tests prove it on any torch.
+On a 4D channels_last tensor the same op, called per sample, reduces over ``H, W`` per channel.
 
 Former tricks, removed because the layers no longer need them: ``F.batch_norm`` in eval mode with
 ``eps = 0`` as a per-row multiply-add (torch 2.11 rejects ``eps = 0``) and ``aten._unsafe_view``
@@ -27,15 +28,13 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["fast_rows", "row_sums", "fast_row_sums_available", "portable_kernels"]
+__all__ = ["sample_sums", "fast_row_sums_available", "portable_kernels"]
 
 _forced_portable = False
 
 
-def _rows_view(input: Tensor) -> Optional[Tensor]:
-    # (B, C, *) -> (1, B*C, L), one row per (sample, channel) pair; only for contiguous layouts
-    if input.dim() < 3 or not input.is_contiguous():
-        return None
+def _rows_view(input: Tensor) -> Tensor:
+    # contiguous (B, C, *) -> (1, B*C, L), one row (batch-norm "channel") per (sample, channel) pair
     return input.view(1, input.shape[0] * input.shape[1], -1)
 
 
@@ -53,49 +52,66 @@ def _plain_row_sums(grad_rows: Tensor, input_rows: Tensor, center: Tensor):
 
 @functools.lru_cache(maxsize=None)
 def fast_row_sums_available() -> bool:
-    """Whether ``native_batch_norm_backward`` gives :func:`row_sums` on this torch (probed once).
+    """Whether ``native_batch_norm_backward`` gives :func:`sample_sums` on this torch (probed once).
 
-    Runs the op on a small CPU tensor and compares with plain torch sums; ``False`` if it raises or
-    disagrees (a torch release changed it), and the layers then take their portable paths.
+    Runs the op on small CPU tensors, contiguous ``(1, R, L)`` and channels_last ``(1, C, H, W)``,
+    and compares with plain torch sums; ``False`` if it raises or disagrees (a torch release
+    changed it), and the layers then take their portable paths.
     """
     generator = torch.Generator().manual_seed(0)
-    grad = torch.randn(1, 3, 5, generator=generator)
-    input = torch.randn(1, 3, 5, generator=generator)
-    center = torch.randn(3, generator=generator)
-    try:
-        got = _aten_row_sums(grad, input, center, True, True)
-    except Exception:  # the op is gone or changed signature: use the portable path
-        return False
-    expected = _plain_row_sums(grad, input, center)
-    return all(g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6)
-               for g, e in zip(got, expected))
+    for shape in ((1, 3, 5), (1, 3, 2, 2)):
+        grad, input = (torch.randn(shape, generator=generator) for _ in range(2))
+        if len(shape) == 4:
+            grad, input = (t.contiguous(memory_format=torch.channels_last) for t in (grad, input))
+        center = torch.randn(3, generator=generator)
+        try:
+            got = _aten_row_sums(grad, input, center, True, True)
+        except Exception:  # the op is gone or changed signature: use the portable path
+            return False
+        expected = _plain_row_sums(grad.flatten(2), input.flatten(2), center)
+        if not all(g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+                   for g, e in zip(got, expected)):
+            return False
+    return True
 
 
-def fast_rows(*tensors: Tensor, dtype: torch.dtype) -> Optional[list]:
-    """The ``(1, B*C, L)`` row views of ``tensors`` if :func:`row_sums` may take them, else ``None``.
+def _layout(grad: Tensor, input: Tensor) -> Optional[str]:
+    # "rows" if both are contiguous (B, C, *) with a dimension after C, "samples" if both are 4D
+    # channels_last, else None (no generator expressions: dynamo traces this)
+    if input.dim() >= 3 and grad.is_contiguous() and input.is_contiguous():
+        return "rows"
+    channels_last = torch.channels_last
+    if input.dim() == 4 and grad.is_contiguous(memory_format=channels_last) and input.is_contiguous(
+            memory_format=channels_last):
+        return "samples"
+    return None
 
-    That is: the fast reduction is available and not disabled by :func:`portable_kernels`, and
-    every tensor is a contiguous CPU tensor of ``dtype`` (the statistics dtype) with at least one
-    dimension after the channels. Callers keep a portable path for ``None``.
+
+def sample_sums(grad: Tensor, input: Tensor, center: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per-(sample, channel) ``sum(grad * (input - center_c))`` and ``sum(grad)``, each ``(B, C)``.
+
+    ``grad`` and ``input`` are ``(B, C, *)`` of the statistics dtype ``center.dtype`` (``center`` has
+    ``C`` values); the difference is formed element by element before the product. Returns ``None``
+    where the fused ATen reduction does not apply (the caller takes its portable path): when it is
+    unavailable or disabled (:func:`portable_kernels`), under ``torch.compile`` for channels_last, off
+    the CPU, for other dtypes, or for mixed layouts. Contiguous tensors: one call on their
+    ``(1, B*C, L)`` row views. 4D channels_last: one call per sample, on which the kernel's
+    channels_last path reduces over ``H, W`` per channel (``B`` calls, no copy).
     """
     if _forced_portable or not _FAST_ROW_SUMS:
         return None
-    if any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+    if grad.device.type != "cpu" or input.device.type != "cpu" or grad.dtype != center.dtype \
+            or input.dtype != center.dtype:
         return None
-    views = [_rows_view(t) for t in tensors]
-    return None if any(v is None for v in views) else views
-
-
-def row_sums(grad_rows: Tensor, input_rows: Tensor, center: Tensor, dot: bool = True,
-             total: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Per-row ``sum(grad * (input - center))`` and ``sum(grad)`` of two ``(1, R, L)`` row views.
-
-    Row views come from :func:`fast_rows`; ``center`` has ``R`` values of their dtype. The
-    difference ``input - center`` is formed element by element before the product, so a center
-    near the row's mean keeps the sum accurate at any mean. Returns ``(dot_sum, grad_sum)`` of
-    ``R`` values each, ``None`` where not requested.
-    """
-    return _aten_row_sums(grad_rows, input_rows, center, dot, total)
+    layout = _layout(grad, input)
+    batch_size, channels = input.shape[:2]
+    if layout == "rows":
+        dot, total = _aten_row_sums(_rows_view(grad), _rows_view(input), center.repeat(batch_size), True, True)
+        return dot.view(batch_size, channels), total.view(batch_size, channels)
+    if layout == "samples" and not torch.compiler.is_compiling():
+        sums = [_aten_row_sums(grad[b:b + 1], input[b:b + 1], center, True, True) for b in range(batch_size)]
+        return torch.stack([dot for dot, _ in sums]), torch.stack([total for _, total in sums])
+    return None
 
 
 # Probed at import, so that torch.compile sees a constant instead of tracing the probe.

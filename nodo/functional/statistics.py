@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from nodo.functional.kernels import fast_rows, row_sums
+from nodo.functional import kernels
 
 __all__ = [
     "Momentum",
@@ -122,21 +122,21 @@ class ShiftedSums(NamedTuple):
 def shifted_sums(input: Tensor) -> ShiftedSums:
     """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
 
-    One write of ``u`` into a fresh ``empty_like(input)`` buffer, then one read of it (contiguous
-    CPU float32/float64: ATen's fused row reduction, :mod:`nodo.functional.kernels`; elsewhere a
-    sum and a ``vector_norm`` that upcasts element by element, with no float32 copy of the input).
+    One write of ``u`` into a fresh ``empty_like(input)`` buffer, then one read of it (CPU
+    float32/float64, contiguous or channels_last: ATen's fused reduction,
+    :func:`nodo.functional.kernels.sample_sums`; elsewhere a sum and a ``vector_norm`` that upcasts
+    element by element, with no float32 copy of the input).
     """
     dtype = statistics_dtype(input.dtype)
     shift = channel_shift(input)
     centered = centered_input(input, shift)
-    batch_size, channels = input.shape[:2]
     if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
         values = centered.to(dtype, copy=True)
         return ShiftedSums(shift, values, values.square(), centered)
-    rows = fast_rows(centered, dtype=dtype)
-    if rows is not None:
-        sum_sq, total = row_sums(rows[0], rows[0], centered.new_zeros(batch_size * channels))
-        return ShiftedSums(shift, total.view(batch_size, channels), sum_sq.view(batch_size, channels), centered)
+    fused = kernels.sample_sums(centered, centered, torch.zeros_like(shift))
+    if fused is not None:
+        sum_sq, total = fused
+        return ShiftedSums(shift, total, sum_sq, centered)
     dims = tuple(range(2, input.dim()))
     total = centered.sum(dims, dtype=dtype)
     sum_sq = torch.linalg.vector_norm(centered, 2, dims, dtype=dtype).square()
@@ -147,17 +147,16 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor
     """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
-    Contiguous CPU tensors in the statistics dtype: one fused read of both (kernels.row_sums, the
-    difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
+    CPU tensors in the statistics dtype, both contiguous or both channels_last: one fused read of
+    both (:func:`nodo.functional.kernels.sample_sums`, the difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
     float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits). The third
     value is that tensor when it has the input's dtype (scratch for :func:`input_gradient`), else ``None``.
     """
     dtype = shift.dtype
-    batch_size, channels = input.shape[:2]
-    rows = fast_rows(grad_output, input, dtype=dtype)
-    if rows is not None:
-        dot, total = row_sums(rows[0], rows[1], shift.repeat(batch_size))
-        return total.view(batch_size, channels), dot.view(batch_size, channels), None
+    fused = kernels.sample_sums(grad_output, input, shift)
+    if fused is not None:
+        dot, total = fused
+        return total, dot, None
     dims = tuple(range(2, input.dim()))
     product = centered_input(input, shift).to(dtype).mul_(grad_output)
     scratch = product if product.dtype == input.dtype else None
