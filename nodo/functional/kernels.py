@@ -11,9 +11,9 @@ the time of ``sum`` plus a product kernel).
 The op is private and its semantics could change in a torch release, so whether to use it is
 decided by *capability*, not by version string: :func:`fast_row_sums_available` runs it once on a
 small CPU tensor and compares with plain ``torch`` sums; if it raises or disagrees, every call takes
-the portable path. Only CPU tensors use it (on CUDA the plain reductions are bandwidth-bound
-already). :func:`portable_kernels` forces the portable path, so the tests prove it on any torch.
-On a 4D channels_last tensor the same op, called per sample, reduces over ``H, W`` per channel.
+the portable path. Only contiguous CPU tensors use it (on CUDA the plain reductions are
+bandwidth-bound already). :func:`portable_kernels` forces the portable path, so the tests prove it
+on any torch.
 
 Former tricks, removed because the layers no longer need them: ``F.batch_norm`` in eval mode with
 ``eps = 0`` as a per-row multiply-add (torch 2.11 rejects ``eps = 0``) and ``aten._unsafe_view``
@@ -54,64 +54,43 @@ def _plain_row_sums(grad_rows: Tensor, input_rows: Tensor, center: Tensor):
 def fast_row_sums_available() -> bool:
     """Whether ``native_batch_norm_backward`` gives :func:`sample_sums` on this torch (probed once).
 
-    Runs the op on small CPU tensors, contiguous ``(1, R, L)`` and channels_last ``(1, C, H, W)``,
-    and compares with plain torch sums; ``False`` if it raises or disagrees (a torch release
-    changed it), and the layers then take their portable paths.
+    Runs the op on small CPU tensors and compares with plain torch sums; ``False`` if it raises or
+    disagrees (a torch release changed it), and the layers then take their portable paths.
     """
     generator = torch.Generator().manual_seed(0)
-    for shape in ((1, 3, 5), (1, 3, 2, 2)):
-        grad, input = (torch.randn(shape, generator=generator) for _ in range(2))
-        if len(shape) == 4:
-            grad, input = (t.contiguous(memory_format=torch.channels_last) for t in (grad, input))
-        center = torch.randn(3, generator=generator)
-        try:
-            got = _aten_row_sums(grad, input, center, True, True)
-        except Exception:  # the op is gone or changed signature: use the portable path
-            return False
-        expected = _plain_row_sums(grad.flatten(2), input.flatten(2), center)
-        if not all(g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6)
-                   for g, e in zip(got, expected)):
-            return False
-    return True
-
-
-def _layout(grad: Tensor, input: Tensor) -> Optional[str]:
-    # "rows" if both are contiguous (B, C, *) with a dimension after C, "samples" if both are 4D
-    # channels_last, else None (no generator expressions: dynamo traces this)
-    if input.dim() >= 3 and grad.is_contiguous() and input.is_contiguous():
-        return "rows"
-    channels_last = torch.channels_last
-    if input.dim() == 4 and grad.is_contiguous(memory_format=channels_last) and input.is_contiguous(
-            memory_format=channels_last):
-        return "samples"
-    return None
+    grad, input = torch.randn(1, 3, 5, generator=generator), torch.randn(1, 3, 5, generator=generator)
+    center = torch.randn(3, generator=generator)
+    try:
+        got = _aten_row_sums(grad, input, center, True, True)
+    except Exception:  # the op is gone or changed signature: use the portable path
+        return False
+    expected = _plain_row_sums(grad, input, center)
+    return all(g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+               for g, e in zip(got, expected))
 
 
 def sample_sums(grad: Tensor, input: Tensor, center: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     """Per-(sample, channel) ``sum(grad * (input - center_c))`` and ``sum(grad)``, each ``(B, C)``.
 
     ``grad`` and ``input`` are ``(B, C, *)`` of the statistics dtype ``center.dtype`` (``center`` has
-    ``C`` values); the difference is formed element by element before the product. Returns ``None``
-    where the fused ATen reduction does not apply (the caller takes its portable path): when it is
-    unavailable or disabled (:func:`portable_kernels`), under ``torch.compile`` for channels_last, off
-    the CPU, for other dtypes, or for mixed layouts. Contiguous tensors: one call on their
-    ``(1, B*C, L)`` row views. 4D channels_last: one call per sample, on which the kernel's
-    channels_last path reduces over ``H, W`` per channel (``B`` calls, no copy).
+    ``C`` values); the difference is formed element by element before the product. One call on
+    their ``(1, B*C, L)`` row views. Returns ``None`` where the fused ATen reduction does not apply
+    and the caller takes its portable path: when it is unavailable or disabled
+    (:func:`portable_kernels`), off the CPU, for other dtypes, or unless both tensors are contiguous
+    with a dimension after the channels. (channels_last was tried with one call per sample: fast on
+    one thread, but B small parallel regions per pass were 7x slower than BatchNorm2d on two busy
+    cores, so it takes the portable path.)
     """
     if _forced_portable or not _FAST_ROW_SUMS:
         return None
     if grad.device.type != "cpu" or input.device.type != "cpu" or grad.dtype != center.dtype \
             or input.dtype != center.dtype:
         return None
-    layout = _layout(grad, input)
+    if input.dim() < 3 or not (grad.is_contiguous() and input.is_contiguous()):
+        return None
     batch_size, channels = input.shape[:2]
-    if layout == "rows":
-        dot, total = _aten_row_sums(_rows_view(grad), _rows_view(input), center.repeat(batch_size), True, True)
-        return dot.view(batch_size, channels), total.view(batch_size, channels)
-    if layout == "samples" and not torch.compiler.is_compiling():
-        sums = [_aten_row_sums(grad[b:b + 1], input[b:b + 1], center, True, True) for b in range(batch_size)]
-        return torch.stack([dot for dot, _ in sums]), torch.stack([total for _, total in sums])
-    return None
+    dot, total = _aten_row_sums(_rows_view(grad), _rows_view(input), center.repeat(batch_size), True, True)
+    return dot.view(batch_size, channels), total.view(batch_size, channels)
 
 
 # Probed at import, so that torch.compile sees a constant instead of tracing the probe.

@@ -11,7 +11,9 @@ close to the channel's values (:func:`channel_shift`),
     u = x - k_c, \qquad S_1 = \sum_l u, \qquad S_2 = \sum_l u^2, \qquad
     \text{mean} = k_c + S_1 / L, \qquad \text{var} = S_2 / L - (S_1 / L)^2
 
-and since ``|E[u]|`` is a few standard deviations at most, the cancellation left is harmless.
+and since ``|E[u]|`` over the batch is a few of the channel's standard deviations at most, the
+cancellation left is harmless (a per-sample variance keeps an absolute error of ~1e-7 E[u]^2,
+small against the batch or ghost-batch variance it is combined with).
 ``u`` is written once into the buffer that becomes the layer's output (allocating an activation
 costs far more than a pass over one already allocated), and the normalized output is then
 computed from ``u`` in place: ``y = u * scale + shift`` with ``scale, shift`` per (sample,
@@ -48,8 +50,9 @@ __all__ = [
 
 Momentum = Union[float, Tensor]
 
-# Values of each channel the shift is taken from: their mean is within sqrt(L/n) standard
-# deviations of the channel's mean (Cauchy-Schwarz), so E[u]^2 / Var[u] stays below L/n.
+# Leading values per sample the shift averages: the mean of n of a channel's N values is within
+# sqrt(N / n) of its standard deviations from its mean (Cauchy-Schwarz), so E[u]^2 / Var[u] < N / n
+# over the batch (32 for a 128 x 32 x 32 batch), whatever the data.
 _SHIFT_VALUES = 64
 
 
