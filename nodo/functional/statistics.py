@@ -101,15 +101,19 @@ def channel_shift(input: Tensor) -> Tensor:
 
 
 def centered_input(input: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``u = input - shift`` per channel, in the input's dtype and memory format (into ``out`` if given).
-
-    ``out`` is filled with in-place ops (``copy_``, ``sub_``): dynamo cannot trace ``out=`` into a
-    non-contiguous (channels_last) tensor.
-    """
+    """``u = input - shift`` per channel, in the input's dtype and memory format (into ``out`` if given)."""
     shift_map = channel_map(shift.to(input.dtype), input.dim())
     if out is None:
         return input - shift_map
+    if _out_allowed(out):
+        return torch.sub(input, shift_map, out=out)
     return out.copy_(input).sub_(shift_map)
+
+
+def _out_allowed(out: Tensor) -> bool:
+    # dynamo cannot trace ``out=`` into a non-contiguous (channels_last) tensor; eager mode can, and
+    # one kernel with ``out=`` is cheaper than two in-place ones
+    return out.is_contiguous() or not torch.compiler.is_compiling()
 
 
 class ShiftedSums(NamedTuple):
@@ -173,14 +177,17 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     """``dx = grad_scale * dy + input_scale * x + const`` in the input's dtype and layout.
 
     The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Without
-    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. With ``out`` (an activation
-    of the input's dtype and layout that is no longer needed), four in-place passes into it and
-    no allocation, which is cheaper on the CPU. A reduced-precision ``dx`` is rounded after each.
+    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. With ``out`` (an activation of
+    the input's dtype and layout that is no longer needed) nothing is allocated, which is cheaper
+    on the CPU: the same two kernels into it (under ``torch.compile`` a channels_last ``out`` takes
+    four in-place passes). A reduced-precision ``dx`` is rounded after each.
     """
     ndim = input.dim()
     grad_map, input_map, const_map = (channel_map(t.to(input.dtype), ndim) for t in (grad_scale, input_scale, const))
     if out is None:
         out = torch.addcmul(const_map, input, input_map)
+    elif _out_allowed(out):
+        torch.addcmul(const_map, input, input_map, out=out)
     else:
         out.copy_(input).mul_(input_map).add_(const_map)
     return out.addcmul_(grad_output, grad_map)
@@ -204,12 +211,11 @@ def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Te
 def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """In place ``buffer = buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients.
 
-    Contiguous buffers: one ``addcmul`` kernel, arithmetic in float32 and one rounding into the
-    buffer's dtype. Other layouts: a multiply and an add in place, because dynamo cannot trace
-    ``out=`` into a non-contiguous (channels_last) tensor.
+    One ``addcmul`` kernel, arithmetic in float32 and one rounding into the buffer's dtype; under
+    ``torch.compile`` a channels_last buffer takes a multiply and an add in place instead.
     """
     scale_map, shift_map = channel_map(scale, buffer.dim()), channel_map(shift, buffer.dim())
-    if buffer.is_contiguous():
+    if _out_allowed(buffer):
         return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
     return buffer.mul_(scale_map).add_(shift_map)
 
