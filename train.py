@@ -234,7 +234,7 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
     N > B is fine, but each call holds a (B, N) int64 index tensor: B x N must stay within
     :data:`MAX_GHOST_INDICES`.
     """
-    from nodo.ghost_batch_norm import _GhostNormBase
+    from nodo import PartitionedBatchNorm
 
     for name, module in model.named_modules():
         size = getattr(module, "ghost_batch_size", None)
@@ -245,7 +245,7 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
                              f"{MAX_GHOST_INDICES} (N at most {MAX_GHOST_INDICES // batch_size} at this batch size)")
 
     too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
-               if isinstance(module, _GhostNormBase) and module.ghost_batch_size is not None
+               if isinstance(module, PartitionedBatchNorm) and module.ghost_batch_size is not None
                and module.ghost_batch_size > batch_size]
     if too_big:
         name, size = too_big[0]

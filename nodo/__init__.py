@@ -5,7 +5,14 @@ The public API is this flat list; the math lives in :mod:`nodo.functional`.
 from nodo import functional
 
 # --- ghost noise: GhostNoiseInjector, GhostNoiseBatchNorm2d, NoisyAffine (owner: ghost-noise engineer)
-from nodo.ghost_noise import GhostNoiseBatchNorm2d, GhostNoiseInjector, NoiseGenerator
+from nodo.ghost_noise import (
+    GhostNoiseBatchNorm,
+    GhostNoiseBatchNorm1d,
+    GhostNoiseBatchNorm2d,
+    GhostNoiseBatchNorm3d,
+    GhostNoiseInjector,
+    NoiseGenerator,
+)
 from nodo.noisy_affine import NoisyAffine
 
 # --- batch norms and the rest: GhostBatchNorm2d, ExclusiveBatchNorm2d, EvalNorm2d, FlexibleDropout,
@@ -13,8 +20,23 @@ from nodo.noisy_affine import NoisyAffine
 from nodo.affine import Bias, Gain
 from nodo.convert import convert
 from nodo.dropout import FlexibleDropout
-from nodo.exclusive_batch_norm import ExclusiveBatchNorm2d
-from nodo.ghost_batch_norm import EvalNorm2d, GhostBatchNorm2d
+from nodo.exclusive_batch_norm import (
+    ExclusiveBatchNorm,
+    ExclusiveBatchNorm1d,
+    ExclusiveBatchNorm2d,
+    ExclusiveBatchNorm3d,
+)
+from nodo.ghost_batch_norm import (
+    EvalNorm,
+    EvalNorm1d,
+    EvalNorm2d,
+    EvalNorm3d,
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
+from nodo.norm_base import GhostNormBase, PartitionedBatchNorm
 from nodo.weight_standardization import WSConv2d, WSLinear
 
 __version__ = "0.1.0"

@@ -20,6 +20,8 @@ __all__ = [
     "check_bool",
     "check_channels",
     "check_ndim",
+    "check_channel_dim",
+    "resolve_channel_dim",
 ]
 
 
@@ -91,3 +93,27 @@ def check_channels(layer: str, input: torch.Tensor, num_features: int, channel_d
             f"{layer}: expected {num_features} channels (num_features) in dim {channel_dim}, "
             f"got {got} for input of shape {tuple(input.shape)}"
         )
+
+
+def check_channel_dim(channel_dim) -> int:
+    """Return ``channel_dim`` if it is an int other than 0 (the batch dimension)."""
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
+    if channel_dim == 0:
+        raise ValueError("channel_dim must not be 0, the batch dimension (use 1 for (B, C, ...) "
+                         "or -1 for (B, ..., C) layouts)")
+    return channel_dim
+
+
+def resolve_channel_dim(input: Tensor, channel_dim, layer: str) -> int:
+    """Return ``channel_dim`` as a non-negative index of ``input``'s dimensions."""
+    if input.dim() < 2:
+        raise ValueError(f"{layer}: expected an input with a batch and a channel dimension (2D or more), "
+                         f"got {input.dim()}D input of shape {tuple(input.shape)}")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
+    ndim = input.dim()
+    if not -ndim <= channel_dim < ndim or channel_dim % ndim == 0:
+        raise ValueError(f"channel_dim must index a non-batch dimension of the {ndim}D input "
+                         f"(1..{ndim - 1} or -{ndim - 1}..-1), got {channel_dim}")
+    return channel_dim % ndim

@@ -26,7 +26,8 @@ class _ChannelAffine(nn.Module):
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
             raise ValueError(f"channel_dim must be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
         self.channel_dim = channel_dim
-        self.register_parameter(self._parameter_name, nn.Parameter(torch.empty(num_features, device=device, dtype=dtype)))
+        parameter = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
+        self.register_parameter(self._parameter_name, parameter)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

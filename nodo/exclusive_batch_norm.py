@@ -1,4 +1,4 @@
-"""Exclusive batch norm (XBN): each sample normalized by the statistics of the others."""
+"""Exclusive batch norm (XBN): each sample normalized by the statistics of the others (1d/2d/3d)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,22 +6,23 @@ from typing import Optional
 from torch import Tensor
 
 from nodo.functional import batch_norm as FB
-from nodo.ghost_batch_norm import _GhostNormBase
+from nodo.norm_base import PartitionedBatchNorm
 
-__all__ = ["ExclusiveBatchNorm2d"]
+__all__ = ["ExclusiveBatchNorm", "ExclusiveBatchNorm1d", "ExclusiveBatchNorm2d", "ExclusiveBatchNorm3d"]
 
 
-class ExclusiveBatchNorm2d(_GhostNormBase):
+class ExclusiveBatchNorm(PartitionedBatchNorm):
     r"""Exclusive batch normalization (XBN, Kosson et al., 2023, https://arxiv.org/abs/2305.17205).
 
     In training, each sample :math:`i` of a ghost batch :math:`g` of :math:`n` samples is
     normalized with the per-channel mean and biased variance of the *other* :math:`n - 1`
-    samples of :math:`g`. With per-sample sums :math:`s_{1,i} = \sum_{hw} x_i`,
-    :math:`s_{2,i} = \sum_{hw} x_i^2` and their ghost-batch totals :math:`S_1, S_2`:
+    samples of :math:`g`. With per-sample sums :math:`s_{1,i} = \sum x_i`,
+    :math:`s_{2,i} = \sum x_i^2` over the :math:`L` values of a channel and their ghost-batch
+    totals :math:`S_1, S_2`:
 
     .. math::
-        \mu_i = \frac{S_1 - s_{1,i}}{(n-1)HW}, \qquad
-        \sigma_i^2 = \max\Big(\frac{S_2 - s_{2,i}}{(n-1)HW} - \mu_i^2,\ 0\Big), \qquad
+        \mu_i = \frac{S_1 - s_{1,i}}{(n-1)L}, \qquad
+        \sigma_i^2 = \max\Big(\frac{S_2 - s_{2,i}}{(n-1)L} - \mu_i^2,\ 0\Big), \qquad
         y_i = \frac{x_i - \mu_i}{\sqrt{\sigma_i^2 + \epsilon}} * \gamma + \beta
 
     A sample never takes part in its own statistics, as at evaluation, which removes that part
@@ -36,14 +37,14 @@ class ExclusiveBatchNorm2d(_GhostNormBase):
         raises ``ValueError``.
 
     Args:
-        num_features: :math:`C` from an expected input of size :math:`(B, C, H, W)`.
+        num_features: :math:`C` from an expected input of size :math:`(B, C, *)`.
         ghost_batch_size: :math:`N \ge 2`, or ``None`` (default) for the whole batch.
         eps, momentum, affine, track_running_stats, device, dtype: as in ``nn.BatchNorm2d``;
             without running statistics, evaluation is batch norm with the batch's statistics.
 
     Shape:
-        - Input: :math:`(B, C, H, W)`
-        - Output: :math:`(B, C, H, W)` (same dtype and memory format)
+        - Input: :math:`(B, C, *)` (:class:`ExclusiveBatchNorm1d/2d/3d <ExclusiveBatchNorm2d>` check the rank)
+        - Output: same shape, dtype and memory format
 
     Examples::
 
@@ -76,3 +77,21 @@ class ExclusiveBatchNorm2d(_GhostNormBase):
             input, self.ghost_batch_size, running_mean, running_var, self.weight, self.bias,
             exclusive, momentum, self.eps,
         )
+
+
+class ExclusiveBatchNorm1d(ExclusiveBatchNorm):
+    """:class:`ExclusiveBatchNorm` of ``(B, C)`` or ``(B, C, L)`` input, an ``nn.BatchNorm1d`` drop-in."""
+
+    _input_dims = (2, 3)
+
+
+class ExclusiveBatchNorm2d(ExclusiveBatchNorm):
+    """:class:`ExclusiveBatchNorm` of ``(B, C, H, W)`` input, an ``nn.BatchNorm2d`` drop-in."""
+
+    _input_dims = (4,)
+
+
+class ExclusiveBatchNorm3d(ExclusiveBatchNorm):
+    """:class:`ExclusiveBatchNorm` of ``(B, C, D, H, W)`` input, an ``nn.BatchNorm3d`` drop-in."""
+
+    _input_dims = (5,)

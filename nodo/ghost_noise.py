@@ -10,27 +10,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
-from nodo._checks import check_bool, check_channels, check_choice, check_int, check_ndim, check_positive_float
-from nodo.functional.ghost_noise import (
-    GHOST_SAMPLINGS,
-    NoiseGenerator,
-    _check_generator,
-    ghost_noise_batch_norm,
-    ghost_noise_injection,
+from nodo._checks import (
+    check_bool,
+    check_channel_dim,
+    check_choice,
+    check_int,
+    check_positive_float,
 )
+from nodo.functional.ghost_noise import GHOST_SAMPLINGS, ghost_noise_batch_norm, ghost_noise_injection
+from nodo.functional.noise_generator import NoiseGenerator, check_generator
+from nodo.norm_base import GhostNormBase
 
-__all__ = ["GhostNoiseInjector", "GhostNoiseBatchNorm2d", "NoiseGenerator"]
-
-
-def _check_channel_dim(channel_dim) -> int:
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
-    if channel_dim == 0:
-        raise ValueError("channel_dim must not be 0, the batch dimension (use 1 for (B, C, ...) "
-                         "or -1 for (B, ..., C) layouts)")
-    return channel_dim
+__all__ = ["GhostNoiseInjector", "GhostNoiseBatchNorm", "GhostNoiseBatchNorm1d", "GhostNoiseBatchNorm2d",
+           "GhostNoiseBatchNorm3d", "NoiseGenerator"]
 
 
 class GhostNoiseInjector(nn.Module):
@@ -99,8 +92,8 @@ class GhostNoiseInjector(nn.Module):
         self.shift = check_bool("shift", shift)
         self.scale = check_bool("scale", scale)
         self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
-        self.channel_dim = _check_channel_dim(channel_dim)
-        _check_generator(generator)
+        self.channel_dim = check_channel_dim(channel_dim)
+        check_generator(generator)
         self.generator = generator
 
     def forward(self, input: Tensor) -> Tensor:
@@ -114,7 +107,7 @@ class GhostNoiseInjector(nn.Module):
                 f"scale={self.scale}, sampling={self.sampling!r}, channel_dim={self.channel_dim}")
 
 
-class GhostNoiseBatchNorm2d(_NormBase):
+class GhostNoiseBatchNorm(GhostNormBase):
     r"""Batch norm -> Ghost Noise Injection -> affine, fused into one layer.
 
     In training mode:
@@ -139,12 +132,15 @@ class GhostNoiseBatchNorm2d(_NormBase):
     and buffers have ``nn.BatchNorm2d``'s names, so state dicts are interchangeable.
 
     .. note::
-        This class derives from ``_NormBase``, not ``_BatchNorm``, on purpose: utilities that
-        swap every ``_BatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``, BN-freezing or
-        conversion helpers) would otherwise silently replace it with a noise-free batch norm.
+        This class derives from :class:`nodo.norm_base.GhostNormBase`, not ``_BatchNorm``, on
+        purpose: utilities that swap every ``_BatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``,
+        BN-freezing or conversion helpers) would otherwise silently replace it with a noise-free
+        batch norm. It takes any ``(B, C, *)`` input; :class:`GhostNoiseBatchNorm1d`,
+        :class:`GhostNoiseBatchNorm2d` and :class:`GhostNoiseBatchNorm3d` check the rank as
+        ``nn.BatchNorm1d/2d/3d`` do and are their drop-ins.
 
     Args:
-        num_features: ``C`` of a ``(B, C, H, W)`` input.
+        num_features: ``C`` of a ``(B, C, *)`` input.
         ghost_batch_size: ``N``, samples per ghost batch (``>= 1``).
         eps: batch norm's epsilon. Default: ``1e-5``.
         noise_eps: GNI's epsilon in the scale noise. Default: ``1e-3``.
@@ -157,7 +153,7 @@ class GhostNoiseBatchNorm2d(_NormBase):
             :class:`GhostNoiseInjector` (public attribute).
 
     Shape:
-        - Input: ``(B, C, H, W)``, any float dtype, contiguous or channels_last.
+        - Input: ``(B, C, *)``, any float dtype, contiguous or channels_last.
         - Output: same shape, dtype and memory format.
 
     Examples::
@@ -182,57 +178,43 @@ class GhostNoiseBatchNorm2d(_NormBase):
         device=None,
         dtype=None,
     ) -> None:
-        num_features = check_int("num_features", num_features, minimum=1)
-        eps = check_positive_float("eps", eps)
-        if momentum is not None:
-            momentum = check_positive_float("momentum", momentum, allow_zero=True)
-            if momentum > 1.0:
-                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        super().__init__(num_features, eps, momentum, check_bool("affine", affine),
-                         check_bool("track_running_stats", track_running_stats), device=device, dtype=dtype)
-        self.ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, minimum=1)
+        super().__init__(num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype)
         self.noise_eps = check_positive_float("noise_eps", noise_eps)
         self.shift = check_bool("shift", shift)
         self.scale = check_bool("scale", scale)
         self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
-        _check_generator(generator)
+        check_generator(generator)
         self.generator = generator
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        check_ndim(type(self).__name__, input, (4,))
-        check_channels(type(self).__name__, input, self.num_features)
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _normalize(self, input, running_mean, running_var, use_batch_statistics, momentum) -> Tensor:
         if not self.training:
-            if self.running_mean is None:
-                # no running statistics: normalize with the batch's, as nn.BatchNorm2d does
-                return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # cumulative average; a tensor weight avoids a device sync and a recompile per step
-                momentum = 1.0 / self.num_batches_tracked
+            # eval is exactly nn.BatchNorm*d's: running statistics (or the batch's without them), no noise
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                use_batch_statistics, 0.0, self.eps)
         return ghost_noise_batch_norm(
-            input,
-            self.ghost_batch_size,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            training=True,
-            momentum=momentum,
-            eps=self.eps,
-            noise_eps=self.noise_eps,
-            shift=self.shift,
-            scale=self.scale,
-            sampling=self.sampling,
-            generator=self.generator,
+            input, self.ghost_batch_size, running_mean, running_var, self.weight, self.bias,
+            training=True, momentum=momentum, eps=self.eps, noise_eps=self.noise_eps, shift=self.shift,
+            scale=self.scale, sampling=self.sampling, generator=self.generator,
         )
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}, noise_eps={self.noise_eps}, "
-                f"shift={self.shift}, scale={self.scale}, sampling={self.sampling!r}")
+        return (f"{super().extra_repr()}, noise_eps={self.noise_eps}, shift={self.shift}, scale={self.scale}, "
+                f"sampling={self.sampling!r}")
+
+
+class GhostNoiseBatchNorm1d(GhostNoiseBatchNorm):
+    """:class:`GhostNoiseBatchNorm` of ``(B, C)`` or ``(B, C, L)`` input, an ``nn.BatchNorm1d`` drop-in."""
+
+    _input_dims = (2, 3)
+
+
+class GhostNoiseBatchNorm2d(GhostNoiseBatchNorm):
+    """:class:`GhostNoiseBatchNorm` of ``(B, C, H, W)`` input, an ``nn.BatchNorm2d`` drop-in."""
+
+    _input_dims = (4,)
+
+
+class GhostNoiseBatchNorm3d(GhostNoiseBatchNorm):
+    """:class:`GhostNoiseBatchNorm` of ``(B, C, D, H, W)`` input, an ``nn.BatchNorm3d`` drop-in."""
+
+    _input_dims = (5,)

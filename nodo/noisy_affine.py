@@ -6,10 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_bool
-from nodo.functional.ghost_noise import _check_generator
-from nodo.functional.noisy_affine import _check_ghost_batch_size, noisy_affine
-from nodo.ghost_noise import _check_channel_dim
+from nodo._checks import check_bool, check_channel_dim
+from nodo.functional.noise_generator import check_generator
+from nodo.functional.noisy_affine import check_noisy_affine_ghost_batch_size, noisy_affine
 
 __all__ = ["NoisyAffine"]
 
@@ -60,11 +59,11 @@ class NoisyAffine(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
-        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+        self.ghost_batch_size = check_noisy_affine_ghost_batch_size(ghost_batch_size)
         self.shift = check_bool("shift", shift)
         self.scale = check_bool("scale", scale)
-        self.channel_dim = _check_channel_dim(channel_dim)
-        _check_generator(generator)
+        self.channel_dim = check_channel_dim(channel_dim)
+        check_generator(generator)
         self.generator = generator
 
     def forward(self, input: Tensor) -> Tensor:

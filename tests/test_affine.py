@@ -1,12 +1,10 @@
 """Gain and Bias: per-channel affine along channel_dim, dtype kept, names timm looks for."""
-import os
 
 import pytest
 import torch
 
 import nodo
-
-DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
+from conftest import DEVICE
 
 
 def test_initial_values_and_parameter_names():

@@ -1,35 +1,14 @@
 """GhostBatchNorm2d: equal to nn.BatchNorm2d for N >= B, equal to BN by hand on each ghost batch,
 the partition rule, running statistics, the hand-written backward, dtypes, layouts, compile, errors."""
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import nodo
+from conftest import DEVICE, F64, make_input, randomize_affine
 from nodo.functional import ghost_batch_norm, ghost_batch_partition
-
-DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
-
-# float64 comparisons of two algebraically equal computations (per-sample sums and E[x^2] - mean^2
-# in the layer, two-pass var_mean in the reference): both are exact to ~1e-16 relative, times a
-# cancellation factor mean^2/var < 10 for the data below, so 1e-10 leaves a wide margin while a
-# wrong formula (a wrong group, a biased/unbiased mix-up) is off by > 1e-3.
-F64 = dict(rtol=1e-10, atol=1e-10)
-
-
-def make_input(shape, dtype=torch.float64, seed=0, mean=0.5, std=2.0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * std + mean).to(DEVICE, dtype)
-
-
-def randomize_affine(module, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in (module.weight, module.bias):
-            param.copy_(torch.rand(param.shape, generator=generator, dtype=torch.float64) + 0.5)
-    return module
 
 
 def reference_ghost_batch_norm(x, sizes, weight=None, bias=None, eps=1e-5):

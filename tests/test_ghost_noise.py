@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nodo
+from conftest import DEVICE
 from compile_check import assert_compiles_like_eager
 import nodo.functional as NF
 
@@ -64,7 +65,7 @@ def make_input(layout, seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     # a non-zero mean and a channel-dependent scale, so that centering mistakes show
     x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 + 0.7
-    x = x.to(dtype)
+    x = x.to(DEVICE, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, channel_dim
@@ -75,8 +76,8 @@ def make_input(layout, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("sampling,ghost_batch_size", [("replacement", 4), ("replacement", 40), ("shuffle", 5)])
 def test_matches_brute_force(layout, shift, scale, sampling, ghost_batch_size):
     x, channel_dim = make_input(layout)
-    generator = torch.Generator().manual_seed(1)
-    indices = NF.sample_ghost_indices(x.shape[0], ghost_batch_size, sampling, generator=generator)
+    generator = torch.Generator(DEVICE).manual_seed(1)
+    indices = NF.sample_ghost_indices(x.shape[0], ghost_batch_size, sampling, device=DEVICE, generator=generator)
     y = NF.ghost_noise_injection(x, ghost_batch_size, shift=shift, scale=scale, channel_dim=channel_dim,
                                  ghost_indices=indices)
     expected = brute_force_gni(x, indices, channel_dim=channel_dim, shift=shift, scale=scale)
@@ -93,8 +94,9 @@ def test_module_draws_the_functional_ghost_batches(layout, sampling):
     # brute-force test above covers what the layer computes
     x, channel_dim = make_input(layout)
     layer = nodo.GhostNoiseInjector(4, sampling=sampling, channel_dim=channel_dim,
-                                    generator=torch.Generator().manual_seed(3))
-    indices = NF.sample_ghost_indices(x.shape[0], 4, sampling, generator=torch.Generator().manual_seed(3))
+                                    generator=torch.Generator(DEVICE).manual_seed(3))
+    indices = NF.sample_ghost_indices(x.shape[0], 4, sampling, device=DEVICE,
+                                      generator=torch.Generator(DEVICE).manual_seed(3))
     torch.testing.assert_close(layer(x).double(), brute_force_gni(x, indices, channel_dim=channel_dim),
                                **FLOAT32_TOL)
 
@@ -156,7 +158,7 @@ def test_noise_is_constant_for_autograd():
     # dy/dx = 1 / scale with the scale of the drawn ghost batches: statistics carry no gradient
     x, _ = make_input("nchw")
     x.requires_grad_(True)
-    indices = NF.sample_ghost_indices(x.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    indices = NF.sample_ghost_indices(x.shape[0], 4, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     y = NF.ghost_noise_injection(x, 4, ghost_indices=indices)
     grad_output = torch.randn_like(y)
     (grad_input,) = torch.autograd.grad(y, x, grad_output)
@@ -293,7 +295,7 @@ def test_distribution_matches_ghost_batch_norm():
 def test_reduced_precision(dtype, layout):
     x32, channel_dim = make_input(layout)
     x = x32.to(dtype)
-    indices = NF.sample_ghost_indices(x.shape[0], 4, generator=torch.Generator().manual_seed(0))
+    indices = NF.sample_ghost_indices(x.shape[0], 4, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     y = NF.ghost_noise_injection(x, 4, channel_dim=channel_dim, ghost_indices=indices)
     assert y.dtype == dtype and torch.isfinite(y).all()
     # vs float64 GNI of the same (rounded) input: rounding the input, the multiplier and the

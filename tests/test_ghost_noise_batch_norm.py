@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nodo
+from conftest import DEVICE
 from compile_check import assert_compiles_like_eager
 import nodo.functional as NF
 
@@ -36,7 +37,7 @@ def make_input(batch_size=12, seed=0, dtype=torch.float32, channels_last=False, 
     x = torch.randn(batch_size, C, *size, generator=generator, dtype=torch.float64)
     x = x * torch.linspace(0.5, 3.0, C, dtype=torch.float64).view(1, C, 1, 1)
     x = x + torch.linspace(-2.0, 4.0, C, dtype=torch.float64).view(1, C, 1, 1)
-    x = x.to(dtype)
+    x = x.to(DEVICE, dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
@@ -44,13 +45,14 @@ def make_input(batch_size=12, seed=0, dtype=torch.float32, channels_last=False, 
 
 def random_affine(seed=1, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.rand(C, generator=generator, dtype=torch.float64) + 0.5).to(dtype)
-    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(dtype)
+    weight = (torch.rand(C, generator=generator, dtype=torch.float64) + 0.5).to(DEVICE, dtype)
+    bias = torch.randn(C, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
     return weight, bias
 
 
 def fused_layer(ghost_batch_size=4, seed=3, **kwargs):
-    layer = nodo.GhostNoiseBatchNorm2d(C, ghost_batch_size, generator=torch.Generator().manual_seed(seed), **kwargs)
+    layer = nodo.GhostNoiseBatchNorm2d(C, ghost_batch_size, generator=torch.Generator(DEVICE).manual_seed(seed),
+                                       device=DEVICE, **kwargs)
     if layer.affine:
         weight, bias = random_affine()
         with torch.no_grad():
@@ -65,13 +67,14 @@ class Unfused(nn.Module):
     def __init__(self, ghost_batch_size=4, seed=3, eps=1e-5, noise_eps=1e-3, momentum=0.1, affine=True,
                  shift=True, scale=True, track_running_stats=True, sampling="replacement"):
         super().__init__()
-        self.bn = nn.BatchNorm2d(C, eps=eps, momentum=momentum, affine=False, track_running_stats=track_running_stats)
+        self.bn = nn.BatchNorm2d(C, eps=eps, momentum=momentum, affine=False, track_running_stats=track_running_stats,
+                                 device=DEVICE)
         self.gni = nodo.GhostNoiseInjector(ghost_batch_size, eps=noise_eps, shift=shift, scale=scale,
-                                           sampling=sampling, generator=torch.Generator().manual_seed(seed))
+                                           sampling=sampling, generator=torch.Generator(DEVICE).manual_seed(seed))
         self.affine = affine
         if affine:
             weight, bias = random_affine()
-            self.gain, self.bias = nodo.Gain(C), nodo.Bias(C)
+            self.gain, self.bias = nodo.Gain(C, device=DEVICE), nodo.Bias(C, device=DEVICE)
             with torch.no_grad():
                 self.gain.weight.copy_(weight)
                 self.bias.bias.copy_(bias)
@@ -117,7 +120,7 @@ def test_module_matches_unfused_composition(config, channels_last):
     reference = Unfused(ghost_batch_size, **kwargs)
     for step in range(3):
         x = make_input(batch_size, seed=10 + step, channels_last=channels_last)
-        grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(20 + step))
+        grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(20 + step)).to(DEVICE)
         params = (fused.weight, fused.bias) if fused.affine else ()
         y, grads = run_step(fused, x, grad_output, params)
         y_ref, grads_ref = run_step(reference, x, grad_output, reference.parameters_like_fused())
@@ -127,7 +130,7 @@ def test_module_matches_unfused_composition(config, channels_last):
         assert y.dtype == x.dtype and y.shape == x.shape
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     # the noise is really there (except where it cannot be): the output is not plain batch norm
-    plain = nn.BatchNorm2d(C, affine=False)(x)
+    plain = nn.BatchNorm2d(C, affine=False, device=DEVICE)(x)
     if fused.affine:
         plain = plain * fused.weight.detach().view(1, C, 1, 1) + fused.bias.detach().view(1, C, 1, 1)
     assert not torch.allclose(y, plain, atol=1e-3)
@@ -144,15 +147,15 @@ def test_module_matches_unfused_composition(config, channels_last):
 def test_functional_matches_unfused_given_ghost_indices(sampling, channels_last):
     x = make_input(10, channels_last=channels_last).requires_grad_(True)
     weight, bias = (t.requires_grad_(True) for t in random_affine())
-    indices = NF.sample_ghost_indices(10, 4, sampling, generator=torch.Generator().manual_seed(0))
-    running = [torch.zeros(C), torch.ones(C)]
-    running_ref = [torch.zeros(C), torch.ones(C)]
+    indices = NF.sample_ghost_indices(10, 4, sampling, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    running = [torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)]
+    running_ref = [torch.zeros(C, device=DEVICE), torch.ones(C, device=DEVICE)]
     y = NF.ghost_noise_batch_norm(x, 4, *running, weight, bias, momentum=0.3, ghost_indices=indices)
     x_hat = F.batch_norm(x, *running_ref, None, None, True, 0.3, 1e-5)
     y_ref = NF.ghost_noise_injection(x_hat, 4, eps=1e-3, ghost_indices=indices)
     y_ref = y_ref * weight.view(1, C, 1, 1) + bias.view(1, C, 1, 1)
     torch.testing.assert_close(y, y_ref, **FLOAT32_TOL)
-    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = torch.autograd.grad(y, (x, weight, bias), grad_output)
     grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), grad_output)
     for got, expected in zip(grads, grads_ref):
@@ -165,7 +168,7 @@ def test_functional_matches_unfused_given_ghost_indices(sampling, channels_last)
 def test_gradient_with_other_grad_layout(input_layout, grad_layout):
     # the backward has a fast path for contiguous input *and* gradient; mixed layouts take the other
     x = make_input(12, channels_last=input_layout == "channels_last")
-    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     if grad_layout == "channels_last":
         grad_output = grad_output.contiguous(memory_format=torch.channels_last)
     fused, reference = fused_layer(), Unfused()
@@ -179,7 +182,7 @@ def test_noise_is_constant_for_autograd():
     # with the gain fixed, the gradient is batch norm's backward of dy * gain / scale: a function that
     # differentiated through the ghost statistics would differ (checked against fixed noise below)
     x = make_input(12, dtype=torch.float64).requires_grad_(True)
-    indices = NF.sample_ghost_indices(12, 4, generator=torch.Generator().manual_seed(0))
+    indices = NF.sample_ghost_indices(12, 4, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.no_grad():
         x_hat = F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
         mean, var = NF.sample_moments(x_hat)
@@ -187,7 +190,7 @@ def test_noise_is_constant_for_autograd():
     y = NF.ghost_noise_batch_norm(x, 4, ghost_indices=indices)
     y_noise = NF.ghost_noise_batch_norm(x, 4, noise=noise)
     torch.testing.assert_close(y, y_noise, rtol=1e-12, atol=1e-12)
-    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
     torch.testing.assert_close(torch.autograd.grad(y, x, grad_output)[0],
                                torch.autograd.grad(y_noise, x, grad_output)[0], rtol=1e-12, atol=1e-12)
 
@@ -205,7 +208,7 @@ def test_gradcheck_with_fixed_noise(shift, scale, channels_last):
     """
     x = make_input(3, dtype=torch.float64, channels_last=channels_last, size=(3, 2)).requires_grad_(True)
     weight, bias = (t.requires_grad_(True) for t in random_affine(dtype=torch.float64))
-    indices = NF.sample_ghost_indices(3, 2, generator=torch.Generator().manual_seed(0))
+    indices = NF.sample_ghost_indices(3, 2, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     with torch.no_grad():
         x_hat = F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
         mean, var = NF.sample_moments(x_hat)
@@ -223,13 +226,13 @@ def test_eval_equals_batch_norm_eval():
     layer = fused_layer()
     for step in range(3):
         layer(make_input(12, seed=step))
-    reference = nn.BatchNorm2d(C)
+    reference = nn.BatchNorm2d(C, device=DEVICE)
     reference.load_state_dict(layer.state_dict())
     layer.eval()
     reference.eval()
     x = make_input(12, seed=9)
     torch.testing.assert_close(layer(x), reference(x), **FLOAT32_TOL)
-    assert not torch.allclose(layer.running_mean, torch.zeros(C))  # non-trivial statistics were used
+    assert not torch.allclose(layer.running_mean, torch.zeros(C, device=DEVICE))  # non-trivial statistics were used
     # eval changes nothing and draws nothing: same output twice, buffers untouched
     state = copy.deepcopy(layer.state_dict())
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
@@ -241,7 +244,7 @@ def test_eval_equals_batch_norm_eval():
 def test_running_statistics_like_batch_norm(momentum):
     # momentum=None: cumulative average 1/num_batches_tracked; the unbiased variance, as nn.BatchNorm2d
     layer = nodo.GhostNoiseBatchNorm2d(C, 4, momentum=momentum)
-    reference = nn.BatchNorm2d(C, momentum=momentum)
+    reference = nn.BatchNorm2d(C, momentum=momentum, device=DEVICE)
     inputs = [make_input(12, seed=step) * (1 + step) for step in range(4)]  # statistics change per step
     for x in inputs:
         layer(x)
@@ -260,7 +263,7 @@ def test_running_statistics_like_batch_norm(momentum):
 def test_track_running_stats_false():
     layer = fused_layer(track_running_stats=False)
     assert set(layer.state_dict()) == {"weight", "bias"}
-    reference = nn.BatchNorm2d(C, track_running_stats=False)
+    reference = nn.BatchNorm2d(C, track_running_stats=False, device=DEVICE)
     reference.load_state_dict(layer.state_dict())
     x = make_input(12)
     layer(x)  # training updates nothing
@@ -275,12 +278,12 @@ def test_batch_of_one_is_batch_norm():
     # the only ghost batch is the sample itself: no noise, plain training-mode batch norm + affine
     x = make_input(1)
     layer = fused_layer(16)
-    reference = nn.BatchNorm2d(C)
+    reference = nn.BatchNorm2d(C, device=DEVICE)
     reference.load_state_dict(layer.state_dict())
     torch.testing.assert_close(layer(x), reference(x), **FLOAT32_TOL)
     torch.testing.assert_close(layer.running_var, reference.running_var, **FLOAT32_TOL)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        layer(torch.randn(1, C, 1, 1))
+        layer(torch.randn(1, C, 1, 1, device=DEVICE))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -308,7 +311,7 @@ def test_reduced_precision(dtype, channels_last):
     assert y.dtype == dtype and torch.isfinite(y).all()
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     assert layer.running_mean.dtype == torch.float32
-    reference = nn.BatchNorm2d(C)
+    reference = nn.BatchNorm2d(C, device=DEVICE)
     reference(x.detach().float())
     torch.testing.assert_close(layer.running_mean, reference.running_mean, **FLOAT32_TOL)
     torch.testing.assert_close(layer.running_var, reference.running_var, **FLOAT32_TOL)
@@ -320,11 +323,15 @@ def test_reduced_precision(dtype, channels_last):
 
 
 def test_autocast_bfloat16():
-    conv = nn.Conv2d(3, C, 3)
+    """Under autocast the layer gets the conv's bfloat16 output and keeps bfloat16; it equals the float32
+    layer (same ghost batches) on that output up to bfloat16 rounding (tolerance of test_reduced_precision)."""
+    conv = nn.Conv2d(3, C, 3, device=DEVICE)
     layer = fused_layer()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(conv(torch.randn(16, 3, 8, 8)))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        hidden = conv(torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(5)).to(DEVICE))
+        y = layer(hidden)
+    assert hidden.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), fused_layer()(hidden.detach().float()), rtol=2e-2, atol=4e-2)
     y.float().square().mean().backward()
     assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(layer.weight.grad).all()
 
@@ -332,7 +339,7 @@ def test_autocast_bfloat16():
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_inplace_relu_after_it(channels_last):
     x = make_input(12, channels_last=channels_last)
-    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     layer = fused_layer()
     y, grads = run_step(nn.Sequential(fused_layer(), nn.ReLU(inplace=False)), x, grad_output, ())
     x = x.detach().requires_grad_(True)
@@ -379,7 +386,7 @@ def test_state_dict_round_trip():
     layer = fused_layer()
     for step in range(2):
         layer(make_input(12, seed=step))
-    reference = nn.BatchNorm2d(C)
+    reference = nn.BatchNorm2d(C, device=DEVICE)
     assert set(layer.state_dict()) == set(reference.state_dict())
     reference.load_state_dict(layer.state_dict())  # strict: same names and shapes
     restored = nodo.GhostNoiseBatchNorm2d(C, 4)
@@ -493,11 +500,7 @@ def _float64_truth(x, indices, weight, bias):
 @pytest.mark.parametrize("offset", [
     0.0,
     5.0,  # |mean| / std <= 18 (channel 0: mean 3, std 0.5 -> with the offset 8 / 0.5 = 16)
-    pytest.param(300.0, marks=pytest.mark.xfail(strict=True, reason=(
-        "known bug: sample_moments' per-sample variance loses ~eps32 * mean^2 / var relative precision "
-        "(3% at |mean| = 600 std) on both paths; the contiguous 'centered' path corrects sum x(x - m) "
-        "with m * (total - count * m), whose float32 total is off by ~ulp(total). nn.BatchNorm2d-based "
-        "reference stays at 4e-5 here"))),
+    300.0,  # |mean| ~ 600 std: raw E[x^2] - E[x]^2 sums were 3% off here; the shifted sums are not
 ])
 def test_precision_with_a_large_mean(offset, channels_last):
     """Fused output vs float64 math on the same float32 input: as accurate as BN -> GNI in float32.
@@ -506,7 +509,7 @@ def test_precision_with_a_large_mean(offset, channels_last):
     (BN's Welford / centered statistics); the fused layer must be too.
     """
     x = make_input(12, channels_last=channels_last) + offset
-    indices = NF.sample_ghost_indices(12, 4, generator=torch.Generator().manual_seed(0))
+    indices = NF.sample_ghost_indices(12, 4, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
     weight, bias = random_affine()
     truth = _float64_truth(x, indices, weight, bias)
     unfused = NF.ghost_noise_injection(F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5), 4,

@@ -1,4 +1,4 @@
-"""Ghost, exclusive and eval-blended batch normalization of 4D activations: the math.
+"""Ghost, exclusive and eval-blended batch normalization of ``(B, C, *)`` activations: the math.
 
 All three layers normalize a sample with statistics drawn from a *set of samples* of the batch:
 
@@ -7,33 +7,46 @@ All three layers normalize a sample with statistics drawn from a *set of samples
 * EvalNorm (Singh & Shrivastava 2019): trains as GBN, and at evaluation blends the sample's own
   statistics into the running ones.
 
-How the work is done (and why it is fast)
------------------------------------------
-The activation ``x`` of shape ``(B, C, H, W)`` is read once to get per-sample, per-channel sums
-``s1[b, c] = sum_hw x`` and ``s2[b, c] = sum_hw x^2`` in float32 (float64 for float64 input). Every
-ghost-batch statistic is then a cheap sum over rows of these ``(B, C)`` tensors, so the
-activation is never reshaped or copied into ghost batches. The normalization itself is one fused
-pass ``y = x * scale + shift`` with a per-(sample, channel) ``scale`` and ``shift``.
+How the work is done
+--------------------
+The activation ``x`` (``(B, C)``, ``(B, C, L)``, ``(B, C, H, W)`` or ``(B, C, D, H, W)``) is shifted
+once per channel, ``u = x - k`` written into the output buffer, and read once for the per-sample
+sums ``s1 = sum u`` and ``s2 = sum u^2`` (:func:`nodo.functional.statistics.shifted_sums`, accurate
+at any mean). Every ghost-batch statistic is then a cheap sum over rows of these ``(B, C)``
+tensors, so the activation is never reshaped or copied into ghost batches, and the output is one
+in-place pass ``y = u * scale + shift`` with a per-(sample, channel) ``scale`` and ``shift``.
 
-The backward pass is written by hand (:class:`_MixedStatisticsNorm`) in the same style: it reads
-``dy`` and ``x`` once for the per-sample sums ``sum_hw dy`` and ``sum_hw dy * x``, combines them on
-the small ``(B, C)`` tensors, and writes ``dx = k * dy + q * x + r`` with per-(sample, channel)
-``k, q, r``. It saves only the input and ``(B, C)`` tensors for backward, as ``nn.BatchNorm2d``
-does.
+The backward pass is written by hand (:class:`_MixedStatisticsNorm`) in the same style: the
+per-sample sums ``sum dy`` and ``sum dy * u``, combined on the small ``(B, C)`` tensors, then
+``dx = a * dy + q * u + r`` with per-(sample, channel) ``a, q, r``, written into one new tensor.
+It saves only the input and ``(B, C)`` tensors for backward, as ``nn.BatchNorm2d`` does.
 
-Variances are computed as ``E[x^2] - mean^2`` from these sums and clamped at 0, so rounding can
-never produce a negative variance (and a NaN from its square root) under AMP.
+Variances are clamped at 0, so rounding never produces a negative variance (and a NaN from its
+square root) under AMP.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nodo._checks import check_int, check_ndim, check_positive_float
-from nodo.functional._rows import row_scale_shift, row_sums, rows_view
+from nodo._checks import check_int, check_positive_float
+from nodo.functional.statistics import (
+    affine_coefficients,
+    Momentum,
+    centered_input,
+    channel_map,
+    channel_shift,
+    grad_sums,
+    input_gradient,
+    scale_shift_,
+    shifted_sums,
+    statistics_dtype,
+    update_running_stats,
+    values_per_sample,
+)
 
 __all__ = [
     "ghost_batch_partition",
@@ -42,7 +55,6 @@ __all__ = [
     "eval_norm",
 ]
 
-Momentum = Union[float, Tensor]
 
 
 def ghost_batch_partition(batch_size: int, ghost_batch_size: Optional[int]) -> tuple[int, ...]:
@@ -79,13 +91,8 @@ def ghost_batch_partition(batch_size: int, ghost_batch_size: Optional[int]) -> t
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-sample statistics and their mixing within ghost batches (all on small (B, C) tensors)
+# Mixing per-sample statistics within ghost batches (all on small (B, C) tensors)
 # ---------------------------------------------------------------------------------------------
-
-
-def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 for float32/16/bfloat16 input; float64 input keeps float64 so that gradcheck works.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _runs(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -131,169 +138,74 @@ def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool, scale: float
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _fast_rows(input: Tensor, statistics_dtype: torch.dtype) -> Optional[Tensor]:
-    """The ``(1, B*C, HW)`` view of a contiguous CPU activation already in the statistics dtype, else None.
-
-    There ATen's batch-norm kernels (nodo.functional._rows) do the per-sample sums and the
-    per-sample multiply-adds in one pass each, about a third fewer passes over the activation than
-    the reductions and broadcasts below. Other devices, layouts and dtypes keep the generic path
-    (on CUDA the generic kernels are already bandwidth-bound; float16 needs float32 products).
-    """
-    if input.device.type != "cpu" or input.dtype != statistics_dtype:
-        return None
-    return rows_view(input)
-
-
-def _per_sample_sums(input: Tensor, statistics_dtype: torch.dtype) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(sum_hw x, sum_hw x^2, buffer)`` per sample and channel; ``buffer`` may hold the output.
-
-    The sum of squares uses ``vector_norm(..., dtype=float32)``, which upcasts element by element
-    without a float32 copy of the activation. On CPU that strided reduction is slow for a float32
-    activation that is not NCHW-contiguous (``channels_last``), so there ``x * x`` is written into
-    a fresh tensor that the caller then overwrites with the normalized output: the output has to
-    be allocated anyway, and the extra elementwise pass is cheaper than the strided norm.
-    """
-    spatial = (2, 3)
-    rows = _fast_rows(input, statistics_dtype)
-    if rows is not None:
-        # both sums in one read of the activation (sum x * (x - 0) and sum x), no temporaries
-        zeros = input.new_zeros(rows.shape[1])
-        sum_sq, sum_x = row_sums(rows, rows, zeros, dot=True, total=True)
-        return sum_x.view(input.shape[:2]), sum_sq.view(input.shape[:2]), None
-    sum_x = input.sum(dim=spatial, dtype=statistics_dtype)
-    if input.device.type == "cpu" and input.dtype == statistics_dtype and not input.is_contiguous():
-        buffer = torch.mul(input, input)
-        return sum_x, buffer.sum(dim=spatial), buffer
-    norm = torch.linalg.vector_norm(input, ord=2, dim=spatial, dtype=statistics_dtype)
-    return sum_x, norm.square(), None
-
-
-def _as_map(per_sample: Tensor) -> Tensor:
-    """``(B, C)`` -> ``(B, C, 1, 1)`` so that it broadcasts over a 4D activation."""
-    return per_sample[:, :, None, None]
-
-
-def _scale_shift(input: Tensor, scale: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """One fused pass ``out = input * scale + shift`` in the dtype and memory format of ``input``.
-
-    ``scale``/``shift`` are ``(B, C)`` in float32; the arithmetic runs in float32 and is rounded
-    once into the input's dtype. On CPU, for a contiguous NCHW tensor, a multiply followed by an
-    in-place add is faster than ``addcmul`` (whose broadcast of ``shift`` over the innermost
-    dimension falls off the vectorized path); elsewhere the single ``addcmul`` kernel is used.
-    """
-    if out is None:
-        out = torch.empty_like(input)
-    if input.device.type == "cpu" and input.is_contiguous():
-        torch.mul(input, _as_map(scale), out=out)
-        out.add_(_as_map(shift))
-    else:
-        torch.addcmul(_as_map(shift), input, _as_map(scale), out=out)
-    return out
-
-
 class _MixedStatisticsNorm(torch.autograd.Function):
     r"""Normalize each sample with the mean/variance of a set of samples of its ghost batch.
 
-    Forward, for sample ``i`` and channel ``c`` (``HW`` = pixels per map)::
+    Forward, for sample ``i`` and channel ``c``, with ``u = x - k_c`` and its per-sample sums
+    ``s1, s2`` (:func:`nodo.functional.statistics.shifted_sums`; the layer is invariant to the
+    constant shift ``k``, so all of it is written in ``u``), ``L`` values per sample::
 
-        mean_i = (P s1)_i / HW,  var_i = max((P s2)_i / HW - mean_i^2, 0)
-        rstd_i = (var_i + eps)^(-1/2)
-        y_i    = x_i * (weight * rstd_i) + (bias - mean_i * weight * rstd_i)
+        d_i = (P s1)_i / L,  var_i = max((P s2)_i / L - d_i^2, 0),  rstd_i = (var_i + eps)^(-1/2)
+        y_i = (u_i - d_i) * (weight * rstd_i) + bias
 
-    with ``P`` from :func:`_mix` (GBN: own ghost batch; XBN: the others of it). Backward, with
-    ``D_i = sum_hw dy_i`` and ``E_i = sum_hw dy_i x_i`` (so ``E_i - mean_i D_i = sum_hw dy_i (x_i - mean_i)``)::
+    with ``P`` from :func:`_mix` (GBN: own ghost batch; XBN: the others of it); the mean is
+    ``k + d_i``. Backward, with ``D_i = sum dy_i`` and ``E_i = sum dy_i u_i``::
 
-        g_rstd_i = weight (E_i - mean_i D_i)
-        g_mean_i = -weight rstd_i D_i + g_rstd_i rstd_i^3 mean_i
-        g_sq_i   = -g_rstd_i rstd_i^3 / 2                 (gradient w.r.t. the mean of x^2)
-        dx_j     = weight rstd_j dy_j + ((P g_mean)_j + 2 x_j (P g_sq)_j) / HW     (P = P^T)
-        dweight  = sum_i rstd_i (E_i - mean_i D_i),   dbias = sum_i D_i
+        g_rstd_i = weight (E_i - d_i D_i)
+        g_mean_i = -weight rstd_i D_i + g_rstd_i rstd_i^3 d_i
+        g_sq_i   = -g_rstd_i rstd_i^3 / 2                 (gradient w.r.t. the mean of u^2)
+        dx_j     = weight rstd_j dy_j + ((P g_mean)_j + 2 u_j (P g_sq)_j) / L     (P = P^T)
+        dweight  = sum_i rstd_i (E_i - d_i D_i),   dbias = sum_i D_i
 
-    where the ``rstd^3`` terms are zeroed where the variance was clamped at 0. The first and second
-    moments are mixed together as one ``(B, 2C)`` tensor, which keeps the number of small kernels
-    (and the launch overhead that dominates on GPU) low. Besides the normalized output it returns
-    ``s1``, ``s2`` and the unclamped variances ``var_i`` (non-differentiable) for the running
-    statistics.
+    where the ``rstd^3`` terms are zeroed where the variance was clamped at 0. First and second
+    moments are mixed together as one ``(B, 2C)`` tensor (fewer small kernels). Returns the
+    output and, non-differentiable, the per-sample mean ``k + s1 / L``, the ghost variances
+    ``var_i`` (unclamped) and the whole batch's biased variance, for the running statistics.
+    Saved for backward: the input and small tensors, as ``nn.BatchNorm2d``.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
-        statistics_dtype = _statistics_dtype(input.dtype)
-        channels = input.shape[1]
-        pixels = input.shape[2] * input.shape[3]
-        sum_x, sum_sq, buffer = _per_sample_sums(input, statistics_dtype)
-
-        moments = _mix(torch.cat([sum_x, sum_sq], dim=1), sizes, exclusive, scale=1.0 / pixels)
-        mean, mean_sq = moments[:, :channels], moments[:, channels:]
-        raw_var = torch.addcmul(mean_sq, mean, mean, value=-1.0)
+        dtype = statistics_dtype(input.dtype)
+        channels, values = input.shape[1], values_per_sample(input)
+        shift, sum_u, sum_sq, output = shifted_sums(input)
+        moments = _mix(torch.cat([sum_u, sum_sq], dim=1), sizes, exclusive, scale=1.0 / values)
+        mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
+        raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
+        scale_shift_(output, *affine_coefficients(mean_u, rstd, weight, bias))
 
-        scale = rstd if weight is None else rstd * weight.to(statistics_dtype)
-        if bias is None:
-            shift = torch.mul(mean, scale).neg_()
-        else:
-            shift = torch.addcmul(bias.to(statistics_dtype), mean, scale, value=-1.0)
-        rows = _fast_rows(input, statistics_dtype)
-        if rows is not None:
-            # _unsafe_view: not tracked as a view of the temporary, so that the Function's output
-            # may be modified in place (ReLU(inplace=True) follows every norm in a ResNet)
-            output = torch.ops.aten._unsafe_view(row_scale_shift(rows, scale.reshape(-1), shift.reshape(-1)),
-                                                 input.shape)
-        else:
-            output = _scale_shift(input, scale, shift, out=buffer)
-
-        ctx.save_for_backward(input, weight, mean, rstd, raw_var)
-        ctx.sizes = sizes
-        ctx.exclusive = exclusive
+        ctx.save_for_backward(input, weight, shift, mean_u, rstd, raw_var)
+        ctx.sizes, ctx.exclusive = sizes, exclusive
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(sum_x, sum_sq, raw_var)
-        return output, sum_x, sum_sq, raw_var
+        sample_mean = sum_u / values
+        batch_var = _batch_variance(sample_mean, torch.addcmul(sum_sq / values, sample_mean, sample_mean, value=-1.0))
+        sample_mean = sample_mean + shift
+        ctx.mark_non_differentiable(sample_mean, raw_var, batch_var)
+        return output, sample_mean, raw_var, batch_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, *_non_differentiable):
-        input, weight, mean, rstd, raw_var = ctx.saved_tensors
-        statistics_dtype = mean.dtype
-        pixels = input.shape[2] * input.shape[3]
-        spatial = (2, 3)
+        input, weight, shift, mean_u, rstd, raw_var = ctx.saved_tensors
+        dtype, values = mean_u.dtype, values_per_sample(input)
+        sum_dy, sum_dy_u, scratch = grad_sums(grad_output, input, shift)
+        centered = torch.addcmul(sum_dy_u, mean_u, sum_dy, value=-1.0)  # sum dy * (u - d)
 
-        input_rows = _fast_rows(input, statistics_dtype)
-        grad_rows = None if input_rows is None else _fast_rows(grad_output, statistics_dtype)
-        if grad_rows is not None:
-            # sum dy and sum dy * x in one read of both tensors, nothing allocated
-            sum_dy_x, sum_dy = row_sums(grad_rows, input_rows, input.new_zeros(input_rows.shape[1]),
-                                        dot=True, total=True)
-            sum_dy, sum_dy_x = sum_dy.view(input.shape[:2]), sum_dy_x.view(input.shape[:2])
-            grad_input = None
-        elif input.dtype == statistics_dtype:
-            sum_dy = grad_output.sum(dim=spatial, dtype=statistics_dtype)
-            # dy * x goes into the tensor that becomes dx, so the backward allocates one activation.
-            grad_input = torch.mul(grad_output, input)
-            sum_dy_x = grad_input.sum(dim=spatial)
-        else:
-            sum_dy = grad_output.sum(dim=spatial, dtype=statistics_dtype)
-            # float16/bfloat16: take the products in float32, else E - mean * D cancels badly.
-            sum_dy_x = (grad_output.to(statistics_dtype) * input).sum(dim=spatial)
-            grad_input = torch.empty_like(input)
-        centered = torch.addcmul(sum_dy_x, mean, sum_dy, value=-1.0)  # sum_hw dy * (x - mean)
-
-        weight_stats = None if weight is None else weight.to(statistics_dtype)
+        weight_stats = None if weight is None else weight.to(dtype)
         scale = rstd if weight_stats is None else rstd * weight_stats
         grad_rstd = centered if weight_stats is None else centered * weight_stats
         # g = g_rstd * rstd^3, zero where the variance was clamped (d rstd / d var = -rstd^3 / 2)
         g = torch.where(raw_var > 0, rstd.pow(3).mul_(grad_rstd), 0.0)
-        grad_mean = torch.addcmul(g * mean, scale, sum_dy, value=-1.0)
-        # mix [g_mean, 2 g_sq] = [g_mean, -g] together, then divide by HW: the dx coefficients
-        coefficients = _mix(torch.cat([grad_mean, g.neg_()], dim=1), ctx.sizes, ctx.exclusive, scale=1.0 / pixels)
-        channels = mean.shape[1]
-        coef_const, coef_x = coefficients[:, :channels], coefficients[:, channels:]
+        grad_mean = torch.addcmul(g * mean_u, scale, sum_dy, value=-1.0)
+        # mix [g_mean, 2 g_sq] = [g_mean, -g] together, then divide by L: the dx coefficients
+        coefficients = _mix(torch.cat([grad_mean, g.neg_()], dim=1), ctx.sizes, ctx.exclusive, scale=1.0 / values)
+        channels = mean_u.shape[1]
+        coef_const, coef_u = coefficients[:, :channels], coefficients[:, channels:]
 
-        # dx = coef_x * x + coef_const + scale * dy, in two fused passes over the activation.
-        if grad_rows is not None:
-            grad_input = row_scale_shift(input_rows, coef_x.reshape(-1), coef_const.reshape(-1)).view(input.shape)
-        else:
-            _scale_shift(input, coef_x, coef_const, out=grad_input)
-        grad_input.addcmul_(grad_output, _as_map(scale.to(grad_input.dtype)))
+        # dx = scale * dy + coef_u * (x - k) + coef_const
+        const = torch.addcmul(coef_const, coef_u, shift, value=-1.0)
+        grad_input = input_gradient(grad_output, input, scale, coef_u, const, out=scratch)
 
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -308,34 +220,25 @@ class _MixedStatisticsNorm(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_values_per_channel(name: str, sizes: Sequence[int], pixels: int) -> None:
+def _check_values_per_channel(name: str, sizes: Sequence[int], values: int) -> None:
     # Same rule as torch's "Expected more than 1 value per channel when training": a ghost batch
     # with one value per channel has zero variance and no unbiased variance at all.
-    if min(sizes) * pixels < 2:
+    if min(sizes) * values < 2:
         raise ValueError(
             f"{name}: expected more than 1 value per channel in every ghost batch when training, "
-            f"got ghost batches of {min(sizes)} sample(s) of {pixels} pixel(s); use a larger batch "
-            f"or ghost_batch_size"
+            f"got ghost batches of {min(sizes)} sample(s) of {values} value(s) per channel; use a "
+            f"larger batch or ghost_batch_size"
         )
 
 
-@torch.no_grad()
-def _update_running_stats(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    batch_mean: Tensor,
-    batch_var_unbiased: Tensor,
-    momentum: Momentum,
-) -> None:
-    # torch's convention: new = (1 - momentum) * old + momentum * batch; lerp_ is that, and takes
-    # a tensor momentum (the cumulative average 1/num_batches_tracked) without a host sync.
-    for running, observed in ((running_mean, batch_mean), (running_var, batch_var_unbiased)):
-        if running is not None:
-            weight = momentum.to(running.dtype) if isinstance(momentum, Tensor) else momentum
-            running.lerp_(observed.to(running.dtype), weight)
+def _batch_variance(sample_mean: Tensor, sample_var: Tensor) -> Tensor:
+    """Biased variance of the whole batch from per-sample means and variances (law of total variance)."""
+    centered = sample_mean - sample_mean.mean(0)
+    return (sample_var + centered.square()).mean(0)
 
 
-def _ghost_running_stats(sum_x: Tensor, ghost_var: Tensor, sizes: Sequence[int], pixels: int) -> tuple[Tensor, Tensor]:
+def _ghost_running_stats(sample_mean: Tensor, ghost_var: Tensor, sizes: Sequence[int], values: int
+                         ) -> tuple[Tensor, Tensor]:
     """Running-statistics targets of ghost batch norm (see the note in :func:`ghost_batch_norm`).
 
     ``ghost_var`` is each sample's (biased, unclamped) ghost-batch variance, ``(B, C)``.
@@ -343,24 +246,15 @@ def _ghost_running_stats(sum_x: Tensor, ghost_var: Tensor, sizes: Sequence[int],
     var: sample-weighted mean of the ghost batches' *unbiased* variances, i.e. the mean over
     samples of their ghost batch's unbiased variance.
     """
-    batch_size = sum_x.shape[0]
-    batch_mean = sum_x.sum(dim=0) / (batch_size * pixels)
+    batch_size = sample_mean.shape[0]
     total = None
     for first, count, size in _runs(sizes):
-        values = size * pixels
-        # Bessel's correction of a ghost batch of `values` values per channel, and the 1/B average
-        factor = values / ((values - 1) * batch_size)
+        ghost_values = size * values
+        # Bessel's correction of a ghost batch of `ghost_values` values per channel, and the 1/B average
+        factor = ghost_values / ((ghost_values - 1) * batch_size)
         part = ghost_var[first : first + count * size].clamp_min(0.0).sum(dim=0).mul_(factor)
         total = part if total is None else total.add_(part)
-    return batch_mean, total
-
-
-def _batch_running_stats(sum_x: Tensor, sum_sq: Tensor, pixels: int) -> tuple[Tensor, Tensor]:
-    """Mean and unbiased variance of the whole batch (nn.BatchNorm2d's running-statistics targets)."""
-    values = sum_x.shape[0] * pixels
-    mean = sum_x.sum(dim=0) / values
-    var = torch.addcmul(sum_sq.sum(dim=0) / values, mean, mean, value=-1.0).clamp_min_(0.0)
-    return mean, var.mul_(values / (values - 1))
+    return sample_mean.mean(0), total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +265,9 @@ def _batch_running_stats(sum_x: Tensor, sum_sq: Tensor, pixels: int) -> tuple[Te
 def _check_common(name: str, input: Tensor, eps: float) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-    check_ndim(name, input, (4,))
+    if input.dim() < 2:
+        raise ValueError(f"{name}: expected an input (B, C, *) of 2 or more dimensions, got {input.dim()}D "
+                         f"input of shape {tuple(input.shape)}")
     check_positive_float("eps", eps)
 
 
@@ -419,11 +315,12 @@ def ghost_batch_norm(
     if not training:
         return _running_batch_norm(input, running_mean, running_var, weight, bias, eps)
     sizes = ghost_batch_partition(input.shape[0], ghost_batch_size)
-    pixels = input.shape[2] * input.shape[3]
-    _check_values_per_channel("ghost_batch_norm", sizes, pixels)
-    output, sum_x, _, ghost_var = _MixedStatisticsNorm.apply(input, weight, bias, sizes, False, eps)
+    values = values_per_sample(input)
+    _check_values_per_channel("ghost_batch_norm", sizes, values)
+    output, sample_mean, ghost_var, _ = _MixedStatisticsNorm.apply(input, weight, bias, sizes, False, eps)
     if running_mean is not None or running_var is not None:
-        _update_running_stats(running_mean, running_var, *_ghost_running_stats(sum_x, ghost_var, sizes, pixels), momentum)
+        targets = _ghost_running_stats(sample_mean, ghost_var, sizes, values)
+        update_running_stats(running_mean, running_var, *targets, momentum)
     return output
 
 
@@ -475,10 +372,11 @@ def exclusive_batch_norm(
             f"by the others), got input of shape {tuple(input.shape)}"
         )
     sizes = ghost_batch_partition(input.shape[0], ghost_batch_size)
-    pixels = input.shape[2] * input.shape[3]
-    output, sum_x, sum_sq, _ = _MixedStatisticsNorm.apply(input, weight, bias, sizes, True, eps)
+    output, sample_mean, _, batch_var = _MixedStatisticsNorm.apply(input, weight, bias, sizes, True, eps)
     if running_mean is not None or running_var is not None:
-        _update_running_stats(running_mean, running_var, *_batch_running_stats(sum_x, sum_sq, pixels), momentum)
+        count = input.numel() // input.shape[1]
+        update_running_stats(running_mean, running_var, sample_mean.mean(0), batch_var * (count / (count - 1)),
+                             momentum)
     return output
 
 
@@ -524,26 +422,39 @@ def eval_norm(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"eval_norm: blend_weight must be in [0, 1], got {blend_weight}")
 
-    statistics_dtype = _statistics_dtype(input.dtype)
-    pixels = input.shape[2] * input.shape[3]
-    # Plain differentiable ops: evaluation is usually under no_grad, and this path stays correct
-    # (if unfused) when someone differentiates through an evaluating model.
-    own_mean = input.sum(dim=(2, 3), dtype=statistics_dtype) / pixels
-    own_sq = torch.linalg.vector_norm(input, ord=2, dim=(2, 3), dtype=statistics_dtype).square() / pixels
-    own_var = (own_sq - own_mean.square()).clamp_min(0.0)
-    run_mean = running_mean.to(statistics_dtype)
-    run_var = running_var.to(statistics_dtype)
+    return _blended_eval(input, running_mean, running_var, weight, bias, eps, alpha)
+
+
+def _blended_eval(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor],
+                  bias: Optional[Tensor], eps: float, alpha: float) -> Tensor:
+    """EvalNorm's evaluation, written in ``u = x - k`` (:mod:`nodo.functional.statistics`)."""
+    dtype = statistics_dtype(input.dtype)
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    if differentiable:
+        # Plain differentiable ops: evaluation is usually under no_grad, and this path stays
+        # correct (if unfused) when someone differentiates through an evaluating model.
+        shift, buffer = channel_shift(input), None
+        centered = input.to(dtype) - channel_map(shift, input.dim())
+        dims = tuple(range(2, input.dim()))
+        if dims:
+            own_var, own_mean = torch.var_mean(centered, dims, correction=0)
+        else:
+            own_var, own_mean = torch.zeros_like(centered), centered
+    else:
+        shift, sum_u, sum_sq, buffer = shifted_sums(input)
+        values = values_per_sample(input)
+        own_mean = sum_u / values
+        own_var = torch.addcmul(sum_sq / values, own_mean, own_mean, value=-1.0).clamp_min_(0.0)
+    run_mean = running_mean.to(dtype) - shift
     mean = torch.lerp(run_mean.expand_as(own_mean), own_mean, alpha)
-    var = torch.lerp(run_var.expand_as(own_var), own_var, alpha) + alpha * (1.0 - alpha) * (own_mean - run_mean).square()
-    scale = (var + eps).rsqrt()
-    if weight is not None:
-        scale = scale * weight.to(statistics_dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(statistics_dtype)
-    if torch.is_grad_enabled() and (input.requires_grad or scale.requires_grad):
-        return torch.addcmul(_as_map(shift), input.to(statistics_dtype), _as_map(scale)).to(input.dtype)
-    return _scale_shift(input, scale, shift)
+    var = torch.lerp(running_var.to(dtype).expand_as(own_var), own_var, alpha)
+    var = var + alpha * (1.0 - alpha) * (own_mean - run_mean).square()
+    scale, offset = affine_coefficients(mean, (var + eps).rsqrt(), weight, bias)
+    if buffer is None:
+        ndim = input.dim()
+        return torch.addcmul(channel_map(offset, ndim), centered, channel_map(scale, ndim)).to(input.dtype)
+    return scale_shift_(buffer, scale, offset)
 
 
 def _running_batch_norm(

@@ -36,16 +36,27 @@ the generator argument, and after the break recompiles per module instance), whe
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nodo._checks import check_bool, check_choice, check_int, check_positive_float
-from nodo.functional._rows import row_sums as _row_sums
-from nodo.functional._rows import rows_view as _rows_view
+from nodo._checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
+from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
+from nodo.functional.statistics import (
+    affine_coefficients,
+    Momentum,
+    channel_map,
+    grad_sums,
+    input_gradient,
+    sample_channel_shape,
+    scale_shift_,
+    shifted_sums,
+    statistics_dtype,
+    update_running_stats,
+    values_per_sample,
+)
 
 __all__ = [
     "NoiseGenerator",
@@ -62,176 +73,8 @@ GHOST_SAMPLINGS = ("replacement", "shuffle")
 
 
 # ---------------------------------------------------------------------------------------------
-# random numbers that torch.compile can trace
-# ---------------------------------------------------------------------------------------------
-def _int64(value: int) -> int:
-    """An unsigned 64-bit constant as the signed int64 with the same bits."""
-    value &= (1 << 64) - 1
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN_GAMMA = _int64(0x9E3779B97F4A7C15)
-_MIX_1 = _int64(0xBF58476D1CE4E5B9)
-_MIX_2 = _int64(0x94D049BB133111EB)
-
-
-def _shift_right(bits: Tensor, count: int) -> Tensor:
-    # logical shift of int64 bit patterns (torch's >> is arithmetic: clear the sign copies)
-    return (bits >> count) & ((1 << (64 - count)) - 1)
-
-
-def _mix64(bits: Tensor) -> Tensor:
-    # SplitMix64's finalizer; int64 multiplication wraps modulo 2**64 on every backend
-    bits = (bits ^ _shift_right(bits, 30)) * _MIX_1
-    bits = (bits ^ _shift_right(bits, 27)) * _MIX_2
-    return bits ^ _shift_right(bits, 31)
-
-
-class NoiseGenerator:
-    r"""Random generator whose whole state is one int64 tensor on the device: compiles cleanly.
-
-    ``torch.compile`` cannot put a ``torch.Generator`` into a graph: every random op that takes
-    one is a graph break (PyTorch issue #88576), and the frames resumed after the breaks are
-    recompiled for every module instance. This generator is counter-based, SplitMix64
-    (Steele, Lea, Flood 2014): the ``i``-th 64-bit value of the stream is
-    ``mix64(key + i * 0x9E3779B97F4A7C15)``. A draw of ``n`` values hashes ``n`` consecutive
-    counters in parallel with ordinary integer tensor ops and advances the counter in place, so
-    it traces into the graph, never syncs with the host and gives the same numbers on every
-    device. Its state is independent of torch's global random state (a noise layer does not
-    shift the data order of a run), and ``get_state`` / ``set_state`` checkpoint it.
-
-    It mirrors the parts of ``torch.Generator``'s interface a training harness uses
-    (``manual_seed``, ``initial_seed``, ``get_state``, ``set_state``, ``device``) and draws with
-    ``randint``, ``randperm``, ``rand`` and ``randn``. Uniform floats have 24 random bits; a
-    normal uses 32 bits for the radius of the Box-Muller transform, so ``|z| <= 6.8``.
-
-    Args:
-        device: where the state lives and the numbers are drawn (the inputs' device).
-        seed: initial seed. Default: ``0``.
-
-    Examples::
-
-        >>> gen = NoiseGenerator("cpu", seed=0)
-        >>> layer = GhostNoiseInjector(16, generator=gen)
-        >>> compiled = torch.compile(layer)   # no graph break
-    """
-
-    def __init__(self, device=None, seed: int = 0) -> None:
-        self._state = torch.zeros(2, dtype=torch.int64, device=device)  # (key, counter)
-        self.device = self._state.device
-        self.manual_seed(seed)
-
-    def manual_seed(self, seed: int) -> "NoiseGenerator":
-        """Restart the stream of ``seed`` (any int); returns ``self`` like ``torch.Generator``."""
-        seed = check_int("seed", seed, minimum=-(1 << 63))
-        self._seed = seed
-        # hash the seed so that nearby seeds give unrelated streams
-        key = _mix64(torch.tensor(_int64(seed), dtype=torch.int64))
-        self._state.copy_(torch.stack([key, torch.zeros_like(key)]))
-        return self
-
-    def initial_seed(self) -> int:
-        return self._seed
-
-    def get_state(self) -> Tensor:
-        """The state as a CPU int64 tensor ``(key, counter)`` (for checkpoints)."""
-        return self._state.detach().cpu().clone()
-
-    def set_state(self, state: Tensor) -> "NoiseGenerator":
-        if not isinstance(state, Tensor) or state.dtype != torch.int64 or tuple(state.shape) != (2,):
-            raise ValueError("state must be an int64 tensor of shape (2,) from NoiseGenerator.get_state()")
-        self._state.copy_(state)
-        return self
-
-    def random_bits(self, size) -> Tensor:
-        """``size`` int64 tensor of uniformly random 64-bit patterns; advances the counter."""
-        size = tuple(size)
-        count = math.prod(size)
-        counter = torch.arange(count, dtype=torch.int64, device=self.device) + self._state[1]
-        bits = _mix64(self._state[0] + counter * _GOLDEN_GAMMA)
-        self._state[1:].add_(count)
-        return bits.view(size)
-
-    def randint(self, high: int, size) -> Tensor:
-        """Integers uniform in ``[0, high)``, ``high <= 2**31`` (multiply-shift of 32 random bits,
-        bias below ``high / 2**32``)."""
-        if not 1 <= high <= 1 << 31:
-            raise ValueError(f"high must be in [1, 2**31], got {high}")
-        return (_shift_right(self.random_bits(size), 32) * high) >> 32
-
-    def randperm(self, n: int) -> Tensor:
-        """A uniformly random permutation of ``0..n-1`` (argsort of random 64-bit keys)."""
-        return torch.argsort(self.random_bits((n,)), stable=True)
-
-    def rand(self, size, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Floats uniform in the open interval ``(0, 1)`` (24 random bits)."""
-        top = _shift_right(self.random_bits(size), 40)
-        return ((top.to(dtype) + 0.5) * 2.0 ** -24).to(dtype)
-
-    def randn(self, size, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Standard normal floats (Box-Muller on one 64-bit draw per value)."""
-        bits = self.random_bits(size)
-        radius_uniform = (_shift_right(bits, 32).to(torch.float32) + 0.5) * 2.0 ** -32  # (0, 1]
-        angle_uniform = ((bits >> 8) & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
-        normal = (-2.0 * radius_uniform.log()).sqrt() * torch.cos((2.0 * math.pi) * angle_uniform)
-        return normal.to(dtype)
-
-    def __repr__(self) -> str:
-        return f"NoiseGenerator(device={self.device}, seed={self._seed})"
-
-
-def _randint(high: int, size, generator, device) -> Tensor:
-    if isinstance(generator, NoiseGenerator):
-        return generator.randint(high, size)
-    return torch.randint(0, high, size, generator=generator, device=device, dtype=torch.long)
-
-
-def _randperm(n: int, generator, device) -> Tensor:
-    if isinstance(generator, NoiseGenerator):
-        return generator.randperm(n)
-    return torch.randperm(n, generator=generator, device=device)
-
-
-def _randn(size, generator, device) -> Tensor:
-    if isinstance(generator, NoiseGenerator):
-        return generator.randn(size)
-    return torch.randn(size, generator=generator, device=device, dtype=torch.float32)
-
-
-def _rand(size, generator, device) -> Tensor:
-    if isinstance(generator, NoiseGenerator):
-        return generator.rand(size)
-    return torch.rand(size, generator=generator, device=device, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # argument checks shared by the functions and the modules
 # ---------------------------------------------------------------------------------------------
-def _check_generator(generator, device: Optional[torch.device] = None) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, (torch.Generator, NoiseGenerator)):
-        raise TypeError(f"generator must be a torch.Generator, a nodo.NoiseGenerator or None, "
-                        f"got {type(generator).__name__}")
-    if device is not None and isinstance(generator, NoiseGenerator) and generator.device != torch.device(device):
-        raise ValueError(f"generator is on {generator.device} but the input is on {device}; "
-                         f"create the NoiseGenerator on the input's device")
-
-
-def _channel_dim(input: Tensor, channel_dim, layer: str) -> int:
-    """Return ``channel_dim`` as a non-negative index of ``input``'s dimensions."""
-    if input.dim() < 2:
-        raise ValueError(f"{layer}: expected an input with a batch and a channel dimension (2D or more), "
-                         f"got {input.dim()}D input of shape {tuple(input.shape)}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
-    ndim = input.dim()
-    if not -ndim <= channel_dim < ndim or channel_dim % ndim == 0:
-        raise ValueError(f"channel_dim must index a non-batch dimension of the {ndim}D input "
-                         f"(1..{ndim - 1} or -{ndim - 1}..-1), got {channel_dim}")
-    return channel_dim % ndim
-
-
 def _check_noise(noise, batch_size: int, num_channels: int) -> Tuple[Tensor, Tensor]:
     if not (isinstance(noise, (tuple, list)) and len(noise) == 2 and all(isinstance(t, Tensor) for t in noise)):
         raise TypeError("noise must be a pair of tensors (shift, scale), each of shape (batch, channels)")
@@ -251,11 +94,6 @@ def _check_ghost_indices(ghost_indices, batch_size: int) -> Tensor:
         raise ValueError(f"ghost_indices must have shape ({batch_size}, N >= 1) for a batch of {batch_size}, "
                          f"got {tuple(ghost_indices.shape)}")
     return ghost_indices
-
-
-def _stats_dtype(input: Tensor) -> torch.dtype:
-    # float32 statistics whatever the input dtype; float64 input keeps float64 (gradcheck).
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,12 +129,12 @@ def sample_ghost_indices(
     batch_size = check_int("batch_size", batch_size, minimum=0)
     ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, minimum=1)
     check_choice("sampling", sampling, GHOST_SAMPLINGS)
-    _check_generator(generator, device)
+    check_generator(generator, device)
     if batch_size == 0:
         return torch.empty(0, ghost_batch_size, dtype=torch.long, device=device)
     if sampling == "replacement":
-        return _randint(batch_size, (batch_size, ghost_batch_size), generator, device)
-    order = _randperm(batch_size, generator, device)
+        return draw_randint(batch_size, (batch_size, ghost_batch_size), generator, device)
+    order = draw_randperm(batch_size, generator, device)
     num_groups = -(-batch_size // ghost_batch_size)
     padding = order.new_full((num_groups * ghost_batch_size - batch_size,), -1)
     groups = torch.cat([order, padding]).view(num_groups, ghost_batch_size)
@@ -334,38 +172,20 @@ def sample_moments(input: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]
     where ``l`` runs over the ``L`` elements of every dimension but the batch (0) and channel
     ones. For a 2D ``(B, C)`` input ``L = 1``: the mean is the input and the variance is 0.
 
-    Computed without gradient tracking concerns (call under ``torch.no_grad`` if needed), in
-    float32 (float64 for float64 input). Contiguous channels-first inputs use a two-pass
-    centered sum of squares (as batch norm does); other layouts (channels_last, token layouts)
-    use one-pass raw moments ``E[x^2] - E[x]^2`` in float32, whose relative error in the
-    variance is about ``1e-7 * mean^2 / var``: negligible unless ``|mean| > 1e3 * std``.
+    Computed from sums shifted by one value per channel
+    (:func:`nodo.functional.statistics.shifted_sums`), in float32 (float64 for float64 input), so
+    the variance stays accurate at any mean (no ``E[x^2] - E[x]^2`` cancellation). No gradient.
 
     Returns:
         ``(mean, var)``, each of shape ``(B, C)``.
     """
-    channel_dim = _channel_dim(input, channel_dim, "sample_moments")
-    dtype = _stats_dtype(input)
-    batch_size, num_channels = input.shape[0], input.shape[channel_dim]
-    reduce_dims = [d for d in range(1, input.dim()) if d != channel_dim]
-    if not reduce_dims:
-        # torch.sum over an empty dim list would reduce everything; here each value is its own mean.
-        return input.to(dtype), input.new_zeros(input.shape, dtype=dtype)
-    count = input.numel() // max(batch_size * num_channels, 1)
-    rows = _rows_view(input) if channel_dim == 1 else None
-    if rows is not None and count > 0:
-        zeros = input.new_zeros(rows.shape[1], dtype=dtype)
-        _, total = _row_sums(rows, rows, zeros, dot=False, total=True)
-        mean = total / count
-        # sum x (x - mean) = sum (x - mean)^2 + mean * sum (x - mean); the last sum is ~0 and
-        # removed exactly, so this is the centered sum of squares without a temporary.
-        dot, _ = _row_sums(rows, rows, mean, dot=True, total=False)
-        var = ((dot - mean * (total - count * mean)) / count).clamp_min(0)
-        return mean.view(batch_size, num_channels), var.view(batch_size, num_channels)
-    total = input.sum(reduce_dims, dtype=dtype)
-    square_total = torch.linalg.vector_norm(input, 2, reduce_dims, dtype=dtype).square()
-    mean = total / count
-    var = (square_total / count - mean.square()).clamp_min(0)
-    return mean, var
+    channels_first = input.movedim(resolve_channel_dim(input, channel_dim, "sample_moments"), 1)
+    with torch.no_grad():
+        shift, sum_u, sum_sq, _ = shifted_sums(channels_first)
+        values = values_per_sample(channels_first)
+        mean_u = sum_u / values
+        var = torch.addcmul(sum_sq / values, mean_u, mean_u, value=-1.0).clamp_min_(0.0)
+        return mean_u + shift, var
 
 
 def ghost_noise_from_moments(
@@ -416,12 +236,6 @@ def ghost_noise_from_moments(
     else:
         scale_noise = torch.ones_like(sample_mean)
     return shift_noise, scale_noise
-
-
-def _broadcast_shape(input: Tensor, channel_dim: int) -> list:
-    shape = [1] * input.dim()
-    shape[0], shape[channel_dim] = input.shape[0], input.shape[channel_dim]
-    return shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,8 +295,8 @@ def ghost_noise_injection(
     check_bool("shift", shift)
     check_bool("scale", scale)
     check_choice("sampling", sampling, GHOST_SAMPLINGS)
-    channel_dim = _channel_dim(input, channel_dim, "ghost_noise_injection")
-    _check_generator(generator, input.device)
+    channel_dim = resolve_channel_dim(input, channel_dim, "ghost_noise_injection")
+    check_generator(generator, input.device)
     batch_size, num_channels = input.shape[0], input.shape[channel_dim]
     if batch_size == 0 or (noise is None and not (shift or scale)):
         return input
@@ -503,7 +317,7 @@ def ghost_noise_injection(
         # rounding y itself, and the activation is never promoted to float32.
         multiplier = scale_noise.reciprocal()
         offset = -shift_noise * multiplier
-        shape = _broadcast_shape(input, channel_dim)
+        shape = sample_channel_shape(input, channel_dim)
         multiplier = multiplier.to(input.dtype).view(shape)
         offset = offset.to(input.dtype).view(shape)
     return torch.addcmul(offset, input, multiplier)
@@ -512,80 +326,37 @@ def ghost_noise_injection(
 # ---------------------------------------------------------------------------------------------
 # fused batch norm -> GNI -> affine
 # ---------------------------------------------------------------------------------------------
-def _affine_rows(input: Tensor, center: Tensor, multiplier: Tensor, offset: Optional[Tensor]) -> Tensor:
-    """``(input - center) * multiplier + offset`` with ``(B, C)`` center and multiplier.
-
-    Coefficients stay in float32 and the arithmetic is done in float32 (ATen's batch-norm
-    kernels do this for reduced-precision inputs), so a large ``center`` (a raw activation mean)
-    loses no precision. Contiguous inputs go through the batch-norm inference kernel on the
-    ``(1, B*C, L)`` view (one pass); other layouts through one broadcast ``addcmul``.
-    """
-    batch_size, num_channels = center.shape
-    rows = _rows_view(input)
-    if rows is not None:
-        offset_rows = None if offset is None else offset.repeat(batch_size)
-        out = F.batch_norm(rows, center.reshape(-1), torch.ones_like(center).view(-1),
-                           multiplier.reshape(-1), offset_rows, False, 0.0, 0.0)
-        # _unsafe_view: a reshape autograd does not track as a view of the temporary, so that the
-        # custom Function's output may be modified in place (e.g. by ReLU(inplace=True))
-        return torch.ops.aten._unsafe_view(out, input.shape)
-    shape = _broadcast_shape(input, 1)
-    shift = -center * multiplier
-    if offset is not None:
-        shift = shift + offset
-    return torch.addcmul(shift.view(shape), input, multiplier.view(shape)).to(input.dtype)
-
-
-def _input_gradient(grad: Tensor, input: Tensor, grad_coef: Tensor, mean: Tensor,
-                    input_coef: Tensor, const: Tensor) -> Tensor:
-    """``grad_coef * grad + input_coef * (input - mean) + const``, contiguous inputs only.
-
-    ``grad_coef`` is ``(B, C)``, the others ``(C,)``. The batch-norm inference kernel on the
-    ``(1, B*C, L)`` view computes the last two terms in one pass, then one in-place
-    ``addcmul_`` adds the first (its float32 coefficient keeps the product in float32).
-    """
-    batch_size = grad_coef.shape[0]
-    rows = _rows_view(input)
-    out = F.batch_norm(rows, mean.repeat(batch_size), torch.ones_like(mean).repeat(batch_size),
-                       input_coef.repeat(batch_size), const.repeat(batch_size), False, 0.0, 0.0)
-    return out.view(input.shape).addcmul_(grad, grad_coef.view(_broadcast_shape(input, 1)))
-
-
-def _grad_sums(grad: Tensor, input: Tensor, mean: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-(sample, channel) ``sum(grad)`` and ``sum(grad * (input - mean_c))``, each (B, C).
-
-    Contiguous inputs only (one pass over both tensors on the ``(1, B*C, L)`` view).
-    """
-    batch_size, num_channels = input.shape[0], input.shape[1]
-    dot, total = _row_sums(_rows_view(grad), _rows_view(input), mean.repeat(batch_size), dot=True, total=True)
-    return total.view(batch_size, num_channels), dot.view(batch_size, num_channels)
-
-
 class _GhostNoiseBatchNorm(torch.autograd.Function):
     r"""BN (batch statistics) -> GNI (constant noise) -> affine, with a hand-written backward.
 
-    Forward, with per-sample moments from one pass over ``x``:
-    ``x_hat = (x - mu) * invstd``, ``y = gain * (x_hat - shift) / scale + bias``,
-    computed as one per-(sample, channel) multiply-add ``y = (x - center) * a + bias`` with
-    ``center = mu + shift / invstd`` (the ghost mean) and ``a = gain * invstd / scale``.
+    Everything is written in ``u = x - k`` (per-channel shift ``k``,
+    :func:`nodo.functional.statistics.shifted_sums`; batch norm is invariant to it), with ``d``
+    the batch mean of ``u`` and ``invstd`` the batch's ``(var + eps)^(-1/2)``:
+    ``x_hat = (u - d) * invstd``, ``y = gain * (x_hat - m) / s + bias``, computed in place in the
+    buffer holding ``u`` as one per-(sample, channel) multiply-add
+    ``y = u * a + (bias - (d + m / invstd) * a)`` with ``a = gain * invstd / s``.
 
-    Backward: batch norm's backward for the upstream gradient ``g = dy * gain / scale``, the
-    noise being constant. With per-sample sums ``S1 = sum(dy)``, ``T = sum(dy * x_hat)``
-    (one pass) and ``M`` the count per channel:
+    Backward: batch norm's backward for the upstream gradient ``g = dy * gain / s``, the noise
+    being constant. With per-sample sums ``S1 = sum(dy)``, ``T = sum(dy * x_hat)`` and ``M`` the
+    count per channel:
 
     .. math::
-        dx = \text{invstd}\Big(\tfrac{gain}{scale} dy
-             - \tfrac{1}{M}\textstyle\sum_b \tfrac{gain}{scale} S1
-             - \hat{x} \tfrac{1}{M}\textstyle\sum_b \tfrac{gain}{scale} T\Big), \quad
-        d\,gain = \textstyle\sum_b \tfrac{T - shift \cdot S1}{scale}, \quad
+        dx = \text{invstd}\Big(\tfrac{gain}{s} dy
+             - \tfrac{1}{M}\textstyle\sum_b \tfrac{gain}{s} S1
+             - \hat{x} \tfrac{1}{M}\textstyle\sum_b \tfrac{gain}{s} T\Big), \quad
+        d\,gain = \textstyle\sum_b \tfrac{T - m \cdot S1}{s}, \quad
         d\,bias = \textstyle\sum_b S1
 
-    Saved for backward: the input and ``(B, C)``/``(C,)`` statistics, like batch norm.
+    Saved for backward: the input and ``(B, C)``/``(C,)`` statistics, like batch norm. Also
+    returns the batch mean and biased variance (non-differentiable) for the running statistics.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, ghost_weights, noise_shift, noise_scale, eps, noise_eps, shift, scale):
-        sample_mean, sample_var = sample_moments(input, 1)
+        channel_shift, sum_u, sum_sq, output = shifted_sums(input)
+        values = values_per_sample(input)
+        sample_mean = sum_u / values
+        sample_var = torch.addcmul(sum_sq / values, sample_mean, sample_mean, value=-1.0).clamp_min_(0.0)
         dtype = sample_mean.dtype
         batch_mean = sample_mean.mean(0)
         centered = sample_mean - batch_mean
@@ -598,51 +369,37 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         else:
             noise_shift, noise_scale = noise_shift.to(dtype), noise_scale.to(dtype)
         inv_noise_scale = noise_scale.reciprocal()
-        multiplier = invstd * inv_noise_scale
-        if weight is not None:
-            multiplier = multiplier * weight.to(dtype)
+        # y = (u - center) * invstd / s * gain + bias, center = d + m / invstd: the ghost mean
         center = batch_mean + noise_shift / invstd
-        output = _affine_rows(input, center, multiplier, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(input, weight, batch_mean, invstd, inv_noise_scale, noise_shift)
+        scale_shift_(output, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
+        ctx.save_for_backward(input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        batch_mean = batch_mean + channel_shift
         ctx.mark_non_differentiable(batch_mean, batch_var)
         return output, batch_mean, batch_var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, _grad_mean, _grad_var):
-        input, weight, batch_mean, invstd, inv_noise_scale, noise_shift = ctx.saved_tensors
+        input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_weight = need_weight and weight is not None
-        dtype = invstd.dtype
-        gain = None if weight is None else weight.to(dtype)
-        grad_input = grad_weight = grad_bias = None
-        if _rows_view(input) is not None and _rows_view(grad_output) is not None:
-            # channels-first: one pass for the per-sample sums, one for the input gradient
-            grad_sum, grad_dot = _grad_sums(grad_output, input, batch_mean)
-            grad_dot_hat = grad_dot * invstd  # sum(dy * x_hat) per (sample, channel)
-            if need_input:
-                coef = inv_noise_scale if gain is None else inv_noise_scale * gain
-                count = input.numel() // input.shape[1]
-                mean_grad = (coef * grad_sum).sum(0) / count
-                mean_grad_dot = (coef * grad_dot_hat).sum(0) / count
-                grad_input = _input_gradient(grad_output, input, invstd * coef, batch_mean,
-                                             -invstd.square() * mean_grad_dot, -invstd * mean_grad)
-            if need_weight:
-                grad_weight = (inv_noise_scale * (grad_dot_hat - noise_shift * grad_sum)).sum(0)
+        grad_sum, grad_dot, scratch = grad_sums(grad_output, input, channel_shift)
+        # sum(dy * x_hat) per (sample, channel), x_hat = (u - d) * invstd
+        grad_dot_hat = torch.addcmul(grad_dot, grad_sum, batch_mean, value=-1.0).mul_(invstd)
+        grad_weight = grad_bias = None
+        if need_input:
+            coef = inv_noise_scale if weight is None else inv_noise_scale * weight.to(invstd.dtype)
+            count = input.numel() // input.shape[1]
+            mean_grad = (coef * grad_sum).sum(0) / count
+            input_coef = -invstd.square() * (coef * grad_dot_hat).sum(0) / count
+            # dx = (invstd * coef) * dy + input_coef * (x - k - d) - invstd * mean_grad
+            const = torch.addcmul(-invstd * mean_grad, input_coef, batch_mean + channel_shift, value=-1.0)
+            grad_input = input_gradient(grad_output, input, invstd * coef, input_coef, const, out=scratch)
         else:
-            # other layouts (channels_last): batch norm's own backward of g = dy / scale with the
-            # gain as its weight gives dx and sum_b(T / scale); per-sample sum(dy) gives the rest
-            reduce_dims = list(range(2, input.dim()))
-            grad_sum = grad_output.sum(reduce_dims, dtype=dtype) if reduce_dims else grad_output.to(dtype)
-            scaled = grad_output * inv_noise_scale.to(grad_output.dtype).view(_broadcast_shape(input, 1))
-            grad_input, weight_term, _ = torch.ops.aten.native_batch_norm_backward(
-                scaled, input, gain, None, None, batch_mean, invstd, True, 0.0,
-                [need_input, need_weight, False])
-            if need_weight:
-                grad_weight = weight_term.to(dtype) - (inv_noise_scale * noise_shift * grad_sum).sum(0)
+            grad_input = None
         if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+            grad_weight = (inv_noise_scale * (grad_dot_hat - noise_shift * grad_sum)).sum(0).to(weight.dtype)
         if need_bias:
             grad_bias = grad_sum.sum(0).to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
@@ -703,7 +460,7 @@ def ghost_noise_batch_norm(
     check_bool("shift", shift)
     check_bool("scale", scale)
     check_choice("sampling", sampling, GHOST_SAMPLINGS)
-    _check_generator(generator, input.device)
+    check_generator(generator, input.device)
     if input.dim() < 2:
         raise ValueError(f"ghost_noise_batch_norm: expected 2D or more input (B, C, *), got {input.dim()}D")
     if not training:
@@ -723,18 +480,10 @@ def ghost_noise_batch_norm(
                                                      device=input.device, generator=generator)
             else:
                 ghost_indices = _check_ghost_indices(ghost_indices, batch_size)
-            ghost_weights = ghost_batch_weights(ghost_indices, dtype=_stats_dtype(input))
+            ghost_weights = ghost_batch_weights(ghost_indices, dtype=statistics_dtype(input.dtype))
     output, batch_mean, batch_var = _GhostNoiseBatchNorm.apply(
         input, weight, bias, ghost_weights, noise_shift, noise_scale, eps, noise_eps, shift, scale)
     if running_mean is not None or running_var is not None:
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.lerp_(batch_mean.to(running_mean.dtype), _as_weight(momentum, running_mean))
-            if running_var is not None:
-                unbiased = batch_var * (values_per_channel / (values_per_channel - 1))
-                running_var.lerp_(unbiased.to(running_var.dtype), _as_weight(momentum, running_var))
+        unbiased = batch_var * (values_per_channel / (values_per_channel - 1))
+        update_running_stats(running_mean, running_var, batch_mean, unbiased, momentum)
     return output
-
-
-def _as_weight(momentum, like: Tensor):
-    return momentum.to(like.dtype) if isinstance(momentum, Tensor) else float(momentum)

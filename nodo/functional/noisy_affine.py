@@ -16,10 +16,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from nodo._checks import check_bool, check_int
-from nodo.functional.ghost_noise import _broadcast_shape, _channel_dim, _check_generator, _rand, _randn
+from nodo._checks import check_bool, check_int, resolve_channel_dim
+from nodo.functional.noise_generator import check_generator, draw_rand, draw_randn
+from nodo.functional.statistics import sample_channel_shape
 
-__all__ = ["noisy_affine", "sample_noisy_affine_noise"]
+__all__ = ["noisy_affine", "sample_noisy_affine_noise", "check_noisy_affine_ghost_batch_size"]
 
 # Rounds of the vectorized Marsaglia-Tsang sampler: each round is accepted with probability
 # >= 0.95 for shape >= 1, so all rounds fail with probability <= 0.05 ** 10 ~ 1e-13 per value.
@@ -39,13 +40,13 @@ def _sample_chi_squared(degrees_of_freedom: int, shape, generator, device) -> Te
     provides inside a compiled graph.
     """
     if degrees_of_freedom == 1:
-        return _randn(shape, generator, device).square()
+        return draw_randn(shape, generator, device).square()
     gamma_shape = degrees_of_freedom / 2.0
     d = gamma_shape - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
     rounds = (_GAMMA_ROUNDS,) + tuple(shape)
-    normal = _randn(rounds, generator, device)
-    uniform = _rand(rounds, generator, device)
+    normal = draw_randn(rounds, generator, device)
+    uniform = draw_rand(rounds, generator, device)
     v = (1.0 + c * normal).pow(3)
     positive = v > 0
     log_v = v.clamp_min(torch.finfo(torch.float32).tiny).log()
@@ -74,10 +75,10 @@ def sample_noisy_affine_noise(
     i.i.d. per (sample, channel). The shift is drawn first, then the scale.
     ``shift=False`` gives ``m = 0``, ``scale=False`` gives ``s = 1``.
     """
-    ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+    ghost_batch_size = check_noisy_affine_ghost_batch_size(ghost_batch_size)
     shape = (batch_size, num_channels)
     if shift:
-        shift_noise = _randn(shape, generator, device) / math.sqrt(ghost_batch_size)
+        shift_noise = draw_randn(shape, generator, device) / math.sqrt(ghost_batch_size)
     else:
         shift_noise = torch.zeros(shape, device=device, dtype=torch.float32)
     if scale:
@@ -88,7 +89,8 @@ def sample_noisy_affine_noise(
     return shift_noise, scale_noise
 
 
-def _check_ghost_batch_size(ghost_batch_size) -> int:
+def check_noisy_affine_ghost_batch_size(ghost_batch_size) -> int:
+    """``ghost_batch_size`` as an int >= 2 (the scale noise has N - 1 degrees of freedom)."""
     return check_int("ghost_batch_size", ghost_batch_size, minimum=2,
                      reason="the scale noise sqrt(chi2(N-1)/N) needs N-1 >= 1 degrees of freedom; "
                             "a ghost batch of one sample has no variance")
@@ -128,11 +130,11 @@ def noisy_affine(
     Returns:
         Tensor of the input's shape, dtype and memory format.
     """
-    ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+    ghost_batch_size = check_noisy_affine_ghost_batch_size(ghost_batch_size)
     check_bool("shift", shift)
     check_bool("scale", scale)
-    channel_dim = _channel_dim(input, channel_dim, "noisy_affine")
-    _check_generator(generator, input.device)
+    channel_dim = resolve_channel_dim(input, channel_dim, "noisy_affine")
+    check_generator(generator, input.device)
     if not (shift or scale):
         return input
     with torch.no_grad():
@@ -141,7 +143,7 @@ def noisy_affine(
             device=input.device, generator=generator)
         multiplier = scale_noise.reciprocal()
         offset = -shift_noise * multiplier
-        shape = _broadcast_shape(input, channel_dim)
+        shape = sample_channel_shape(input, channel_dim)
         multiplier = multiplier.to(input.dtype).view(shape)
         offset = offset.to(input.dtype).view(shape)
     return torch.addcmul(offset, input, multiplier)

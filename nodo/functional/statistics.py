@@ -1,0 +1,234 @@
+r"""Per-(sample, channel) statistics shared by every nodo norm layer, accurate at any mean.
+
+Every norm in nodo (ghost, exclusive and eval-blended batch norm, fused BN -> GNI) needs, for an
+activation ``x`` of shape ``(B, C, *)`` with ``L`` values per (sample, channel), the per-sample
+sums of ``x`` and ``x^2``, combined over sets of samples. Raw sums lose everything at large means:
+``E[x^2] - E[x]^2`` in float32 has an absolute error of about ``1e-7 * mean^2``, which is 4% of
+the variance at ``|mean| = 600 std``. So the sums are *shifted*: with one value ``k_c`` per channel
+close to the channel's values (:func:`channel_shift`),
+
+.. math::
+    u = x - k_c, \qquad S_1 = \sum_l u, \qquad S_2 = \sum_l u^2, \qquad
+    \text{mean} = k_c + S_1 / L, \qquad \text{var} = S_2 / L - (S_1 / L)^2
+
+and since ``|E[u]|`` over the batch is a few of the channel's standard deviations at most, the
+cancellation left is harmless (a per-sample variance keeps an absolute error of ~1e-7 E[u]^2,
+small against the batch or ghost-batch variance it is combined with).
+``u`` is written once into the buffer that becomes the layer's output (allocating an activation
+costs far more than a pass over one already allocated), and the normalized output is then
+computed from ``u`` in place: ``y = u * scale + shift`` with ``scale, shift`` per (sample,
+channel) and no large intermediate (:func:`scale_shift_`).
+
+Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from nodo.functional import kernels
+
+__all__ = [
+    "Momentum",
+    "statistics_dtype",
+    "channel_map",
+    "sample_channel_shape",
+    "values_per_sample",
+    "channel_shift",
+    "ShiftedSums",
+    "shifted_sums",
+    "centered_input",
+    "grad_sums",
+    "input_gradient",
+    "affine_coefficients",
+    "scale_shift_",
+    "update_running_stats",
+]
+
+Momentum = Union[float, Tensor]
+
+# Leading values per sample the shift averages: the mean of n of a channel's N values is within
+# sqrt(N / n) of its standard deviations from its mean (Cauchy-Schwarz), so E[u]^2 / Var[u] < N / n
+# over the batch (32 for a 128 x 32 x 32 batch), whatever the data.
+_SHIFT_VALUES = 64
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32/float16/bfloat16 input; float64 input keeps float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_map(values: Tensor, ndim: int) -> Tensor:
+    """``(B, C)`` or ``(C,)`` values as a view that broadcasts over a ``(B, C, *)`` activation of ``ndim`` dims."""
+    if values.dim() == 1:
+        values = values[None]
+    return values.view(values.shape + (1,) * (ndim - 2))
+
+
+def sample_channel_shape(input: Tensor, channel_dim: int) -> list:
+    """``[B, 1, .., C, .., 1]``: the view shape of ``(B, C)`` values for channels in ``channel_dim``."""
+    shape = [1] * input.dim()
+    shape[0], shape[channel_dim] = input.shape[0], input.shape[channel_dim]
+    return shape
+
+
+def values_per_sample(input: Tensor) -> int:
+    """``L``: values per (sample, channel) of a ``(B, C, *)`` activation (1 for ``(B, C)``)."""
+    return math.prod(input.shape[2:])
+
+
+def channel_shift(input: Tensor) -> Tensor:
+    """``(C,)`` shift ``k``: the mean of up to 64 leading values of each channel in every sample.
+
+    Taken from the first row of the last dimension (a view in any memory format, so it reads a few
+    cache lines per sample). ``x - k`` is then exact wherever ``x`` is within a factor 2 of ``k``
+    (Sterbenz) and otherwise rounded relative to ``|x - k|``. Reduced-precision inputs get
+    ``k = 0``: with 8 or 11 mantissa bits ``x - k`` would round visibly, and at means where a shift
+    matters the input's own quantization dominates anyway. Returned in the statistics dtype.
+    """
+    dtype = statistics_dtype(input.dtype)
+    if input.dtype != dtype:
+        return input.new_zeros(input.shape[1], dtype=dtype)
+    index = (slice(None), slice(None)) + (0,) * max(input.dim() - 3, 0)
+    leading = input.detach()[index]
+    if leading.dim() == 3:
+        leading = leading[:, :, :_SHIFT_VALUES]
+    count = leading.shape[0] * (leading.shape[2] if leading.dim() == 3 else 1)
+    return leading.sum((0, 2) if leading.dim() == 3 else (0,)) / count
+
+
+def centered_input(input: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``u = input - shift`` per channel, in the input's dtype and memory format (into ``out`` if given)."""
+    shift_map = channel_map(shift.to(input.dtype), input.dim())
+    if out is None:
+        return input - shift_map
+    if _out_allowed(out):
+        return torch.sub(input, shift_map, out=out)
+    return out.copy_(input).sub_(shift_map)
+
+
+def _out_allowed(out: Tensor) -> bool:
+    # dynamo cannot trace ``out=`` into a non-contiguous (channels_last) tensor; eager mode can, and
+    # one kernel with ``out=`` is cheaper than two in-place ones
+    return out.is_contiguous() or not torch.compiler.is_compiling()
+
+
+class ShiftedSums(NamedTuple):
+    """``shift`` ``(C,)``; ``sum`` and ``sum_sq`` ``(B, C)``: per-sample sums of ``u`` and ``u^2``;
+    ``centered``: ``u = x - shift`` itself, an activation-sized buffer the caller may overwrite."""
+
+    shift: Tensor
+    sum: Tensor
+    sum_sq: Tensor
+    centered: Tensor
+
+
+def shifted_sums(input: Tensor) -> ShiftedSums:
+    """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
+
+    One write of ``u`` into a fresh ``empty_like(input)`` buffer, then one read of it (CPU
+    float32/float64, contiguous or channels_last: ATen's fused reduction,
+    :func:`nodo.functional.kernels.sample_sums`; elsewhere a sum and a ``vector_norm`` that upcasts
+    element by element, with no float32 copy of the input).
+    """
+    dtype = statistics_dtype(input.dtype)
+    shift = channel_shift(input)
+    centered = centered_input(input, shift)
+    if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
+        values = centered.to(dtype, copy=True)
+        return ShiftedSums(shift, values, values.square(), centered)
+    fused = kernels.sample_sums(centered, centered, torch.zeros_like(shift))
+    if fused is not None:
+        sum_sq, total = fused
+        return ShiftedSums(shift, total, sum_sq, centered)
+    dims = tuple(range(2, input.dim()))
+    total = centered.sum(dims, dtype=dtype)
+    sum_sq = torch.linalg.vector_norm(centered, 2, dims, dtype=dtype).square()
+    return ShiftedSums(shift, total, sum_sq, centered)
+
+
+def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
+
+    ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
+    CPU tensors in the statistics dtype, both contiguous or both channels_last: one fused read of
+    both (:func:`nodo.functional.kernels.sample_sums`, the difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
+    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits). The third
+    value is that tensor when it has the input's dtype (scratch for :func:`input_gradient`), else ``None``.
+    """
+    dtype = shift.dtype
+    fused = kernels.sample_sums(grad_output, input, shift)
+    if fused is not None:
+        dot, total = fused
+        return total, dot, None
+    dims = tuple(range(2, input.dim()))
+    product = centered_input(input, shift).to(dtype).mul_(grad_output)
+    scratch = product if product.dtype == input.dtype else None
+    if not dims:
+        return grad_output.to(dtype), product.clone(), scratch
+    return grad_output.sum(dims, dtype=dtype), product.sum(dims), scratch
+
+
+def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input_scale: Tensor,
+                   const: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``dx = grad_scale * dy + input_scale * x + const`` in the input's dtype and layout.
+
+    The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Without
+    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. With ``out`` (an activation of
+    the input's dtype and layout that is no longer needed) nothing is allocated, which is cheaper
+    on the CPU: the same two kernels into it (under ``torch.compile`` a channels_last ``out`` takes
+    four in-place passes). A reduced-precision ``dx`` is rounded after each.
+    """
+    ndim = input.dim()
+    grad_map, input_map, const_map = (channel_map(t.to(input.dtype), ndim) for t in (grad_scale, input_scale, const))
+    if out is None:
+        out = torch.addcmul(const_map, input, input_map)
+    elif _out_allowed(out):
+        torch.addcmul(const_map, input, input_map, out=out)
+    else:
+        out.copy_(input).mul_(input_map).add_(const_map)
+    return out.addcmul_(grad_output, grad_map)
+
+
+def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Tensor],
+                        bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The affine tail of every norm: ``(x - center) * inverse_std * weight + bias = x * scale + shift``.
+
+    Returns ``(scale, shift)`` in ``inverse_std``'s dtype, ``scale = inverse_std * weight`` and
+    ``shift = bias - center * scale`` (``weight``/``bias`` ``None``: 1 and 0). Applied to
+    ``u = x - k`` with ``center`` also relative to ``k``, no large value appears.
+    """
+    dtype = inverse_std.dtype
+    scale = inverse_std if weight is None else inverse_std * weight.to(dtype)
+    if bias is None:
+        return scale, torch.mul(center, scale).neg_()
+    return scale, torch.addcmul(bias.to(dtype), center, scale, value=-1.0)
+
+
+def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """In place ``buffer = buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients.
+
+    One ``addcmul`` kernel, arithmetic in float32 and one rounding into the buffer's dtype; under
+    ``torch.compile`` a channels_last buffer takes a multiply and an add in place instead.
+    """
+    scale_map, shift_map = channel_map(scale, buffer.dim()), channel_map(shift, buffer.dim())
+    if _out_allowed(buffer):
+        return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
+    return buffer.mul_(scale_map).add_(shift_map)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                         unbiased_var: Tensor, momentum: Momentum) -> None:
+    """torch's convention: ``running = (1 - momentum) * running + momentum * observed``, in place.
+
+    ``lerp_`` is that update and takes a 0-dim tensor ``momentum`` (the cumulative average
+    ``1 / num_batches_tracked``) without a host sync. ``None`` buffers are skipped.
+    """
+    for running, observed in ((running_mean, mean), (running_var, unbiased_var)):
+        if running is not None:
+            weight = momentum.to(running.dtype) if isinstance(momentum, Tensor) else float(momentum)
+            running.lerp_(observed.to(running.dtype), weight)
