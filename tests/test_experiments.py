@@ -184,8 +184,8 @@ def test_c100_xbn_gni_sweep():
 @pytest.mark.parametrize("name, kind, channel_wise, seeds", [
     ("c100_rn18/sweep_dropout_bernoulli_channel.yaml", "bernoulli", True, [20, 21, 22]),
     ("c100_rn18/sweep_dropout_bernoulli_element.yaml", "bernoulli", False, [20, 21, 22]),
-    ("c100_rn18/sweep_dropout_gaussian_channel.yaml", "gaussian", True, SWEEP_SEEDS),
-    ("c100_rn18/sweep_dropout_gaussian_element.yaml", "gaussian", False, SWEEP_SEEDS),
+    ("c100_rn18/sweep_dropout_gaussian_channel.yaml", "gaussian_reference", True, SWEEP_SEEDS),
+    ("c100_rn18/sweep_dropout_gaussian_element.yaml", "gaussian_reference", False, SWEEP_SEEDS),
 ])
 def test_c100_dropout_sweeps(name, kind, channel_wise, seeds):
     runs = resolved(name)
@@ -204,7 +204,7 @@ def test_c100_layer_norm_runs():
     assert [args["seed"] for _, args in runs] == SWEEP_SEEDS
     for _, args in runs:
         check_c100_rn18(args)
-        assert args["norm"] == "gn1" and args["model_kwargs"] == {"conv": "ws"}
+        assert args["norm"] == "gn1" and args["model_kwargs"] == {"conv": "ws_fan_in"}  # the reference's WS
         assert args["train_split"] == f"train[:0.9]-{args['seed']}"
     test_runs = resolved("c100_rn18/test_ln.yaml")
     assert _grid("c100_rn18/test_ln.yaml", "seed") == [42, 43, 44]
@@ -213,6 +213,9 @@ def test_c100_layer_norm_runs():
     gni = [args for _, args in test_runs if isinstance(args["norm"], list)]
     assert len(gni) == 3 and gni[0]["norm"][1:] == ["gnir16", "gain", "bias"]
     assert gni[0]["norm"][0] == {"subtype": "gn", "num_groups": 1, "affine": False}
+    # every WS conv is the reference's fan-in variant (the scale the paper's WS rows were trained with)
+    convs = [args["model_kwargs"].get("conv") for _, args in test_runs if args["model_kwargs"].get("conv")]
+    assert len(convs) == 9 and all(c == "ws_fan_in" or c == {"subtype": "ws_fan_in", "gain": False} for c in convs)
     for _, args in test_runs:
         check_c100_rn18(args)
         assert (args["train_split"], args["val_split"]) == ("train", "test")
@@ -231,7 +234,8 @@ def test_c100_table1_runs():
         ["bn", "gbn16", "gni16", "gni16-shift", "nat8-scale", "ebn8", "xbn32", "bn"])
     dropout = [args["model_kwargs"]["block_dropout"] for _, args in runs if args["model_kwargs"]]
     assert len(dropout) == 3
-    assert all(d["kind"] == "gaussian" and d["channel_wise"] is False and d["p"] == 0.2 for d in dropout)
+    # the reference's Gaussian noise (std p/(1-p)), which the paper's row was trained with
+    assert all(d["kind"] == "gaussian_reference" and d["channel_wise"] is False and d["p"] == 0.2 for d in dropout)
 
 
 def test_c10_resnet20_table2():

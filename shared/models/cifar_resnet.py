@@ -63,7 +63,7 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
     """Zero the output scale of ``layer``: a WS conv's ``gain``, else its (or its composite's) ``weight``.
 
     A weight-standardized conv without gain is left alone: its standardized weight cannot be zero (and
-    nodo's ``keep_init`` would record a zero scale for good).
+    nodo's ``scaling="init"`` would record a zero scale for good).
     """
     if hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module):  # a WS conv: gain Parameter or None
         weight = layer.gain
