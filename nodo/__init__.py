@@ -17,4 +17,7 @@ from nodo.exclusive_batch_norm import ExclusiveBatchNorm2d
 from nodo.ghost_batch_norm import EvalNorm2d, GhostBatchNorm2d
 from nodo.weight_standardization import WSConv2d, WSLinear
 
+# --- Batch Renormalization (owner: paper-fidelity engineer)
+from nodo.batch_renorm import BatchRenorm2d, set_total_steps
+
 __version__ = "0.1.0"

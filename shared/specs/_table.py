@@ -130,6 +130,7 @@ PART_TYPES = (
     _row("norm", "gnbn2d", lambda: nodo.GhostNoiseBatchNorm2d, ("ghost_noise_batch_norm",),
          keyword_aliases={**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale"},
          number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
+    _row("norm", "brn", lambda: nodo.BatchRenorm2d, ("batch_renorm", "brn2d"), layouts=_CF_ONLY),
     _row("norm", "gn", lambda: _group_norm, ("groupnorm",),
          keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"}, number_arg="num_groups",
          layouts=_CF_ONLY),
