@@ -153,3 +153,21 @@ def test_spec_and_float32_input():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         nodo.BatchRenorm2d(4, **kwargs)
+
+
+@pytest.mark.slow
+def test_train_py_sets_total_steps_for_the_warmup(tmp_path):
+    """train.py tells BatchRenorm2d the run's length: a warm-up run trains (no RuntimeError), counting batches."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("train_for_brn", Path(__file__).resolve().parents[1] / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    norm = '{"subtype": "brn", "r_max_warmup": [0.0, 0.5], "d_max_warmup": [0.0, 0.5]}'
+    code = train.main(["--dataset", "digits", "--train-split", "train[:640]-0", "--model", "cifar_resnet20",
+                       "-b", "64", "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "1", "--norm", norm,
+                       "--output", str(tmp_path), "--experiment", "brn"])
+    assert code == 0
+    state = torch.load(tmp_path / "brn" / "last.pth.tar", weights_only=True)["model"]
+    counts = {v.item() for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert counts == {10}  # 640 images / 64 per batch, one epoch
