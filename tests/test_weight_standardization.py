@@ -57,7 +57,7 @@ def test_gain_scales_each_output_unit(kind):
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_keep_init_first_forward_equals_plain_layer_with_centred_weights(kind):
+def test_init_scaling_first_forward_equals_plain_layer_with_centred_weights(kind):
     layer = make_layer(kind)
     with torch.no_grad():  # a custom initialization after construction, as model init functions do
         nn.init.kaiming_normal_(layer.weight)
