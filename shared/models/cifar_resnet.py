@@ -222,13 +222,19 @@ def _shortcut(block: nn.Module, x: torch.Tensor, preactivated: torch.Tensor) -> 
     return block.downsample(preactivated if use_preactivated else x)
 
 
-def _ic_dropout_spec(ic_dropout: Union[float, Spec]) -> Spec:
-    """``ic_dropout`` as a noise spec: a number p is element-wise Bernoulli dropout of probability p."""
+def _block_dropout_factory(block_dropout: Optional[Spec], ic_dropout: Union[float, Spec, None]):
+    """The dropout factory of the blocks: ``block_dropout``'s, or the IC units' (a number p is element-wise
+    Bernoulli dropout of probability p), or None."""
+    if ic_dropout is None:
+        return create_noise_factory(block_dropout) if block_dropout is not None else None
+    if block_dropout is not None:
+        raise ValueError(f"give block_dropout or ic_dropout, not both (IC already puts dropout before every conv "
+                         f"of a block), got block_dropout={block_dropout!r}, ic_dropout={ic_dropout!r}")
     if isinstance(ic_dropout, bool):
         raise TypeError(f"ic_dropout must be a drop probability in [0, 1) or a noise spec, got {ic_dropout!r}")
     if isinstance(ic_dropout, (int, float)):
-        return {"subtype": "flexible_dropout", "p": float(ic_dropout)}
-    return ic_dropout
+        ic_dropout = {"subtype": "flexible_dropout", "p": float(ic_dropout)}
+    return create_noise_factory(ic_dropout)
 
 
 _BLOCKS = {"basic": BasicBlock, "basicblock": BasicBlock, "bottleneck": Bottleneck}
@@ -286,13 +292,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"stage_depths must be a non-empty list of ints >= 1, got {stage_depths!r}")
         norm_layer = create_norm_factory(norm)
         conv_layer = create_conv_factory(conv)
-        dropout_layer = create_noise_factory(block_dropout) if block_dropout is not None else None
-        if ic_dropout is not None:
-            if block_dropout is not None:
-                raise ValueError(f"give block_dropout or ic_dropout, not both (IC already puts dropout before "
-                                 f"every conv of a block), got block_dropout={block_dropout!r}, "
-                                 f"ic_dropout={ic_dropout!r}")
-            dropout_layer = create_noise_factory(_ic_dropout_spec(ic_dropout))
+        dropout_layer = _block_dropout_factory(block_dropout, ic_dropout)
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
