@@ -609,6 +609,9 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
     scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
         optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
         updates_per_epoch=updates_per_epoch)
+    # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
+    import nodo
+    nodo.set_total_steps(unwrapped, num_epochs * len(loaders.train))
     loss_fn, mixup = build_loss(args)
     amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
 

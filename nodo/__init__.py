@@ -39,4 +39,7 @@ from nodo.ghost_batch_norm import (
 from nodo.norm_base import GhostNormBase, PartitionedBatchNorm
 from nodo.weight_standardization import WSConv2d, WSLinear
 
+# --- Batch Renormalization (owner: paper-fidelity engineer)
+from nodo.batch_renorm import BatchRenorm2d, set_total_steps
+
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""FlexibleDropout: Bernoulli or Gaussian multiplicative noise, element-wise or per channel."""
+"""FlexibleDropout: Bernoulli or Gaussian (standard or the reference's) multiplicative noise, element-wise or per channel."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,25 +13,29 @@ __all__ = ["FlexibleDropout"]
 
 
 class FlexibleDropout(nn.Module):
-    r"""Dropout as multiplicative noise of mean 1 and variance :math:`p/(1-p)`, Bernoulli or Gaussian.
+    r"""Dropout as multiplicative noise of mean 1, Bernoulli or Gaussian.
 
     .. math::
         y = x \cdot \xi, \qquad
         \xi = \begin{cases}
             b / (1 - p), \ b \sim \mathrm{Bernoulli}(1 - p) & \text{kind="bernoulli"} \\
-            1 + \sqrt{p / (1 - p)}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind="gaussian"}
+            1 + \sqrt{p / (1 - p)}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind="gaussian"} \\
+            1 + \tfrac{p}{1 - p}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind="gaussian\_reference"}
         \end{cases}
 
-    The two kinds share the first two moments of the noise, so ``p`` means the same regularization
-    strength for both. With ``channel_wise=True`` one :math:`\xi` is drawn per (sample, channel)
-    and shared by all positions of that channel (as ``nn.Dropout2d`` for the Bernoulli kind).
-    In evaluation, and for ``p = 0``, the layer is the identity.
+    ``"bernoulli"`` and ``"gaussian"`` share the first two moments of the noise (variance
+    :math:`p/(1-p)`), so ``p`` means the same regularization strength for both. With
+    ``channel_wise=True`` one :math:`\xi` is drawn per (sample, channel) and shared by all positions
+    of that channel (as ``nn.Dropout2d`` for the Bernoulli kind). In evaluation, and for ``p = 0``,
+    the layer is the identity.
 
     .. note::
-        The paper's reference implementation drew Gaussian noise with standard deviation
-        :math:`(1-p)/p` instead of :math:`\sqrt{p/(1-p)}`: a different variance from its
-        Bernoulli counterpart, which grows without bound as :math:`p \to 0`. Results of its
-        Gaussian-dropout sweep are therefore not directly comparable with this layer at equal ``p``.
+        ``"gaussian_reference"`` is the paper's reference implementation (epfml/ghost-noise
+        ``FlexibleDropout``: keep probability :math:`1-p`, std :math:`(1-\mathrm{keep})/\mathrm{keep}`),
+        with std :math:`p/(1-p)`: 0.053, 0.25, 1.0, 2.33 at p = 0.05, 0.2, 0.5, 0.7, so variance
+        :math:`(p/(1-p))^2`, a quarter of Bernoulli's at p = 0.2 and equal to it only at p = 0.5.
+        The paper's Gaussian-dropout rows and sweeps were trained with it; its JSON spec
+        (``noise_type: gaussian``) selects it.
 
     .. note::
         Noise is drawn in float32 on the input's device from ``generator`` (a public attribute:
@@ -41,7 +45,7 @@ class FlexibleDropout(nn.Module):
 
     Args:
         p: drop probability in ``[0, 1)``. Default: 0.5
-        kind: ``"bernoulli"`` or ``"gaussian"``. Default: ``"bernoulli"``
+        kind: ``"bernoulli"``, ``"gaussian"`` or ``"gaussian_reference"``. Default: ``"bernoulli"``
         channel_wise: one draw per (sample, channel) instead of per element. Default: ``False``
         channel_dim: the channel dimension for ``channel_wise`` (``-1`` for ``(B, L, C)``). Default: 1
         generator: ``torch.Generator`` on the input's device, or ``None`` for the default one.

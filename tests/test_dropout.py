@@ -16,43 +16,89 @@ def generator(seed=0):
     return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
+def noise_variance(p, kind):
+    """Variance of the multiplicative noise: p/(1-p) (Bernoulli, matched Gaussian), (p/(1-p))^2 (reference)."""
+    return (p / (1 - p)) ** 2 if kind == "gaussian_reference" else p / (1 - p)
+
+
 def noise_fourth_central_moment(p, kind):
-    variance = p / (1 - p)
-    if kind == "gaussian":
-        return 3 * variance**2
+    if kind != "bernoulli":
+        return 3 * noise_variance(p, kind) ** 2  # Gaussian: mu4 = 3 sigma^4
     # xi - 1 is p/(1-p) with probability 1-p and -1 with probability p
     return (1 - p) * (p / (1 - p)) ** 4 + p
 
 
-@pytest.mark.parametrize("kind", ["bernoulli", "gaussian"])
+def assert_mean_one_and_variance(noise, p, kind):
+    """Sample mean within 6 SE of 1 and unbiased sample variance within 6 SE of ``noise_variance``.
+
+    The sample mean has SE sqrt(var/n); the unbiased sample variance has SE
+    sqrt(mu4/n - var^2 (n-3)/(n(n-1))) with mu4 the fourth central moment (exact for any n; it stays > 0
+    for Bernoulli p = 0.5, where mu4 = var^2). A fixed seed keeps the test deterministic; a correct layer
+    exceeds 6 SE with probability ~2e-9.
+    """
+    n = noise.numel()
+    variance = noise_variance(p, kind)
+    mean_se = math.sqrt(variance / n)
+    var_se = math.sqrt(noise_fourth_central_moment(p, kind) / n - variance**2 * (n - 3) / (n * (n - 1)))
+    assert abs(noise.mean().item() - 1.0) < 6 * mean_se
+    assert abs(noise.var().item() - variance) < 6 * var_se
+
+
+@pytest.mark.parametrize("kind", ["bernoulli", "gaussian", "gaussian_reference"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("channel_wise", [False, True])
-def test_noise_has_mean_one_and_variance_p_over_one_minus_p(kind, p, channel_wise):
+def test_noise_has_mean_one_and_the_kinds_variance(kind, p, channel_wise):
     drop = nodo.FlexibleDropout(p, kind=kind, channel_wise=channel_wise, generator=generator(1))
     shape = (4000, 50, 2, 2) if channel_wise else (200, 50, 40)
     noise = drop(torch.ones(shape, device=DEVICE, dtype=torch.float64))
     if channel_wise:
         noise = noise[:, :, 0, 0]  # one draw per (sample, channel); sharing is tested below
-    noise = noise.flatten()
-    n = noise.numel()  # 200,000
-    variance = p / (1 - p)
-    # 6 standard errors: the sample mean has SE sqrt(var/n); the unbiased sample variance has
-    # SE sqrt(mu4/n - var^2 (n-3)/(n(n-1))) with mu4 the fourth central moment (exact for any
-    # n; it stays > 0 for Bernoulli p = 0.5, where mu4 = var^2). A fixed seed keeps the test
-    # deterministic; a correct layer exceeds 6 SE with probability ~2e-9.
-    mean_se = math.sqrt(variance / n)
-    var_se = math.sqrt(noise_fourth_central_moment(p, kind) / n - variance**2 * (n - 3) / (n * (n - 1)))
-    assert abs(noise.mean().item() - 1.0) < 6 * mean_se
-    assert abs(noise.var().item() - variance) < 6 * var_se
+    noise = noise.flatten()  # 200,000 draws
+    assert_mean_one_and_variance(noise, p, kind)
     if kind == "bernoulli":
         values = torch.unique(noise)
         torch.testing.assert_close(values, torch.tensor([0.0, 1 / (1 - p)], dtype=noise.dtype, device=DEVICE))
 
 
-def test_gaussian_std_is_the_fixed_one():
-    # sqrt(p/(1-p)), not the reference implementation's (1-p)/p
+def test_gaussian_std_of_each_kind():
+    # matched: sqrt(p/(1-p)); the reference's: p/(1-p) (0.053, 0.25, 1.0, 2.33 at p = 0.05, 0.2, 0.5, 0.7)
     assert gaussian_dropout_std(0.2) == pytest.approx(0.5)
     assert gaussian_dropout_std(0.5) == pytest.approx(1.0)
+    for p, std in [(0.05, 0.05 / 0.95), (0.2, 0.25), (0.5, 1.0), (0.7, 0.7 / 0.3)]:
+        assert gaussian_dropout_std(p, "gaussian_reference") == pytest.approx(std)
+    with pytest.raises(ValueError, match="kind must be one of 'gaussian', 'gaussian_reference', got 'bernoulli'"):
+        gaussian_dropout_std(0.2, "bernoulli")
+
+
+def _kolmogorov_smirnov_statistic(sample):
+    """sup |F_n(x) - Phi(x)| of a 1-D float64 sample against the standard normal CDF."""
+    ordered = sample.sort().values
+    n = ordered.numel()
+    cdf = torch.special.ndtr(ordered)
+    steps = torch.arange(1, n + 1, dtype=ordered.dtype, device=ordered.device) / n
+    return torch.maximum(steps - cdf, cdf - (steps - 1.0 / n)).max().item()
+
+
+@pytest.mark.parametrize("p, channel_wise", [(0.2, False), (0.7, True)])
+def test_reference_json_gaussian_dropout_has_std_p_over_one_minus_p(p, channel_wise):
+    """The reference's spec (noise_type gaussian) draws N(1, std = p/(1-p)): moments and a KS test.
+
+    KS: under the null, P(sqrt(n) D > t) <= 2 exp(-2 t^2) (Dvoretzky-Kiefer-Wolfowitz-Massart), so
+    t = sqrt(ln(2/1e-9)/2) = 3.27 gives a false-failure probability below 1e-9. Negative control: the
+    same draws standardized with nodo's matched std sqrt(p/(1-p)) fail the same bound.
+    """
+    from shared.specs import create_noise_factory
+    spec = ('{"type":"noise","subtype":"flexible_dropout","dkwargs":{"drop_probability":%s,'
+            '"noise_type":"gaussian","channel_wise":%s,"scaling_type":"mean"}}' % (p, channel_wise))
+    drop = create_noise_factory(spec)(32)
+    assert drop.kind == "gaussian_reference"
+    drop.generator = generator(5)
+    noise = drop(torch.ones(2500, 32, 2, 2, device=DEVICE, dtype=torch.float64))
+    noise = (noise[:, :, 0, 0] if channel_wise else noise[:, :, 0, :]).flatten()  # 80,000 / 160,000 draws
+    assert_mean_one_and_variance(noise, p, "gaussian_reference")
+    bound = math.sqrt(math.log(2 / 1e-9) / 2) / math.sqrt(noise.numel())
+    assert _kolmogorov_smirnov_statistic((noise - 1) / (p / (1 - p))) < bound
+    assert _kolmogorov_smirnov_statistic((noise - 1) / math.sqrt(p / (1 - p))) > bound
 
 
 @pytest.mark.parametrize("kind", ["bernoulli", "gaussian"])
@@ -97,7 +143,7 @@ def test_generator_makes_noise_reproducible_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("kind", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("kind", ["bernoulli", "gaussian", "gaussian_reference"])
 def test_keeps_input_dtype(dtype, kind):
     x = torch.randn(4, 3, 5, 5, device=DEVICE, dtype=dtype, requires_grad=True)
     y = nodo.FlexibleDropout(0.3, kind=kind, generator=generator())(x)
@@ -142,7 +188,8 @@ def test_compile_with_generator_has_no_graph_break_and_same_noise(kind, channel_
         (dict(p=1.0), ValueError, r"p must be in \[0, 1\), got 1.0"),
         (dict(p=-0.1), ValueError, "p must be"),
         (dict(p="0.1"), TypeError, "p must be"),
-        (dict(p=0.1, kind="uniform"), ValueError, "kind must be one of 'bernoulli', 'gaussian', got 'uniform'"),
+        (dict(p=0.1, kind="uniform"), ValueError,
+         "kind must be one of 'bernoulli', 'gaussian', 'gaussian_reference', got 'uniform'"),
         (dict(p=0.1, channel_wise=1), TypeError, "channel_wise"),
         (dict(p=0.1, channel_dim=0), ValueError, "channel_dim"),
         (dict(p=0.1, generator=3), TypeError, "generator"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from torch import nn
 
 from shared import config, sweep
 
@@ -45,6 +46,12 @@ RUN_COUNTS = {
     "c10_nfrn/aug.yaml": 6,
     "c10_nfrn/noaug.yaml": 6,
 }
+# related baselines on the Table-1 protocol (no reference launch script): config -> runs
+RELATED = {
+    "c100_rn18/test_brn.yaml": 3,
+    "c100_rn18/test_ic.yaml": 6,
+}
+ALL_COUNTS = {**RUN_COUNTS, **RELATED}
 NOT_PAPER = {"cpu_c10_rn20"}  # a CPU calibration config, not one of the paper's experiments
 
 GHOST_SIZES = [2, 4, 8, 16, 32, 64, 128, 256]
@@ -71,16 +78,16 @@ def resolved(name):
 def test_inventory_covers_every_experiment_config():
     found = {str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml")
              if p.parent.name != "base" and p.parent.name not in NOT_PAPER}
-    assert found == set(RUN_COUNTS)
+    assert found == set(ALL_COUNTS)
     # the totals of the launch-script families
     assert sum(v for k, v in RUN_COUNTS.items() if k.startswith("c100_rn18/sweep_")) == 547
     assert sum(v for k, v in RUN_COUNTS.items() if k.startswith("c10_") and "rn20" not in k) == 36
 
 
-@pytest.mark.parametrize("name", sorted(RUN_COUNTS))
+@pytest.mark.parametrize("name", sorted(ALL_COUNTS))
 def test_run_count_names_and_commands(name):
     runs = resolved(name)
-    assert len(runs) == RUN_COUNTS[name]
+    assert len(runs) == ALL_COUNTS[name]
     names = [run.name for run, _ in runs]
     assert len(set(names)) == len(names)
     for index, (run, args) in enumerate(runs):
@@ -96,11 +103,11 @@ def test_run_count_names_and_commands(name):
 def test_run_names_are_unique_across_all_experiments():
     """All experiments can share one OUTPUT_DIR (and one wandb project): no two runs collide."""
     seen = {}
-    for name in RUN_COUNTS:
+    for name in ALL_COUNTS:
         for run, _ in resolved(name):
             assert run.name not in seen, f"{run.name} in {name} and {seen[run.name]}"
             seen[run.name] = name
-    assert len(seen) == sum(RUN_COUNTS.values())
+    assert len(seen) == sum(ALL_COUNTS.values())
 
 
 def _grid(name, key):
@@ -184,8 +191,8 @@ def test_c100_xbn_gni_sweep():
 @pytest.mark.parametrize("name, kind, channel_wise, seeds", [
     ("c100_rn18/sweep_dropout_bernoulli_channel.yaml", "bernoulli", True, [20, 21, 22]),
     ("c100_rn18/sweep_dropout_bernoulli_element.yaml", "bernoulli", False, [20, 21, 22]),
-    ("c100_rn18/sweep_dropout_gaussian_channel.yaml", "gaussian", True, SWEEP_SEEDS),
-    ("c100_rn18/sweep_dropout_gaussian_element.yaml", "gaussian", False, SWEEP_SEEDS),
+    ("c100_rn18/sweep_dropout_gaussian_channel.yaml", "gaussian_reference", True, SWEEP_SEEDS),
+    ("c100_rn18/sweep_dropout_gaussian_element.yaml", "gaussian_reference", False, SWEEP_SEEDS),
 ])
 def test_c100_dropout_sweeps(name, kind, channel_wise, seeds):
     runs = resolved(name)
@@ -204,7 +211,7 @@ def test_c100_layer_norm_runs():
     assert [args["seed"] for _, args in runs] == SWEEP_SEEDS
     for _, args in runs:
         check_c100_rn18(args)
-        assert args["norm"] == "gn1" and args["model_kwargs"] == {"conv": "ws"}
+        assert args["norm"] == "gn1" and args["model_kwargs"] == {"conv": "ws_fan_in"}  # the reference's WS
         assert args["train_split"] == f"train[:0.9]-{args['seed']}"
     test_runs = resolved("c100_rn18/test_ln.yaml")
     assert _grid("c100_rn18/test_ln.yaml", "seed") == [42, 43, 44]
@@ -213,6 +220,9 @@ def test_c100_layer_norm_runs():
     gni = [args for _, args in test_runs if isinstance(args["norm"], list)]
     assert len(gni) == 3 and gni[0]["norm"][1:] == ["gnir16", "gain", "bias"]
     assert gni[0]["norm"][0] == {"subtype": "gn", "num_groups": 1, "affine": False}
+    # every WS conv is the reference's fan-in variant (the scale the paper's WS rows were trained with)
+    convs = [args["model_kwargs"].get("conv") for _, args in test_runs if args["model_kwargs"].get("conv")]
+    assert len(convs) == 9 and all(c == "ws_fan_in" or c == {"subtype": "ws_fan_in", "gain": False} for c in convs)
     for _, args in test_runs:
         check_c100_rn18(args)
         assert (args["train_split"], args["val_split"]) == ("train", "test")
@@ -231,7 +241,47 @@ def test_c100_table1_runs():
         ["bn", "gbn16", "gni16", "gni16-shift", "nat8-scale", "ebn8", "xbn32", "bn"])
     dropout = [args["model_kwargs"]["block_dropout"] for _, args in runs if args["model_kwargs"]]
     assert len(dropout) == 3
-    assert all(d["kind"] == "gaussian" and d["channel_wise"] is False and d["p"] == 0.2 for d in dropout)
+    # the reference's Gaussian noise (std p/(1-p)), which the paper's row was trained with
+    assert all(d["kind"] == "gaussian_reference" and d["channel_wise"] is False and d["p"] == 0.2 for d in dropout)
+
+
+def _built(args, **extra):
+    from shared import create_model
+    return create_model(args["model"], norm=args["norm"], num_classes=args["num_classes"],
+                        **{**args["model_kwargs"], **extra})
+
+
+def test_c100_batch_renorm_runs():
+    import nodo
+    runs = resolved("c100_rn18/test_brn.yaml")
+    assert [args["seed"] for _, args in runs] == [42, 43, 44]
+    for _, args in runs:
+        check_c100_rn18(args)
+        assert (args["train_split"], args["val_split"]) == ("train", "test")
+    model = _built(runs[0][1], base_channels=4)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(type(m) is nodo.BatchRenorm2d for m in norms)  # every norm site
+    assert {(m.r_max, m.d_max, m.r_max_warmup, m.d_max_warmup) for m in norms} == {(3.0, 5.0, (0.025, 0.2),
+                                                                                   (0.025, 0.125))}
+
+
+def test_c100_ic_runs():
+    from shared.models.cifar_resnet import BasicBlock
+    import nodo
+    runs = resolved("c100_rn18/test_ic.yaml")
+    assert sorted((args["norm"], args["seed"]) for _, args in runs) == [
+        (norm, seed) for norm in ("bn", "gni16") for seed in (42, 43, 44)]
+    for _, args in runs:
+        check_c100_rn18(args)
+        assert (args["train_split"], args["val_split"]) == ("train", "test")
+        assert args["model_kwargs"] == {"ic_dropout": 0.05}
+        model = _built(args, base_channels=4)
+        blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+        assert len(blocks) == 8 and all(b.ic for b in blocks)
+        drops = [m for b in blocks for m in (b.drop1, b.drop)]
+        assert all(isinstance(d, nodo.FlexibleDropout) and d.p == 0.05 and d.kind == "bernoulli" for d in drops)
+        norm_type = nn.BatchNorm2d if args["norm"] == "bn" else nodo.GhostNoiseBatchNorm2d
+        assert all(type(b.bn1) is norm_type and type(b.bn2) is norm_type for b in blocks)
 
 
 def test_c10_resnet20_table2():

@@ -18,4 +18,7 @@ from nodo.functional.noisy_affine import noisy_affine, sample_noisy_affine_noise
 # --- batch norms, dropout, weight standardization (owner: batch-norm engineer)
 from nodo.functional.batch_norm import eval_norm, exclusive_batch_norm, ghost_batch_norm, ghost_batch_partition
 from nodo.functional.dropout import flexible_dropout, gaussian_dropout_std
-from nodo.functional.weight_standardization import standardize_weight, weight_std
+from nodo.functional.weight_standardization import fan_in_standardize_weight, standardize_weight, weight_std
+
+# --- Batch Renormalization (owner: paper-fidelity engineer)
+from nodo.functional.batch_renormalization import batch_renorm, renorm_limits

@@ -1,16 +1,18 @@
 """Multiplicative noise dropout: Bernoulli or Gaussian, element-wise or one draw per channel.
 
-Both kinds multiply the input by noise of mean 1 and variance ``p / (1 - p)``:
+Every kind multiplies the input by noise of mean 1:
 
 * ``"bernoulli"``: ``keep / (1 - p)`` with ``keep ~ Bernoulli(1 - p)``, the usual inverted dropout;
   its variance is ``(1 - p) p / (1 - p)^2 = p / (1 - p)``.
 * ``"gaussian"``: ``1 + sqrt(p / (1 - p)) * z`` with ``z ~ Normal(0, 1)``, the Gaussian dropout of
-  Srivastava et al. (2014) with the same first two moments.
+  Srivastava et al. (2014) with the same first two moments (variance ``p / (1 - p)``).
+* ``"gaussian_reference"``: ``1 + (p / (1 - p)) * z``, the paper's reference implementation (its
+  keep probability is ``1 - p`` and its std ``(1 - keep) / keep``): variance ``(p / (1 - p))^2``,
+  smaller than Bernoulli's for ``p < 1/2`` (a quarter of it at ``p = 0.2``) and larger above.
 """
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -20,17 +22,22 @@ from nodo._checks import check_bool, check_choice, check_probability
 
 __all__ = ["DROPOUT_KINDS", "flexible_dropout", "gaussian_dropout_std"]
 
-DROPOUT_KINDS = ("bernoulli", "gaussian")
+DROPOUT_KINDS = ("bernoulli", "gaussian", "gaussian_reference")
+GAUSSIAN_KINDS = ("gaussian", "gaussian_reference")
 
 
-def gaussian_dropout_std(p: float) -> float:
-    """Standard deviation ``sqrt(p / (1 - p))`` of Gaussian dropout noise that matches Bernoulli(p).
+def gaussian_dropout_std(p: float, kind: str = "gaussian") -> float:
+    """Standard deviation of the Gaussian dropout noise ``Normal(1, std)`` at drop probability ``p``.
 
-    The reference implementation (epfml/ghost-noise) drew ``Normal(1, std=(1 - p) / p)``, which
-    neither matches that variance nor vanishes as ``p -> 0`` (it diverges); this is the fix.
+    * ``kind="gaussian"``: ``sqrt(p / (1 - p))``, the variance of Bernoulli(p) inverted dropout.
+    * ``kind="gaussian_reference"``: ``p / (1 - p)``, what the reference implementation
+      (epfml/ghost-noise) drew (0.053, 0.25, 1.0, 2.33 at p = 0.05, 0.2, 0.5, 0.7), and so what the
+      paper's Gaussian-dropout rows and sweeps were trained with.
     """
     p = check_probability("p", p)
-    return math.sqrt(p / (1.0 - p))
+    kind = check_choice("kind", kind, GAUSSIAN_KINDS)
+    ratio = p / (1.0 - p)
+    return math.sqrt(ratio) if kind == "gaussian" else ratio
 
 
 # --- Drawing the noise from an explicit generator, also under torch.compile -----------------
@@ -38,11 +45,15 @@ def gaussian_dropout_std(p: float) -> float:
 # torch.compile (dynamo) cannot put a torch.Generator into a graph: any random op called with
 # `generator=` makes it fail ("Failed to convert args/kwargs to proxy"). The noise is therefore
 # drawn by a small custom op that dynamo treats as opaque, and the generator reaches it as an int
-# key into a registry of live generators. The key is computed outside the graph
+# key into a registry of generators. The key is computed outside the graph
 # (`assume_constant_result`; dynamo guards on it and retraces for another generator), so compiled
 # and eager runs draw exactly the same numbers from the same generator.
+#
+# The registry holds strong references: some torch versions (2.11) cannot weakly reference a
+# torch.Generator. A registered generator therefore stays alive (a few KB; a run registers one), and
+# its id, the key, can never be reused by another object while the key is in use.
 
-_GENERATORS: "weakref.WeakValueDictionary[int, torch.Generator]" = weakref.WeakValueDictionary()
+_GENERATORS: "dict[int, torch.Generator]" = {}
 _DEFAULT_GENERATOR_KEY = 0  # id() of a live object is never 0
 
 
@@ -52,7 +63,7 @@ def _generator_key(generator: Optional[torch.Generator]) -> int:
         return _DEFAULT_GENERATOR_KEY
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _GENERATORS[id(generator)] = generator
+    _GENERATORS.setdefault(id(generator), generator)
     return id(generator)
 
 
@@ -62,17 +73,17 @@ def _noise_shape(like: Tensor, channel_dim: int) -> list[int]:
 
 
 @torch.library.custom_op("nodo::dropout_noise", mutates_args=())
-def _raw_noise(like: Tensor, channel_wise: bool, channel_dim: int, p: float, gaussian: bool, generator_key: int) -> Tensor:
-    """float32 noise on ``like``'s device: the 0/1 keep mask (Bernoulli) or ``1 + std * z`` (Gaussian)."""
+def _raw_noise(like: Tensor, channel_wise: bool, channel_dim: int, p: float, kind: str, generator_key: int) -> Tensor:
+    """float32 noise on ``like``'s device: the 0/1 keep mask (Bernoulli) or ``1 + std * z`` (Gaussian kinds)."""
     generator = None if generator_key == _DEFAULT_GENERATOR_KEY else _GENERATORS[generator_key]
     noise = _empty_noise(like, channel_wise, channel_dim)
-    if gaussian:
-        return noise.normal_(mean=1.0, std=gaussian_dropout_std(p), generator=generator)
+    if kind in GAUSSIAN_KINDS:
+        return noise.normal_(mean=1.0, std=gaussian_dropout_std(p, kind), generator=generator)
     return noise.bernoulli_(1.0 - p, generator=generator)
 
 
 @_raw_noise.register_fake
-def _(like, channel_wise, channel_dim, p, gaussian, generator_key):
+def _(like, channel_wise, channel_dim, p, kind, generator_key):
     return _empty_noise(like, channel_wise, channel_dim)
 
 
@@ -92,14 +103,17 @@ def flexible_dropout(
     generator: Optional[torch.Generator] = None,
     channel_dim: int = 1,
 ) -> Tensor:
-    r"""Multiply ``input`` by noise of mean 1 and variance ``p / (1 - p)`` (identity unless training).
+    r"""Multiply ``input`` by noise of mean 1 (identity unless training).
 
     .. math::
         y = x \cdot \xi, \qquad
         \xi = \begin{cases}
             b / (1 - p), \ b \sim \mathrm{Bernoulli}(1 - p) & \text{kind = "bernoulli"} \\
-            1 + \sqrt{p / (1 - p)}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind = "gaussian"}
+            1 + \sqrt{p / (1 - p)}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind = "gaussian"} \\
+            1 + \tfrac{p}{1 - p}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind = "gaussian\_reference"}
         \end{cases}
+
+    The first two share the variance ``p / (1 - p)``; the reference's has variance ``(p / (1 - p))^2``.
 
     :math:`\xi` is drawn per element, or with ``channel_wise=True`` once per (sample, channel) and
     broadcast over the other dimensions (spatial dropout). Noise is drawn in float32 on the
@@ -110,7 +124,7 @@ def flexible_dropout(
     Args:
         input: ``(B, C, *)`` with the channel at ``channel_dim`` (``-1`` for ``(B, L, C)``).
         p: drop probability in ``[0, 1)``.
-        kind: ``"bernoulli"`` or ``"gaussian"``.
+        kind: ``"bernoulli"``, ``"gaussian"`` or ``"gaussian_reference"``.
         channel_wise: one draw per (sample, channel) instead of per element.
         training: apply the noise (True) or return the input unchanged (False).
         generator: ``torch.Generator`` on the input's device, for reproducible noise.
@@ -138,7 +152,7 @@ def flexible_dropout(
     if not training or p == 0.0:
         return input
 
-    noise = _raw_noise(input.detach(), channel_wise, channel_dim, p, kind == "gaussian", _generator_key(generator))
+    noise = _raw_noise(input.detach(), channel_wise, channel_dim, p, kind, _generator_key(generator))
     if kind == "bernoulli":
         # Multiply by the exact 0/1 mask in the input dtype, then by the Python float 1/(1-p):
         # folding 1/(1-p) into a float16/bfloat16 mask would round it (a bias of up to 0.4%).

@@ -63,7 +63,7 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
     """Zero the output scale of ``layer``: a WS conv's ``gain``, else its (or its composite's) ``weight``.
 
     A weight-standardized conv without gain is left alone: its standardized weight cannot be zero (and
-    nodo's ``keep_init`` would record a zero scale for good).
+    nodo's ``scaling="init"`` would record a zero scale for good).
     """
     if hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module):  # a WS conv: gain Parameter or None
         weight = layer.gain
@@ -77,24 +77,34 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs, pre- or post-activation.
+    """Two 3x3 convs, pre- or post-activation, optionally with IC units.
 
     Post-activation: ``act(norm2(conv2(drop(act(norm1(conv1(x)))))) + shortcut(x))``.
     Pre-activation:  ``conv2(drop(act(norm2(conv1(act(norm1(x))))))) + shortcut``.
+    With ``ic=True`` (Chen et al. 2019) every conv is preceded by an IC unit ``drop(norm(.))`` after the
+    activation (ReLU -> norm -> dropout -> conv), ``ic1`` = ``drop1(bn1(.))`` and ``ic2`` = ``drop(bn2(.))``:
+
+    * post-activation: ``act2(conv2(ic2(act1(conv1(ic1(x))))) + shortcut(x))`` (``x`` is already the
+      previous block's or the stem's ReLU output);
+    * pre-activation: ``conv2(ic2(act2(conv1(ic1(act1(x)))))) + shortcut``.
     """
     expansion = 1
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
                  preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
                  conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
-                 dropout_layer: Optional[Callable] = None, device=None, dtype=None):
+                 dropout_layer: Optional[Callable] = None, ic: bool = False, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         out_chs = planes * self.expansion
         self.pre_activation = pre_activation
         self.preact_shortcut = preact_shortcut
-        self.bn1 = norm_layer(in_chs if pre_activation else planes, **dd)
-        self.act1 = act_layer(inplace=True)
+        self.ic = ic
+        # IC moves each norm before its conv: the norms see the pre-activation block's channel counts
+        self.bn1 = norm_layer(in_chs if pre_activation or ic else planes, **dd)
+        # not in place where the activation's input is the residual stream x, which the shortcut still needs
+        self.act1 = act_layer(inplace=not (ic and pre_activation))
+        self.drop1 = _ic_dropout(ic, dropout_layer, in_chs, dd)
         self.conv1 = _conv(conv_layer, in_chs, planes, 3, stride, **dd)
         self.bn2 = norm_layer(planes, **dd)
         self.act2 = act_layer(inplace=True)
@@ -104,10 +114,12 @@ class BasicBlock(nn.Module):
                                          norm_layer, conv_layer, dd)
 
     def zero_init_last(self) -> None:
-        last = self.conv2 if self.pre_activation else self.bn2
-        _zero_init_(last, "conv2" if self.pre_activation else "bn2")
+        last = self.conv2 if self.pre_activation or self.ic else self.bn2
+        _zero_init_(last, "conv2" if self.pre_activation or self.ic else "bn2")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ic:
+            return self._forward_ic(x)
         if self.pre_activation:
             out = self.act1(self.bn1(x))
             shortcut = _shortcut(self, x, out)
@@ -117,27 +129,41 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(self.drop(out)))
         return self.act2(out + (x if self.downsample is None else self.downsample(x)))
 
+    def _forward_ic(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.drop1(self.bn1(self.act1(x) if self.pre_activation else x))
+        shortcut = _shortcut(self, x, out)
+        act_mid = self.act2 if self.pre_activation else self.act1
+        out = self.conv2(self.drop(self.bn2(act_mid(self.conv1(out)))))
+        return out + shortcut if self.pre_activation else self.act2(out + shortcut)
+
 
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (strided, ResNet v1.5) -> 1x1 with 4x expansion, pre- or post-activation."""
+    """1x1 -> 3x3 (strided, ResNet v1.5) -> 1x1 with 4x expansion, pre- or post-activation.
+
+    With ``ic=True`` each of the three convs is preceded by ``drop(norm(.))`` after the activation, as
+    in :class:`BasicBlock` (``ic1`` = ``drop1(bn1)``, ``ic2`` = ``drop2(bn2)``, ``ic3`` = ``drop(bn3)``).
+    """
     expansion = 4
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
                  preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
                  conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
-                 dropout_layer: Optional[Callable] = None, device=None, dtype=None):
+                 dropout_layer: Optional[Callable] = None, ic: bool = False, device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         out_chs = planes * self.expansion
         self.pre_activation = pre_activation
         self.preact_shortcut = preact_shortcut
-        self.bn1 = norm_layer(in_chs if pre_activation else planes, **dd)
-        self.act1 = act_layer(inplace=True)
+        self.ic = ic
+        self.bn1 = norm_layer(in_chs if pre_activation or ic else planes, **dd)
+        self.act1 = act_layer(inplace=not (ic and pre_activation))
+        self.drop1 = _ic_dropout(ic, dropout_layer, in_chs, dd)
         self.conv1 = _conv(conv_layer, in_chs, planes, 1, **dd)
         self.bn2 = norm_layer(planes, **dd)
         self.act2 = act_layer(inplace=True)
+        self.drop2 = _ic_dropout(ic, dropout_layer, planes, dd)
         self.conv2 = _conv(conv_layer, planes, planes, 3, stride, **dd)
-        self.bn3 = norm_layer(planes if pre_activation else out_chs, **dd)
+        self.bn3 = norm_layer(planes if pre_activation or ic else out_chs, **dd)
         self.act3 = act_layer(inplace=True)
         self.drop = dropout_layer(planes, **dd) if dropout_layer is not None else nn.Identity()
         self.conv3 = _conv(conv_layer, planes, out_chs, 1, **dd)
@@ -145,10 +171,12 @@ class Bottleneck(nn.Module):
                                          norm_layer, conv_layer, dd)
 
     def zero_init_last(self) -> None:
-        last = self.conv3 if self.pre_activation else self.bn3
-        _zero_init_(last, "conv3" if self.pre_activation else "bn3")
+        last = self.conv3 if self.pre_activation or self.ic else self.bn3
+        _zero_init_(last, "conv3" if self.pre_activation or self.ic else "bn3")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ic:
+            return self._forward_ic(x)
         if self.pre_activation:
             out = self.act1(self.bn1(x))
             shortcut = _shortcut(self, x, out)
@@ -158,6 +186,20 @@ class Bottleneck(nn.Module):
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.drop(out)))
         return self.act3(out + (x if self.downsample is None else self.downsample(x)))
+
+    def _forward_ic(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.drop1(self.bn1(self.act1(x) if self.pre_activation else x))
+        shortcut = _shortcut(self, x, out)
+        # the activations between the convs: act2, act3 (pre-activation; act1 is on the input) or act1, act2
+        first, second = (self.act2, self.act3) if self.pre_activation else (self.act1, self.act2)
+        out = self.conv2(self.drop2(self.bn2(first(self.conv1(out)))))
+        out = self.conv3(self.drop(self.bn3(second(out))))
+        return out + shortcut if self.pre_activation else self.act3(out + shortcut)
+
+
+def _ic_dropout(ic: bool, dropout_layer: Optional[Callable], num_features: int, dd: dict) -> nn.Module:
+    """The dropout of an IC unit before a block's first (or middle) conv; identity without IC."""
+    return dropout_layer(num_features, **dd) if ic and dropout_layer is not None else nn.Identity()
 
 
 def _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut, norm_layer, conv_layer, dd):
@@ -173,9 +215,26 @@ def _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut, nor
 
 
 def _shortcut(block: nn.Module, x: torch.Tensor, preactivated: torch.Tensor) -> torch.Tensor:
+    """The block's shortcut: ``x``, or its projection of ``x`` (of ``preactivated`` for a 'preact' one)."""
     if block.downsample is None:
         return x
-    return block.downsample(preactivated if block.preact_shortcut == "preact" else x)
+    use_preactivated = block.pre_activation and block.preact_shortcut == "preact"
+    return block.downsample(preactivated if use_preactivated else x)
+
+
+def _block_dropout_factory(block_dropout: Optional[Spec], ic_dropout: Union[float, Spec, None]):
+    """The dropout factory of the blocks: ``block_dropout``'s, or the IC units' (a number p is element-wise
+    Bernoulli dropout of probability p), or None."""
+    if ic_dropout is None:
+        return create_noise_factory(block_dropout) if block_dropout is not None else None
+    if block_dropout is not None:
+        raise ValueError(f"give block_dropout or ic_dropout, not both (IC already puts dropout before every conv "
+                         f"of a block), got block_dropout={block_dropout!r}, ic_dropout={ic_dropout!r}")
+    if isinstance(ic_dropout, bool):
+        raise TypeError(f"ic_dropout must be a drop probability in [0, 1) or a noise spec, got {ic_dropout!r}")
+    if isinstance(ic_dropout, (int, float)):
+        ic_dropout = {"subtype": "flexible_dropout", "p": float(ic_dropout)}
+    return create_noise_factory(ic_dropout)
 
 
 _BLOCKS = {"basic": BasicBlock, "basicblock": BasicBlock, "bottleneck": Bottleneck}
@@ -195,6 +254,13 @@ class CifarResNet(nn.Module):
         norm: norm/noise spec for every norm site (any form of :mod:`shared.specs`, or a factory).
         conv: conv spec: 'standard' (nn.Conv2d) or 'ws' / ``{"subtype": "wsconv2d", "gain": False}``.
         block_dropout: noise spec applied before the last conv of every block; None for none.
+        ic_dropout: IC layers (Chen et al. 2019): a drop probability (element-wise Bernoulli dropout,
+            ``nodo.FlexibleDropout``) or a noise spec; every conv inside every residual block is then
+            preceded by ReLU -> norm -> dropout (see :class:`BasicBlock`), the norm being ``norm`` (any
+            spec: BN, GBN, GNI...). Stem, shortcuts and classifier stay as without IC: the stem conv sees
+            the image directly, projection shortcuts keep their own norm and get no dropout (a 'preact'
+            shortcut takes the block's first IC output, conv1's input), the head is final norm
+            (pre-activation) -> pool -> ``drop_rate`` -> fc. Excludes ``block_dropout``. None: no IC.
         act_layer: activation name or class (timm's ``get_act_layer``).
         preact_shortcut: 'norm' or 'preact', see the module docstring. Ignored for post-activation.
         num_classes: classifier outputs; 0 for no classifier.
@@ -207,7 +273,8 @@ class CifarResNet(nn.Module):
     def __init__(self, stage_depths: Sequence[int] = (2, 2, 2, 2), block: str = "basic",
                  pre_activation: bool = True, input_block: str = "cifar", base_channels: int = 64,
                  stem_channels: Optional[int] = None, norm: Spec = "bn", conv: Spec = "standard",
-                 block_dropout: Optional[Spec] = None, act_layer: Union[str, Callable] = "relu",
+                 block_dropout: Optional[Spec] = None, ic_dropout: Union[float, Spec, None] = None,
+                 act_layer: Union[str, Callable] = "relu",
                  preact_shortcut: str = "norm", num_classes: int = 10, in_chans: int = 3,
                  drop_rate: float = 0.0, zero_init_residual: bool = False, global_pool: str = "avg",
                  device=None, dtype=None):
@@ -225,7 +292,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"stage_depths must be a non-empty list of ints >= 1, got {stage_depths!r}")
         norm_layer = create_norm_factory(norm)
         conv_layer = create_conv_factory(conv)
-        dropout_layer = create_noise_factory(block_dropout) if block_dropout is not None else None
+        dropout_layer = _block_dropout_factory(block_dropout, ic_dropout)
         act_layer = get_act_layer(act_layer)
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -257,7 +324,7 @@ class CifarResNet(nn.Module):
                 blocks.append(block_cls(
                     in_chs, planes, stride=stride if block_index == 0 else 1, pre_activation=pre_activation,
                     preact_shortcut=preact_shortcut, norm_layer=norm_layer, conv_layer=conv_layer,
-                    act_layer=act_layer, dropout_layer=dropout_layer, **dd))
+                    act_layer=act_layer, dropout_layer=dropout_layer, ic=ic_dropout is not None, **dd))
                 in_chs = planes * block_cls.expansion
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{index + 1}"))

@@ -110,6 +110,9 @@ class NFResNet(nn.Module):
         bottle_ratio: bottleneck width / block output width.
         alpha: residual branch scale (the expected variance grows by alpha**2 per block).
         act_layer: activation name or class; its gain is computed by :func:`nonlinearity_gain`.
+        act_gain: the nonlinearity gain gamma to use instead of the computed one; the reference
+            implementation took timm's table value for ReLU, 1.7139588594436646 (ours computes
+            1.712859; docs/DIFFERENCES.md). Default: ``None`` (computed)
         noise: noise spec built before every activation (e.g. ``'gnir32'``); None for none.
         skipinit: scalar gain (init 0) on each residual branch instead of a zero-initialized last conv gain.
         std_conv_eps: eps of the weight standardization.
@@ -118,7 +121,8 @@ class NFResNet(nn.Module):
 
     def __init__(self, depths: Sequence[int] = (2, 2, 2, 2), channels: Sequence[int] = (256, 512, 1024, 2048),
                  stem_channels: int = 64, stem_type: str = "cifar", bottle_ratio: float = 0.25, alpha: float = 0.2,
-                 act_layer: Union[str, Callable] = "relu", noise: Any = None, skipinit: bool = False,
+                 act_layer: Union[str, Callable] = "relu", act_gain: Optional[float] = None,
+                 noise: Any = None, skipinit: bool = False,
                  std_conv_eps: float = 1e-5, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
                  drop_rate: float = 0.0, device=None, dtype=None):
         super().__init__()
@@ -130,7 +134,11 @@ class NFResNet(nn.Module):
         act_cls = get_act_layer(act_layer)
         act_layer = partial(act_cls, inplace=False) if "inplace" in _init_params(act_cls) else act_cls
         noise_layer = create_noise_factory(noise) if noise is not None else None
-        conv_layer = partial(ScaledStdConv2d, gamma=nonlinearity_gain(act_cls), eps=std_conv_eps)
+        if act_gain is not None and (isinstance(act_gain, bool) or not isinstance(act_gain, (int, float))
+                                     or not 0 < act_gain < float("inf")):
+            raise ValueError(f"act_gain must be a positive number or None, got {act_gain!r}")
+        gamma = nonlinearity_gain(act_cls) if act_gain is None else float(act_gain)
+        conv_layer = partial(ScaledStdConv2d, gamma=gamma, eps=std_conv_eps)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate

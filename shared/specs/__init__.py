@@ -44,7 +44,9 @@ Part tables (canonical name first, then aliases; ``N`` = the short string's numb
            flexible_dropout                         nodo.FlexibleDropout
     gain   gain (standard)    nodo.Gain             bias   bias (standard)   nodo.Bias
     activation  relu, leaky_relu, gelu, silu (swish), or a name of timm's get_act_layer
-    conv   conv2d (standard), wsconv2d (ws)         linear  linear (standard), wslinear (ws)
+    conv   conv2d (standard); ws (ws_init)          nodo.WSConv2d, scaling "init" (keeps the init scale)
+           wsconv2d (ws_fan_in)                     nodo.WSConv2d, scaling "fan_in" (the reference's)
+    linear linear (standard); ws (ws_init), wslinear (ws_fan_in): as for conv, nodo.WSLinear
 
 The reference's GNI composite ``[bn2d(affine=False), gnir(N), gain, bias]`` (also what ``gniN``
 expands to) is built as the fused ``nodo.GhostNoiseBatchNorm2d`` at channels_first sites: the same
@@ -75,8 +77,10 @@ Its keyword names are renamed: ``batch_size`` -> ``ghost_batch_size``, ``shift_n
 * short strings name presets, mappings name single parts: ``"nat8"`` is the composite, while
   ``{"subtype": "nat", "ghost_batch_size": 8}`` is NoisyAffine alone (the reference's ``nat``);
 * the reference's older shuffle-based ``gni`` noise is ``{"subtype": "gnir", "sampling": "shuffle"}``;
-* Gaussian ``flexible_dropout`` draws noise of variance p/(1-p) (see ``nodo.FlexibleDropout``), not
-  the reference's standard deviation, so its Gaussian-dropout sweeps are not comparable at equal p.
+* the reference's names select its semantics where nodo's standard differs: ``noise_type: gaussian``
+  is ``kind="gaussian_reference"`` (std p/(1-p); nodo's ``kind="gaussian"`` is variance-matched,
+  std sqrt(p/(1-p))), and ``wsconv2d`` / ``wslinear`` are ``WSConv2d(scaling="fan_in")`` (nodo's
+  ``ws`` keeps the init scale); see docs/DIFFERENCES.md.
 
 Strictness and layouts
 ----------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional
@@ -80,6 +81,16 @@ def _refuse(value: Any, why: str):
     return convert
 
 
+def _fan_in_ws(cls):
+    """``cls`` (nodo.WSConv2d / WSLinear) with the reference's fan-in scaling as its default ``scaling``."""
+    return functools.partial(cls, scaling="fan_in")
+
+
+def _reference_noise_type(noise_type):
+    """The reference's ``noise_type`` -> nodo's ``kind``: its Gaussian noise has std p/(1-p)."""
+    return "gaussian_reference" if noise_type == "gaussian" else noise_type
+
+
 DROP = object()  # a converter result meaning "accepted, nothing to pass on"
 _REF_GHOST = {"batch_size": "ghost_batch_size"}
 _REF_NOISE = {**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale",
@@ -119,6 +130,7 @@ PART_TYPES = (
     _row("norm", "gnbn2d", lambda: nodo.GhostNoiseBatchNorm2d, ("ghost_noise_batch_norm",),
          keyword_aliases={**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale"},
          number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
+    _row("norm", "brn", lambda: nodo.BatchRenorm2d, ("batch_renorm", "brn2d"), layouts=_CF_ONLY),
     _row("norm", "gn", lambda: _group_norm, ("groupnorm",),
          keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"}, number_arg="num_groups",
          layouts=_CF_ONLY),
@@ -135,7 +147,8 @@ PART_TYPES = (
          number_arg="ghost_batch_size", has_shift_scale=True),
     _row("noise", "dropout", lambda: nn.Dropout, keyword_aliases={"drop_probability": "p"}),
     _row("noise", "flexible_dropout", lambda: nodo.FlexibleDropout, keyword_aliases={
-        "drop_probability": "p", "noise_type": "kind",
+        # the reference's noise_type='gaussian' is its std p/(1-p): nodo's kind 'gaussian_reference'
+        "drop_probability": "p", "noise_type": ("kind", _reference_noise_type),
         "scaling_type": _refuse("mean", "flexible_dropout: scaling_type={given!r} is not implemented; nodo's "
                                         "FlexibleDropout always keeps the mean (scaling_type='mean')"),
         "max_steps": _refuse(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout off after some "
@@ -147,9 +160,13 @@ PART_TYPES = (
     _row("activation", "gelu", lambda: nn.GELU),
     _row("activation", "silu", lambda: nn.SiLU, ("swish",)),
     _row("conv", "conv2d", lambda: nn.Conv2d, ("standard",)),
-    _row("conv", "wsconv2d", lambda: nodo.WSConv2d, ("ws",)),
+    # WS: 'ws' is nodo's standard (keeps the init scale); the reference's own names 'wsconv2d' /
+    # 'wslinear' select its fan-in scaling, which the paper's WS rows were trained with.
+    _row("conv", "ws", lambda: nodo.WSConv2d, ("ws_init",)),
+    _row("conv", "wsconv2d", lambda: _fan_in_ws(nodo.WSConv2d), ("ws_fan_in",)),
     _row("linear", "linear", lambda: nn.Linear, ("standard",)),
-    _row("linear", "wslinear", lambda: nodo.WSLinear, ("ws",)),
+    _row("linear", "ws", lambda: nodo.WSLinear, ("ws_init",)),
+    _row("linear", "wslinear", lambda: _fan_in_ws(nodo.WSLinear), ("ws_fan_in",)),
 )
 KINDS = ("norm", "noise", "gain", "bias", "activation", "conv", "linear")
 KIND_ALIASES = {"dropout": "noise", "act": "activation"}  # the reference filed dropout under "noise"
