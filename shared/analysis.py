@@ -54,6 +54,7 @@ import json
 import math
 import os
 import re
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -515,18 +516,26 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
                      ) -> Iterator[torch.Tensor]:
     """Batches of a split of a dataset, through the harness's data code (eval transforms)."""
     from shared import data
+    from shared.prefetch import DevicePrefetcher
+
     args = _data_args(options, input_size)
     kind, dataset, _eval, num_classes = data.create_datasets(args)
-    transform = data.create_transform(data.resolve_data_config(args, kind, dataset, num_classes), False, args)
-    images = [transform(dataset[i][0]) for i in range(len(dataset))] if len(dataset) <= 4096 else None
+    config = data.resolve_data_config(args, kind, dataset, num_classes)
+    transform = data.create_transform(config, False, args)  # uint8; evaluation transforms draw nothing random
+    normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
+
+    def sample(index: int) -> torch.Tensor:
+        return transform(dataset[index][0], random.Random(0))
+
+    images = [sample(i) for i in range(len(dataset))] if len(dataset) <= 4096 else None
     generator = torch.Generator().manual_seed(options.seed)
     order = torch.randperm(len(dataset), generator=generator).tolist()
     for index in range(options.num_batches):
         chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
         if len(chosen) < options.batch_size:
             break
-        batch = [images[i] if images is not None else transform(dataset[i][0]) for i in chosen]
-        yield torch.stack(batch).to(device)
+        batch = [images[i] if images is not None else sample(i) for i in chosen]
+        yield normalize(torch.stack(batch).to(device))
 
 
 def _build_parser() -> argparse.ArgumentParser:

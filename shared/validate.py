@@ -117,13 +117,13 @@ def set_norm_hyperparameters(model: nn.Module, momentum: Optional[float], eps: O
     Raises:
         ValueError: a value is given but the model has no BatchNorm-like layer.
     """
-    from nodo.ghost_batch_norm import _GhostNormBase
+    from nodo import GhostNormBase
 
     if momentum is None and eps is None:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, (nn.modules.batchnorm._NormBase, _GhostNormBase)) and \
+        if isinstance(module, (nn.modules.batchnorm._NormBase, GhostNormBase)) and \
                 not isinstance(module, nn.modules.instancenorm._InstanceNorm):
             if momentum is not None:
                 module.momentum = momentum

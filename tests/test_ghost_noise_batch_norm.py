@@ -421,7 +421,8 @@ def test_not_a_batch_norm_subclass():
     # utilities that swap every _BatchNorm must not silently replace it by a noise-free batch norm
     layer = fused_layer()
     assert not isinstance(layer, nn.modules.batchnorm._BatchNorm)
-    assert nodo.convert(layer, lambda c, **dd: nn.BatchNorm2d(c, **dd)) is layer
+    with pytest.raises(ValueError, match="no BatchNorm layer to replace"):  # refused, not silently replaced
+        nodo.convert(layer, lambda c, **dd: nn.BatchNorm2d(c, **dd))
 
 
 # --- torch.compile ---------------------------------------------------------------------------

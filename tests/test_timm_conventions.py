@@ -217,10 +217,10 @@ def test_initial_checkpoint_loads_the_ema_weights_as_timm_does(runs, tmp_path):
 
 @pytest.mark.parametrize("norm", ["bn", "gbn16", "gni16", "xbn32"])
 def test_bn_momentum_and_eps_reach_every_batch_norm_like_layer(norm):
-    from nodo.ghost_batch_norm import _GhostNormBase
+    from nodo import GhostNormBase
 
     def batch_norms(model):
-        return [m for m in model.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase, _GhostNormBase))]
+        return [m for m in model.modules() if isinstance(m, (torch.nn.modules.batchnorm._NormBase, GhostNormBase))]
 
     default = batch_norms(_model("--norm", norm))
     assert default and all(m.momentum != 0.25 and m.eps != 1e-3 for m in default)

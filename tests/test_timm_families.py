@@ -252,7 +252,7 @@ def test_one_epoch_train_run_of_stock_timm_model_with_gni(tmp_path, train_module
     report = results["norm_sites"]
     assert report["spec"] == spec and report["sites"] == sites and report["noise_sites"] == sites
     assert report["activations"] == [activations, activations]
-    assert 0.0 <= results["final"]["top1"] <= 100.0
+    assert 0.0 <= results["final"]["eval_top1"] <= 100.0
 
 
 def test_batch_norm_eps_and_momentum_of_the_model_are_kept():
