@@ -36,6 +36,7 @@ OPERATIONAL_KEYS = frozenset({
     "config", "data_dir", "dataset_download", "output", "experiment", "resume", "resume_allow_changes",
     "stop_after", "log_wandb", "wandb_project", "wandb_tags", "wandb_name", "log_interval", "checkpoint_hist",
     "workers", "pin_mem", "device", "local_rank", "validation_batch_size", "nonfinite", "torchcompile",
+    "log_noise_every",
 })
 
 
