@@ -20,6 +20,7 @@ __all__ = [
     "OPERATIONAL_KEYS",
     "RunDirError",
     "atomic_write_text",
+    "atomic_write_bytes",
     "write_summary",
     "write_results",
     "read_results",
@@ -46,9 +47,16 @@ class RunDirError(ValueError):
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then a rename:
+    a reader (or a later run after a kill) sees the old complete file or the new one, never a part."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    with open(temporary, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)

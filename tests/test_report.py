@@ -10,6 +10,7 @@ from shared import report
 
 BASE_ARGS = dict(model="cifar_resnet18", dataset="torch/cifar100", lr=0.3, batch_size=256, epochs=3,
                  train_split="train", val_split="test", output="/runs", data_dir="/data", workers=4)
+FAMILY = "cifar100-cifar_resnet18"  # shared.logging_wandb.experiment_family of BASE_ARGS
 
 
 def make_run(root, name, status="finished", final_top1=None, best_top1=None, epochs_done=3, curve=True, **args):
@@ -108,7 +109,8 @@ def test_seeded_split_runs_form_one_setup_and_repeated_seeds_are_flagged(tmp_pat
     assert rows["bn"]["duplicate_seeds"]
     assert "42,42 (repeated!)" in result["markdown"]
     # train_split differs between the two setups, so it is shown, in its seed-free form
-    assert "train_split" in result["markdown"].splitlines()[2]
+    header = next(line for line in result["markdown"].splitlines() if line.startswith("| model"))
+    assert "train_split" in header
 
 
 def test_group_by_overrides_the_setup_definition(runs_dir, tmp_path):
@@ -160,19 +162,20 @@ def test_figures_ghost_batch_size_dropout_and_curves(tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(root), "--out", str(out), "--band", "sem"]) == 0
     printed = capsys.readouterr().out
-    assert "## Finished runs" in printed and "acc_vs_ghost_batch_size.png" in printed
-    for name in ("acc_vs_ghost_batch_size.png", "acc_vs_dropout.png", "curves_1.png"):
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    # 6 GBN/GNI setups + BN + 3 dropout setups = 10 setups: one curves file (10 setups per file)
-    assert not (out / "curves_2.png").exists()
+    assert "## Finished runs" in printed and f"{FAMILY}_top1_vs_ghost_batch_size.png" in printed
+    for kind in ("top1_vs_ghost_batch_size", "top1_vs_dropout_p", "top1_by_setup", "curves_1", "curves_2"):
+        data = (out / f"{FAMILY}_{kind}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, kind
+    # 6 GBN/GNI setups + BN + 3 dropout setups = 10 setups: two curves files (8 setups per file)
+    assert not (out / f"{FAMILY}_curves_3.png").exists()
 
 
 def test_plots_are_skipped_when_there_is_nothing_to_plot(runs_dir, tmp_path):
     result = report.write_report(runs_dir, tmp_path / "out")
     names = {p.name for p in result["files"]}
-    assert "acc_vs_ghost_batch_size.png" in names  # gni16 has an N
-    assert "acc_vs_dropout.png" not in names  # no block dropout in these runs
+    assert f"{FAMILY}_top1_vs_ghost_batch_size.png" in names  # gni16 has an N
+    assert f"{FAMILY}_top1_vs_dropout_p.png" not in names  # no block dropout in these runs
+    assert "Not drawn: no finished setup of this family with block dropout" in result["markdown"]
 
 
 def test_command_errors(tmp_path, capsys):
@@ -244,7 +247,7 @@ def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert "gni4-s1" in markdown.split("## Not finished")[1] and "preempted" in markdown
     assert "gni4-s1" in printed
-    for name in ("acc_vs_ghost_batch_size.png", "curves_1.png"):
+    for name in ("digits-cifar_resnet20_top1_vs_ghost_batch_size.png", "digits-cifar_resnet20_curves_1.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
     assert (out / "results.csv").is_file()
