@@ -602,10 +602,16 @@ def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, label_of, m
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
-def _draw_lines(ax, lines: dict) -> None:
-    """Each line: means with error bars, joined, and a band between them."""
-    for label, points in sorted(lines.items()):
+def _draw_lines(ax, lines: dict, log_x: bool) -> None:
+    """Each line: means with error bars, joined, and a band between them. Lines are spread a little
+    sideways (a factor of 2^0.05 per line on a log axis, 1% of the x range on a linear one) so that
+    methods measured at the same x keep their error bars apart."""
+    xs_all = sorted({x for points in lines.values() for x, *_ in points})
+    step = 0.05 if log_x else 0.01 * ((xs_all[-1] - xs_all[0]) or 1.0)
+    for number, (label, points) in enumerate(sorted(lines.items())):
         xs, ys, bands, _counts = zip(*points)
+        offset = (number - (len(lines) - 1) / 2) * step
+        xs = [x * 2 ** offset for x in xs] if log_x else [x + offset for x in xs]
         container = ax.errorbar(xs, ys, yerr=bands, marker="o", markersize=4, capsize=3, linewidth=1.2, label=label)
         if len(xs) > 1 and any(bands):
             ax.fill_between(xs, [y - b for y, b in zip(ys, bands)], [y + b for y, b in zip(ys, bands)],
@@ -639,11 +645,13 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         label_of = lambda args: dropout_of(args)[0]  # noqa: E731
     lines = _series(rows, columns, kind, label_of, metric, band)
     if not lines:
-        noun = "a ghost batch size" if kind == "ghost_batch_size" else "block dropout"
-        return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}")
+        noun = "a ghost batch size (BN-based)" if kind == "ghost_batch_size" else "block dropout"
+        has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
+        return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
+                      if has_kind else f"no finished setup of this family has {noun}")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _draw_lines(ax, lines)
+    _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
     _draw_reference_lines(ax, rows, columns, metric, band)
     xs = sorted({x for points in lines.values() for x, *_ in points})
     if kind == "ghost_batch_size":
@@ -742,7 +750,7 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
 def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
     plt = _pyplot()
-    fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     entries, losses = [], []
     for group in chunk:
         lines = []
@@ -759,7 +767,7 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
             entries.append((lines[0], _wrap(_short_label(group.args, shown) + f" (n={len(group.runs)})")))
     _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
     _finish_panel(ax_loss, bool(losses), "loss (solid: train, dotted: eval)", "train and eval loss")
-    if losses and min(losses) > 0:
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log only where it spreads a decade
         ax_loss.set_yscale("log")
     fig.suptitle(f"{family}: training curves, mean over seeds, {_band_name(band)}", fontsize=11)
     ax_loss.legend([line for line, _ in entries], [label for _, label in entries], loc="upper left",
