@@ -482,7 +482,8 @@ def run(args, info) -> int:
         run_files.atomic_write_text(run_dir / "args.yaml", config_module.yaml_text(args))
     logger = WandbLogger(run_dir, args.experiment, args_dict, project=args.wandb_project, tags=args.wandb_tags,
                          display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
-                         derived=derived_config(unwrapped, info.world_size, args.batch_size, global_batch))
+                         derived=derived_config(unwrapped, info.world_size, args.batch_size, global_batch,
+                                                       args_dict))
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
     log(info, f"data: {loaders.description}")

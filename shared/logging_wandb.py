@@ -74,12 +74,15 @@ def experiment_family(args: Mapping[str, Any]) -> str:
 
 
 def derived_config(model, world_size: int, per_process_batch: int, global_batch: int,
-                   site_report: Optional[Mapping[str, Any]] = None) -> dict:
+                   args: Optional[Mapping[str, Any]] = None, site_report: Optional[Mapping[str, Any]] = None) -> dict:
     """Values train.py derives from the arguments, for the wandb config's ``derived`` entry.
 
     ``norm_sites`` counts the model's norm sites by module type (:func:`shared.analysis.norm_sites`:
-    what the ``--norm`` spec put in place); ``site_report`` (e.g. the noise sites a model family
-    reports) is logged as given under ``sites``.
+    what the ``--norm`` spec put in place). With ``args``: ``method`` (the norm spec without its ghost
+    batch size, :func:`shared.report.describe_norm`), and the x-axis the paper plots the setup on
+    (:func:`shared.report.axis_of`): ``x_axis`` with ``ghost_batch_size`` or ``dropout_p``, numbers a
+    wandb scatter plot can use. ``site_report`` (e.g. the noise sites a model family reports) is logged
+    as given under ``sites``.
     """
     from collections import Counter
 
@@ -91,6 +94,13 @@ def derived_config(model, world_size: int, per_process_batch: int, global_batch:
         counts = {}
     derived = {"world_size": int(world_size), "per_process_batch": int(per_process_batch),
                "global_batch": int(global_batch), "norm_sites": counts}
+    if args is not None:
+        from shared.report import axis_of, describe_norm
+
+        kind, x = axis_of(dict(args))
+        derived.update({"method": describe_norm(args.get("norm"))[0], "x_axis": kind,
+                        "ghost_batch_size": x if kind == "ghost_batch_size" else None,
+                        "dropout_p": x if kind == "dropout_p" else None})
     if site_report:
         derived["sites"] = dict(site_report)
     return derived
@@ -155,8 +165,8 @@ class WandbLogger:
                 resume="allow", dir=str(run_dir), config={**config, "derived": dict(derived or {})},
                 tags=list(tags) or None, group=group or setup_group(name, config.get("seed")),
                 job_type=job_type or experiment_family(config), settings=wandb.Settings(init_timeout=120))
-            for key, summary in HEADLINE_METRICS.items():
-                self.run.define_metric(key, summary=summary)
+            for key, summary in HEADLINE_METRICS.items():  # plotted against the epoch by default
+                self.run.define_metric(key, step_metric="epoch", summary=summary)
         except Exception as error:  # wandb raises many types (UsageError, CommError, timeouts...)
             self._warn(f"wandb.init failed: {type(error).__name__}: {error}")
             self.run = None

@@ -61,9 +61,11 @@ def test_offline_log_holds_group_job_type_declared_metrics_and_derived_config(tm
     assert {record.job_type for record in records.values()} == {"digits-cifar_resnet20"}
 
     found = runs["c10-rn20-gni16-s1"]
-    declared = {record.metric.name: record.metric.summary for kind, record in found if kind == "metric"}
+    metrics = {record.metric.name: record.metric for kind, record in found if kind == "metric"}
+    declared = {name: metric.summary for name, metric in metrics.items()}
     assert declared["eval/top1"].max and declared["eval/top1"].last
     assert declared["eval/eval_loss"].min and not declared["eval/eval_loss"].max
+    assert metrics["eval/top1"].step_metric == "epoch"  # the x-axis of the eval curves
     summary = wandb_records.summary_values(next((tmp_path / "c10-rn20-gni16-s1" / "wandb").glob("*/run-*.wandb")))
     results = json.loads((tmp_path / "c10-rn20-gni16-s1" / "results.json").read_text())
     assert summary["eval/top1"] == {"max": pytest.approx(results["best"]["top1"]),
@@ -75,6 +77,7 @@ def test_offline_log_holds_group_job_type_declared_metrics_and_derived_config(tm
     derived = configs["c10-rn20-gni16-s1"]["derived"]
     assert derived["world_size"] == 1 and derived["per_process_batch"] == 64 and derived["global_batch"] == 64
     assert derived["norm_sites"] == {"GhostNoiseBatchNorm2d": 21}
+    assert (derived["method"], derived["x_axis"], derived["ghost_batch_size"]) == ("gni", "ghost_batch_size", 16)
     assert configs["c10-rn20-bn-s1"]["derived"]["norm_sites"] == {"BatchNorm2d": 21}
     assert configs["c10-rn20-gni16-s1"]["norm"] == "gni16" and configs["c10-rn20-bn-s2"]["seed"] == 2
 
