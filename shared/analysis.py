@@ -37,6 +37,10 @@ GNI-vs-analytic as one-sample ``scipy.stats.kstest`` against the exact analytic 
 sampling noise of a drawn analytic sample), ``analysis.json`` (both, with the setup), and per site a PNG
 ``hist_<site>.png`` of both histograms with the analytic densities overlaid, plus ``ks_by_site.png``.
 
+During training. ``train.py --log-noise-every K`` measures the same shift and scale live, at every ghost
+noise and ghost batch norm site of the run's own model, with :func:`relative_ghost_noise` and
+:func:`noise_statistics` (see :mod:`shared.noise_monitor`).
+
 Reading the results. For conv feature maps the measured noise is *smaller* than the analytic law: a
 ghost mean averages ``N * H * W`` correlated values, and the spread of per-sample spatial means is below
 ``sigma``, so the shift variance is ``Var(mean_i) / (N sigma^2) < 1/N`` (``effective_n_shift = 1 /
