@@ -32,7 +32,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn

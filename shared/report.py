@@ -239,8 +239,6 @@ def load_runs(runs_dir: os.PathLike) -> tuple:
         raise FileNotFoundError(f"runs directory {str(root)!r} does not exist or is not a directory")
     runs, unreadable = [], []
     for path in sorted(root.rglob("args.yaml")):
-        if path.parent.name == "files" and path.parent.parent.name.startswith(("run-", "offline-run-")):
-            continue  # wandb's copy of the config inside a run's wandb/ folder, not a run
         try:
             runs.append(_read_run(path.parent))
         except (OSError, ValueError, UnicodeDecodeError, csv.Error, yaml.YAMLError) as error:
