@@ -847,7 +847,11 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
         found = f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
         raise FileNotFoundError(f"no runs (readable directories with args.yaml) found below {str(runs_dir)!r}{found}")
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, read-only filesystem
+        raise ValueError(f"report directory {str(out)!r} cannot be created: {error.strerror or error}; "
+                         f"choose another --out") from None
     groups = group_runs(runs, group_by)
     columns = distinguishing_keys(groups, group_by)
     rows, unfinished = summarize(groups, columns, metric)

@@ -184,6 +184,10 @@ def test_command_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "no runs" in capsys.readouterr().err
+    make_run(tmp_path / "runs", "bn-s1", final_top1=60.0, norm="bn", seed=1)
+    (tmp_path / "a-file").write_text("not a directory\n")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "a-file" / "report")]) == 2
+    assert "cannot be created" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
