@@ -714,20 +714,24 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
             method, ghost = describe_norm(value)
             parts.append(value if isinstance(value, str) and len(value) <= 24 else
                          method + (f" N={ghost}" if ghost is not None else ""))
-        elif column == "model_kwargs" and dropout_of(args) is not None:
-            kind, p = dropout_of(args)
-            parts.append(f"{kind} p={p:g}")
+        elif column == "model_kwargs":  # only what tells setups apart here: the block dropout, if any
+            dropout = dropout_of(args)
+            if dropout is not None:
+                parts.append(f"{dropout[0]} p={dropout[1]:g}")
+            elif args.get(column):
+                parts.append(f"{column}={_format_value(args.get(column))}")
         else:
             parts.append(f"{column}={_format_value(value)}")
     return ", ".join(parts) or "all runs"
 
 
-def _draw_curve(ax, epochs, means, widths, style="-", color=None):
-    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns the line."""
+def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
+    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns the line.
+    ``floor`` bounds the band from below (a log axis cannot show ``mean - std <= 0``)."""
     (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
     if any(widths):
-        ax.fill_between(epochs, [m - w for m, w in zip(means, widths)], [m + w for m, w in zip(means, widths)],
-                        color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.fill_between(epochs, [max(m - w, floor) for m, w in zip(means, widths)],
+                        [m + w for m, w in zip(means, widths)], color=line.get_color(), alpha=0.15, linewidth=0)
     return line
 
 
@@ -749,23 +753,24 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
     plt = _pyplot()
     fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
-    entries, losses = [], []
+    curves = {(id(group), column): _curve_statistics(group.runs, column, band)
+              for group in chunk for column in ("top1", "train_loss", "eval_loss")}
+    losses = [m for (_, column), (_, means, _) in curves.items() if column != "top1" for m in means]
+    log_loss = bool(losses) and min(losses) > 0 and max(losses) > 10 * min(losses)  # log if it spans a decade
+    entries = []
     for group in chunk:
         lines = []
-        epochs, means, widths = _curve_statistics(group.runs, "top1", band)
-        if epochs:
-            lines.append(_draw_curve(ax_top1, epochs, means, widths))
-        for column, style in (("train_loss", "-"), ("eval_loss", ":")):
-            epochs, means, widths = _curve_statistics(group.runs, column, band)
+        for ax, column, style in ((ax_top1, "top1", "-"), (ax_loss, "train_loss", "-"), (ax_loss, "eval_loss", ":")):
+            epochs, means, widths = curves[id(group), column]
             if epochs:
+                floor = min(losses) / 2 if log_loss and ax is ax_loss else -math.inf
                 color = lines[0].get_color() if lines else None
-                lines.append(_draw_curve(ax_loss, epochs, means, widths, style, color))
-                losses += means
+                lines.append(_draw_curve(ax, epochs, means, widths, style, color, floor))
         if lines:
             entries.append((lines[0], _wrap(_short_label(group.args, shown) + f" (n={len(group.runs)})")))
     _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
     _finish_panel(ax_loss, bool(losses), "loss (solid: train, dotted: eval)", "train and eval loss")
-    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):  # log only where it spreads a decade
+    if log_loss:
         ax_loss.set_yscale("log")
     fig.suptitle(f"{family}: training curves, mean over seeds, {_band_name(band)}", fontsize=11)
     ax_loss.legend([line for line, _ in entries], [label for _, label in entries], loc="upper left",
