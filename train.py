@@ -334,6 +334,9 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
             buffers_before = [buffer.clone() for buffer in state["unwrapped"].buffers()]
         # under DDP, gradients are synchronized only on the last micro-batch of an update
         sync = state["ddp"] is None or last_of_group
+        monitor = state.get("noise_monitor")
+        if monitor is not None and position == group_start and monitor.due(state["num_updates"] + 1):
+            monitor.arm()  # hooks for this forward pass only (shared.noise_monitor)
         with (nullcontext() if sync else state["ddp"].no_sync()), state["autocast"]():
             output = model(images)
             loss = loss_fn(output, targets)
@@ -390,6 +393,8 @@ def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progr
         counted += group_size
         updates += 1
         lr = optimizer.param_groups[0]["lr"]
+        if monitor is not None and monitor.armed:
+            state["logger"].log(monitor.collect(state["num_updates"], epoch), step=state["num_updates"])
 
         updates_done = (position + 1) // accum
         if updates_done % args.log_interval == 0 or position + 1 == num_batches:
@@ -661,19 +666,34 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
     # ---- logging
-    from shared.logging_wandb import WandbLogger
+    from shared.logging_wandb import WandbLogger, derived_config
+
+    noise_monitor = None
+    if args.log_noise_every is not None:  # rank 0 measures its own batch (shared.noise_monitor)
+        from shared.noise_monitor import CSV_NAME, NoiseMonitor
+
+        if args.log_noise_every < 1:
+            raise UsageError(f"--log-noise-every must be a positive number of updates, got {args.log_noise_every}")
+        if args.torchcompile:
+            raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
+        if info.is_primary:
+            noise_monitor = NoiseMonitor(unwrapped, args.log_noise_every, run_dir / CSV_NAME, num_updates)
+            if not noise_monitor.sites:
+                log(info, "WARNING: --log-noise-every: the model has no ghost noise or ghost batch norm site")
 
     if info.is_primary:
         # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
         run_files.write_run_file(run_dir / "args.yaml", config_module.yaml_text(args))
     # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
     # out of args_dict, whose keys a resume compares with the checkpoint's)
-    launch_shape = {"world_size": info.world_size, "batch_size_per_process": args.batch_size}
+    launch_shape = {"world_size": info.world_size, "per_process_batch": args.batch_size}
     # the wandb config holds the resolved arguments too (args_dict was taken before num_classes, lr... were set)
-    logger = WandbLogger(run_dir, args.experiment,
-                         {**config_module.args_to_dict(args), "norm_sites": norm_sites, **launch_shape},
+    resolved = config_module.args_to_dict(args)
+    logger = WandbLogger(run_dir, args.experiment, {**resolved, "norm_sites": norm_sites, **launch_shape},
                          project=args.wandb_project, tags=args.wandb_tags,
-                         display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary)
+                         display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
+                         derived=derived_config(unwrapped, info.world_size, args.batch_size, global_batch,
+                                                resolved, site_report=norm_sites))
     log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
               f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
     if site_report is not None:
@@ -711,7 +731,8 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
 
     state = dict(model=model, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
                  loss_fn=loss_fn, mixup=mixup, scaler=scaler, ema=ema, ddp=ddp, autocast=autocast,
-                 num_updates=num_updates, logger=logger, save=save, partial_loss=partial_loss)
+                 num_updates=num_updates, logger=logger, save=save, partial_loss=partial_loss,
+                 noise_monitor=noise_monitor)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _request_stop)
     global _training_started

@@ -1,6 +1,6 @@
 """``python -m bench [DATA.tar.gz] [--quick|--smoke] [--only SECTIONS] [--device DEVICE]``: print the table.
 
-Sections run in the order layers, step, data, imagenet, e2e (``--only`` picks some, comma-separated). The
+Sections run in the order layers, step, data, imagenet, e2e, monitor (``--only`` picks some, comma-separated). The
 header lines (``# key: value``) say what was measured where; the table follows (bench.table).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bench import data_path, end_to_end, imagenet_loader, layers, step
+from bench import data_path, end_to_end, imagenet_loader, layers, noise_monitor, step
 from bench.table import format_table
 
-SECTIONS = ("layers", "step", "data", "imagenet", "e2e")
+SECTIONS = ("layers", "step", "data", "imagenet", "e2e", "monitor")
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     if "e2e" in args.sections:
         rows += end_to_end.run(device, num_images=s.e2e_images, batch=s.data_batch, workers=workers,
                                log_interval=s.e2e_log_interval)
+    if "monitor" in args.sections:  # the step section's model and batch, measured every 100th update
+        rows += noise_monitor.run(device, batch=s.step_batch, repeats=s.step_repeats, warmup=s.warmup,
+                                  model_name=s.step_model, image_size=s.step_image_size, every=100)
     print(format_table(rows))
     print(f"# wall: {time.perf_counter() - started:.0f}s  load average: {os.getloadavg()[0]:.1f}")
     return 0

@@ -37,6 +37,10 @@ GNI-vs-analytic as one-sample ``scipy.stats.kstest`` against the exact analytic 
 sampling noise of a drawn analytic sample), ``analysis.json`` (both, with the setup), and per site a PNG
 ``hist_<site>.png`` of both histograms with the analytic densities overlaid, plus ``ks_by_site.png``.
 
+During training. ``train.py --log-noise-every K`` measures the same shift and scale live, at every ghost
+noise and ghost batch norm site of the run's own model, with :func:`relative_ghost_noise` and
+:func:`noise_statistics` (see :mod:`shared.noise_monitor`).
+
 Reading the results. For conv feature maps the measured noise is *smaller* than the analytic law: a
 ghost mean averages ``N * H * W`` correlated values, and the spread of per-sample spatial means is below
 ``sigma``, so the shift variance is ``Var(mean_i) / (N sigma^2) < 1/N`` (``effective_n_shift = 1 /
@@ -69,9 +73,12 @@ from nodo import functional as NF
 __all__ = [
     "QUANTILES",
     "norm_sites",
+    "SMALL_SCALE",
+    "relative_ghost_noise",
     "ghost_noise_samples",
     "measure",
     "summarize_samples",
+    "noise_statistics",
     "analytic_cdf",
     "analytic_pdf",
     "ks_distances",
@@ -85,6 +92,10 @@ SOURCES = ("gbn", "gni")
 # A channel whose batch variance is below this (relative to float32 resolution) carries no signal
 # (e.g. a channel that is exactly zero); its noise is undefined and it is left out.
 _MIN_VARIANCE = 1e-12
+# A scale below this multiplies the activation by more than 10: "very small". Under the analytic law it
+# has probability P(chi2(N-1) < N / 100), about 1e-13 at N = 16 (but 0.11 at N = 2); GNI bounds the
+# multiplier by sqrt((1 + eps) / eps) = 31.6 at eps 1e-3.
+SMALL_SCALE = 0.1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +157,32 @@ def _channel_dim(x: torch.Tensor) -> int:
     return -1 if x.dim() == 3 else 1
 
 
+def relative_ghost_noise(x: torch.Tensor, ghost_indices: torch.Tensor, eps: float = 1e-3) -> tuple:
+    r"""The shift ``m`` and scale ``s`` (module docstring) of the ghost batches ``ghost_indices`` on ``x``.
+
+    Args:
+        x: a site's input, ``(B, C, *)`` (or ``(B, L, C)`` tokens).
+        ghost_indices: ``(B, N)`` long, sample ``i``'s ghost batch in row ``i`` (``-1``: empty slot), as
+            from ``nodo.functional.sample_ghost_indices``.
+        eps: added to both relative variances in the scale, as GNI does.
+
+    Returns:
+        ``(shift, scale)``, float32 tensors ``(B, C')`` on ``x``'s device, ``C'`` the channels with
+        variance (a channel without variance has no defined noise and is left out).
+    """
+    with torch.no_grad():
+        mean, var = NF.sample_moments(x.detach().float(), _channel_dim(x))
+        batch_mean = mean.mean(0)
+        batch_var = (var + (mean - batch_mean).square()).mean(0)
+        keep = batch_var > _MIN_VARIANCE
+        std = batch_var.clamp_min(_MIN_VARIANCE).sqrt()
+        # moments of x_hat = (x - mu) / sigma: the noise below is then already relative to sigma
+        mean_hat, var_hat = (mean - batch_mean) / std, var / batch_var.clamp_min(_MIN_VARIANCE)
+        weights = NF.ghost_batch_weights(ghost_indices, dtype=mean_hat.dtype)
+        shift, scale = NF.ghost_noise_from_moments(mean_hat, var_hat, weights, eps)
+    return shift[:, keep], scale[:, keep]
+
+
 def ghost_noise_samples(x: torch.Tensor, ghost_batch_size: int, eps: float = 1e-3,
                         generator: Optional[torch.Generator] = None) -> dict:
     """The shift and scale noise GBN induces and GNI injects for one activation batch.
@@ -164,22 +201,12 @@ def ghost_noise_samples(x: torch.Tensor, ghost_batch_size: int, eps: float = 1e-
     if batch_size % ghost_batch_size:
         raise ValueError(f"batch size {batch_size} is not a multiple of ghost_batch_size {ghost_batch_size}: "
                          f"GBN's ghost batches must partition the batch")
-    with torch.no_grad():
-        mean, var = NF.sample_moments(x.detach().float(), _channel_dim(x))
-        batch_mean = mean.mean(0)
-        batch_var = (var + (mean - batch_mean).square()).mean(0)
-        keep = batch_var > _MIN_VARIANCE
-        std = batch_var.clamp_min(_MIN_VARIANCE).sqrt()
-        # moments of x_hat = (x - mu) / sigma: the noise below is then already relative to sigma
-        mean_hat, var_hat = (mean - batch_mean) / std, var / batch_var.clamp_min(_MIN_VARIANCE)
-        result = {}
-        for source, sampling in (("gbn", "shuffle"), ("gni", "replacement")):
-            indices = NF.sample_ghost_indices(batch_size, ghost_batch_size, sampling, device=x.device,
-                                              generator=generator)
-            weights = NF.ghost_batch_weights(indices, dtype=mean_hat.dtype)
-            shift, scale = NF.ghost_noise_from_moments(mean_hat, var_hat, weights, eps)
-            result[source] = (shift[:, keep].double().cpu().numpy().ravel(),
-                              scale[:, keep].double().cpu().numpy().ravel())
+    result = {}
+    for source, sampling in (("gbn", "shuffle"), ("gni", "replacement")):
+        indices = NF.sample_ghost_indices(batch_size, ghost_batch_size, sampling, device=x.device,
+                                          generator=generator)
+        shift, scale = relative_ghost_noise(x, indices, eps)
+        result[source] = (shift.double().cpu().numpy().ravel(), scale.double().cpu().numpy().ravel())
     return result
 
 
@@ -289,6 +316,23 @@ def summarize_samples(values: np.ndarray) -> dict:
     return row
 
 
+def noise_statistics(shift: np.ndarray, scale: np.ndarray, small_scale: float = SMALL_SCALE) -> dict:
+    """The headline figures of one site's noise sample (what the live monitor logs, see
+    :mod:`shared.noise_monitor`): spread and extremes of the shift ``m`` and of the scale ``s``.
+
+    ``max_inverse_scale = 1 / min(s)`` is the largest multiplier applied; ``small_scale_fraction`` the
+    fraction of scales below ``small_scale`` (multipliers above ``1 / small_scale``);
+    ``effective_n_shift = 1 / Var(m)``, the ghost batch size whose analytic law has this shift variance.
+    """
+    shift_row, scale_row = summarize_samples(shift), summarize_samples(scale)
+    return {"shift_std": shift_row["std"], "shift_min": shift_row["min"], "shift_max": shift_row["max"],
+            "max_abs_shift": max(-shift_row["min"], shift_row["max"]),
+            "scale_mean": scale_row["mean"], "scale_std": scale_row["std"], "scale_min": scale_row["min"],
+            "scale_max": scale_row["max"], "max_inverse_scale": 1.0 / max(scale_row["min"], 1e-300),
+            "small_scale_fraction": float(np.mean(scale < small_scale)),
+            "effective_n_shift": 1.0 / max(shift_row["std"] ** 2, 1e-300)}
+
+
 def ks_distances(site: dict, ghost_batch_size: int) -> dict:
     """KS distances per noise: GBN vs GNI (two-sample), GBN / GNI vs the exact analytic CDF."""
     from scipy import stats
@@ -315,9 +359,10 @@ def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
     extremes = {}
     for source in SOURCES:
         shift, scale = site[source]["shift"], site[source]["scale"]
-        extremes[source] = {"max_abs_shift": float(np.abs(shift).max()), "min_scale": float(scale.min()),
-                            "max_inverse_scale": float(1.0 / max(scale.min(), 1e-300)),
-                            "effective_n_shift": float(1.0 / max(shift.var(), 1e-300))}
+        figures = noise_statistics(shift, scale)
+        extremes[source] = {"max_abs_shift": figures["max_abs_shift"], "min_scale": figures["scale_min"],
+                            "max_inverse_scale": figures["max_inverse_scale"],
+                            "effective_n_shift": figures["effective_n_shift"]}
     return {"site": name, "shape": site.get("shape"), "stats": stats_rows,
             "ks": ks_distances(site, ghost_batch_size), "extremes": extremes}
 

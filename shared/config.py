@@ -408,6 +408,10 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--nonfinite", default="stop", type=_choice_text(("stop", "skip")),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
+    group.add_argument("--log-noise-every", type=int, default=None, metavar="K",
+                       help="every K updates, log the shift/scale statistics of every ghost noise and ghost batch "
+                            "norm site to wandb and OUTPUT/EXPERIMENT/noise_monitor.csv (shared.noise_monitor; "
+                            "None: off)")
     group.add_argument("--log-wandb", action=argparse.BooleanOptionalAction, default=False,
                        help="log to Weights & Biases (offline by itself without credentials); --no-log-wandb "
                             "turns off a config's log_wandb: true")

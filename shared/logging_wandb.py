@@ -7,6 +7,12 @@
   (``resume="allow"``) and a run of the same name in another output folder into its own.
 * Any wandb failure (not installed, bad settings, a crash mid-run) becomes one warning; after it every
   call is a no-op and training and the local logs (summary.csv, results.json) go on.
+* Runs aggregate in the UI: ``group`` is the run's setup (:func:`setup_group`: the run name without its
+  seed, so every seed of one sweep case shares it), ``job_type`` the experiment family
+  (:func:`experiment_family`), the headline metrics are declared (:data:`HEADLINE_METRICS`) and the config
+  holds the resolved arguments plus ``derived`` values (norm sites, world size, per-process batch...).
+  The group and job type are stored in the run record, so ``wandb sync`` of an offline run keeps them.
+  docs/WANDB.md shows how to read the paper's comparisons in the UI.
 """
 from __future__ import annotations
 
@@ -16,11 +22,88 @@ import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["WandbLogger", "RUN_ID_FILE"]
+__all__ = ["WandbLogger", "RUN_ID_FILE", "HEADLINE_METRICS", "setup_group", "experiment_family",
+           "derived_config"]
 
 RUN_ID_FILE = "wandb_run_id.txt"
+_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
+_SEPARATORS = "-_.=+"
+# Logged key -> summary aggregations wandb keeps for it. Both spellings of the eval metrics are declared
+# (this harness logs eval/top1; timm's summary names are eval_top1), so either one gets its headline
+# summary; a declared key that is never logged costs nothing.
+HEADLINE_METRICS = {
+    "eval/top1": "max,last", "eval/eval_top1": "max,last",
+    "eval/top5": "max,last", "eval/eval_top5": "max,last",
+    "eval/eval_loss": "min,last", "eval/loss": "min,last",
+    "train/epoch_loss": "min,last",
+}
+
+
+def setup_group(name: str, seed: Any) -> str:
+    """The run name without its seed: the wandb group shared by every seed of one setup.
+
+    The seed is the last token of ``name`` that is the seed's digits, optionally written ``s42`` or
+    ``seed42`` (or ``seed-42``), between separators (``- _ . = +``) or the ends of the name:
+    ``c100-rn18-gni16-s42`` (seed 42) -> ``c100-rn18-gni16``; ``rn18`` is not mistaken for seed 18. A
+    name without its seed is its own group (a run named by hand is one setup).
+    """
+    if seed is None or isinstance(seed, bool):
+        return name
+    pattern = re.compile(rf"(?:^|(?<=[{re.escape(_SEPARATORS)}]))(?:seed|s)?[-_=]?{re.escape(str(seed))}"
+                         rf"(?=$|[{re.escape(_SEPARATORS)}])")
+    matches = list(pattern.finditer(name))
+    if not matches:
+        return name
+    last = matches[-1]
+    head, tail = name[:last.start()].rstrip(_SEPARATORS), name[last.end():].lstrip(_SEPARATORS)
+    joined = head + (name[last.start() - 1] if head and tail else "") + tail
+    return joined or name
+
+
+def experiment_family(args: Mapping[str, Any]) -> str:
+    """``DATASET-MODEL`` (``cifar10-cifar_resnet20``): runs whose results are compared with each other.
+
+    The dataset is ``--dataset`` without timm's ``torch/`` prefix, else the name of ``--data-dir``.
+    """
+    dataset = str(args.get("dataset") or "").split("/")[-1]
+    if not dataset and args.get("data_dir"):
+        dataset = Path(str(args["data_dir"]).rstrip("/")).name
+    return f"{dataset or 'data'}-{args.get('model') or 'model'}"
+
+
+def derived_config(model, world_size: int, per_process_batch: int, global_batch: int,
+                   args: Optional[Mapping[str, Any]] = None, site_report: Optional[Mapping[str, Any]] = None) -> dict:
+    """Values train.py derives from the arguments, for the wandb config's ``derived`` entry.
+
+    ``norm_sites`` counts the model's norm sites by module type (:func:`shared.analysis.norm_sites`:
+    what the ``--norm`` spec put in place). With ``args``: ``method`` (the norm spec without its ghost
+    batch size, :func:`shared.report.describe_norm`), and the x-axis the paper plots the setup on
+    (:func:`shared.report.axis_of`): ``x_axis`` with ``ghost_batch_size`` or ``dropout_p``, numbers a
+    wandb scatter plot can use. ``site_report`` (e.g. the noise sites a model family reports) is logged
+    as given under ``sites``.
+    """
+    from collections import Counter
+
+    from shared.analysis import norm_sites
+
+    try:
+        counts = dict(Counter(type(module).__name__ for module in norm_sites(model).values()))
+    except ValueError:  # a model without norm sites
+        counts = {}
+    derived = {"world_size": int(world_size), "per_process_batch": int(per_process_batch),
+               "global_batch": int(global_batch), "norm_sites": counts}
+    if args is not None:
+        from shared.report import axis_of, describe_norm
+
+        kind, x = axis_of(dict(args))
+        derived.update({"method": describe_norm(args.get("norm"))[0], "x_axis": kind,
+                        "ghost_batch_size": x if kind == "ghost_batch_size" else None,
+                        "dropout_p": x if kind == "dropout_p" else None})
+    if site_report:
+        derived["sites"] = dict(site_report)
+    return derived
 
 
 def _has_credentials() -> bool:
@@ -58,10 +141,15 @@ class WandbLogger:
         config: the resolved arguments.
         project, tags, display_name: ``--wandb-project``, ``--wandb-tags``, ``--wandb-name``.
         enabled: ``--log-wandb`` on this process (rank 0 only).
+        derived: values derived from the arguments (:func:`derived_config`), logged as ``derived``.
+        group, job_type: wandb's; default :func:`setup_group` of ``name`` and ``config['seed']``, and
+            :func:`experiment_family` of ``config``.
     """
 
     def __init__(self, run_dir: Path, name: str, config: dict, project: Optional[str] = None,
-                 tags: Sequence[str] = (), display_name: Optional[str] = None, enabled: bool = True):
+                 tags: Sequence[str] = (), display_name: Optional[str] = None, enabled: bool = True,
+                 derived: Optional[Mapping[str, Any]] = None, group: Optional[str] = None,
+                 job_type: Optional[str] = None):
         self.run = None
         self.offline = False
         if not enabled:
@@ -78,8 +166,11 @@ class WandbLogger:
             self.offline = mode in ("offline", "dryrun")
             self.run = wandb.init(
                 mode=mode, project=project or "ghost-noise", name=display_name or name, id=_run_id(run_dir, name),
-                resume="allow", dir=str(run_dir), config=config, tags=list(tags) or None,
-                settings=wandb.Settings(init_timeout=120))
+                resume="allow", dir=str(run_dir), config={**config, "derived": dict(derived or {})},
+                tags=list(tags) or None, group=group or setup_group(name, config.get("seed")),
+                job_type=job_type or experiment_family(config), settings=wandb.Settings(init_timeout=120))
+            for key, summary in HEADLINE_METRICS.items():  # plotted against the epoch by default
+                self.run.define_metric(key, step_metric="epoch", summary=summary)
         except Exception as error:  # wandb raises many types (UsageError, CommError, timeouts...)
             self._warn(f"wandb.init failed: {type(error).__name__}: {error}")
             self.run = None

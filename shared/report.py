@@ -1,4 +1,4 @@
-"""Runs directory -> result tables (Markdown, CSV) and figures (PNG), the shape of the paper's.
+"""Runs directory -> one Markdown page of result tables and figures (PNG), the shape of the paper's.
 
 ::
 
@@ -8,12 +8,16 @@
 
 A *run* is a directory holding ``args.yaml`` (train.py's resolved configuration) with ``results.json``
 and/or ``summary.csv`` beside it (see docs/ARCHITECTURE.md, "train.py outputs"). Runs are found at any
-depth below RUNS_DIR.
+depth below RUNS_DIR. A run directory that cannot be read (unreadable or malformed ``args.yaml``,
+``summary.csv``...) is listed in the report with the reason and skipped.
 
 Grouping. Runs form one *setup* when every resolved argument agrees except the bookkeeping ones
-(:data:`NON_SETUP_KEYS`: seed, run name, paths, logging, workers...). A split string that ends in the
-run's own seed (``train[:0.9]-20`` for seed 20) is compared as ``train[:0.9]-{seed}``, so the seeded
-90/10 validation splits of one sweep land in one setup. ``--group-by`` replaces this with explicit keys.
+(:data:`NON_SETUP_KEYS`: seed, run name, paths, logging, workers...) and their ghost-batch semantics
+agree: the world size and the per-process batch (``results.json``'s ``world_size`` and
+``per_process_batch``; absent means one process with ``batch_size``), since a ghost batch is drawn per
+process. A split string that ends in the run's own seed (``train[:0.9]-20`` for seed 20) is compared as
+``train[:0.9]-{seed}``, so the seeded 90/10 validation splits of one sweep land in one setup.
+``--group-by`` replaces the argument part of this with explicit keys (the semantics still separate).
 
 Table. One row per setup: the keys that tell setups apart (``model`` and ``norm`` always, then every
 key whose value differs between setups), the number of finished runs and their seeds, and mean +- std
@@ -22,27 +26,34 @@ sample standard deviation (ddof=1; empty for a single run). Only runs whose ``re
 ``finished`` are averaged; every other run (running, preempted, failed, no results.json) is listed in a
 separate table with its status and the epochs it completed.
 
-Figures (written only when the runs contain the setups they plot):
+Figures: one set per *family* (``DATASET-MODEL``, :func:`shared.logging_wandb.experiment_family`, the
+wandb job type) and per x-axis kind (:func:`axis_of`), named ``FAMILY_METRIC_vs_ghost_batch_size.png``,
+``FAMILY_METRIC_vs_dropout_p.png``, ``FAMILY_METRIC_by_setup.png`` and ``FAMILY_curves_K.png``:
 
-* ``acc_vs_ghost_batch_size.png``: metric versus ghost batch size N on a log2 axis, one line per method
-  (the norm spec with its N removed, e.g. ``gbn``, ``gni-shift``, ``nat-scale``, ``xbn2d+gnir``), mean
-  with a +-1 std band (``--band sem`` for the standard error); plain BN setups (no N, no dropout) are
-  drawn as horizontal reference lines. The paper's Figure 3.
-* ``acc_vs_dropout.png``: metric versus the ``block_dropout`` probability p, one line per dropout kind
-  (Bernoulli / Gaussian, element- / channel-wise).
-* ``curves_K.png``: eval top-1 and train/eval loss versus epoch, averaged over the seeds of each setup
-  (at most 10 setups per file).
+* ghost batch size N (log2 axis), one line per method (the BN-based norm spec with its N removed, e.g.
+  ``gbn``, ``gni-shift``, ``xbn2d+gnir``), plain BN as a horizontal reference; the paper's Figure 3;
+* dropout probability p, one line per block-dropout kind, plain BN as the reference;
+* by setup: every other setup (BN, LN -> GNI, GroupNorm...) as one point each;
+* training curves: eval top-1 and train/eval loss versus epoch, mean over the seeds of each setup.
+
+Every point is a mean with an error bar (and every line a band) of +-1 sample std over seeds
+(``--band sem``: the standard error); a setup with one seed has none, and its legend entry says n=1.
+Axis labels and file names follow ``--metric``. A figure with nothing to draw is not written; the page
+says why. Everything is written atomically (temporary file, fsync, rename: see
+:func:`shared.run_files.atomic_write_bytes`), so an interrupted report leaves the previous complete files.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
 import re
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -54,6 +65,9 @@ from shared.run_files import results_with_timm_names, timm_metric_names
 __all__ = [
     "NON_SETUP_KEYS",
     "METRICS",
+    "metric_value",
+    "metric_label",
+    "axis_of",
     "Run",
     "Group",
     "load_runs",
@@ -61,6 +75,10 @@ __all__ = [
     "describe_norm",
     "dropout_of",
     "summarize",
+    "render_tables",
+    "plot_axis",
+    "plot_setups",
+    "plot_curves",
     "write_report",
     "main",
 ]
@@ -71,17 +89,32 @@ NON_SETUP_KEYS = frozenset({
     "seed", "experiment", "output", "config", "resume", "data_dir", "workers", "pin_mem",
     "dataset_download", "log_wandb", "wandb_project", "wandb_tags", "wandb_name", "checkpoint_hist",
     "torchcompile", "log_interval", "recovery_interval", "no_prefetcher", "device", "local_rank",
-    "eval_metric", "bases", "sweep",
+    "eval_metric", "bases", "sweep", "log_noise_every", "stop_after", "resume_allow_changes",
 })
-# Where each metric comes from in results.json: (section, key).
+# Keys of a run's ghost-batch semantics, read from results.json (see the module docstring).
+SEMANTIC_KEYS = ("world_size", "per_process_batch")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """Where a metric is in results.json (``section``, ``key``), and how figures and tables name it."""
+    section: str
+    key: str
+    label: str
+    percent: bool
+
+
 METRICS = {
-    "top1": ("final", "eval_top1"),
-    "top5": ("final", "eval_top5"),
-    "best_top1": ("best", "eval_top1"),
-    "best_top5": ("best", "eval_top5"),
-    "eval_loss": ("final", "eval_loss"),
-    "train_loss": ("final", "train_loss"),
+    "top1": Metric("final", "eval_top1", "final top-1", True),
+    "top5": Metric("final", "eval_top5", "final top-5", True),
+    "best_top1": Metric("best", "eval_top1", "best top-1", True),
+    "best_top5": Metric("best", "eval_top5", "best top-5", True),
+    "eval_loss": Metric("final", "eval_loss", "final eval loss", False),
+    "train_loss": Metric("final", "train_loss", "final train loss", False),
 }
+# The names a value may have in summary.csv / results.json: this harness's, then timm's summary names.
+_ALIASES = {"top1": ("top1", "eval_top1"), "top5": ("top5", "eval_top5"), "eval_loss": ("eval_loss",),
+            "train_loss": ("train_loss",), "epoch": ("epoch",)}
 # Norm names whose number is a ghost batch size (not e.g. GroupNorm's number of groups).
 _GHOST_METHODS = frozenset({"gbn", "gbn2d", "gni", "gnir", "nat", "xbn", "xbn2d", "ebn", "en", "en2d", "gnbn2d",
                             "ghost_noise_injector_rep", "ghost_noise_injector", "ghost_noise", "noisy_affine"})
@@ -108,11 +141,37 @@ class Run:
     def seed(self) -> Any:
         return self.args.get("seed")
 
+    @property
+    def setup_args(self) -> dict:
+        """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json."""
+        world_size = self.results.get("world_size")
+        per_process_batch = self.results.get("per_process_batch")
+        return {**self.args, "world_size": world_size if world_size is not None else 1,
+                "per_process_batch": per_process_batch if per_process_batch is not None
+                else self.args.get("batch_size")}
+
     def metric(self, name: str) -> Optional[float]:
         """A metric of a finished run (``METRICS``), or None when results.json does not have it."""
-        section, key = METRICS[name]
-        value = (self.results.get(section) or {}).get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        metric = METRICS[name]
+        return metric_value(self.results.get(metric.section), metric.key)
+
+
+def metric_value(values: Any, name: str) -> Optional[float]:
+    """``values[name]`` under any of its names (:data:`_ALIASES`: ``top1`` or timm's ``eval_top1``) as a
+    float, or None when absent or not a finite number. ``values``: a results.json section or a summary.csv row."""
+    if not isinstance(values, dict):
+        return None
+    for key in _ALIASES.get(name, (name,)):
+        value = values.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    return None
+
+
+def metric_label(name: str) -> str:
+    """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
+    metric = METRICS[name]
+    return metric.label + (" (%)" if metric.percent else "")
 
 
 @dataclass
@@ -123,7 +182,8 @@ class Group:
 
     @property
     def args(self) -> dict:
-        return self.runs[0].args
+        """The setup's arguments (with the ghost-batch semantics, see :attr:`Run.setup_args`)."""
+        return self.runs[0].setup_args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,17 +207,20 @@ def _read_summary(path: Path) -> list:
 
 
 def _read_run(directory: Path) -> Run:
-    with open(directory / "args.yaml") as handle:
+    """One run directory. Raises OSError, ValueError (yaml.YAMLError, csv.Error...) when it cannot be read."""
+    with open(directory / "args.yaml", encoding="utf-8") as handle:
         args = yaml.safe_load(handle) or {}
     if not isinstance(args, dict):
-        raise ValueError(f"{directory / 'args.yaml'}: expected a mapping of arguments, got {type(args).__name__}")
+        raise ValueError(f"args.yaml holds a {type(args).__name__}, not a mapping of arguments")
     results: dict = {}
     results_path = directory / "results.json"
     if results_path.is_file():
         try:
-            results = results_with_timm_names(json.loads(results_path.read_text()))
+            results = results_with_timm_names(json.loads(results_path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as error:
             results = {"status": f"unreadable results.json ({error.msg})"}
+        if not isinstance(results, dict):
+            results = {"status": f"unreadable results.json (a {type(results).__name__}, not a mapping)"}
     curve = _read_summary(directory / "summary.csv")
     status = str(results.get("status") or ("no results.json" if not results_path.is_file() else "unknown"))
     epochs_done = results.get("epochs_done")
@@ -166,12 +229,23 @@ def _read_run(directory: Path) -> Run:
     return Run(directory, args, status, epochs_done, results, curve)
 
 
-def load_runs(runs_dir: os.PathLike) -> list:
-    """Every run below ``runs_dir`` (directories holding an ``args.yaml``), sorted by path."""
+def load_runs(runs_dir: os.PathLike) -> tuple:
+    """Every run below ``runs_dir`` (directories holding an ``args.yaml``), sorted by path.
+
+    Returns:
+        ``(runs, unreadable)``: the :class:`Run` objects, and ``[(directory, reason)]`` of the run
+        directories that could not be read (they are skipped).
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {str(root)!r} does not exist or is not a directory")
-    return [_read_run(path.parent) for path in sorted(root.rglob("args.yaml"))]
+    runs, unreadable = [], []
+    for path in sorted(root.rglob("args.yaml")):
+        try:
+            runs.append(_read_run(path.parent))
+        except (OSError, ValueError, UnicodeDecodeError, csv.Error, yaml.YAMLError) as error:
+            unreadable.append((path.parent, f"{type(error).__name__}: {error}".splitlines()[0][:200]))
+    return runs, unreadable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,8 +272,10 @@ def setup_key(run: Run, group_by: Optional[Sequence[str]] = None, seeded_splits:
     ``seeded_splits=False`` compares split strings as they are (a fixed split such as ``train[:128]-0``
     that happens to end in the run's seed 0).
     """
-    keys = group_by if group_by is not None else sorted(k for k in run.args if k not in NON_SETUP_KEYS)
-    return tuple((k, _canonical(_setup_value(k, run.args.get(k), run.seed) if seeded_splits else run.args.get(k)))
+    args = run.setup_args
+    keys = list(group_by) if group_by is not None else sorted(k for k in args if k not in NON_SETUP_KEYS)
+    keys += [k for k in SEMANTIC_KEYS if k not in keys]  # never average different ghost-batch semantics
+    return tuple((k, _canonical(_setup_value(k, args.get(k), run.seed) if seeded_splits else args.get(k)))
                  for k in keys)
 
 
@@ -220,17 +296,15 @@ def group_runs(runs: Iterable[Run], group_by: Optional[Sequence[str]] = None) ->
 
 
 def distinguishing_keys(groups: Sequence[Group], group_by: Optional[Sequence[str]] = None) -> list:
-    """Columns that tell the groups apart: ``model`` and ``norm``, then every key that varies."""
-    if group_by is not None:
-        return list(group_by)
-    varying = []
-    all_keys = sorted({k for g in groups for k, _ in g.key})
-    for key in all_keys:
-        values = {dict(g.key).get(key) for g in groups}
-        if len(values) > 1:
-            varying.append(key)
-    first = [k for k in ("model", "norm") if any(k in g.args for g in groups)]
-    return first + [k for k in varying if k not in first]
+    """Columns that tell the groups apart: ``model`` and ``norm`` (or the ``group_by`` keys), then every
+    key that varies. ``per_process_batch`` is left out where it only repeats ``batch_size``."""
+    varying = [key for key in sorted({k for g in groups for k, _ in g.key})
+               if len({dict(g.key).get(key) for g in groups}) > 1]
+    if all(g.args.get("per_process_batch") == g.args.get("batch_size") for g in groups):
+        varying = [key for key in varying if key != "per_process_batch"]
+    first = list(group_by) if group_by is not None else [k for k in ("model", "norm") if any(k in g.args for g in groups)]
+    extra = [k for k in varying if k in SEMANTIC_KEYS] if group_by is not None else varying
+    return first + [k for k in extra if k not in first]
 
 
 def _natural_key(value: Any) -> list:
@@ -308,6 +382,27 @@ def dropout_of(args: dict) -> Optional[tuple]:
     return (str(spec), math.nan)
 
 
+AXIS_KINDS = ("ghost_batch_size", "dropout_p", "none")
+
+
+def axis_of(args: dict) -> tuple:
+    """``(x-axis kind, x)`` a setup is plotted on (:data:`AXIS_KINDS`).
+
+    ``dropout_p``: block dropout with a probability p. ``ghost_batch_size``: a norm spec with a ghost
+    batch size N whose base is batch norm or a ghost batch norm (``gbn16``, ``gni16``, ``nat8-scale``,
+    ``[xbn2d, gnir16, ...]``); these are the methods the paper compares along N. ``none`` otherwise:
+    plain BN, LayerNorm -> GNI (``[ln, gnir12]``: its N is not comparable with BN-based GNI's), GroupNorm.
+    """
+    dropout = dropout_of(args)
+    if dropout is not None and math.isfinite(dropout[1]):
+        return ("dropout_p", dropout[1])
+    method, ghost = describe_norm(args.get("norm"))
+    base = method.split("+")[0].split("-")[0]
+    if ghost is not None and (base in _GHOST_METHODS or base in _BN_NAMES):
+        return ("ghost_batch_size", ghost)
+    return ("none", None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +448,7 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
         unfinished += [r for r in group.runs if r.status != _FINISHED]
         if not finished:
             continue
-        row = {c: _format_value(finished[0].args.get(c)) for c in columns}
+        row = {c: _format_value(group.args.get(c)) for c in columns}
         seeds = [r.seed for r in finished]
         row["n"] = len(finished)
         row["seeds"] = ",".join(str(s) for s in seeds)
@@ -368,7 +463,7 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
 
 
 # ----------------------------------------------------------------------------------------------
-# Output
+# Tables
 # ----------------------------------------------------------------------------------------------
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -378,10 +473,15 @@ def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def render_markdown(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequence[str], metric: str) -> str:
-    metrics = list(dict.fromkeys(["top1", "best_top1", metric]))
-    titles = {"top1": "final top-1 (%)", "best_top1": "best top-1 (%)"}
-    header = list(columns) + ["n", "seeds"] + [titles.get(m, m) for m in metrics]
+def _table_metrics(metric: str) -> list:
+    return list(dict.fromkeys(["top1", "best_top1", metric]))
+
+
+def render_tables(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequence[str], metric: str,
+                  unreadable: Sequence[tuple] = ()) -> str:
+    """The Markdown tables: finished setups, unfinished runs, unreadable run directories."""
+    metrics = _table_metrics(metric)
+    header = list(columns) + ["n", "seeds"] + [metric_label(m) for m in metrics]
     body = []
     for row in rows:
         seeds = row["seeds"] + (" (repeated!)" if row["duplicate_seeds"] else "")
@@ -394,30 +494,43 @@ def render_markdown(rows: Sequence[dict], unfinished: Sequence[Run], columns: Se
         text += _markdown_table(["run", "status", "epochs done", "of", "path"], [
             [r.name, r.status, str(r.epochs_done if r.epochs_done is not None else "-"),
              str(r.args.get("epochs", "-")), str(r.path)] for r in unfinished])
+    if unreadable:
+        text += "\n\n## Unreadable run directories (skipped)\n\n"
+        text += _markdown_table(["path", "reason"], [[str(path), reason] for path, reason in unreadable])
     return text + "\n"
 
 
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str], metric: str) -> None:
-    metrics = list(dict.fromkeys(["top1", "best_top1", metric]))
-    fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+def _csv_text(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for cells in body:
+        writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells])
+    return buffer.getvalue()
 
 
-def _write_unfinished_csv(path: Path, unfinished: Sequence[Run]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["run", "status", "epochs_done", "epochs", "path"])
-        for run in unfinished:
-            writer.writerow([run.name, run.status, run.epochs_done, run.args.get("epochs"), run.path])
+def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> str:
+    fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in _table_metrics(metric)
+                                                         for s in ("mean", "std")]
+    return _csv_text(fields, ([row.get(f, "") for f in fields] for row in rows))
+
+
+def _unfinished_csv(unfinished: Sequence[Run]) -> str:
+    return _csv_text(["run", "status", "epochs_done", "epochs", "path"],
+                     ([r.name, r.status, r.epochs_done, r.args.get("epochs"), r.path] for r in unfinished))
 
 
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """A figure of the page: written (``path``) or not, and why not (``reason``)."""
+    title: str
+    path: Optional[Path] = None
+    reason: str = ""
+
 
 def _pyplot():
     import matplotlib
@@ -426,10 +539,37 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """PNG through memory and an atomic write; the bounding box grows to hold legends outside the axes."""
+    from shared.run_files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _wrap(label: str, width: int = 42) -> str:
+    return "\n".join(textwrap.wrap(label, width)) or label
+
+
+def _legend(ax) -> None:
+    """Beside the axes (never over the data), one entry per line, long labels wrapped."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, [_wrap(label) for label in labels], loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  fontsize=8, frameon=False)
+
+
 def _band_width(std: float, count: int, band: str) -> float:
     if not math.isfinite(std):
         return 0.0
     return std / math.sqrt(count) if band == "sem" else std
+
+
+def _band_name(band: str) -> str:
+    return "±1 standard error" if band == "sem" else "±1 sample std"
 
 
 def _context_label(group: Group, context_keys: Sequence[str]) -> str:
@@ -442,101 +582,129 @@ def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
     return [c for c in columns if len({_canonical(g.args.get(c)) for g in groups}) > 1]
 
 
-def _series(rows: Sequence[dict], columns: Sequence[str], x_of, label_of, metric: str, band: str) -> dict:
-    """Lines keyed by label: sorted lists of (x, mean, band half-width)."""
-    plotted = [row for row in rows if x_of(row["_group"].args) is not None and math.isfinite(row[f"{metric}_mean"])]
-    # Keys other than the norm and the plotted dropout that still vary split lines (e.g. two datasets).
+def _n_label(counts: Iterable[int]) -> str:
+    counts = sorted(set(counts))
+    return f" (n={counts[0]})" if len(counts) == 1 else f" (n={counts[0]}-{counts[-1]})"
+
+
+def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, label_of, metric: str, band: str) -> dict:
+    """Lines of one x-axis kind keyed by legend label: sorted lists of (x, mean, band half-width, n)."""
+    plotted = [row for row in rows
+               if axis_of(row["_group"].args)[0] == kind and math.isfinite(row[f"{metric}_mean"])]
+    # Keys other than the norm and the dropout that still vary split lines (e.g. two learning rates).
     context = [c for c in _varying([r["_group"] for r in plotted], columns) if c not in ("norm", "model_kwargs")]
     lines: dict = {}
     for row in plotted:
         group = row["_group"]
-        x = x_of(group.args)
         label = label_of(group.args) + _context_label(group, context)
-        lines.setdefault(label, []).append((x, row[f"{metric}_mean"],
-                                            _band_width(row[f"{metric}_std"], row["n"], band)))
-    return {label: sorted(points) for label, points in lines.items()}
+        lines.setdefault(label, []).append((axis_of(group.args)[1], row[f"{metric}_mean"],
+                                            _band_width(row[f"{metric}_std"], row["n"], band), row["n"]))
+    return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
-def _draw_lines(ax, lines: dict) -> None:
-    for label, points in sorted(lines.items()):
-        xs, ys, bands = zip(*points)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
-        ax.fill_between(xs, [y - b for y, b in zip(ys, bands)], [y + b for y, b in zip(ys, bands)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+def _draw_lines(ax, lines: dict, log_x: bool) -> None:
+    """Each line: means with error bars, joined, and a band between them. Lines are spread a little
+    sideways (a factor of 2^0.05 per line on a log axis, 1% of the x range on a linear one) so that
+    methods measured at the same x keep their error bars apart."""
+    xs_all = sorted({x for points in lines.values() for x, *_ in points})
+    step = 0.05 if log_x else 0.01 * ((xs_all[-1] - xs_all[0]) or 1.0)
+    for number, (label, points) in enumerate(sorted(lines.items())):
+        xs, ys, bands, _counts = zip(*points)
+        offset = (number - (len(lines) - 1) / 2) * step
+        xs = [x * 2 ** offset for x in xs] if log_x else [x + offset for x in xs]
+        container = ax.errorbar(xs, ys, yerr=bands, marker="o", markersize=4, capsize=3, linewidth=1.2, label=label)
+        if len(xs) > 1 and any(bands):
+            ax.fill_between(xs, [y - b for y, b in zip(ys, bands)], [y + b for y, b in zip(ys, bands)],
+                            color=container.lines[0].get_color(), alpha=0.15, linewidth=0)
 
 
 def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metric: str, band: str) -> None:
-    """Plain BN setups (no ghost batch size, no dropout) as horizontal reference lines."""
-    context = [c for c in _varying([r["_group"] for r in rows], columns) if c not in ("norm", "model_kwargs")]
-    for row in rows:
-        args = row["_group"].args
-        method, ghost = describe_norm(args.get("norm"))
-        if method not in _BN_NAMES or dropout_of(args) is not None or not math.isfinite(row[f"{metric}_mean"]):
-            continue
+    """Plain BN setups (no ghost batch size, no dropout) as horizontal lines with their band."""
+    references = [row for row in rows if describe_norm(row["_group"].args.get("norm"))[0] in _BN_NAMES
+                  and dropout_of(row["_group"].args) is None and math.isfinite(row[f"{metric}_mean"])]
+    context = [c for c in _varying([r["_group"] for r in references], columns) if c not in ("norm", "model_kwargs")]
+    for row in references:
         mean, width = row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band)
-        line = ax.axhline(mean, linestyle="--", linewidth=1,
-                          label=f"{method} (no N)" + _context_label(row["_group"], context))
+        method = describe_norm(row["_group"].args.get("norm"))[0]
+        line = ax.axhline(mean, linestyle="--", linewidth=1, color="0.3",
+                          label=f"{method} (reference)" + _context_label(row["_group"], context) + _n_label([row["n"]]))
         if width:
             ax.axhspan(mean - width, mean + width, color=line.get_color(), alpha=0.1)
 
 
-def plot_ghost_batch_size(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str,
-                          path: Path) -> Optional[Path]:
-    """Metric vs ghost batch size N (log2 axis), one line per method: the paper's Figure 3."""
-    def x_of(args):
-        return None if dropout_of(args) is not None else describe_norm(args.get("norm"))[1]
-    lines = _series(rows, columns, x_of, lambda a: describe_norm(a.get("norm"))[0], metric, band)
+_AXIS_TITLES = {"ghost_batch_size": "ghost batch size N", "dropout_p": "dropout probability p"}
+
+
+def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str, kind: str, family: str,
+              path: Path) -> Figure:
+    """Metric vs the ghost batch size (log2) or the dropout p, one line per method; BN as the reference."""
+    title = f"{metric_label(metric)} vs {_AXIS_TITLES[kind]}"
+    if kind == "ghost_batch_size":
+        label_of = lambda args: describe_norm(args.get("norm"))[0]  # noqa: E731
+    else:
+        label_of = lambda args: dropout_of(args)[0]  # noqa: E731
+    lines = _series(rows, columns, kind, label_of, metric, band)
     if not lines:
-        return None
+        noun = "a ghost batch size (BN-based)" if kind == "ghost_batch_size" else "block dropout"
+        has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
+        return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
+                      if has_kind else f"no finished setup of this family has {noun}")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _draw_lines(ax, lines)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
     _draw_reference_lines(ax, rows, columns, metric, band)
-    ax.set_xscale("log", base=2)
-    xs = sorted({x for points in lines.values() for x, _, _ in points})
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("ghost batch size N")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} vs ghost batch size (mean ± {'std err' if band == 'sem' else 'std'} over seeds)")
+    xs = sorted({x for points in lines.values() for x, *_ in points})
+    if kind == "ghost_batch_size":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(_AXIS_TITLES[kind])
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _legend(ax)
+    return Figure(title, _save(fig, path))
 
 
-def plot_dropout(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str,
-                 path: Path) -> Optional[Path]:
-    """Metric vs block-dropout probability p, one line per dropout kind."""
-    lines = _series(rows, columns, lambda a: (dropout_of(a) or (None, None))[1],
-                    lambda a: dropout_of(a)[0], metric, band)
-    if not lines:
-        return None
+def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str, family: str,
+                path: Path) -> Figure:
+    """Setups without an x-axis (BN, LN -> GNI, GroupNorm...): one point with an error bar each."""
+    title = f"{metric_label(metric)} by setup (no ghost batch size or dropout axis)"
+    chosen = [row for row in rows
+              if axis_of(row["_group"].args)[0] == "none" and math.isfinite(row[f"{metric}_mean"])]
+    if not chosen:
+        return Figure(title, reason=f"every finished setup of this family is on a ghost batch size or dropout axis "
+                                    f"(or has no {metric_label(metric)})")
+    shown = _varying([r["_group"] for r in chosen], columns) or ["norm"]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    _draw_lines(ax, lines)
-    ax.set_xlabel("dropout probability p")
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} vs dropout probability (mean ± {'std err' if band == 'sem' else 'std'} over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
+    positions = list(range(len(chosen)))
+    ax.errorbar(positions, [r[f"{metric}_mean"] for r in chosen], fmt="o", markersize=5, capsize=4,
+                yerr=[_band_width(r[f"{metric}_std"], r["n"], band) for r in chosen])
+    ax.set_xticks(positions, [_wrap(_short_label(r["_group"].args, shown) + f" (n={r['n']})", 18) for r in chosen],
+                  fontsize=8)
+    ax.set_xlim(-0.6, len(chosen) - 0.4)
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{family}: {metric_label(metric)} by setup\nmean over seeds, {_band_name(band)}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    return Figure(title, _save(fig, path))
 
 
-def _mean_curve(runs: Sequence[Run], column: str) -> tuple:
-    """Epochs and the mean of ``column`` over the runs that reached each epoch."""
+def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
+    """Epochs, mean and band half-width of ``column`` over the runs that reached each epoch."""
     by_epoch: dict = {}
     for run in runs:
         for row in run.curve:
-            value = row.get(column, math.nan)
-            if math.isfinite(row.get("epoch", math.nan)) and math.isfinite(value):
-                by_epoch.setdefault(row["epoch"], []).append(value)
+            epoch, value = metric_value(row, "epoch"), metric_value(row, column)
+            if epoch is not None and value is not None:
+                by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    return epochs, [statistics.fmean(by_epoch[e]) for e in epochs]
+    means = [statistics.fmean(by_epoch[e]) for e in epochs]
+    widths = [_band_width(statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else math.nan, len(by_epoch[e]), band)
+              for e in epochs]
+    return epochs, means, widths
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -548,85 +716,171 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
             method, ghost = describe_norm(value)
             parts.append(value if isinstance(value, str) and len(value) <= 24 else
                          method + (f" N={ghost}" if ghost is not None else ""))
-        elif column == "model_kwargs" and dropout_of(args) is not None:
-            kind, p = dropout_of(args)
-            parts.append(f"{kind} p={p:g}")
+        elif column == "model_kwargs":  # only what tells setups apart here: the block dropout, if any
+            dropout = dropout_of(args)
+            if dropout is not None:
+                parts.append(f"{dropout[0]} p={dropout[1]:g}")
+            elif args.get(column):
+                parts.append(f"{column}={_format_value(args.get(column))}")
         else:
             parts.append(f"{column}={_format_value(value)}")
     return ", ".join(parts) or "all runs"
 
 
-def plot_curves(groups: Sequence[Group], columns: Sequence[str], out_dir: Path, per_file: int = 10) -> list:
-    """Eval top-1 and train/eval loss vs epoch, mean over each setup's runs; ``per_file`` setups a file."""
-    with_curves = [g for g in groups if any(r.curve for r in g.runs)]
-    paths = []
+def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
+    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns the line.
+    ``floor`` bounds the band from below (a log axis cannot show ``mean - std <= 0``)."""
+    (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
+    if any(widths):
+        ax.fill_between(epochs, [max(m - w, floor) for m, w in zip(means, widths)],
+                        [m + w for m, w in zip(means, widths)], color=line.get_color(), alpha=0.15, linewidth=0)
+    return line
+
+
+def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
+    ax.set_title(title, fontsize=10)
+    if not drawn:  # say why instead of an empty frame with meaningless ticks
+        ax.text(0.5, 0.5, f"nothing to draw:\nno {title} values in these runs' summary.csv", ha="center",
+                va="center", transform=ax.transAxes, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
+    """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
+    plt = _pyplot()
+    fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
+    curves = {(id(group), column): _curve_statistics(group.runs, column, band)
+              for group in chunk for column in ("top1", "train_loss", "eval_loss")}
+    losses = [m for (_, column), (_, means, _) in curves.items() if column != "top1" for m in means]
+    log_loss = bool(losses) and min(losses) > 0 and max(losses) > 10 * min(losses)  # log if it spans a decade
+    entries = []
+    for group in chunk:
+        lines = []
+        for ax, column, style in ((ax_top1, "top1", "-"), (ax_loss, "train_loss", "-"), (ax_loss, "eval_loss", ":")):
+            epochs, means, widths = curves[id(group), column]
+            if epochs:
+                floor = min(losses) / 2 if log_loss and ax is ax_loss else -math.inf
+                color = lines[0].get_color() if lines else None
+                lines.append(_draw_curve(ax, epochs, means, widths, style, color, floor))
+        if lines:
+            entries.append((lines[0], _wrap(_short_label(group.args, shown) + f" (n={len(group.runs)})")))
+    _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
+    _finish_panel(ax_loss, bool(losses), "loss (solid: train, dotted: eval)", "train and eval loss")
+    if log_loss:
+        ax_loss.set_yscale("log")
+    fig.suptitle(f"{family}: training curves, mean over seeds, {_band_name(band)}", fontsize=11)
+    ax_loss.legend([line for line, _ in entries], [label for _, label in entries], loc="upper left",
+                   bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, band: str, out_dir: Path,
+                per_file: int = 8) -> list:
+    """Eval top-1 and train/eval loss vs epoch per setup (mean and band over seeds), ``per_file`` setups a
+    file ``FAMILY_curves_K.png``; a list of :class:`Figure`."""
+    with_curves = [g for g in groups if any(metric_value(row, "epoch") is not None for r in g.runs for row in r.curve)]
+    if not with_curves:
+        return [Figure("training curves", reason="no run of this family has a summary.csv with epochs in it")]
+    figures = []
     for start in range(0, len(with_curves), per_file):
         chunk = with_curves[start:start + per_file]
         shown = _varying(chunk, columns) or [c for c in columns if c in ("model", "norm")]
-        plt = _pyplot()
-        legend_inches = 0.2 * math.ceil(len(chunk) / 2) + 0.2
-        fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5 + legend_inches))
-        for group in chunk:
-            label = _short_label(group.args, shown) + f" (n={len(group.runs)})"
-            epochs, top1 = _mean_curve(group.runs, "eval_top1")
-            (line,) = ax_top1.plot(epochs, top1, label=label)
-            for column, style in (("train_loss", "-"), ("eval_loss", ":")):
-                epochs, loss = _mean_curve(group.runs, column)
-                ax_loss.plot(epochs, loss, style, color=line.get_color())
-        ax_top1.set_xlabel("epoch")
-        ax_top1.set_ylabel("eval top-1 (%)")
-        ax_loss.set_xlabel("epoch")
-        ax_loss.set_ylabel("loss (solid: train, dotted: eval)")
-        ax_loss.set_yscale("log")
-        for ax in (ax_top1, ax_loss):
-            ax.grid(alpha=0.3)
-            ax.xaxis.get_major_locator().set_params(integer=True)
-        # below both panels, so that it hides no curve
-        fig.legend(loc="lower center", ncol=2, fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
-        path = out_dir / f"curves_{start // per_file + 1}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+        number = start // per_file + 1
+        path = _curves_figure(chunk, shown, family, band, out_dir / f"{_file_part(family)}_curves_{number}.png")
+        figures.append(Figure(f"training curves ({number})" if len(with_curves) > per_file else "training curves", path))
+    return figures
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "runs"
+
+
+def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], columns: Sequence[str],
+                   metric: str, band: str, out_dir: Path) -> list:
+    """Every figure of one family: the two axes, the setups without an axis, the training curves."""
+    prefix = f"{_file_part(family)}_{metric}"
+    figures = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
+               for kind in ("ghost_batch_size", "dropout_p")]
+    figures.append(plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"))
+    return figures + plot_curves(groups, columns, family, band, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
+def _by_family(groups: Sequence[Group]) -> dict:
+    from shared.logging_wandb import experiment_family
+
+    families: dict = {}
+    for group in groups:
+        families.setdefault(experiment_family(group.args), []).append(group)
+    return families
+
+
+def _figures_markdown(family: str, figures: Sequence[Figure], out_dir: Path) -> str:
+    text = f"\n## Figures: {family}\n"
+    for figure in figures:
+        text += f"\n### {figure.title}\n\n"
+        if figure.path is not None:
+            text += f"![{family}: {figure.title}]({os.path.relpath(figure.path, out_dir)})\n"
+        else:
+            text += f"Not drawn: {figure.reason}.\n"
+    return text
+
+
 def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
                  group_by: Optional[Sequence[str]] = None, metric: str = "top1", band: str = "std",
                  plots: bool = True) -> dict:
-    """Read the runs below ``runs_dir``; write ``results.md``, ``results.csv``, ``unfinished.csv`` and PNGs.
+    """Read the runs below ``runs_dir``; write ``results.md`` (tables and figures), ``results.csv``,
+    ``unfinished.csv`` and the PNGs, every file atomically.
 
     Returns:
-        ``{"markdown": text, "rows": rows, "unfinished": runs, "files": [paths written]}``.
+        ``{"markdown": text, "rows": rows, "unfinished": runs, "unreadable": [(dir, reason)],
+        "figures": [Figure], "files": [paths written]}``.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if band not in ("std", "sem"):
         raise ValueError(f"band must be 'std' or 'sem', got {band!r}")
-    runs = load_runs(runs_dir)
+    runs, unreadable = load_runs(runs_dir)
     if not runs:
-        raise FileNotFoundError(f"no runs (directories with args.yaml) found below {str(runs_dir)!r}")
+        found = f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+        raise FileNotFoundError(f"no runs (readable directories with args.yaml) found below {str(runs_dir)!r}{found}")
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, read-only filesystem
+        raise ValueError(f"report directory {str(out)!r} cannot be created: {error.strerror or error}; "
+                         f"choose another --out") from None
     groups = group_runs(runs, group_by)
     columns = distinguishing_keys(groups, group_by)
     rows, unfinished = summarize(groups, columns, metric)
-    markdown = render_markdown(rows, unfinished, columns, metric)
-    files = [out / "results.md", out / "results.csv", out / "unfinished.csv"]
-    files[0].write_text(markdown)
-    _write_csv(files[1], rows, columns, metric)
-    _write_unfinished_csv(files[2], unfinished)
+    figures = []
+    markdown = (f"# Results\n\n{len(runs)} runs below `{runs_dir}` in {len(groups)} setups. Figures: "
+                f"{metric_label(metric)}, mean over the finished seeds of each setup, {_band_name(band)}.\n\n")
+    markdown += render_tables(rows, unfinished, columns, metric, unreadable)
     if plots:
-        for plot, name in ((plot_ghost_batch_size, "acc_vs_ghost_batch_size.png"), (plot_dropout, "acc_vs_dropout.png")):
-            written = plot(rows, columns, metric, band, out / name)
-            if written is not None:
-                files.append(written)
-        files += plot_curves(groups, columns, out)
-    return {"markdown": markdown, "rows": rows, "unfinished": unfinished, "files": files}
+        for family, family_groups in _by_family(groups).items():
+            family_rows = [row for row in rows if row["_group"] in family_groups]
+            drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
+            markdown += _figures_markdown(family, drawn, out)
+            figures += drawn
+    from shared.run_files import atomic_write_text
+
+    files = [out / "results.csv", out / "unfinished.csv", out / "results.md"]
+    atomic_write_text(files[0], _results_csv(rows, columns, metric))
+    atomic_write_text(files[1], _unfinished_csv(unfinished))
+    atomic_write_text(files[2], markdown)
+    files += [figure.path for figure in figures if figure.path is not None]
+    return {"markdown": markdown, "rows": rows, "unfinished": unfinished, "unreadable": unreadable,
+            "figures": figures, "files": files}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -640,7 +894,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--metric", default="top1", choices=sorted(METRICS),
                         help="metric for the figures and an extra table column (default: final top1)")
     parser.add_argument("--band", default="std", choices=("std", "sem"),
-                        help="error band in figures: sample std or standard error of the mean")
+                        help="error bars and bands: sample std or standard error of the mean over seeds")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()] if args.group_by else None
@@ -649,7 +903,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the output directory cannot be written (read-only, full disk...)
+        print(f"error: cannot write the report: {error}", file=sys.stderr)
+        return 1
     print(report["markdown"])
+    for path, reason in report["unreadable"]:
+        print(f"warning: skipped unreadable run directory {path}: {reason}", file=sys.stderr)
     print("wrote: " + ", ".join(str(p) for p in report["files"]))
     return 0
 

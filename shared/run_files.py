@@ -44,6 +44,7 @@ __all__ = [
     "RunFileError",
     "holds_results",
     "move_results_aside",
+    "atomic_write_bytes",
     "write_summary",
     "write_results",
     "read_results",
@@ -66,7 +67,7 @@ OPERATIONAL_KEYS = frozenset({
     "start_fresh",
     "stop_after", "log_wandb", "wandb_project", "wandb_tags", "wandb_name", "log_interval", "checkpoint_hist",
     "workers", "pin_mem", "device", "local_rank", "validation_batch_size", "nonfinite", "torchcompile",
-    "no_resume_opt", "dry_loader",
+    "no_resume_opt", "dry_loader", "log_noise_every",
 })
 
 
@@ -149,7 +150,12 @@ def atomic_link(source: os.PathLike, target: os.PathLike) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def timm_metric_names(row: Optional[Mapping[str, Any]]) -> Optional[dict]:

@@ -154,3 +154,22 @@ def test_command_on_a_real_train_run_checkpoint(tmp_path, capsys):
     for name in ("hist_layer1.0.bn1.png", "ks_by_site.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
+
+
+def test_noise_statistics_by_hand():
+    # shift: mean 0.25, deviations -0.75, -0.25, 0.25, 0.75 -> variance 0.3125; scale 0.05 is below 0.1
+    figures = analysis.noise_statistics(np.array([-0.5, 0.0, 0.5, 1.0]), np.array([0.05, 0.5, 1.0, 2.0]))
+    assert figures["shift_std"] == pytest.approx(math.sqrt(0.3125))
+    assert (figures["shift_min"], figures["shift_max"], figures["max_abs_shift"]) == (-0.5, 1.0, 1.0)
+    assert figures["scale_mean"] == pytest.approx(3.55 / 4) and figures["scale_min"] == 0.05
+    assert figures["max_inverse_scale"] == pytest.approx(20.0)
+    assert figures["small_scale_fraction"] == 0.25 and analysis.SMALL_SCALE == 0.1
+    assert figures["effective_n_shift"] == pytest.approx(1 / 0.3125)
+
+
+def test_relative_ghost_noise_with_the_whole_batch_as_ghost_batch_is_no_noise():
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 5 + 2
+    indices = torch.arange(8).repeat(8, 1)  # every sample's ghost batch is the batch
+    shift, scale = analysis.relative_ghost_noise(x, indices, eps=1e-3)
+    assert shift.shape == (8, 3) and torch.allclose(shift, torch.zeros(8, 3), atol=1e-6)
+    assert torch.allclose(scale, torch.ones(8, 3), atol=1e-6)

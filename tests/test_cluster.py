@@ -156,7 +156,7 @@ def _assert_preempted_and_requeued(tmp_path: Path, run_dir: Path, output: str, c
     assert "run exited with status 75" in output
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "preempted", results
-    assert (results["world_size"], results["batch_size_per_process"]) == (2, 32)
+    assert (results["world_size"], results["per_process_batch"]) == (2, 32)
     saved = _checkpoint(run_dir)
     # one checkpoint holding both ranks at one update boundary inside the epoch
     assert saved["epoch"] == 0 and 2 <= saved["batch"] < 10 and saved["num_updates"] == saved["batch"]
@@ -315,7 +315,7 @@ def test_world_size_and_per_process_batch_reach_results_and_wandb_but_not_the_re
         assert train.main(argv + ["--stop-after", "1"]) == 0
         saved_args = _checkpoint(tmp_path / "ws")["args"]
         assert train.main(argv) == 0
-    assert "world_size" not in saved_args and "batch_size_per_process" not in saved_args
-    assert [(c["world_size"], c["batch_size_per_process"]) for c in configs] == [(1, 32), (1, 32)]
+    assert "world_size" not in saved_args and "per_process_batch" not in saved_args
+    assert [(c["world_size"], c["per_process_batch"]) for c in configs] == [(1, 32), (1, 32)]
     results = json.loads((tmp_path / "ws" / "results.json").read_text())
-    assert (results["status"], results["world_size"], results["batch_size_per_process"]) == ("finished", 1, 32)
+    assert (results["status"], results["world_size"], results["per_process_batch"]) == ("finished", 1, 32)

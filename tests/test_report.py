@@ -10,6 +10,7 @@ from shared import report
 
 BASE_ARGS = dict(model="cifar_resnet18", dataset="torch/cifar100", lr=0.3, batch_size=256, epochs=3,
                  train_split="train", val_split="test", output="/runs", data_dir="/data", workers=4)
+FAMILY = "cifar100-cifar_resnet18"  # shared.logging_wandb.experiment_family of BASE_ARGS
 
 
 def make_run(root, name, status="finished", final_top1=None, best_top1=None, epochs_done=3, curve=True, **args):
@@ -108,7 +109,8 @@ def test_seeded_split_runs_form_one_setup_and_repeated_seeds_are_flagged(tmp_pat
     assert rows["bn"]["duplicate_seeds"]
     assert "42,42 (repeated!)" in result["markdown"]
     # train_split differs between the two setups, so it is shown, in its seed-free form
-    assert "train_split" in result["markdown"].splitlines()[2]
+    header = next(line for line in result["markdown"].splitlines() if line.startswith("| model"))
+    assert "train_split" in header
 
 
 def test_group_by_overrides_the_setup_definition(runs_dir, tmp_path):
@@ -160,19 +162,20 @@ def test_figures_ghost_batch_size_dropout_and_curves(tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(root), "--out", str(out), "--band", "sem"]) == 0
     printed = capsys.readouterr().out
-    assert "## Finished runs" in printed and "acc_vs_ghost_batch_size.png" in printed
-    for name in ("acc_vs_ghost_batch_size.png", "acc_vs_dropout.png", "curves_1.png"):
-        data = (out / name).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    # 6 GBN/GNI setups + BN + 3 dropout setups = 10 setups: one curves file (10 setups per file)
-    assert not (out / "curves_2.png").exists()
+    assert "## Finished runs" in printed and f"{FAMILY}_top1_vs_ghost_batch_size.png" in printed
+    for kind in ("top1_vs_ghost_batch_size", "top1_vs_dropout_p", "top1_by_setup", "curves_1", "curves_2"):
+        data = (out / f"{FAMILY}_{kind}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, kind
+    # 6 GBN/GNI setups + BN + 3 dropout setups = 10 setups: two curves files (8 setups per file)
+    assert not (out / f"{FAMILY}_curves_3.png").exists()
 
 
 def test_plots_are_skipped_when_there_is_nothing_to_plot(runs_dir, tmp_path):
     result = report.write_report(runs_dir, tmp_path / "out")
     names = {p.name for p in result["files"]}
-    assert "acc_vs_ghost_batch_size.png" in names  # gni16 has an N
-    assert "acc_vs_dropout.png" not in names  # no block dropout in these runs
+    assert f"{FAMILY}_top1_vs_ghost_batch_size.png" in names  # gni16 has an N
+    assert f"{FAMILY}_top1_vs_dropout_p.png" not in names  # no block dropout in these runs
+    assert "Not drawn: no finished setup of this family has block dropout." in result["markdown"]
 
 
 def test_command_errors(tmp_path, capsys):
@@ -181,6 +184,10 @@ def test_command_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "no runs" in capsys.readouterr().err
+    make_run(tmp_path / "runs", "bn-s1", final_top1=60.0, norm="bn", seed=1)
+    (tmp_path / "a-file").write_text("not a directory\n")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "a-file" / "report")]) == 2
+    assert "cannot be created" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +251,185 @@ def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
     markdown = (out / "results.md").read_text()
     assert "gni4-s1" in markdown.split("## Not finished")[1] and "preempted" in markdown
     assert "gni4-s1" in printed
-    for name in ("acc_vs_ghost_batch_size.png", "curves_1.png"):
+    for name in ("digits-cifar_resnet20_top1_vs_ghost_batch_size.png", "digits-cifar_resnet20_curves_1.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, name
     assert (out / "results.csv").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures worth publishing (issue 13) and a report that survives bad runs and interruptions (issue 10)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Capture every figure the report saves (still open), keyed by file name."""
+    figures = {}
+    original = report._save
+
+    def capture(fig, path):
+        fig.canvas.draw()  # lay out text and legends, so their extents are final
+        figures[path.name] = fig
+        return original(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
+    monkeypatch.setattr(report._pyplot(), "close", lambda fig=None: None)
+    return figures
+
+
+def _several_families(root):
+    """CIFAR-100 ResNet-18: BN, GBN-16, GNI-16 and LN -> GNI-12 (one N: the issue's case); CIFAR-10 ViT: LN."""
+    for seed in (1, 2, 3):
+        make_run(root, f"bn-s{seed}", final_top1=70 + 0.3 * seed, norm="bn", seed=seed)
+        make_run(root, f"gbn16-s{seed}", final_top1=71 + 0.5 * seed, norm="gbn16", seed=seed)
+        make_run(root, f"gni16-s{seed}", final_top1=72 + 0.4 * seed, norm="gni16", seed=seed)
+        make_run(root, f"lngni-s{seed}", final_top1=69 + seed, norm=["ln", "gnir12"], seed=seed)
+        make_run(root, f"vit-s{seed}", final_top1=80 + seed, norm="ln", seed=seed, model="cifar_simple_vit",
+                 dataset="torch/cifar10")
+
+
+def _errorbar_halfwidths(ax) -> dict:
+    """{legend label: [half-width of each error bar]} of an axes' errorbar containers."""
+    from matplotlib.container import ErrorbarContainer
+
+    widths = {}
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer) and container.has_yerr:
+            segments = container.lines[2][0].get_segments()
+            widths[container.get_label()] = [abs(seg[1][1] - seg[0][1]) / 2 for seg in segments]
+    return widths
+
+
+def test_axis_of_keeps_ln_gni_off_the_ghost_batch_size_axis():
+    assert report.axis_of({"norm": "gni16"}) == ("ghost_batch_size", 16)
+    assert report.axis_of({"norm": [{"subtype": "xbn2d", "affine": False}, "gnir16", "gain", "bias"]}) == \
+        ("ghost_batch_size", 16)
+    assert report.axis_of({"norm": ["ln", "gnir12"]}) == ("none", None)
+    assert report.axis_of({"norm": "bn"}) == ("none", None)
+    assert report.axis_of({"norm": "gn1"}) == ("none", None)
+    dropout = {"block_dropout": {"subtype": "flexible_dropout", "kind": "bernoulli", "p": 0.3}}
+    assert report.axis_of({"norm": "bn", "model_kwargs": dropout}) == ("dropout_p", 0.3)
+
+
+def test_one_figure_set_per_family_with_error_bars_for_every_method_and_legends_beside(tmp_path, drawn):
+    _several_families(tmp_path / "runs")
+    result = report.write_report(tmp_path / "runs", tmp_path / "out")
+    names = {path.name for path in result["files"] if path.suffix == ".png"}
+    assert names == {"cifar100-cifar_resnet18_top1_vs_ghost_batch_size.png", "cifar100-cifar_resnet18_top1_by_setup.png",
+                     "cifar100-cifar_resnet18_curves_1.png", "cifar10-cifar_simple_vit_top1_by_setup.png",
+                     "cifar10-cifar_simple_vit_curves_1.png"}
+    ax = drawn["cifar100-cifar_resnet18_top1_vs_ghost_batch_size.png"].axes[0]
+    # one N, 3 seeds: GBN and GNI both have error bars of +-1 sample std (by hand: seeds 1..3 step
+    # 0.5 -> std 0.5; step 0.4 -> std 0.4); the LN -> GNI setup is not on this axis
+    widths = _errorbar_halfwidths(ax)
+    assert set(widths) == {"gbn (n=3)", "gni (n=3)"}
+    assert widths["gbn (n=3)"] == [pytest.approx(0.5)] and widths["gni (n=3)"] == [pytest.approx(0.4)]
+    assert ax.get_ylabel() == "final top-1 (%)" and "cifar100-cifar_resnet18" in ax.get_title()
+    legend_box, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend_box.x0 >= axes_box.x1  # beside the axes: it covers no data
+    setups = drawn["cifar100-cifar_resnet18_top1_by_setup.png"].axes[0]
+    assert [t.get_text() for t in setups.get_xticklabels()] == ["ln+gnir N=12 (n=3)", "bn (n=3)"]
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    for name in names:  # every written figure is embedded in the page, by a relative link
+        assert f"]({name})" in markdown
+    assert "Not drawn: no finished setup of this family has block dropout." in markdown
+
+
+def test_metric_sets_labels_and_file_names(tmp_path, drawn):
+    _several_families(tmp_path / "runs")
+    report.write_report(tmp_path / "runs", tmp_path / "out", metric="eval_loss")
+    ax = drawn["cifar100-cifar_resnet18_eval_loss_vs_ghost_batch_size.png"].axes[0]
+    assert ax.get_ylabel() == "final eval loss"  # not "(%)"
+    assert "final eval loss vs ghost batch size" in ax.get_title()
+    assert not (tmp_path / "out" / "cifar100-cifar_resnet18_top1_vs_ghost_batch_size.png").exists()
+    assert report.metric_label("best_top1") == "best top-1 (%)"
+
+
+def test_curves_have_seed_bands_titles_and_one_epoch_points(tmp_path, drawn):
+    root = tmp_path / "runs"
+    for seed, top1 in ((1, 60.0), (2, 62.0)):
+        make_run(root, f"bn-s{seed}", final_top1=top1, norm="bn", seed=seed, epochs_done=1)
+    make_run(root, "gni16-s1", final_top1=65.0, norm="gni16", seed=1, epochs_done=1)
+    report.write_report(root, tmp_path / "out")
+    fig = drawn["cifar100-cifar_resnet18_curves_1.png"]
+    ax_top1 = fig.axes[0]
+    assert "training curves" in fig._suptitle.get_text() and ax_top1.get_title() == "eval top-1"
+    points = {tuple(line.get_xydata()[0]) for line in ax_top1.lines}
+    assert points == {(0.0, 61.0), (0.0, 65.0)}  # 1 epoch: a marker at BN's mean of 60 and 62, one at GNI's 65
+    assert all(line.get_marker() == "o" for line in ax_top1.lines)
+    bands = [c for c in ax_top1.collections if c.get_paths()]
+    assert len(bands) == 1  # two BN seeds: a band; one GNI seed: none
+    assert ax_top1.get_ylim()[1] - ax_top1.get_ylim()[0] > 0.5  # not the empty -0.04..0.04 frame
+
+
+def test_nothing_to_draw_is_said_not_drawn(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "bn-s1", final_top1=60.0, norm="bn", seed=1, curve=False)
+    result = report.write_report(root, tmp_path / "out")
+    assert not [path for path in result["files"] if "curves" in path.name]
+    assert "Not drawn: no run of this family has a summary.csv with epochs in it." in result["markdown"]
+
+
+def test_unreadable_run_directories_are_listed_and_skipped(runs_dir, tmp_path, capsys):
+    for name, content in (("bad-yaml", b"norm: [bn\n"), ("a-list", b"- 1\n- 2\n"), ("binary", b"\xff\xfe\x00")):
+        (runs_dir / name).mkdir()
+        (runs_dir / name / "args.yaml").write_bytes(content)
+    bad_summary = make_run(runs_dir, "bad-summary", final_top1=1.0, norm="bn", seed=9)
+    (bad_summary / "summary.csv").write_bytes(b"epoch,top1\n\xff\xff\n")
+    assert report.main([str(runs_dir), "--out", str(tmp_path / "out"), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    skipped = markdown.split("## Unreadable run directories (skipped)")[1]
+    for name in ("bad-yaml", "a-list", "binary", "bad-summary"):
+        assert name in skipped and f"skipped unreadable run directory {runs_dir / name}" in err
+    assert "| cifar_resnet18 | bn | 3 | 42,43,44 |" in markdown  # the readable runs are reported as before
+
+
+def test_interrupted_report_keeps_the_previous_complete_files(runs_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    report.write_report(runs_dir, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    make_run(runs_dir, "c100-rn18-gbn16-s44", final_top1=80.0, norm="gbn16", seed=44)  # the report would change
+    import os as os_module
+
+    def interrupted(source, target):
+        raise KeyboardInterrupt  # Ctrl-C after a temporary file was written, before its rename
+
+    monkeypatch.setattr(os_module, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(runs_dir, out)
+    monkeypatch.undo()
+    after = {path.name: path.read_bytes() for path in out.iterdir() if not path.name.endswith(".tmp")}
+    assert after == before  # every file complete and unchanged; only a .tmp beside them
+    assert report.write_report(runs_dir, out)["rows"][1]["norm"] == "gbn16"  # the next run completes
+
+
+def test_runs_with_other_ghost_batch_semantics_are_not_averaged(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        make_run(root, f"bn-s{seed}", final_top1=70.0 + seed, norm="gbn16", seed=seed)
+    # the same arguments on 2 processes: each draws ghost batches from its own 256 samples
+    ddp = make_run(root, "bn-ddp-s3", final_top1=90.0, norm="gbn16", seed=3)
+    results = json.loads((ddp / "results.json").read_text())
+    (ddp / "results.json").write_text(json.dumps({**results, "world_size": 2, "per_process_batch": 256}))
+    result = report.write_report(root, tmp_path / "out", plots=False)
+    rows = sorted(result["rows"], key=lambda row: row["n"])
+    assert [(row["n"], row["world_size"]) for row in rows] == [(1, "2"), (2, "1")]
+    assert rows[1]["top1_mean"] == pytest.approx(72.5 - 1.0)
+    assert "per_process_batch" not in result["markdown"]  # it only repeats batch_size here
+    grouped = report.write_report(root, tmp_path / "out2", group_by=["model"], plots=False)
+    assert len(grouped["rows"]) == 2  # --group-by cannot merge them either
+
+
+def test_timm_metric_names_are_read_too(tmp_path):
+    run_dir = make_run(tmp_path / "runs", "bn-s1", final_top1=None, norm="bn", seed=1, curve=False)
+    (run_dir / "results.json").write_text(json.dumps({
+        "status": "finished", "epochs_done": 1, "final": {"eval_top1": 55.0, "eval_loss": 1.5},
+        "best": {"eval_top1": 56.0}}))
+    (run_dir / "summary.csv").write_text("epoch,train_loss,eval_loss,eval_top1\n0,2.0,1.5,55.0\n")
+    result = report.write_report(tmp_path / "runs", tmp_path / "out")
+    row = result["rows"][0]
+    assert row["top1_mean"] == 55.0 and row["best_top1_mean"] == 56.0
+    assert report.metric_value({"eval_top1": 55.0}, "top1") == 55.0
+    assert report.metric_value({"top1": float("nan")}, "top1") is None
+    assert any("curves" in path.name for path in result["files"])

@@ -131,7 +131,7 @@ def test_wandb_offline_run_holds_the_final_metrics(tmp_path, monkeypatch):
     results = json.loads((run_dir / "results.json").read_text())
     assert summary["final/eval_top1"] == pytest.approx(results["final"]["eval_top1"])
     assert summary["best/eval_top1"] == pytest.approx(results["best"]["eval_top1"])
-    assert summary["eval/top1"] == pytest.approx(results["final"]["eval_top1"])
+    assert summary["eval/top1"]["last"] == pytest.approx(results["final"]["eval_top1"])  # define_metric: max,last
     history = wandb_records.history_rows(log_file)
     # --log-interval 5 over 10 updates: train loss and lr at updates 5 and 10, eval once
     assert [row["_step"] for row in history if "train/loss" in row] == [5, 10]
