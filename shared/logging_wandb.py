@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -28,7 +29,6 @@ __all__ = ["WandbLogger", "RUN_ID_FILE", "HEADLINE_METRICS", "setup_group", "exp
            "derived_config"]
 
 RUN_ID_FILE = "wandb_run_id.txt"
-_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]")
 _SEPARATORS = "-_.=+"
 # Logged key -> summary aggregations wandb keeps for it. Both spellings of the eval metrics are declared
 # (this harness logs eval/top1; timm's summary names are eval_top1), so either one gets its headline

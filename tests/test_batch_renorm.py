@@ -168,6 +168,6 @@ def test_train_py_sets_total_steps_for_the_warmup(tmp_path):
                        "-b", "64", "--lr", "0.1", "--warmup-epochs", "0", "--epochs", "1", "--norm", norm,
                        "--output", str(tmp_path), "--experiment", "brn"])
     assert code == 0
-    state = torch.load(tmp_path / "brn" / "last.pth.tar", weights_only=True)["model"]
+    state = torch.load(tmp_path / "brn" / "last.pth.tar", weights_only=True)["state_dict"]
     counts = {v.item() for k, v in state.items() if k.endswith("num_batches_tracked")}
     assert counts == {10}  # 640 images / 64 per batch, one epoch

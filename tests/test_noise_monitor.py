@@ -150,15 +150,15 @@ def test_train_with_diagnostics_is_bit_identical_and_logs_every_k_updates(tmp_pa
     assert train.main([*TINY, "--norm", "gni16", "--output", str(tmp_path), "--experiment", "plain"]) == 0
     assert train.main([*TINY, "--norm", "gni16", "--output", str(tmp_path), "--experiment", "monitored",
                        "--log-noise-every", "3", "--log-wandb"]) == 0
-    plain = torch.load(tmp_path / "plain" / "last.pth.tar", weights_only=True)["model"]
-    monitored = torch.load(tmp_path / "monitored" / "last.pth.tar", weights_only=True)["model"]
+    plain = torch.load(tmp_path / "plain" / "last.pth.tar", weights_only=True)["state_dict"]
+    monitored = torch.load(tmp_path / "monitored" / "last.pth.tar", weights_only=True)["state_dict"]
     assert all(torch.equal(plain[key], monitored[key]) for key in plain)
     assert not (tmp_path / "plain" / noise_monitor.CSV_NAME).exists()
     rows = _rows(tmp_path / "monitored" / noise_monitor.CSV_NAME)
     sites = {row["site"] for row in rows}
     assert len(sites) == 21 and "layer1.0.bn1" in sites  # cifar_resnet20: stem, 18 block and 2 shortcut norms
     assert sorted({int(row["update"]) for row in rows}) == [3, 6, 9]  # 10 updates, K = 3
-    log_file = next((tmp_path / "monitored" / "wandb").glob("offline-run-*/run-monitored.wandb"))
+    log_file = next((tmp_path / "monitored" / "wandb").glob("offline-run-*/run-*.wandb"))
     wandb_records.wait_until_complete(log_file)
     steps = [row["_step"] for row in wandb_records.history_rows(log_file) if "noise/layer1.0.bn1/scale_min" in row]
     assert steps == [3, 6, 9]

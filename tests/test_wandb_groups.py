@@ -68,8 +68,8 @@ def test_offline_log_holds_group_job_type_declared_metrics_and_derived_config(tm
     assert metrics["eval/top1"].step_metric == "epoch"  # the x-axis of the eval curves
     summary = wandb_records.summary_values(next((tmp_path / "c10-rn20-gni16-s1" / "wandb").glob("*/run-*.wandb")))
     results = json.loads((tmp_path / "c10-rn20-gni16-s1" / "results.json").read_text())
-    assert summary["eval/top1"] == {"max": pytest.approx(results["best"]["top1"]),
-                                    "last": pytest.approx(results["final"]["top1"])}
+    assert summary["eval/top1"] == {"max": pytest.approx(results["best"]["eval_top1"]),
+                                    "last": pytest.approx(results["final"]["eval_top1"])}
     assert summary["eval/eval_loss"]["min"] == pytest.approx(results["final"]["eval_loss"])
 
     configs = {name: {item.key: json.loads(item.value_json) for item in record.config.update}
