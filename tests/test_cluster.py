@@ -213,7 +213,7 @@ def test_requeued_two_node_job_ends_as_an_uninterrupted_two_process_run(tmp_path
     for key, value in expected["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
     assert resumed["history"][0]["train_loss"] == pytest.approx(expected["history"][0]["train_loss"], rel=1e-6)
-    assert resumed["history"][0]["top1"] == expected["history"][0]["top1"]
+    assert resumed["history"][0]["eval_top1"] == expected["history"][0]["eval_top1"]
 
 
 # ---------------------------------------------------------------------------------------------- download lock

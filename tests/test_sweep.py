@@ -58,8 +58,8 @@ def test_count_and_write_list(tmp_path, capsys):
     assert sweep.main(["configs/c100_rn18/test_all.yaml", "--write-list", str(target)]) == 0
     records = json.loads(target.read_text())
     assert [r["index"] for r in records] == list(range(24))
-    assert records[-1]["name"] == "c100-rn18-bn-gedo0.2-s44"
-    assert records[-1]["command"][-4:] == ["--experiment", "c100-rn18-bn-gedo0.2-s44", "--resume", "auto"]
+    assert records[-1]["name"] == "c100-rn18-bn-gedo-ref0.2-s44"
+    assert records[-1]["command"][-4:] == ["--experiment", "c100-rn18-bn-gedo-ref0.2-s44", "--resume", "auto"]
 
 
 def test_wandb_sweep_grid_over_flags(tmp_path):

@@ -135,7 +135,8 @@ def test_a_previous_version_run_reports_and_resumes_bit_identically(runs, tmp_pa
     _to_previous_version(run_dir)
     assert "top1" in _summary(run_dir)[0] and "eval_top1" not in _summary(run_dir)[0]
 
-    (old,) = report.load_runs(tmp_path)
+    (old,), unreadable = report.load_runs(tmp_path)
+    assert unreadable == []
     assert old.metric("top1") == pytest.approx(float(new_row["eval_top1"]), abs=1e-4)
     assert old.curve[0]["eval_top1"] == pytest.approx(float(new_row["eval_top1"]), abs=1e-4)
     assert run_files.read_results(run_dir)["final"]["ema_eval_top1"] == pytest.approx(
