@@ -739,6 +739,13 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
     _training_started = True
     progress_bar = info.is_primary and sys.stderr.isatty()
     exit_code, failure = EXIT_OK, ""
+    if checkpoint is not None and info.is_primary and history:
+        # a kill between a checkpoint and the run files written after it leaves them an epoch behind: catch up
+        if start_batch == 0:  # last.pth.tar is that epoch's own checkpoint
+            finished = history[-1]["epoch"]
+            keep_extra_checkpoints(run_dir, last_path, finished, best is not None and best["epoch"] == finished,
+                                   checkpoints_to_keep(run_dir, history, args, finished))
+        run_files.write_summary(run_dir, history)
     try:
         if start_epoch >= num_epochs:
             log(info, f"nothing to do: {start_epoch} of {num_epochs} epochs are done")

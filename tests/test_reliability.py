@@ -183,6 +183,23 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(reference, tmp_path):
     assert_identical_to(run_dir, reference)
 
 
+def test_kill_between_the_last_checkpoint_and_the_run_files_is_caught_up_on_resume(reference, tmp_path):
+    """The window the random kills above can hit: last.pth.tar of the final epoch written, the summary, the
+    best and numbered checkpoint links not yet. A resume finds nothing to train and still completes them."""
+    shutil.copytree(reference, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    with open(run_dir / "summary.csv") as handle:
+        lines = handle.readlines()
+    (run_dir / "summary.csv").write_text("".join(lines[:-1]))  # as written after epoch 0
+    for link in ["model_best.pth.tar", *[p.name for p in run_dir.glob("checkpoint-1.pth.tar")]]:
+        (run_dir / link).unlink(missing_ok=True)
+    code, out, err = run_inprocess(COMMON + ["--output", str(tmp_path), "--experiment", "run", "--resume", "auto"])
+    assert code == 0, err
+    assert "nothing to do" in out
+    assert_identical_to(run_dir, reference)
+    assert (run_dir / "model_best.pth.tar").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- 2. SIGTERM/SIGUSR1
 
 @pytest.mark.slow
