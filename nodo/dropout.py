@@ -77,9 +77,22 @@ class FlexibleDropout(nn.Module):
         if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
             raise ValueError(f"channel_dim must be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
         self.channel_dim = channel_dim
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: Optional[torch.Generator]) -> None:
+        # registered here, in eager code, so a compiled forward finds it (see nodo.functional.dropout)
+        FD.register_generator(generator)  # also the type check
+        self._generator = generator
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy / unpickling make a new Generator object: register that one too
+        super().__setstate__(state)
+        FD.register_generator(self._generator)
 
     def forward(self, input: Tensor) -> Tensor:
         return FD.flexible_dropout(

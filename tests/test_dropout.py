@@ -205,3 +205,23 @@ def test_bad_channel_dim_for_input():
         nodo.FlexibleDropout(0.1, channel_wise=True, channel_dim=3)(torch.randn(4, 3, 5))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         nodo.FlexibleDropout(0.1, channel_wise=True)(torch.randn(4))
+
+
+@pytest.mark.slow
+def test_functional_compile_needs_a_registered_generator():
+    # Under compile the generator is found by its id in a registry filled in eager code (torch 2.11's
+    # dynamo cannot compute the key inside the graph): an unregistered one is a clear error, not
+    # a silent draw from another generator; registered, the noise equals eager mode's.
+    from nodo.functional import dropout as FD
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    fresh = generator(5)
+    compiled = torch.compile(lambda t, g: FD.flexible_dropout(t, 0.3, generator=g), backend="aot_eager",
+                             fullgraph=True)
+    with pytest.raises(RuntimeError, match="register_generator"):
+        compiled(x, fresh)
+    FD.register_generator(fresh)
+    expected = FD.flexible_dropout(x, 0.3, generator=generator(5))
+    torch.testing.assert_close(compiled(x, fresh), expected, rtol=0, atol=0)
+    torch._dynamo.reset()

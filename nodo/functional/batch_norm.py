@@ -173,7 +173,7 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
-        scale_shift_(output, *affine_coefficients(mean_u, rstd, weight, bias))
+        output = scale_shift_(output, *affine_coefficients(mean_u, rstd, weight, bias))
 
         ctx.save_for_backward(input, weight, shift, mean_u, rstd, raw_var)
         ctx.sizes, ctx.exclusive = sizes, exclusive

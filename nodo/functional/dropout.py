@@ -45,9 +45,11 @@ def gaussian_dropout_std(p: float, kind: str = "gaussian") -> float:
 # torch.compile (dynamo) cannot put a torch.Generator into a graph: any random op called with
 # `generator=` makes it fail ("Failed to convert args/kwargs to proxy"). The noise is therefore
 # drawn by a small custom op that dynamo treats as opaque, and the generator reaches it as an int
-# key into a registry of generators. The key is computed outside the graph
-# (`assume_constant_result`; dynamo guards on it and retraces for another generator), so compiled
-# and eager runs draw exactly the same numbers from the same generator.
+# key (its id) into a registry of generators. Registration happens in eager code only: torch 2.11's
+# dynamo can neither run `assume_constant_result` on a Generator argument nor replay a registry
+# write before the graph's op runs. `nodo.FlexibleDropout` registers its generator when it is set
+# (and after a copy); the functional form registers on every eager call. Under compile dynamo guards
+# on the generator object, so compiled and eager runs draw the same numbers from it.
 #
 # The registry holds strong references: some torch versions (2.11) cannot weakly reference a
 # torch.Generator. A registered generator therefore stays alive (a few KB; a run registers one), and
@@ -57,14 +59,33 @@ _GENERATORS: "dict[int, torch.Generator]" = {}
 _DEFAULT_GENERATOR_KEY = 0  # id() of a live object is never 0
 
 
-@torch._dynamo.assume_constant_result
-def _generator_key(generator: Optional[torch.Generator]) -> int:
+def register_generator(generator: Optional[torch.Generator]) -> int:
+    """Registers ``generator`` for :func:`flexible_dropout` under ``torch.compile``; returns its key."""
     if generator is None:
         return _DEFAULT_GENERATOR_KEY
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     _GENERATORS.setdefault(id(generator), generator)
     return id(generator)
+
+
+def _generator_key(generator: Optional[torch.Generator]) -> int:
+    if generator is None:
+        return _DEFAULT_GENERATOR_KEY
+    if torch.compiler.is_compiling():  # traced: no registry write (see above); its id is its key
+        return id(generator)
+    return register_generator(generator)
+
+
+def _registered_generator(generator_key: int) -> Optional[torch.Generator]:
+    if generator_key == _DEFAULT_GENERATOR_KEY:
+        return None
+    if generator_key not in _GENERATORS:
+        raise RuntimeError(
+            "flexible_dropout under torch.compile got a torch.Generator that was never registered: use "
+            "nodo.FlexibleDropout(generator=...), or call nodo.functional.dropout.register_generator(generator) "
+            "once before compiling")
+    return _GENERATORS[generator_key]
 
 
 def _noise_shape(like: Tensor, channel_dim: int) -> list[int]:
@@ -75,7 +96,7 @@ def _noise_shape(like: Tensor, channel_dim: int) -> list[int]:
 @torch.library.custom_op("nodo::dropout_noise", mutates_args=())
 def _raw_noise(like: Tensor, channel_wise: bool, channel_dim: int, p: float, kind: str, generator_key: int) -> Tensor:
     """float32 noise on ``like``'s device: the 0/1 keep mask (Bernoulli) or ``1 + std * z`` (Gaussian kinds)."""
-    generator = None if generator_key == _DEFAULT_GENERATOR_KEY else _GENERATORS[generator_key]
+    generator = _registered_generator(generator_key)
     noise = _empty_noise(like, channel_wise, channel_dim)
     if kind in GAUSSIAN_KINDS:
         return noise.normal_(mean=1.0, std=gaussian_dropout_std(p, kind), generator=generator)

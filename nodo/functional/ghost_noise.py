@@ -371,7 +371,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         inv_noise_scale = noise_scale.reciprocal()
         # y = (u - center) * invstd / s * gain + bias, center = d + m / invstd: the ghost mean
         center = batch_mean + noise_shift / invstd
-        scale_shift_(output, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
+        output = scale_shift_(output, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
         ctx.save_for_backward(input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift)
         ctx.bias_dtype = None if bias is None else bias.dtype
         batch_mean = batch_mean + channel_shift

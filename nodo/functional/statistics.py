@@ -209,15 +209,20 @@ def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Te
 
 
 def scale_shift_(buffer: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """In place ``buffer = buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients.
+    """``buffer * scale + shift`` with ``(B, C)`` or ``(C,)`` float32 coefficients; use the result.
 
-    One ``addcmul`` kernel, arithmetic in float32 and one rounding into the buffer's dtype; under
-    ``torch.compile`` a channels_last buffer takes a multiply and an add in place instead.
+    Eager mode: in place, one ``addcmul`` kernel into ``buffer`` (arithmetic in float32, one rounding
+    into the buffer's dtype). Under ``torch.compile`` a new tensor: the compiler fuses it anyway, and
+    torch 2.11's dynamo silently loses the gradient of an ``autograd.Function`` output that was
+    mutated in place inside ``forward`` (every parameter gradient came back zero); see
+    ``tests/test_ghost_noise_batch_norm.py::test_compiles_without_graph_breaks_or_recompiles``.
     """
     scale_map, shift_map = channel_map(scale, buffer.dim()), channel_map(shift, buffer.dim())
-    if _out_allowed(buffer):
-        return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
-    return buffer.mul_(scale_map).add_(shift_map)
+    if torch.compiler.is_compiling():
+        output = torch.addcmul(shift_map, buffer, scale_map)
+        # no `.to` when the dtypes agree: 2.11 loses the gradient through that no-op alias too
+        return output if output.dtype == buffer.dtype else output.to(buffer.dtype)
+    return torch.addcmul(shift_map, buffer, scale_map, out=buffer)
 
 
 @torch.no_grad()
