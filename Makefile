@@ -36,7 +36,8 @@ gpu-check:
 
 # The oldest supported torch (requirements-compat.txt: torch 2.11, Python 3.12, no wandb) in its own
 # venv: every nodo test, the wandb-free training of every layer kind, and the train.py options.
-COMPAT_PYTHON ?= $(shell command -v python3.12)
+# the first python3.12 that runs (a pyenv shim answers `command -v` even where 3.12 is not selected)
+COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/bin/python3.12; do "$$p" -c "" >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 COMPAT_VENV ?= build/compat-venv
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_ghost_noise.py tests/test_ghost_noise_batch_norm.py tests/test_ghost_batch_norm.py \
