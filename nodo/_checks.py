@@ -8,12 +8,13 @@ inside a training step.
 from __future__ import annotations
 
 import numbers
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 __all__ = [
     "check_int",
+    "check_unit_interval",
     "check_positive_float",
     "check_probability",
     "check_choice",
@@ -49,6 +50,18 @@ def check_positive_float(name: str, value, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
     return value
+
+
+def check_unit_interval(name: str, value, none_means: str) -> Optional[float]:
+    """``value`` as a float in ``[0, 1]``, or ``None``, which stands for ``none_means``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1] or None, got {value!r} "
+                        f"of type {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (or None for {none_means}), got {value}")
+    return float(value)
 
 
 def check_probability(name: str, value) -> float:

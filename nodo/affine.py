@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_channels, check_int
+from nodo._checks import check_channel_dim, check_channels, check_int
 
 __all__ = ["Gain", "Bias"]
 
@@ -23,9 +23,7 @@ class _ChannelAffine(nn.Module):
     def __init__(self, num_features: int, channel_dim: int = 1, device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = check_int("num_features", num_features, minimum=1)
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
-            raise ValueError(f"channel_dim must be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
-        self.channel_dim = channel_dim
+        self.channel_dim = check_channel_dim(channel_dim)
         parameter = nn.Parameter(torch.empty(num_features, device=device, dtype=dtype))
         self.register_parameter(self._parameter_name, parameter)
         self.reset_parameters()

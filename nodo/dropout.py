@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_bool, check_choice, check_probability
+from nodo._checks import check_bool, check_channel_dim, check_choice, check_probability
 from nodo.functional import dropout as FD
 
 __all__ = ["FlexibleDropout"]
@@ -16,15 +16,16 @@ class FlexibleDropout(nn.Module):
     r"""Dropout as multiplicative noise of mean 1, Bernoulli or Gaussian.
 
     .. math::
-        y = x \cdot \xi, \qquad
-        \xi = \begin{cases}
-            b / (1 - p), \ b \sim \mathrm{Bernoulli}(1 - p) & \text{kind="bernoulli"} \\
-            1 + \sqrt{p / (1 - p)}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind="gaussian"} \\
-            1 + \tfrac{p}{1 - p}\, z, \ z \sim \mathcal{N}(0, 1) & \text{kind="gaussian\_reference"}
-        \end{cases}
+        y = x \cdot \xi, \qquad \mathrm{E}[\xi] = 1, \qquad
+        b \sim \mathrm{Bernoulli}(1 - p), \quad z \sim \mathcal{N}(0, 1)
 
-    ``"bernoulli"`` and ``"gaussian"`` share the first two moments of the noise (variance
-    :math:`p/(1-p)`), so ``p`` means the same regularization strength for both. With
+    * ``kind="bernoulli"``: :math:`\xi = b / (1 - p)`, of variance :math:`p/(1-p)`;
+    * ``kind="gaussian"``: :math:`\xi = 1 + z \sqrt{p / (1 - p)}`, of variance :math:`p/(1-p)`;
+    * ``kind="gaussian_reference"``: :math:`\xi = 1 + z \, p / (1 - p)`, of variance
+      :math:`(p / (1 - p))^2`.
+
+    ``"bernoulli"`` and ``"gaussian"`` share the first two moments of the noise, so ``p`` means
+    the same regularization strength for both. With
     ``channel_wise=True`` one :math:`\xi` is drawn per (sample, channel) and shared by all positions
     of that channel (as ``nn.Dropout2d`` for the Bernoulli kind). In evaluation, and for ``p = 0``,
     the layer is the identity.
@@ -74,9 +75,7 @@ class FlexibleDropout(nn.Module):
         self.p = check_probability("p", p)
         self.kind = check_choice("kind", kind, FD.DROPOUT_KINDS)
         self.channel_wise = check_bool("channel_wise", channel_wise)
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
-            raise ValueError(f"channel_dim must be a non-zero int (dim 0 is the batch), got {channel_dim!r}")
-        self.channel_dim = channel_dim
+        self.channel_dim = check_channel_dim(channel_dim)
         self.generator = generator
 
     @property

@@ -6,7 +6,7 @@ from typing import Optional
 from torch import Tensor
 
 from nodo.functional import batch_norm as FB
-from nodo.norm_base import PartitionedBatchNorm
+from nodo.norm_base import PartitionedBatchNorm, rank_variants
 
 __all__ = ["ExclusiveBatchNorm", "ExclusiveBatchNorm1d", "ExclusiveBatchNorm2d", "ExclusiveBatchNorm3d"]
 
@@ -56,17 +56,10 @@ class ExclusiveBatchNorm(PartitionedBatchNorm):
     _whole_batch_allowed = True
     _min_reason = "each sample is normalized by the other N - 1 samples of its ghost batch"
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: Optional[int] = None,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
+    # the base's signature, but for the default ghost_batch_size (the whole batch)
+    def __init__(self, num_features: int, ghost_batch_size: Optional[int] = None, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype)
 
     def _normalize(self, input, running_mean, running_var, use_batch_statistics, momentum) -> Tensor:
@@ -79,19 +72,4 @@ class ExclusiveBatchNorm(PartitionedBatchNorm):
         )
 
 
-class ExclusiveBatchNorm1d(ExclusiveBatchNorm):
-    """:class:`ExclusiveBatchNorm` of ``(B, C)`` or ``(B, C, L)`` input, an ``nn.BatchNorm1d`` drop-in."""
-
-    _input_dims = (2, 3)
-
-
-class ExclusiveBatchNorm2d(ExclusiveBatchNorm):
-    """:class:`ExclusiveBatchNorm` of ``(B, C, H, W)`` input, an ``nn.BatchNorm2d`` drop-in."""
-
-    _input_dims = (4,)
-
-
-class ExclusiveBatchNorm3d(ExclusiveBatchNorm):
-    """:class:`ExclusiveBatchNorm` of ``(B, C, D, H, W)`` input, an ``nn.BatchNorm3d`` drop-in."""
-
-    _input_dims = (5,)
+ExclusiveBatchNorm1d, ExclusiveBatchNorm2d, ExclusiveBatchNorm3d = rank_variants(ExclusiveBatchNorm)

@@ -11,7 +11,8 @@ from typing import Optional
 from torch import Tensor
 
 from nodo.functional import batch_norm as FB
-from nodo.norm_base import PartitionedBatchNorm, check_unit_interval
+from nodo._checks import check_unit_interval
+from nodo.norm_base import PartitionedBatchNorm, rank_variants
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
            "EvalNorm", "EvalNorm1d", "EvalNorm2d", "EvalNorm3d"]
@@ -32,7 +33,8 @@ class GhostBatchNorm(PartitionedBatchNorm):
     ``nn.BatchNorm2d``. With :math:`N \ge` batch size the layer *is* batch norm: same training
     output, running statistics and evaluation output. This class takes any ``(B, C, *)`` input;
     :class:`GhostBatchNorm1d`, :class:`GhostBatchNorm2d` and :class:`GhostBatchNorm3d` check the
-    rank as ``nn.BatchNorm1d/2d/3d`` do and are their drop-ins.
+    rank as ``nn.BatchNorm1d/2d/3d`` do and are their drop-ins (``GhostBatchNorm1d`` on tabular
+    ``(B, C)`` features is, e.g., TabNet's ghost batch norm).
 
     .. note::
         **Any batch size.** A batch that is not divisible by :math:`N` gets a smaller last ghost
@@ -79,19 +81,6 @@ class GhostBatchNorm(PartitionedBatchNorm):
         >>> y = m(torch.randn(128, 64, 32, 32))   # 8 ghost batches of 16
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype)
-
     def _normalize(self, input, running_mean, running_var, use_batch_statistics, momentum) -> Tensor:
         return FB.ghost_batch_norm(
             input, self.ghost_batch_size, running_mean, running_var, self.weight, self.bias,
@@ -99,23 +88,7 @@ class GhostBatchNorm(PartitionedBatchNorm):
         )
 
 
-class GhostBatchNorm1d(GhostBatchNorm):
-    """:class:`GhostBatchNorm` of ``(B, C)`` or ``(B, C, L)`` input, an ``nn.BatchNorm1d`` drop-in
-    (e.g. TabNet's ghost batch norm on tabular ``(B, C)`` features)."""
-
-    _input_dims = (2, 3)
-
-
-class GhostBatchNorm2d(GhostBatchNorm):
-    """:class:`GhostBatchNorm` of ``(B, C, H, W)`` input, an ``nn.BatchNorm2d`` drop-in."""
-
-    _input_dims = (4,)
-
-
-class GhostBatchNorm3d(GhostBatchNorm):
-    """:class:`GhostBatchNorm` of ``(B, C, D, H, W)`` input, an ``nn.BatchNorm3d`` drop-in."""
-
-    _input_dims = (5,)
+GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d = rank_variants(GhostBatchNorm)
 
 
 class EvalNorm(PartitionedBatchNorm):
@@ -156,18 +129,10 @@ class EvalNorm(PartitionedBatchNorm):
         >>> y = m.eval()(torch.randn(4, 64, 32, 32))   # blends each sample with the running stats
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        blend_weight: Optional[float] = None,
-    ) -> None:
+    def __init__(self, num_features: int, ghost_batch_size: int, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None,
+                 blend_weight: Optional[float] = None) -> None:
         if track_running_stats is not True:
             raise ValueError(
                 f"{type(self).__name__} needs track_running_stats=True (evaluation blends the running statistics), "
@@ -192,19 +157,4 @@ class EvalNorm(PartitionedBatchNorm):
         return f"{super().extra_repr()}, blend_weight={blend}"
 
 
-class EvalNorm1d(EvalNorm):
-    """:class:`EvalNorm` of ``(B, C)`` or ``(B, C, L)`` input."""
-
-    _input_dims = (2, 3)
-
-
-class EvalNorm2d(EvalNorm):
-    """:class:`EvalNorm` of ``(B, C, H, W)`` input."""
-
-    _input_dims = (4,)
-
-
-class EvalNorm3d(EvalNorm):
-    """:class:`EvalNorm` of ``(B, C, D, H, W)`` input."""
-
-    _input_dims = (5,)
+EvalNorm1d, EvalNorm2d, EvalNorm3d = rank_variants(EvalNorm, drop_in=False)

@@ -20,13 +20,46 @@ from nodo._checks import (
 )
 from nodo.functional.ghost_noise import GHOST_SAMPLINGS, ghost_noise_batch_norm, ghost_noise_injection
 from nodo.functional.noise_generator import NoiseGenerator, check_generator
-from nodo.norm_base import GhostNormBase
+from nodo.norm_base import GhostNormBase, rank_variants
 
-__all__ = ["GhostNoiseInjector", "GhostNoiseBatchNorm", "GhostNoiseBatchNorm1d", "GhostNoiseBatchNorm2d",
-           "GhostNoiseBatchNorm3d", "NoiseGenerator"]
+__all__ = ["ShiftScaleNoise", "GhostNoiseInjector", "GhostNoiseBatchNorm", "GhostNoiseBatchNorm1d",
+           "GhostNoiseBatchNorm2d", "GhostNoiseBatchNorm3d", "NoiseGenerator"]
 
 
-class GhostNoiseInjector(nn.Module):
+class ShiftScaleNoise(nn.Module):
+    """Base of the layers that shift and scale each (sample, channel) by noise in training.
+
+    :class:`GhostNoiseInjector` and :class:`nodo.NoisyAffine` share their ``ghost_batch_size``,
+    ``shift``, ``scale``, ``channel_dim`` and ``generator`` arguments and their checks, are the
+    identity in eval mode and print the attributes named in ``_repr_fields``. Subclasses implement
+    :meth:`_add_noise`, the training-mode forward.
+    """
+
+    _repr_fields: tuple = ()
+
+    def __init__(self, ghost_batch_size: int, shift: bool, scale: bool, channel_dim: int,
+                 generator: Optional[torch.Generator]) -> None:
+        super().__init__()
+        self.ghost_batch_size = ghost_batch_size
+        self.shift = check_bool("shift", shift)
+        self.scale = check_bool("scale", scale)
+        self.channel_dim = check_channel_dim(channel_dim)
+        check_generator(generator)
+        self.generator = generator
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return input
+        return self._add_noise(input)
+
+    def _add_noise(self, input: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in self._repr_fields)
+
+
+class GhostNoiseInjector(ShiftScaleNoise):
     r"""Ghost Noise Injection (GNI): the noise of ghost batch norm, without its small batches.
 
     In training mode every sample ``i`` draws a ghost batch ``g(i)`` of ``N`` samples from its
@@ -76,35 +109,19 @@ class GhostNoiseInjector(nn.Module):
         >>> y = gni(torch.randn(128, 64, 8, 8))
     """
 
-    def __init__(
-        self,
-        ghost_batch_size: int,
-        eps: float = 1e-3,
-        shift: bool = True,
-        scale: bool = True,
-        sampling: str = "replacement",
-        channel_dim: int = 1,
-        generator: Optional[torch.Generator] = None,
-    ) -> None:
-        super().__init__()
-        self.ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, minimum=1)
-        self.eps = check_positive_float("eps", eps)
-        self.shift = check_bool("shift", shift)
-        self.scale = check_bool("scale", scale)
-        self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
-        self.channel_dim = check_channel_dim(channel_dim)
-        check_generator(generator)
-        self.generator = generator
+    _repr_fields = ("ghost_batch_size", "eps", "shift", "scale", "sampling", "channel_dim")
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return input
+    def __init__(self, ghost_batch_size: int, eps: float = 1e-3, shift: bool = True,
+                 scale: bool = True, sampling: str = "replacement", channel_dim: int = 1,
+                 generator: Optional[torch.Generator] = None) -> None:
+        ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, minimum=1)
+        super().__init__(ghost_batch_size, shift, scale, channel_dim, generator)
+        self.eps = check_positive_float("eps", eps)
+        self.sampling = check_choice("sampling", sampling, GHOST_SAMPLINGS)
+
+    def _add_noise(self, input: Tensor) -> Tensor:
         return ghost_noise_injection(input, self.ghost_batch_size, self.eps, self.shift, self.scale,
                                      self.sampling, self.channel_dim, self.generator)
-
-    def extra_repr(self) -> str:
-        return (f"ghost_batch_size={self.ghost_batch_size}, eps={self.eps}, shift={self.shift}, "
-                f"scale={self.scale}, sampling={self.sampling!r}, channel_dim={self.channel_dim}")
 
 
 class GhostNoiseBatchNorm(GhostNormBase):
@@ -162,22 +179,11 @@ class GhostNoiseBatchNorm(GhostNormBase):
         >>> y = norm(torch.randn(128, 64, 32, 32))
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int,
-        eps: float = 1e-5,
-        noise_eps: float = 1e-3,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        shift: bool = True,
-        scale: bool = True,
-        track_running_stats: bool = True,
-        sampling: str = "replacement",
-        generator: Optional[torch.Generator] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
+    def __init__(self, num_features: int, ghost_batch_size: int, eps: float = 1e-5,
+                 noise_eps: float = 1e-3, momentum: Optional[float] = 0.1, affine: bool = True,
+                 shift: bool = True, scale: bool = True, track_running_stats: bool = True,
+                 sampling: str = "replacement", generator: Optional[torch.Generator] = None,
+                 device=None, dtype=None) -> None:
         super().__init__(num_features, ghost_batch_size, eps, momentum, affine, track_running_stats, device, dtype)
         self.noise_eps = check_positive_float("noise_eps", noise_eps)
         self.shift = check_bool("shift", shift)
@@ -202,19 +208,5 @@ class GhostNoiseBatchNorm(GhostNormBase):
                 f"sampling={self.sampling!r}")
 
 
-class GhostNoiseBatchNorm1d(GhostNoiseBatchNorm):
-    """:class:`GhostNoiseBatchNorm` of ``(B, C)`` or ``(B, C, L)`` input, an ``nn.BatchNorm1d`` drop-in."""
-
-    _input_dims = (2, 3)
-
-
-class GhostNoiseBatchNorm2d(GhostNoiseBatchNorm):
-    """:class:`GhostNoiseBatchNorm` of ``(B, C, H, W)`` input, an ``nn.BatchNorm2d`` drop-in."""
-
-    _input_dims = (4,)
-
-
-class GhostNoiseBatchNorm3d(GhostNoiseBatchNorm):
-    """:class:`GhostNoiseBatchNorm` of ``(B, C, D, H, W)`` input, an ``nn.BatchNorm3d`` drop-in."""
-
-    _input_dims = (5,)
+GhostNoiseBatchNorm1d, GhostNoiseBatchNorm2d, GhostNoiseBatchNorm3d = rank_variants(
+    GhostNoiseBatchNorm)

@@ -4,16 +4,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from nodo._checks import check_bool, check_channel_dim
-from nodo.functional.noise_generator import check_generator
 from nodo.functional.noisy_affine import check_noisy_affine_ghost_batch_size, noisy_affine
+from nodo.ghost_noise import ShiftScaleNoise
 
 __all__ = ["NoisyAffine"]
 
 
-class NoisyAffine(nn.Module):
+class NoisyAffine(ShiftScaleNoise):
     r"""Noisy affine transform: ghost noise drawn from its distribution for normal activations.
 
     In training mode, per (sample, channel):
@@ -50,27 +49,13 @@ class NoisyAffine(nn.Module):
         >>> y = layer(torch.randn(128, 64, 8, 8))
     """
 
-    def __init__(
-        self,
-        ghost_batch_size: int,
-        shift: bool = True,
-        scale: bool = True,
-        channel_dim: int = 1,
-        generator: Optional[torch.Generator] = None,
-    ) -> None:
-        super().__init__()
-        self.ghost_batch_size = check_noisy_affine_ghost_batch_size(ghost_batch_size)
-        self.shift = check_bool("shift", shift)
-        self.scale = check_bool("scale", scale)
-        self.channel_dim = check_channel_dim(channel_dim)
-        check_generator(generator)
-        self.generator = generator
+    _repr_fields = ("ghost_batch_size", "shift", "scale", "channel_dim")
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return input
-        return noisy_affine(input, self.ghost_batch_size, self.shift, self.scale, self.channel_dim, self.generator)
+    def __init__(self, ghost_batch_size: int, shift: bool = True, scale: bool = True,
+                 channel_dim: int = 1, generator: Optional[torch.Generator] = None) -> None:
+        ghost_batch_size = check_noisy_affine_ghost_batch_size(ghost_batch_size)
+        super().__init__(ghost_batch_size, shift, scale, channel_dim, generator)
 
-    def extra_repr(self) -> str:
-        return (f"ghost_batch_size={self.ghost_batch_size}, shift={self.shift}, scale={self.scale}, "
-                f"channel_dim={self.channel_dim}")
+    def _add_noise(self, input: Tensor) -> Tensor:
+        return noisy_affine(input, self.ghost_batch_size, self.shift, self.scale, self.channel_dim,
+                            self.generator)

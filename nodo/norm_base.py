@@ -4,8 +4,9 @@
 BN -> GNI layer share: the parameters and buffers under ``nn.BatchNorm*d``'s names (so a BatchNorm
 checkpoint loads into them and :func:`nodo.convert` carries trained values over), argument checks,
 torch's momentum convention and the train/eval dispatch. Subclasses implement :meth:`_normalize`
-and pick the accepted input ranks with ``_input_dims``: the 1d/2d/3d variants of a layer are one
-class each with a different ``_input_dims``, as ``nn.BatchNorm1d/2d/3d`` differ only in their check.
+and pick the accepted input ranks with ``_input_dims``: :func:`rank_variants` makes the 1d/2d/3d
+variants of a layer, which differ only in ``_input_dims``, as ``nn.BatchNorm1d/2d/3d`` differ only
+in their check.
 
 :class:`PartitionedBatchNorm` marks the layers whose ghost batches are consecutive slices of the
 batch (GBN, EvalNorm, XBN): their ``ghost_batch_size`` must not exceed the batch, unlike ghost noise,
@@ -13,31 +14,48 @@ which draws its ghost batches with replacement.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_bool, check_channels, check_int, check_ndim, check_positive_float
+from nodo._checks import (
+    check_bool,
+    check_channels,
+    check_int,
+    check_ndim,
+    check_positive_float,
+    check_unit_interval,
+)
 
-__all__ = ["GhostNormBase", "PartitionedBatchNorm", "check_momentum", "check_unit_interval"]
+__all__ = ["GhostNormBase", "PartitionedBatchNorm", "rank_variants"]
+
+# suffix, accepted input.dim() values, the input shape and the torch layer, as nn.BatchNorm1d/2d/3d
+_RANKS = (
+    ("1d", (2, 3), "``(B, C)`` or ``(B, C, L)``", "nn.BatchNorm1d"),
+    ("2d", (4,), "``(B, C, H, W)``", "nn.BatchNorm2d"),
+    ("3d", (5,), "``(B, C, D, H, W)``", "nn.BatchNorm3d"),
+)
 
 
-def check_unit_interval(name: str, value, none_means: str) -> Optional[float]:
-    """``value`` as a float in ``[0, 1]``, or ``None``; ``none_means`` says what ``None`` stands for."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1] or None, got {value!r} of type {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] (or None for {none_means}), got {value}")
-    return float(value)
+def rank_variants(layer: type, drop_in: bool = True) -> tuple[type, type, type]:
+    """The 1d, 2d and 3d subclasses of the batch-norm-like ``layer`` that check the input rank.
 
-
-def check_momentum(momentum) -> Optional[float]:
-    """torch's ``momentum``: a float in ``[0, 1]``, or ``None`` for a cumulative average."""
-    return check_unit_interval("momentum", momentum, "a cumulative average")
+    ``nn.BatchNorm1d/2d/3d`` differ only in their input check; these differ only in ``_input_dims``.
+    Each is named ``layer``'s name + ``"1d"``/``"2d"``/``"3d"`` and belongs to ``layer``'s module,
+    which must bind it to that name (pickle finds classes by module and name). ``drop_in`` says in
+    the docstring that the layer can replace the torch one.
+    """
+    variants = []
+    for suffix, input_dims, shape, torch_layer in _RANKS:
+        name = layer.__name__ + suffix
+        doc = f":class:`{layer.__name__}` of {shape} input"
+        if drop_in:
+            doc += f", an ``{torch_layer}`` drop-in"
+        namespace = {"__module__": layer.__module__, "__qualname__": name, "__doc__": doc + ".",
+                     "_input_dims": input_dims}
+        variants.append(type(name, (layer,), namespace))
+    return tuple(variants)
 
 
 class GhostNormBase(nn.Module):
@@ -69,7 +87,7 @@ class GhostNormBase(nn.Module):
         self.num_features = check_int("num_features", num_features, minimum=1)
         self.ghost_batch_size = self._check_ghost_batch_size(ghost_batch_size)
         self.eps = check_positive_float("eps", eps)
-        self.momentum = check_momentum(momentum)
+        self.momentum = check_unit_interval("momentum", momentum, "a cumulative average")
         self.affine = check_bool("affine", affine)
         self.track_running_stats = check_bool("track_running_stats", track_running_stats)
         if self.affine:

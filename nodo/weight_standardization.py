@@ -71,8 +71,9 @@ class _WeightStandardized:
             scale = self.init_std
         return FW.standardize_weight(self.weight, self.eps, self.gain, scale)
 
-    def _standardization_repr(self) -> str:
-        return f"gain={self.gain is not None}, scaling={self.scaling!r}, eps={self.eps}"
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, gain={self.gain is not None}, scaling={self.scaling!r}, "
+                f"eps={self.eps}")
 
 
 _WS_DOC = r"""
@@ -133,24 +134,11 @@ class WSConv2d(_WeightStandardized, nn.Conv2d):
     """
     )
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _size_2_t,
-        stride: _size_2_t = 1,
-        padding: Union[str, _size_2_t] = 0,
-        dilation: _size_2_t = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        gain: bool = True,
-        scaling: str = "init",
-        eps: Optional[float] = None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2_t,
+                 stride: _size_2_t = 1, padding: Union[str, _size_2_t] = 0, dilation: _size_2_t = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None,
+                 dtype=None, *, gain: bool = True, scaling: str = "init",
+                 eps: Optional[float] = None) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
@@ -159,9 +147,6 @@ class WSConv2d(_WeightStandardized, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._standardization_repr()}"
 
 
 class WSLinear(_WeightStandardized, nn.Linear):
@@ -181,23 +166,11 @@ class WSLinear(_WeightStandardized, nn.Linear):
     """
     )
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        gain: bool = True,
-        scaling: str = "init",
-        eps: Optional[float] = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, gain: bool = True, scaling: str = "init",
+                 eps: Optional[float] = None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_standardization(gain, scaling, eps, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.standardized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._standardization_repr()}"
