@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import importlib
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,8 @@ VARIANTS = {  # family -> {input rank: class}
             5: nodo.GhostNoiseBatchNorm3d},
 }
 BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+FAMILIES = {"gbn": nodo.GhostBatchNorm, "xbn": nodo.ExclusiveBatchNorm, "en": nodo.EvalNorm,
+            "gni": nodo.GhostNoiseBatchNorm}
 
 
 def reduce_dims(x):
@@ -120,6 +125,21 @@ def test_each_variant_checks_the_rank(family):
         wrong = 4 if dims < 4 else 3
         with pytest.raises(ValueError, match=f"expected .*got {wrong}D input"):
             layer(make_input(spatial_shape(wrong, 8, 3), torch.float32))
+
+
+@pytest.mark.parametrize("family", list(VARIANTS))
+def test_each_variant_is_its_family_under_the_batch_norm_name(family):
+    base = FAMILIES[family]
+    for dims, cls in VARIANTS[family].items():
+        suffix = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[dims]
+        assert cls.__name__ == base.__name__ + suffix and cls.__bases__ == (base,)
+        # pickle and torch.save find a class by its module and name
+        assert getattr(importlib.import_module(cls.__module__), cls.__name__) is cls
+        layer = cls(3, 4)
+        assert type(pickle.loads(pickle.dumps(layer))) is cls
+        assert repr(layer).startswith(f"{cls.__name__}(3, ghost_batch_size=4, eps=1e-05")
+        assert cls.__doc__.startswith(f":class:`{base.__name__}` of ")
+        assert list(layer.state_dict()) == list(BATCH_NORMS[dims](3).state_dict())
 
 
 # --- precision at a large mean -----------------------------------------------------------------
