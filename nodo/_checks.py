@@ -123,8 +123,7 @@ def resolve_channel_dim(input: Tensor, channel_dim, layer: str) -> int:
     if input.dim() < 2:
         raise ValueError(f"{layer}: expected an input with a batch and a channel dimension (2D or more), "
                          f"got {input.dim()}D input of shape {tuple(input.shape)}")
-    if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"channel_dim must be an int, got {channel_dim!r} of type {type(channel_dim).__name__}")
+    check_channel_dim(channel_dim)
     ndim = input.dim()
     if not -ndim <= channel_dim < ndim or channel_dim % ndim == 0:
         raise ValueError(f"channel_dim must index a non-batch dimension of the {ndim}D input "
