@@ -1,4 +1,6 @@
-r"""Ghost Noise Injection layers: GhostNoiseInjector and the fused GhostNoiseBatchNorm2d.
+r"""Ghost Noise Injection layers: GhostNoiseInjector and the fused GhostNoiseBatchNorm(1d/2d/3d).
+
+:class:`ShiftScaleNoise` is the base GhostNoiseInjector shares with :class:`nodo.NoisyAffine`.
 
 Paper: "Ghost Noise for Regularizing Deep Neural Networks", Kosson, Fan, Jaggi (AAAI 2024),
 https://arxiv.org/abs/2305.17205. The math lives in :mod:`nodo.functional.ghost_noise`.
@@ -31,7 +33,8 @@ class ShiftScaleNoise(nn.Module):
 
     :class:`GhostNoiseInjector` and :class:`nodo.NoisyAffine` share their ``ghost_batch_size``,
     ``shift``, ``scale``, ``channel_dim`` and ``generator`` arguments and their checks, are the
-    identity in eval mode and print the attributes named in ``_repr_fields``. Subclasses implement
+    identity in eval mode and print the attributes named in ``_repr_fields``. Subclasses check
+    ``ghost_batch_size`` themselves (GNI takes ``N >= 1``, NoisyAffine ``N >= 2``) and implement
     :meth:`_add_noise`, the training-mode forward.
     """
 
@@ -208,5 +211,5 @@ class GhostNoiseBatchNorm(GhostNormBase):
                 f"sampling={self.sampling!r}")
 
 
-GhostNoiseBatchNorm1d, GhostNoiseBatchNorm2d, GhostNoiseBatchNorm3d = rank_variants(
-    GhostNoiseBatchNorm)
+(GhostNoiseBatchNorm1d, GhostNoiseBatchNorm2d,
+ GhostNoiseBatchNorm3d) = rank_variants(GhostNoiseBatchNorm)
