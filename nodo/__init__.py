@@ -4,7 +4,7 @@ The public API is this flat list; the math lives in :mod:`nodo.functional`.
 """
 from nodo import functional
 
-# --- ghost noise: GhostNoiseInjector, GhostNoiseBatchNorm2d, NoisyAffine (owner: ghost-noise engineer)
+# ghost noise: the injector, the fused BN -> GNI layer and its analytic form
 from nodo.ghost_noise import (
     GhostNoiseBatchNorm,
     GhostNoiseBatchNorm1d,
@@ -15,8 +15,7 @@ from nodo.ghost_noise import (
 )
 from nodo.noisy_affine import NoisyAffine
 
-# --- batch norms and the rest: GhostBatchNorm2d, ExclusiveBatchNorm2d, EvalNorm2d, FlexibleDropout,
-# --- WSConv2d, WSLinear, Gain, Bias, convert (owner: batch-norm engineer)
+# batch norms (one family on GhostNormBase), dropout, weight standardization, affine, model surgery
 from nodo.affine import Bias, Gain
 from nodo.convert import convert
 from nodo.dropout import FlexibleDropout
@@ -39,7 +38,7 @@ from nodo.ghost_batch_norm import (
 from nodo.norm_base import GhostNormBase, PartitionedBatchNorm
 from nodo.weight_standardization import WSConv2d, WSLinear
 
-# --- Batch Renormalization (owner: paper-fidelity engineer)
+# Batch Renormalization
 from nodo.batch_renorm import BatchRenorm2d, set_total_steps
 
 __version__ = "0.1.0"
