@@ -45,6 +45,7 @@ __all__ = [
     "holds_results",
     "move_results_aside",
     "atomic_write_bytes",
+    "csv_text",
     "write_summary",
     "write_results",
     "read_results",
@@ -177,6 +178,15 @@ def results_with_timm_names(results: Mapping[str, Any]) -> dict:
     return renamed
 
 
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """``header`` and ``rows`` as CSV text (``\\n`` line ends), for an atomic write."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -203,12 +213,8 @@ def write_summary(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns = list(SUMMARY_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(column)) for column in columns])
-    write_run_file(run_dir / "summary.csv", buffer.getvalue())
+    text = csv_text(columns, ([_cell(row.get(column)) for column in columns] for row in rows))
+    write_run_file(run_dir / "summary.csv", text)
 
 
 def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:

@@ -131,7 +131,7 @@ def test_group_by_overrides_the_setup_definition(runs_dir, tmp_path):
     ('[{"type":"norm","subtype":"bn2d","dkwargs":{"affine":false}},'
      '{"type":"noise","subtype":"ghost_noise_injector_rep","dkwargs":{"batch_size":32,"shift_noise":false}},'
      '{"type":"gain","subtype":"standard"},{"type":"bias","subtype":"standard"}]',
-     ("bn2d+ghost_noise_injector_rep-scale", 32)),
+     ("bn2d+gnir-scale", 32)),  # structured specs: shared.specs' canonical part names
 ])
 def test_describe_norm(spec, expected):
     assert report.describe_norm(spec) == expected
