@@ -30,7 +30,6 @@ steps would recompile the graph).
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +39,8 @@ from torch import nn
 import nodo
 from nodo import functional as NF
 from nodo.functional.batch_norm import ghost_batch_partition
+from shared.analysis import ghost_noise, noise_statistics, relative_ghost_noise, standardized_moments
+from shared.run_files import atomic_write_text, csv_text
 
 __all__ = ["CSV_NAME", "CSV_COLUMNS", "NoiseMonitor", "noise_sites", "site_noise"]
 
@@ -85,19 +86,14 @@ def _gni_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """GhostNoiseInjector's noise on ``x`` (its forward's computation, nodo.functional.ghost_noise)."""
     indices = _replayed(module.generator, x.device, lambda: _ghost_indices(module, x))
     mean, var = NF.sample_moments(x, module.channel_dim)
-    weights = NF.ghost_batch_weights(indices, dtype=mean.dtype)
-    return NF.ghost_noise_from_moments(mean, var, weights, module.eps, module.shift, module.scale)
+    return ghost_noise(mean, var, indices, module.eps, module.shift, module.scale)
 
 
 def _fused_gni_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """GhostNoiseBatchNorm2d's noise: GNI's on the moments of ``x_hat = (x - mu) / sqrt(var + eps)``."""
     indices = _replayed(module.generator, x.device, lambda: _ghost_indices(module, x))
-    mean, var = NF.sample_moments(x, 1)
-    centered = mean - mean.mean(0)
-    invstd = (var.mean(0) + centered.square().mean(0) + module.eps).rsqrt()
-    weights = NF.ghost_batch_weights(indices, dtype=mean.dtype)
-    return NF.ghost_noise_from_moments(centered * invstd, var * invstd.square(), weights, module.noise_eps,
-                                       module.shift, module.scale)
+    mean_hat, var_hat, _ = standardized_moments(x, 1, module.eps)
+    return ghost_noise(mean_hat, var_hat, indices, module.noise_eps, module.shift, module.scale)
 
 
 def _noisy_affine_noise(module: nn.Module, x: torch.Tensor) -> tuple:
@@ -109,8 +105,6 @@ def _noisy_affine_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 
 def _gbn_induced_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """Ghost batch norm's consecutive ghost batches (ghost_batch_partition) as index rows."""
-    from shared.analysis import relative_ghost_noise
-
     sizes = ghost_batch_partition(x.shape[0], module.ghost_batch_size)
     rows, first = [], 0
     for size in sizes:
@@ -161,17 +155,11 @@ class NoiseMonitor:
         self._start_file(start_update)
 
     def _start_file(self, start_update: int) -> None:
-        from shared.run_files import atomic_write_text
-
         kept = []
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["update"]) <= start_update]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write_text(self.csv_path, buffer.getvalue())
+        atomic_write_text(self.csv_path, csv_text(CSV_COLUMNS, ([row.get(c) for c in CSV_COLUMNS] for row in kept)))
 
     def due(self, update: int) -> bool:
         """Whether optimizer update number ``update`` (1-based) is measured."""
@@ -192,8 +180,6 @@ class NoiseMonitor:
 
     def collect(self, update: int, epoch: int) -> dict:
         """Remove the hooks; append the measured sites' rows to the CSV; return ``{noise/SITE/FIGURE: value}``."""
-        from shared.analysis import noise_statistics
-
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -181,20 +181,19 @@ class Group:
 # Reading runs
 # ----------------------------------------------------------------------------------------------
 
+def _number(text: Optional[str]) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # an empty cell, or a row shorter than the header
+        return math.nan
+
+
 def _read_summary(path: Path) -> list:
     if not path.is_file():
         return []
-    rows = []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            parsed = {}
-            for key, value in row.items():
-                try:
-                    parsed[key] = float(value)
-                except (TypeError, ValueError):
-                    parsed[key] = math.nan
-            rows.append(timm_metric_names(parsed))  # a previous version's summary says top1/top5
-    return rows
+    with open(path, newline="") as handle:  # a previous version's summary says top1/top5: renamed
+        return [timm_metric_names({key: _number(value) for key, value in row.items()})
+                for row in csv.DictReader(handle)]
 
 
 def _read_run(directory: Path) -> Run:
@@ -521,18 +520,19 @@ class Figure:
     reason: str = ""
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (also for :mod:`shared.analysis`'s figures)."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """PNG through memory and an atomic write; the bounding box grows to hold legends outside the axes."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -645,7 +645,7 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
         return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
                       if has_kind else f"no finished setup of this family has {noun}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
     _draw_reference_lines(ax, rows, columns, metric, band)
@@ -661,7 +661,7 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
     ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(ax, *ax.get_legend_handles_labels())
-    return Figure(title, _save(fig, path))
+    return Figure(title, save_png(fig, path))
 
 
 def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str, family: str,
@@ -674,7 +674,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
         return Figure(title, reason=f"every finished setup of this family is on a ghost batch size or dropout axis "
                                     f"(or has no {metric_label(metric)})")
     shown = _varying([r["_group"] for r in chosen], columns) or ["norm"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
     positions = list(range(len(chosen)))
     ax.errorbar(positions, [r[f"{metric}_mean"] for r in chosen], fmt="o", markersize=5, capsize=4,
@@ -685,7 +685,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{family}: {metric_label(metric)} by setup\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    return Figure(title, _save(fig, path))
+    return Figure(title, save_png(fig, path))
 
 
 def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
@@ -697,10 +697,8 @@ def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
             if epoch is not None and value is not None:
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    means = [statistics.fmean(by_epoch[e]) for e in epochs]
-    widths = [_band_width(statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else math.nan, len(by_epoch[e]), band)
-              for e in epochs]
-    return epochs, means, widths
+    means, stds = zip(*(_mean_std(by_epoch[e]) for e in epochs)) if epochs else ((), ())
+    return epochs, list(means), [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -746,7 +744,7 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
 
 def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     curves = {(id(group), column): _curve_statistics(group.runs, column, band)
               for group in chunk for column in ("top1", "train_loss", "eval_loss")}
@@ -769,7 +767,7 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
         ax_loss.set_yscale("log")
     fig.suptitle(f"{family}: training curves, mean over seeds, {_band_name(band)}", fontsize=11)
     _legend(ax_loss, [line for line, _ in entries], [label for _, label in entries])
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, band: str, out_dir: Path,

@@ -88,16 +88,12 @@ def describe_os_error(error: OSError) -> str:
 
 def _fsync_directory(directory: Path) -> None:
     """Make a rename inside ``directory`` durable (best effort: some filesystems refuse to open one)."""
-    try:
+    with contextlib.suppress(OSError):
         descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -114,10 +110,8 @@ def _replacing(path: os.PathLike, shared: bool = False) -> Iterator[Path]:
         yield temporary
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):  # never created, or a directory in the way
             temporary.unlink()
-        except OSError:  # never created, or a directory in the way
-            pass
         raise
     _fsync_directory(path.parent)
 
@@ -318,10 +312,8 @@ class RunLock:
         share the open file, and a plain close would leave the lock held until the last of them exits.
         """
         if self.descriptor is not None:
-            try:
+            with contextlib.suppress(OSError):  # a filesystem without locks: there is nothing to release
                 fcntl.flock(self.descriptor, fcntl.LOCK_UN)
-            except OSError:  # a filesystem without locks: there is nothing to release
-                pass
             os.close(self.descriptor)
             self.descriptor = None
 

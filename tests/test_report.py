@@ -265,15 +265,15 @@ def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
 def drawn(monkeypatch):
     """Capture every figure the report saves (still open), keyed by file name."""
     figures = {}
-    original = report._save
+    original = report.save_png
 
     def capture(fig, path):
         fig.canvas.draw()  # lay out text and legends, so their extents are final
         figures[path.name] = fig
         return original(fig, path)
 
-    monkeypatch.setattr(report, "_save", capture)
-    monkeypatch.setattr(report._pyplot(), "close", lambda fig=None: None)
+    monkeypatch.setattr(report, "save_png", capture)
+    monkeypatch.setattr(report.pyplot(), "close", lambda fig=None: None)
     return figures
 
 
