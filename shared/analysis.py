@@ -69,7 +69,7 @@ import torch.nn as nn
 import nodo
 from nodo import functional as NF
 from shared.report import pyplot, save_png
-from shared.run_files import atomic_write_text, csv_text
+from shared.run_files import atomic_write_text, csv_text, read_args
 from shared.specs import NormSequence
 
 __all__ = [
@@ -106,9 +106,9 @@ SMALL_SCALE = 0.1
 
 # The modules measured by default: batch-norm-like, group/layer-norm and ghost-noise layers, and the
 # composite norms of shared.specs.
-_SITE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d,
-               nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d, nodo.GhostNoiseInjector, nodo.NoisyAffine,
-               NormSequence)
+_SITE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nodo.GhostBatchNorm2d,
+               nodo.EvalNorm2d, nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d,
+               nodo.GhostNoiseInjector, nodo.NoisyAffine, NormSequence)
 
 
 def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
@@ -176,9 +176,10 @@ def relative_ghost_noise(x: torch.Tensor, ghost_indices: torch.Tensor, eps: floa
 
 
 def standardized_moments(x: torch.Tensor, channel_dim: int, eps: float = 0.0) -> tuple:
-    """Per-sample, per-channel mean and biased variance of ``x_hat = (x - mu) / sqrt(sigma^2 + eps)``,
-    ``mu, sigma^2`` the batch's (as batch norm normalizes), and ``sigma^2``: ``(B, C)``, ``(B, C)``, ``(C,)``.
-    A channel without variance (``sigma^2 + eps`` below ``1e-12``) is divided by ``1e-6`` instead."""
+    """Per-sample, per-channel mean and biased variance of ``x_hat = (x - mu) / sqrt(sigma^2 +
+    eps)`` (``mu, sigma^2`` the batch's, as batch norm normalizes), and ``sigma^2``: ``(B, C)``,
+    ``(B, C)``, ``(C,)``. A channel without variance (``sigma^2 + eps < 1e-12``) is divided by
+    ``1e-6`` instead."""
     mean, var = NF.sample_moments(x, channel_dim)
     centered = mean - mean.mean(0)
     batch_var = var.mean(0) + centered.square().mean(0)
@@ -282,8 +283,8 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
 # ----------------------------------------------------------------------------------------------
 
 def analytic_distribution(noise: str, ghost_batch_size: int):
-    """The analytic law of the shift, ``Normal(0, 1/N)``, or of the scale, ``sqrt(chi2(N-1) / N)``: a
-    chi distribution with ``N - 1`` degrees of freedom scaled by ``1 / sqrt(N)`` (scipy frozen
+    """The analytic law of the shift, ``Normal(0, 1/N)``, or of the scale, ``sqrt(chi2(N-1) / N)``:
+    a chi distribution with ``N - 1`` degrees of freedom scaled by ``1 / sqrt(N)`` (scipy frozen
     distributions: ``cdf``, ``pdf``, ``ppf``, ``mean``, ``std``, ``support``)."""
     from scipy import stats
     if noise == "shift":
@@ -305,7 +306,8 @@ def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
     """The columns of :func:`summarize_samples` for the analytic law (``n`` infinite)."""
     law = analytic_distribution(noise, ghost_batch_size)
     low, high = law.support()
-    row = {"n": math.inf, "mean": float(law.mean()), "std": float(law.std()), "min": float(low), "max": float(high)}
+    row = {"n": math.inf, "mean": float(law.mean()), "std": float(law.std()), "min": float(low),
+           "max": float(high)}
     row.update({f"q{q:g}": float(law.ppf(q)) for q in QUANTILES})
     return row
 
@@ -354,7 +356,8 @@ def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
     """Summary statistics, KS distances and the extreme-noise figures of one site."""
     stats_rows = {f"{source}/{noise}": summarize_samples(site[source][noise]) for source in SOURCES
                   for noise in NOISES}
-    stats_rows.update({f"analytic/{noise}": _analytic_summary(noise, ghost_batch_size) for noise in NOISES})
+    stats_rows.update({f"analytic/{noise}": _analytic_summary(noise, ghost_batch_size)
+                       for noise in NOISES})
     extremes = {}
     for source in SOURCES:
         figures = noise_statistics(site[source]["shift"], site[source]["scale"])
@@ -428,10 +431,11 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
         for key, row in report["stats"].items():
             source, noise = key.split("/")
             extremes = report["extremes"].get(source, {})  # none for the analytic law
-            stat_rows.append([report["site"], source, noise] + [row[f] for f in stat_fields]
-                             + [extremes.get("max_abs_shift" if noise == "shift" else "max_inverse_scale", "")])
-    atomic_write_text(out / "noise_stats.csv", csv_text(
-        ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"], stat_rows))
+            extreme = extremes.get("max_abs_shift" if noise == "shift" else "max_inverse_scale", "")
+            cells = [row[field] for field in stat_fields]
+            stat_rows.append([report["site"], source, noise] + cells + [extreme])
+    stat_header = ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"]
+    atomic_write_text(out / "noise_stats.csv", csv_text(stat_header, stat_rows))
     ks_columns = ["gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"]
     atomic_write_text(out / "ks.csv", csv_text(["site", "noise"] + ks_columns, (
         [report["site"], noise] + [report["ks"][noise][column] for column in ks_columns]
@@ -448,7 +452,8 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
 def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
     """The per-site summary printed by the command."""
     scale = analytic_distribution("scale", ghost_batch_size)
-    lines = [f"ghost batch size N = {ghost_batch_size}; analytic: std(shift) = {1 / math.sqrt(ghost_batch_size):.4f}, "
+    lines = [f"ghost batch size N = {ghost_batch_size}; analytic: "
+             f"std(shift) = {1 / math.sqrt(ghost_batch_size):.4f}, "
              f"mean(scale) = {scale.mean():.4f}, std(scale) = {scale.std():.4f}",
              f"{'site':<28s} {'shape':<12s} {'std(m) gbn/gni':>16s} {'std(s) gbn/gni':>16s} "
              f"{'KS m: gbn-gni/gbn-an/gni-an':>28s} {'KS s: gbn-gni/gbn-an/gni-an':>28s} "
@@ -474,17 +479,7 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
 
 def _read_run_args(checkpoint: Path) -> dict:
     """args.yaml beside a checkpoint (train.py's run directory), or {}."""
-    import yaml
-    path = checkpoint.parent / "args.yaml"
-    if path.is_file():
-        from shared.config import load_bounded_yaml
-
-        try:
-            loaded = load_bounded_yaml(path.read_text(), str(path))[1] or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} cannot be read: {error}") from None
-        return loaded if isinstance(loaded, dict) else {}
-    return {}
+    return read_args(checkpoint.parent) if (checkpoint.parent / "args.yaml").is_file() else {}
 
 
 def _load_state_dict(path: Path) -> dict:
@@ -605,8 +600,9 @@ def _check_options(options: argparse.Namespace) -> None:
     if options.ghost_batch_size < 2:
         raise ValueError(f"--ghost-batch-size must be >= 2, got {options.ghost_batch_size}")
     if options.batch_size % options.ghost_batch_size:
-        raise ValueError(f"--batch-size {options.batch_size} must be a multiple of --ghost-batch-size "
-                         f"{options.ghost_batch_size} (GBN's ghost batches partition the batch)")
+        raise ValueError(f"--batch-size {options.batch_size} must be a multiple of "
+                         f"--ghost-batch-size {options.ghost_batch_size} (GBN's ghost batches "
+                         f"partition the batch)")
     if options.num_batches < 1:
         raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
     if options.checkpoint and not Path(options.checkpoint).is_file():
@@ -637,7 +633,8 @@ def _load_model(options: argparse.Namespace) -> tuple:
     if input_size and input_size[0] != 3:
         model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
     if not timm.is_model(model_name.split(".", 1)[0]):
-        raise ValueError(f"--model {model_name!r} is not a timm model (`timm.list_models()` lists them)")
+        raise ValueError(f"--model {model_name!r} is not a timm model "
+                         f"(`timm.list_models()` lists them)")
     model = shared.create_model(model_name, norm=norm, **model_kwargs)
     if checkpoint is not None:
         try:
@@ -645,10 +642,13 @@ def _load_model(options: argparse.Namespace) -> tuple:
         except RuntimeError as error:  # missing/unexpected keys, shape mismatches
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
                              f"(norm {norm!r}): {error}") from None
-    input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
-    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
-             "source": "synthetic" if options.synthetic else options.dataset, "batch_size": options.batch_size,
-             "num_batches": options.num_batches, "eps": options.eps, "mode": options.mode, "seed": options.seed}
+    default_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32))
+    input_size = input_size or list(default_size)
+    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs,
+             "checkpoint": options.checkpoint,
+             "source": "synthetic" if options.synthetic else options.dataset,
+             "batch_size": options.batch_size, "num_batches": options.num_batches,
+             "eps": options.eps, "mode": options.mode, "seed": options.seed}
     return model.to(torch.device(options.device)), input_size, setup
 
 

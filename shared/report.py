@@ -63,7 +63,7 @@ import yaml
 from shared.logging_wandb import experiment_family
 from shared.run_files import (
     OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write_bytes, atomic_write_text, csv_text,
-    results_with_timm_names, timm_metric_names,
+    read_args, results_with_timm_names, timm_metric_names,
 )
 from shared.specs import parse_spec
 
@@ -149,8 +149,11 @@ class Run:
 
 
 def metric_value(values: Any, name: str) -> Optional[float]:
-    """``values[name]`` as a float, or None when absent or not a finite number. ``values``: a results.json
-    section or a summary.csv row; a previous version's name (``top1``) stands for timm's (``eval_top1``)."""
+    """``values[name]`` as a float, or None when absent or not a finite number.
+
+    ``values``: a results.json section or a summary.csv row; a previous version's name (``top1``)
+    stands for timm's (``eval_top1``).
+    """
     if not isinstance(values, dict):
         return None
     value = timm_metric_names(values).get(PREVIOUS_METRIC_NAMES.get(name, name))
@@ -197,11 +200,8 @@ def _read_summary(path: Path) -> list:
 
 
 def _read_run(directory: Path) -> Run:
-    """One run directory. Raises OSError, ValueError (yaml.YAMLError, csv.Error...) when it cannot be read."""
-    with open(directory / "args.yaml", encoding="utf-8") as handle:
-        args = yaml.safe_load(handle) or {}
-    if not isinstance(args, dict):
-        raise ValueError(f"args.yaml holds a {type(args).__name__}, not a mapping of arguments")
+    """One run directory. Raises OSError, ValueError, csv.Error when it cannot be read."""
+    args = read_args(directory)
     results: dict = {}
     results_path = directory / "results.json"
     if results_path.is_file():
@@ -233,7 +233,7 @@ def load_runs(runs_dir: os.PathLike) -> tuple:
     for path in sorted(root.rglob("args.yaml")):
         try:
             runs.append(_read_run(path.parent))
-        except (OSError, ValueError, UnicodeDecodeError, csv.Error, yaml.YAMLError) as error:
+        except (OSError, ValueError, csv.Error) as error:
             unreadable.append((path.parent, f"{type(error).__name__}: {error}".splitlines()[0][:200]))
     return runs, unreadable
 
@@ -318,23 +318,27 @@ def _spec_parts(spec: Any, site: str = "norm") -> Optional[tuple]:
 
 
 def _ghost_batch_size(parts: Sequence) -> Optional[int]:
-    return next((part.options["ghost_batch_size"] for part in parts if "ghost_batch_size" in part.options), None)
+    sizes = [part.options["ghost_batch_size"] for part in parts
+             if "ghost_batch_size" in part.options]
+    return sizes[0] if sizes else None
 
 
 def _noise_variant(options: dict) -> str:
-    return "-scale" if options.get("shift") is False else "-shift" if options.get("scale") is False else ""
+    if options.get("shift") is False:
+        return "-scale"
+    return "-shift" if options.get("scale") is False else ""
 
 
 def describe_norm(spec: Any) -> tuple:
     """``(method, ghost_batch_size or None)`` of a norm spec, for plotting against N.
 
-    Short strings are named as written, without N: ``gni16-shift`` -> ``("gni-shift", 16)``, ``bn`` ->
-    ``("bn", None)``, ``gn1`` -> ``("gn1", None)`` (GroupNorm's number is a group count, not a ghost
-    batch size). Lists and mappings (the spec forms of :mod:`shared.specs`, also as text) -> the
-    canonical part names joined by ``+``, gain and bias left out, a noise part that keeps only one
-    noise marked ``-shift`` / ``-scale``, N taken from the part that has a ghost batch size:
-    ``[{subtype: xbn2d, affine: false}, gnir16, gain, bias]`` -> ``("xbn2d+gnir", 16)``. A spec
-    :mod:`shared.specs` rejects is named as written, without N.
+    Short strings are named as written, without N: ``gni16-shift`` -> ``("gni-shift", 16)``,
+    ``bn`` -> ``("bn", None)``, ``gn1`` -> ``("gn1", None)`` (GroupNorm's number is a group count,
+    not a ghost batch size). Lists and mappings (the spec forms of :mod:`shared.specs`, also as
+    text) -> the canonical part names joined by ``+``, gain and bias left out, a noise part that
+    keeps only one noise marked ``-shift`` / ``-scale``, N taken from the part that has a ghost
+    batch size: ``[{subtype: xbn2d, affine: false}, gnir16, gain, bias]`` -> ``("xbn2d+gnir", 16)``.
+    A spec :mod:`shared.specs` rejects is named as written, without N.
     """
     if spec is None:
         return ("none", None)
@@ -348,7 +352,8 @@ def describe_norm(spec: Any) -> tuple:
             return (text, None)
         head, _, tail = text.rpartition(str(ghost))
         return (head + tail, ghost)
-    names = [part.subtype + _noise_variant(part.options) for part in parts if part.kind not in ("gain", "bias")]
+    names = [part.subtype + _noise_variant(part.options) for part in parts
+             if part.kind not in ("gain", "bias")]
     return ("+".join(names) or "none", ghost)
 
 
@@ -374,8 +379,8 @@ def dropout_of(args: dict) -> Optional[tuple]:
 
 
 AXIS_KINDS = ("ghost_batch_size", "dropout_p", "none")
-# Norms whose batch statistics the ghost batch size changes: a spec built on one of them (or starting
-# with a noise part) is plotted against N.
+# Norms whose batch statistics the ghost batch size changes: a spec built on one of them (or
+# starting with a noise part) is plotted against N.
 _BATCH_NORMS = ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")
 
 
@@ -493,8 +498,9 @@ def render_tables(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequ
 
 def _csv_text(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
     """CSV with empty cells for the NaN of a missing mean or std."""
-    return csv_text(header, (["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells]
-                             for cells in body))
+    blank_nan = (["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells]
+                 for cells in body)
+    return csv_text(header, blank_nan)
 
 
 def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> str:
@@ -521,7 +527,7 @@ class Figure:
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (also for :mod:`shared.analysis`'s figures)."""
+    """matplotlib's pyplot on the file-only Agg backend (also for :mod:`shared.analysis`)."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -564,7 +570,8 @@ def _fill_band(ax, xs: Sequence[float], means: Sequence[float], widths: Sequence
     show ``mean - std <= 0``)."""
     if any(widths):
         ax.fill_between(xs, [max(m - w, floor) for m, w in zip(means, widths)],
-                        [m + w for m, w in zip(means, widths)], color=color, alpha=0.15, linewidth=0)
+                        [m + w for m, w in zip(means, widths)], color=color, alpha=0.15,
+                        linewidth=0)
 
 
 def _context_label(group: Group, context_keys: Sequence[str]) -> str:
@@ -580,7 +587,8 @@ def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
 def _context_keys(rows: Sequence[dict], columns: Sequence[str]) -> list:
     """Keys other than the norm and the dropout that still vary between the setups of ``rows``: they
     split lines (e.g. two learning rates)."""
-    return [c for c in _varying([r["_group"] for r in rows], columns) if c not in ("norm", "model_kwargs")]
+    varying = _varying([r["_group"] for r in rows], columns)
+    return [c for c in varying if c not in ("norm", "model_kwargs")]
 
 
 def _n_label(counts: Iterable[int]) -> str:
@@ -588,18 +596,23 @@ def _n_label(counts: Iterable[int]) -> str:
     return f" (n={counts[0]})" if len(counts) == 1 else f" (n={counts[0]}-{counts[-1]})"
 
 
-def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str, band: str) -> dict:
-    """Lines of one x-axis kind keyed by legend label: sorted lists of (x, mean, band half-width, n).
-    A line is a method (the norm spec without N) or a block-dropout kind."""
+def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str,
+            band: str) -> dict:
+    """Lines of one x-axis kind keyed by legend label: sorted lists of (x, mean, band half-width,
+    n). A line is a method (the norm spec without N) or a block-dropout kind."""
     plotted = [row for row in rows
                if axis_of(row["_group"].args)[0] == kind and math.isfinite(row[f"{metric}_mean"])]
     context = _context_keys(plotted, columns)
     lines: dict = {}
     for row in plotted:
         args = row["_group"].args
-        method = describe_norm(args.get("norm"))[0] if kind == "ghost_batch_size" else dropout_of(args)[0]
+        if kind == "ghost_batch_size":
+            method = describe_norm(args.get("norm"))[0]
+        else:
+            method = dropout_of(args)[0]
+        width = _band_width(row[f"{metric}_std"], row["n"], band)
         lines.setdefault(method + _context_label(row["_group"], context), []).append(
-            (axis_of(args)[1], row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band), row["n"]))
+            (axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
@@ -621,7 +634,8 @@ def _draw_lines(ax, lines: dict, log_x: bool) -> None:
 def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metric: str, band: str) -> None:
     """Plain BN setups (no ghost batch size, no dropout) as horizontal lines with their band."""
     references = [row for row in rows
-                  if _is_plain_batch_norm(row["_group"].args) and math.isfinite(row[f"{metric}_mean"])]
+                  if _is_plain_batch_norm(row["_group"].args)
+                  and math.isfinite(row[f"{metric}_mean"])]
     context = _context_keys(references, columns)
     for row in references:
         mean, width = row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band)
@@ -698,7 +712,8 @@ def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
     means, stds = zip(*(_mean_std(by_epoch[e]) for e in epochs)) if epochs else ((), ())
-    return epochs, list(means), [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
+    widths = [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
+    return epochs, list(means), widths
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -722,7 +737,8 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
 
 
 def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
-    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns the line."""
+    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns
+    the line."""
     (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
     _fill_band(ax, epochs, means, widths, line.get_color(), floor)
     return line

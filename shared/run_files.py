@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import yaml
+
+from shared.config import load_bounded_yaml
+
 __all__ = [
     "SUMMARY_COLUMNS",
     "PREVIOUS_METRIC_NAMES",
@@ -48,6 +52,7 @@ __all__ = [
     "csv_text",
     "write_summary",
     "write_results",
+    "read_args",
     "read_results",
     "changed_result_keys",
     "prepare_run_dir",
@@ -215,6 +220,23 @@ def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:
     write_run_file(run_dir / "results.json", json.dumps(results, indent=1, sort_keys=True) + "\n")
 
 
+def read_args(run_dir: Path) -> dict:
+    """``run_dir/args.yaml``: the resolved arguments train.py wrote there.
+
+    Raises:
+        OSError: the file cannot be read. ValueError: it is not UTF-8 YAML, nests or expands too far
+            (:func:`shared.config.load_bounded_yaml`), or holds something other than a mapping.
+    """
+    path = Path(run_dir) / "args.yaml"
+    try:
+        args = load_bounded_yaml(path.read_text(encoding="utf-8"), str(path))[1] or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"args.yaml holds a {type(args).__name__}, not a mapping of arguments")
+    return args
+
+
 def read_results(run_dir: Path) -> Optional[dict]:
     """results.json (metric names in timm's form, also for a run of the previous version), or None."""
     try:
@@ -312,7 +334,7 @@ class RunLock:
         share the open file, and a plain close would leave the lock held until the last of them exits.
         """
         if self.descriptor is not None:
-            with contextlib.suppress(OSError):  # a filesystem without locks: there is nothing to release
+            with contextlib.suppress(OSError):  # a filesystem without locks: nothing to release
                 fcntl.flock(self.descriptor, fcntl.LOCK_UN)
             os.close(self.descriptor)
             self.descriptor = None
