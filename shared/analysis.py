@@ -262,12 +262,11 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     was_training = model.training
     model.train(train_mode)
     try:
+        batch_count = 0
         with torch.no_grad():
-            count = 0
-            for batch in batches:
+            for batch_count, batch in enumerate(batches, 1):
                 model(batch)
-                count += 1
-        if count == 0:
+        if batch_count == 0:
             raise ValueError("no batches: the batch source was empty")
     finally:
         for handle in handles:
@@ -477,11 +476,6 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _read_run_args(checkpoint: Path) -> dict:
-    """args.yaml beside a checkpoint (train.py's run directory), or {}."""
-    return read_args(checkpoint.parent) if (checkpoint.parent / "args.yaml").is_file() else {}
-
-
 def _load_state_dict(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -617,7 +611,9 @@ def _load_model(options: argparse.Namespace) -> tuple:
     import shared
 
     checkpoint = Path(options.checkpoint) if options.checkpoint else None
-    run_args = _read_run_args(checkpoint) if checkpoint else {}
+    run_args = {}  # the arguments of the run that wrote the checkpoint, from args.yaml beside it
+    if checkpoint is not None and (checkpoint.parent / "args.yaml").is_file():
+        run_args = read_args(checkpoint.parent)
     model_name = options.model or run_args.get("model")
     if not model_name:
         raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")

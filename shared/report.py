@@ -101,16 +101,15 @@ class Metric:
     section: str
     key: str
     label: str
-    percent: bool
 
 
 METRICS = {
-    "top1": Metric("final", "eval_top1", "final top-1", True),
-    "top5": Metric("final", "eval_top5", "final top-5", True),
-    "best_top1": Metric("best", "eval_top1", "best top-1", True),
-    "best_top5": Metric("best", "eval_top5", "best top-5", True),
-    "eval_loss": Metric("final", "eval_loss", "final eval loss", False),
-    "train_loss": Metric("final", "train_loss", "final train loss", False),
+    "top1": Metric("final", "eval_top1", "final top-1 (%)"),
+    "top5": Metric("final", "eval_top5", "final top-5 (%)"),
+    "best_top1": Metric("best", "eval_top1", "best top-1 (%)"),
+    "best_top5": Metric("best", "eval_top5", "best top-5 (%)"),
+    "eval_loss": Metric("final", "eval_loss", "final eval loss"),
+    "train_loss": Metric("final", "train_loss", "final train loss"),
 }
 _FINISHED = "finished"
 
@@ -164,8 +163,7 @@ def metric_value(values: Any, name: str) -> Optional[float]:
 
 def metric_label(name: str) -> str:
     """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
-    metric = METRICS[name]
-    return metric.label + (" (%)" if metric.percent else "")
+    return METRICS[name].label
 
 
 @dataclass
