@@ -512,23 +512,19 @@ def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: 
         yield torch.randn(batch_size, *input_size, generator=generator).to(device)
 
 
-def _data_args(options: argparse.Namespace, input_size=None) -> argparse.Namespace:
-    """train.py's defaults with this command's dataset options (for shared.data)."""
-    from shared import config
+def _dataset(options: argparse.Namespace, input_size: Optional[Sequence[int]] = None) -> tuple:
+    """``(args, dataset, data config)`` of ``--split`` of ``--dataset`` through the harness's data
+    code, ``args`` train.py's defaults with this command's dataset options; ``input_size`` None: the
+    size the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
+    from shared import config, data
     args = config.create_parser().parse_args([])
-    args.dataset, args.data_dir, args.dataset_download = options.dataset, options.data_dir, options.dataset_download
+    args.dataset, args.data_dir = options.dataset, options.data_dir
+    args.dataset_download = options.dataset_download
     args.train_split = args.val_split = options.split
     args.mean, args.std = options.mean, options.std
     args.input_size = list(input_size) if input_size else None
-    return args
-
-
-def _native_input_size(options: argparse.Namespace) -> list:
-    """(C, H, W) the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
-    from shared import data
-    args = _data_args(options)
     kind, dataset, _eval, num_classes = data.create_datasets(args)
-    return list(data.resolve_data_config(args, kind, dataset, num_classes).input_size)
+    return args, dataset, data.resolve_data_config(args, kind, dataset, num_classes)
 
 
 def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], device: torch.device
@@ -537,9 +533,7 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
     from shared import data
     from shared.prefetch import DevicePrefetcher
 
-    args = _data_args(options, input_size)
-    kind, dataset, _eval, num_classes = data.create_datasets(args)
-    config = data.resolve_data_config(args, kind, dataset, num_classes)
+    args, dataset, config = _dataset(options, input_size)
     transform = data.create_transform(config, False, args)  # uint8; evaluation transforms draw nothing random
     normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
 
@@ -625,7 +619,7 @@ def _load_model(options: argparse.Namespace) -> tuple:
         model_kwargs["num_classes"] = num_classes
     input_size = options.input_size or run_args.get("input_size")
     if not input_size and not options.synthetic:
-        input_size = _native_input_size(options)  # e.g. digits: 1 x 16 x 16, as train.py sees it
+        input_size = list(_dataset(options)[2].input_size)  # as train.py sees it
     if input_size and input_size[0] != 3:
         model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
     if not timm.is_model(model_name.split(".", 1)[0]):
