@@ -52,7 +52,6 @@ close a site comes to that bound.
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import json
 import math
@@ -61,7 +60,7 @@ import re
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +68,9 @@ import torch.nn as nn
 
 import nodo
 from nodo import functional as NF
+from shared.report import pyplot, save_png
+from shared.run_files import atomic_write_text, csv_text, read_args
+from shared.specs import NormSequence
 
 __all__ = [
     "QUANTILES",
@@ -102,15 +104,11 @@ SMALL_SCALE = 0.1
 # Sites
 # ----------------------------------------------------------------------------------------------
 
-def _site_types() -> tuple:
-    types = [nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d,
-             nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d, nodo.GhostNoiseInjector, nodo.NoisyAffine]
-    try:
-        from shared.specs import NormSequence
-        types.append(NormSequence)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+# The modules measured by default: batch-norm-like, group/layer-norm and ghost-noise layers, and the
+# composite norms of shared.specs.
+_SITE_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nodo.GhostBatchNorm2d,
+               nodo.EvalNorm2d, nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d,
+               nodo.GhostNoiseInjector, nodo.NoisyAffine, NormSequence)
 
 
 def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
@@ -134,10 +132,9 @@ def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
                              for s, h in hints.items())
             raise ValueError(f"sites: no module named {text} in {type(model).__name__}")
         return {s: modules[s] for s in sites}
-    types = _site_types()
     chosen: dict = {}
     for name, module in modules.items():
-        if not name or not isinstance(module, types):
+        if not name or not isinstance(module, _SITE_TYPES):
             continue
         if any(name.startswith(parent + ".") for parent in chosen):
             continue  # inside a site already chosen (e.g. the BN part of a composite GNI spec)
@@ -171,16 +168,31 @@ def relative_ghost_noise(x: torch.Tensor, ghost_indices: torch.Tensor, eps: floa
         variance (a channel without variance has no defined noise and is left out).
     """
     with torch.no_grad():
-        mean, var = NF.sample_moments(x.detach().float(), _channel_dim(x))
-        batch_mean = mean.mean(0)
-        batch_var = (var + (mean - batch_mean).square()).mean(0)
+        # moments of x_hat = (x - mu) / sigma: the noise is then already relative to sigma
+        mean_hat, var_hat, batch_var = standardized_moments(x.detach().float(), _channel_dim(x))
+        shift, scale = ghost_noise(mean_hat, var_hat, ghost_indices, eps)
         keep = batch_var > _MIN_VARIANCE
-        std = batch_var.clamp_min(_MIN_VARIANCE).sqrt()
-        # moments of x_hat = (x - mu) / sigma: the noise below is then already relative to sigma
-        mean_hat, var_hat = (mean - batch_mean) / std, var / batch_var.clamp_min(_MIN_VARIANCE)
-        weights = NF.ghost_batch_weights(ghost_indices, dtype=mean_hat.dtype)
-        shift, scale = NF.ghost_noise_from_moments(mean_hat, var_hat, weights, eps)
     return shift[:, keep], scale[:, keep]
+
+
+def standardized_moments(x: torch.Tensor, channel_dim: int, eps: float = 0.0) -> tuple:
+    """Per-sample, per-channel mean and biased variance of ``x_hat = (x - mu) / sqrt(sigma^2 +
+    eps)`` (``mu, sigma^2`` the batch's, as batch norm normalizes), and ``sigma^2``: ``(B, C)``,
+    ``(B, C)``, ``(C,)``. A channel without variance (``sigma^2 + eps < 1e-12``) is divided by
+    ``1e-6`` instead."""
+    mean, var = NF.sample_moments(x, channel_dim)
+    centered = mean - mean.mean(0)
+    batch_var = var.mean(0) + centered.square().mean(0)
+    invstd = (batch_var + eps).clamp_min(_MIN_VARIANCE).rsqrt()
+    return centered * invstd, var * invstd.square(), batch_var
+
+
+def ghost_noise(mean: torch.Tensor, var: torch.Tensor, ghost_indices: torch.Tensor, eps: float,
+                shift: bool = True, scale: bool = True) -> tuple:
+    """``(shift, scale)`` of GNI on per-sample moments ``(B, C)``, sample ``i``'s ghost batch the
+    row ``i`` of ``ghost_indices`` (``nodo.functional``'s computation)."""
+    weights = NF.ghost_batch_weights(ghost_indices, dtype=mean.dtype)
+    return NF.ghost_noise_from_moments(mean, var, weights, eps, shift, scale)
 
 
 def ghost_noise_samples(x: torch.Tensor, ghost_batch_size: int, eps: float = 1e-3,
@@ -250,12 +262,11 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     was_training = model.training
     model.train(train_mode)
     try:
+        batch_count = 0
         with torch.no_grad():
-            count = 0
-            for batch in batches:
+            for batch_count, batch in enumerate(batches, 1):
                 model(batch)
-                count += 1
-        if count == 0:
+        if batch_count == 0:
             raise ValueError("no batches: the batch source was empty")
     finally:
         for handle in handles:
@@ -270,41 +281,33 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
 # Statistics
 # ----------------------------------------------------------------------------------------------
 
-def analytic_cdf(noise: str, ghost_batch_size: int) -> Callable:
-    """CDF of the analytic shift (Normal(0, 1/N)) or scale (sqrt(chi2(N-1)/N)) noise."""
+def analytic_distribution(noise: str, ghost_batch_size: int):
+    """The analytic law of the shift, ``Normal(0, 1/N)``, or of the scale, ``sqrt(chi2(N-1) / N)``:
+    a chi distribution with ``N - 1`` degrees of freedom scaled by ``1 / sqrt(N)`` (scipy frozen
+    distributions: ``cdf``, ``pdf``, ``ppf``, ``mean``, ``std``, ``support``)."""
     from scipy import stats
-    n = ghost_batch_size
     if noise == "shift":
-        return stats.norm(loc=0.0, scale=1.0 / math.sqrt(n)).cdf
-    # P(s <= t) = P(chi2 <= N t^2) for t >= 0
-    return lambda t: stats.chi2.cdf(n * np.square(np.clip(t, 0.0, None)), df=n - 1)
+        return stats.norm(loc=0.0, scale=1.0 / math.sqrt(ghost_batch_size))
+    return stats.chi(ghost_batch_size - 1, scale=1.0 / math.sqrt(ghost_batch_size))
+
+
+def analytic_cdf(noise: str, ghost_batch_size: int) -> Callable:
+    """CDF of the analytic shift or scale noise (:func:`analytic_distribution`)."""
+    return analytic_distribution(noise, ghost_batch_size).cdf
 
 
 def analytic_pdf(noise: str, ghost_batch_size: int) -> Callable:
-    """Density of the analytic noise; the scale's by change of variables: f(t) = chi2_pdf(N t^2) * 2 N t."""
-    from scipy import stats
-    n = ghost_batch_size
-    if noise == "shift":
-        return stats.norm(loc=0.0, scale=1.0 / math.sqrt(n)).pdf
-    return lambda t: stats.chi2.pdf(n * np.square(t), df=n - 1) * 2.0 * n * np.clip(t, 0.0, None)
+    """Density of the analytic shift or scale noise (:func:`analytic_distribution`)."""
+    return analytic_distribution(noise, ghost_batch_size).pdf
 
 
 def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
-    from scipy import stats
-    n = ghost_batch_size
-    if noise == "shift":
-        dist = stats.norm(loc=0.0, scale=1.0 / math.sqrt(n))
-        quantile = dist.ppf
-        mean, std = 0.0, 1.0 / math.sqrt(n)
-        low, high = -math.inf, math.inf
-    else:
-        chi2 = stats.chi2(df=n - 1)
-        quantile = lambda q: math.sqrt(chi2.ppf(q) / n)  # noqa: E731
-        mean = math.sqrt(2.0 / n) * math.exp(math.lgamma(n / 2) - math.lgamma((n - 1) / 2))
-        std = math.sqrt(max((n - 1) / n - mean * mean, 0.0))
-        low, high = 0.0, math.inf
-    row = {"n": math.inf, "mean": mean, "std": std, "min": low, "max": high}
-    row.update({f"q{q:g}": float(quantile(q)) for q in QUANTILES})
+    """The columns of :func:`summarize_samples` for the analytic law (``n`` infinite)."""
+    law = analytic_distribution(noise, ghost_batch_size)
+    low, high = law.support()
+    row = {"n": math.inf, "mean": float(law.mean()), "std": float(law.std()), "min": float(low),
+           "max": float(high)}
+    row.update({f"q{q:g}": float(law.ppf(q)) for q in QUANTILES})
     return row
 
 
@@ -350,16 +353,13 @@ def ks_distances(site: dict, ghost_batch_size: int) -> dict:
 
 def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
     """Summary statistics, KS distances and the extreme-noise figures of one site."""
-    stats_rows = {}
-    for source in SOURCES:
-        for noise in NOISES:
-            stats_rows[f"{source}/{noise}"] = summarize_samples(site[source][noise])
-    for noise in NOISES:
-        stats_rows[f"analytic/{noise}"] = _analytic_summary(noise, ghost_batch_size)
+    stats_rows = {f"{source}/{noise}": summarize_samples(site[source][noise]) for source in SOURCES
+                  for noise in NOISES}
+    stats_rows.update({f"analytic/{noise}": _analytic_summary(noise, ghost_batch_size)
+                       for noise in NOISES})
     extremes = {}
     for source in SOURCES:
-        shift, scale = site[source]["shift"], site[source]["scale"]
-        figures = noise_statistics(shift, scale)
+        figures = noise_statistics(site[source]["shift"], site[source]["scale"])
         extremes[source] = {"max_abs_shift": figures["max_abs_shift"], "min_scale": figures["scale_min"],
                             "max_inverse_scale": figures["max_inverse_scale"],
                             "effective_n_shift": figures["effective_n_shift"]}
@@ -376,10 +376,7 @@ def _safe_name(site: str) -> str:
 
 
 def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, noise in zip(axes, NOISES):
         values = np.concatenate([site[s][noise] for s in SOURCES])
         low, high = np.quantile(values, [0.0005, 0.9995])
@@ -402,15 +399,11 @@ def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) ->
     shape = "x".join(str(d) for d in site.get("shape") or [])
     fig.suptitle(f"{site_name} ({shape}), ghost batch size N = {ghost_batch_size}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _plot_ks(reports: Sequence[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4), sharey=True)
     positions = np.arange(len(reports))
     for ax, noise in zip(axes, NOISES):
         for key in ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"):
@@ -422,8 +415,7 @@ def _plot_ks(reports: Sequence[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, setup: Optional[dict] = None,
@@ -433,25 +425,22 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
     out.mkdir(parents=True, exist_ok=True)
     reports = [site_report(name, site, ghost_batch_size) for name, site in measured.items()]
     stat_fields = ["n", "mean", "std", "min", "max"] + [f"q{q:g}" for q in QUANTILES]
-    with open(out / "noise_stats.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"])
-        for report in reports:
-            for key, row in report["stats"].items():
-                source, noise = key.split("/")
-                extreme = ""
-                if source in report["extremes"]:
-                    extreme = report["extremes"][source]["max_abs_shift" if noise == "shift" else "max_inverse_scale"]
-                writer.writerow([report["site"], source, noise] + [row[f] for f in stat_fields] + [extreme])
-    with open(out / "ks.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["site", "noise", "gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"])
-        for report in reports:
-            for noise in NOISES:
-                ks = report["ks"][noise]
-                writer.writerow([report["site"], noise, ks["gbn_vs_gni"], ks["gbn_vs_analytic"], ks["gni_vs_analytic"]])
+    stat_rows = []
+    for report in reports:
+        for key, row in report["stats"].items():
+            source, noise = key.split("/")
+            extremes = report["extremes"].get(source, {})  # none for the analytic law
+            extreme = extremes.get("max_abs_shift" if noise == "shift" else "max_inverse_scale", "")
+            cells = [row[field] for field in stat_fields]
+            stat_rows.append([report["site"], source, noise] + cells + [extreme])
+    stat_header = ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"]
+    atomic_write_text(out / "noise_stats.csv", csv_text(stat_header, stat_rows))
+    ks_columns = ["gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"]
+    atomic_write_text(out / "ks.csv", csv_text(["site", "noise"] + ks_columns, (
+        [report["site"], noise] + [report["ks"][noise][column] for column in ks_columns]
+        for report in reports for noise in NOISES)))
     document = {"setup": setup or {}, "ghost_batch_size": ghost_batch_size, "sites": reports}
-    (out / "analysis.json").write_text(json.dumps(document, indent=1, default=str) + "\n")
+    atomic_write_text(out / "analysis.json", json.dumps(document, indent=1, default=str) + "\n")
     if plots:
         for name, site in measured.items():
             _plot_site(name, site, ghost_batch_size, out / f"hist_{_safe_name(name)}.png")
@@ -461,10 +450,10 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
 
 def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
     """The per-site summary printed by the command."""
-    analytic_std = 1.0 / math.sqrt(ghost_batch_size)
-    lines = [f"ghost batch size N = {ghost_batch_size}; analytic: std(shift) = {analytic_std:.4f}, "
-             f"mean(scale) = {_analytic_summary('scale', ghost_batch_size)['mean']:.4f}, "
-             f"std(scale) = {_analytic_summary('scale', ghost_batch_size)['std']:.4f}",
+    scale = analytic_distribution("scale", ghost_batch_size)
+    lines = [f"ghost batch size N = {ghost_batch_size}; analytic: "
+             f"std(shift) = {1 / math.sqrt(ghost_batch_size):.4f}, "
+             f"mean(scale) = {scale.mean():.4f}, std(scale) = {scale.std():.4f}",
              f"{'site':<28s} {'shape':<12s} {'std(m) gbn/gni':>16s} {'std(s) gbn/gni':>16s} "
              f"{'KS m: gbn-gni/gbn-an/gni-an':>28s} {'KS s: gbn-gni/gbn-an/gni-an':>28s} "
              f"{'max|m|':>7s} {'min s':>7s} {'N_eff(m)':>9s}"]
@@ -486,21 +475,6 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-def _read_run_args(checkpoint: Path) -> dict:
-    """args.yaml beside a checkpoint (train.py's run directory), or {}."""
-    import yaml
-    path = checkpoint.parent / "args.yaml"
-    if path.is_file():
-        from shared.config import load_bounded_yaml
-
-        try:
-            loaded = load_bounded_yaml(path.read_text(), str(path))[1] or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} cannot be read: {error}") from None
-        return loaded if isinstance(loaded, dict) else {}
-    return {}
-
 
 def _load_state_dict(path: Path) -> dict:
     try:
@@ -538,23 +512,19 @@ def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: 
         yield torch.randn(batch_size, *input_size, generator=generator).to(device)
 
 
-def _data_args(options: argparse.Namespace, input_size=None) -> argparse.Namespace:
-    """train.py's defaults with this command's dataset options (for shared.data)."""
-    from shared import config
+def _dataset(options: argparse.Namespace, input_size: Optional[Sequence[int]] = None) -> tuple:
+    """``(args, dataset, data config)`` of ``--split`` of ``--dataset`` through the harness's data
+    code, ``args`` train.py's defaults with this command's dataset options; ``input_size`` None: the
+    size the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
+    from shared import config, data
     args = config.create_parser().parse_args([])
-    args.dataset, args.data_dir, args.dataset_download = options.dataset, options.data_dir, options.dataset_download
+    args.dataset, args.data_dir = options.dataset, options.data_dir
+    args.dataset_download = options.dataset_download
     args.train_split = args.val_split = options.split
     args.mean, args.std = options.mean, options.std
     args.input_size = list(input_size) if input_size else None
-    return args
-
-
-def _native_input_size(options: argparse.Namespace) -> list:
-    """(C, H, W) the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
-    from shared import data
-    args = _data_args(options)
     kind, dataset, _eval, num_classes = data.create_datasets(args)
-    return list(data.resolve_data_config(args, kind, dataset, num_classes).input_size)
+    return args, dataset, data.resolve_data_config(args, kind, dataset, num_classes)
 
 
 def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], device: torch.device
@@ -563,9 +533,7 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
     from shared import data
     from shared.prefetch import DevicePrefetcher
 
-    args = _data_args(options, input_size)
-    kind, dataset, _eval, num_classes = data.create_datasets(args)
-    config = data.resolve_data_config(args, kind, dataset, num_classes)
+    args, dataset, config = _dataset(options, input_size)
     transform = data.create_transform(config, False, args)  # uint8; evaluation transforms draw nothing random
     normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
 
@@ -616,49 +584,70 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_options(options: argparse.Namespace) -> None:
+    if options.ghost_batch_size < 2:
+        raise ValueError(f"--ghost-batch-size must be >= 2, got {options.ghost_batch_size}")
+    if options.batch_size % options.ghost_batch_size:
+        raise ValueError(f"--batch-size {options.batch_size} must be a multiple of "
+                         f"--ghost-batch-size {options.ghost_batch_size} (GBN's ghost batches "
+                         f"partition the batch)")
+    if options.num_batches < 1:
+        raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
+    if options.checkpoint and not Path(options.checkpoint).is_file():
+        raise ValueError(f"--checkpoint {options.checkpoint!r} does not exist")
+
+
+def _load_model(options: argparse.Namespace) -> tuple:
+    """The model to measure (on ``--device``), as the checkpoint's run built it unless the flags say
+    otherwise, its input size, and the setup recorded in analysis.json."""
+    import timm
+
+    import shared
+
+    checkpoint = Path(options.checkpoint) if options.checkpoint else None
+    run_args = {}  # the arguments of the run that wrote the checkpoint, from args.yaml beside it
+    if checkpoint is not None and (checkpoint.parent / "args.yaml").is_file():
+        run_args = read_args(checkpoint.parent)
+    model_name = options.model or run_args.get("model")
+    if not model_name:
+        raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")
+    norm = options.norm if options.norm is not None else run_args.get("norm")
+    model_kwargs = dict(run_args.get("model_kwargs") or {}) if options.model_kwargs is None else {}
+    model_kwargs.update(_parse_kwargs(options.model_kwargs))
+    num_classes = options.num_classes or run_args.get("num_classes")
+    if num_classes:
+        model_kwargs["num_classes"] = num_classes
+    input_size = options.input_size or run_args.get("input_size")
+    if not input_size and not options.synthetic:
+        input_size = list(_dataset(options)[2].input_size)  # as train.py sees it
+    if input_size and input_size[0] != 3:
+        model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
+    if not timm.is_model(model_name.split(".", 1)[0]):
+        raise ValueError(f"--model {model_name!r} is not a timm model "
+                         f"(`timm.list_models()` lists them)")
+    model = shared.create_model(model_name, norm=norm, **model_kwargs)
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(_load_state_dict(checkpoint))
+        except RuntimeError as error:  # missing/unexpected keys, shape mismatches
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
+                             f"(norm {norm!r}): {error}") from None
+    default_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32))
+    input_size = input_size or list(default_size)
+    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs,
+             "checkpoint": options.checkpoint,
+             "source": "synthetic" if options.synthetic else options.dataset,
+             "batch_size": options.batch_size, "num_batches": options.num_batches,
+             "eps": options.eps, "mode": options.mode, "seed": options.seed}
+    return model.to(torch.device(options.device)), input_size, setup
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _build_parser().parse_args(argv)
     try:
-        if options.ghost_batch_size < 2:
-            raise ValueError(f"--ghost-batch-size must be >= 2, got {options.ghost_batch_size}")
-        if options.batch_size % options.ghost_batch_size:
-            raise ValueError(f"--batch-size {options.batch_size} must be a multiple of --ghost-batch-size "
-                             f"{options.ghost_batch_size} (GBN's ghost batches partition the batch)")
-        if options.num_batches < 1:
-            raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
-        checkpoint = Path(options.checkpoint) if options.checkpoint else None
-        if checkpoint is not None and not checkpoint.is_file():
-            raise ValueError(f"--checkpoint {str(checkpoint)!r} does not exist")
-        run_args = _read_run_args(checkpoint) if checkpoint else {}
-        model_name = options.model or run_args.get("model")
-        if not model_name:
-            raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")
-        norm = options.norm if options.norm is not None else run_args.get("norm")
-        model_kwargs = dict(run_args.get("model_kwargs") or {}) if options.model_kwargs is None else {}
-        model_kwargs.update(_parse_kwargs(options.model_kwargs))
-        num_classes = options.num_classes or run_args.get("num_classes")
-        if num_classes:
-            model_kwargs["num_classes"] = num_classes
-        input_size = options.input_size or run_args.get("input_size")
-        if not input_size and not options.synthetic:
-            input_size = _native_input_size(options)  # e.g. digits: 1 x 16 x 16, as train.py sees it
-        if input_size and input_size[0] != 3:
-            model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
-        import shared
-        import timm
-
-        if not timm.is_model(model_name.split(".", 1)[0]):
-            raise ValueError(f"--model {model_name!r} is not a timm model (`timm.list_models()` lists them)")
-        model = shared.create_model(model_name, norm=norm, **model_kwargs)
-        if checkpoint is not None:
-            try:
-                model.load_state_dict(_load_state_dict(checkpoint))
-            except RuntimeError as error:  # missing/unexpected keys, shape mismatches
-                raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
-                                 f"(norm {norm!r}): {error}") from None
+        _check_options(options)
+        model, input_size, setup = _load_model(options)
         device = torch.device(options.device)
-        model.to(device)
-        input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
         if options.synthetic:
             batches = _synthetic_batches(options.batch_size, input_size, options.num_batches, options.seed, device)
         else:
@@ -672,9 +661,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RecursionError:  # a spec nested (or aliased into itself) without end
         print(f"error: --norm {str(options.norm)[:60]!r}...: the spec is nested too deeply", file=sys.stderr)
         return 2
-    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
-             "source": "synthetic" if options.synthetic else options.dataset, "batch_size": options.batch_size,
-             "num_batches": options.num_batches, "eps": options.eps, "mode": options.mode, "seed": options.seed}
     try:
         result = write_outputs(measured, options.ghost_batch_size, options.out, setup, plots=not options.no_plots)
     except OSError as error:

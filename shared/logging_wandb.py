@@ -22,8 +22,11 @@ import re
 import sys
 import uuid
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
+
+from shared.run_files import atomic_write_text
 
 __all__ = ["WandbLogger", "RUN_ID_FILE", "HEADLINE_METRICS", "setup_group", "experiment_family",
            "derived_config"]
@@ -84,9 +87,9 @@ def derived_config(model, world_size: int, per_process_batch: int, global_batch:
     wandb scatter plot can use. ``site_report`` (e.g. the noise sites a model family reports) is logged
     as given under ``sites``.
     """
-    from collections import Counter
-
+    # imported here: shared.report (which shared.analysis imports) imports this module
     from shared.analysis import norm_sites
+    from shared.report import axis_of, describe_norm
 
     try:
         counts = dict(Counter(type(module).__name__ for module in norm_sites(model).values()))
@@ -95,8 +98,6 @@ def derived_config(model, world_size: int, per_process_batch: int, global_batch:
     derived = {"world_size": int(world_size), "per_process_batch": int(per_process_batch),
                "global_batch": int(global_batch), "norm_sites": counts}
     if args is not None:
-        from shared.report import axis_of, describe_norm
-
         kind, x = axis_of(dict(args))
         derived.update({"method": describe_norm(args.get("norm"))[0], "x_axis": kind,
                         "ghost_batch_size": x if kind == "ghost_batch_size" else None,
@@ -126,9 +127,7 @@ def _run_id(run_dir: Path, name: str) -> str:
         if stored:
             return stored
     run_id = uuid.uuid4().hex[:16]
-    from shared.run_files import atomic_write_text  # a kill mid-write must not leave an empty id
-
-    atomic_write_text(path, run_id + "\n")
+    atomic_write_text(path, run_id + "\n")  # a kill mid-write must not leave an empty id
     return run_id
 
 

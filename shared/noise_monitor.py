@@ -30,7 +30,6 @@ steps would recompile the graph).
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +39,10 @@ from torch import nn
 import nodo
 from nodo import functional as NF
 from nodo.functional.batch_norm import ghost_batch_partition
+from shared.analysis import (
+    ghost_noise, noise_statistics, relative_ghost_noise, standardized_moments,
+)
+from shared.run_files import atomic_write_text, csv_text
 
 __all__ = ["CSV_NAME", "CSV_COLUMNS", "NoiseMonitor", "noise_sites", "site_noise"]
 
@@ -47,19 +50,6 @@ CSV_NAME = "noise_monitor.csv"
 _FIGURES = ("shift_std", "shift_min", "shift_max", "scale_mean", "scale_std", "scale_min", "scale_max",
             "max_inverse_scale", "small_scale_fraction", "effective_n_shift")
 CSV_COLUMNS = ("update", "epoch", "site", "layer", "kind", "ghost_batch_size") + _FIGURES
-_KINDS = ((nodo.GhostNoiseInjector, "applied"), (nodo.GhostNoiseBatchNorm2d, "applied"),
-          (nodo.NoisyAffine, "applied"), (nodo.GhostBatchNorm2d, "induced"))
-
-
-def noise_sites(model: nn.Module) -> dict:
-    """``{name: (kind, module)}`` of every ghost noise layer (``applied``) and ghost batch norm
-    (``induced``) in ``model``, in ``named_modules`` order."""
-    sites = {}
-    for name, module in model.named_modules():
-        for layer_type, kind in _KINDS:
-            if type(module) is layer_type:
-                sites[name] = (kind, module)
-    return sites
 
 
 def _replayed(generator, device: torch.device, draw: Callable):
@@ -76,28 +66,25 @@ def _replayed(generator, device: torch.device, draw: Callable):
         generator.set_state(state)
 
 
-def _ghost_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return NF.sample_ghost_indices(x.shape[0], module.ghost_batch_size, module.sampling, device=x.device,
-                                   generator=module.generator)
+def _replayed_ghost_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ghost batches the layer is about to draw for ``x`` (its generator put back)."""
+    return _replayed(module.generator, x.device, lambda: NF.sample_ghost_indices(
+        x.shape[0], module.ghost_batch_size, module.sampling, device=x.device,
+        generator=module.generator))
 
 
 def _gni_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """GhostNoiseInjector's noise on ``x`` (its forward's computation, nodo.functional.ghost_noise)."""
-    indices = _replayed(module.generator, x.device, lambda: _ghost_indices(module, x))
+    indices = _replayed_ghost_indices(module, x)
     mean, var = NF.sample_moments(x, module.channel_dim)
-    weights = NF.ghost_batch_weights(indices, dtype=mean.dtype)
-    return NF.ghost_noise_from_moments(mean, var, weights, module.eps, module.shift, module.scale)
+    return ghost_noise(mean, var, indices, module.eps, module.shift, module.scale)
 
 
 def _fused_gni_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """GhostNoiseBatchNorm2d's noise: GNI's on the moments of ``x_hat = (x - mu) / sqrt(var + eps)``."""
-    indices = _replayed(module.generator, x.device, lambda: _ghost_indices(module, x))
-    mean, var = NF.sample_moments(x, 1)
-    centered = mean - mean.mean(0)
-    invstd = (var.mean(0) + centered.square().mean(0) + module.eps).rsqrt()
-    weights = NF.ghost_batch_weights(indices, dtype=mean.dtype)
-    return NF.ghost_noise_from_moments(centered * invstd, var * invstd.square(), weights, module.noise_eps,
-                                       module.shift, module.scale)
+    indices = _replayed_ghost_indices(module, x)
+    mean_hat, var_hat, _ = standardized_moments(x, 1, module.eps)
+    return ghost_noise(mean_hat, var_hat, indices, module.noise_eps, module.shift, module.scale)
 
 
 def _noisy_affine_noise(module: nn.Module, x: torch.Tensor) -> tuple:
@@ -109,8 +96,6 @@ def _noisy_affine_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 
 def _gbn_induced_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """Ghost batch norm's consecutive ghost batches (ghost_batch_partition) as index rows."""
-    from shared.analysis import relative_ghost_noise
-
     sizes = ghost_batch_partition(x.shape[0], module.ghost_batch_size)
     rows, first = [], 0
     for size in sizes:
@@ -126,17 +111,25 @@ def site_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 
     For a noise layer this draws from the layer's generator and puts it back (see the module docstring).
     """
+    if type(module) not in _SITE_TYPES:
+        raise TypeError(f"{type(module).__name__} is not a noise site (see noise_sites)")
     with torch.no_grad():
-        x = x.detach()
-        if type(module) is nodo.GhostNoiseInjector:
-            return _gni_noise(module, x)
-        if type(module) is nodo.GhostNoiseBatchNorm2d:
-            return _fused_gni_noise(module, x)
-        if type(module) is nodo.NoisyAffine:
-            return _noisy_affine_noise(module, x)
-        if type(module) is nodo.GhostBatchNorm2d:
-            return _gbn_induced_noise(module, x)
-    raise TypeError(f"{type(module).__name__} is not a noise site (see noise_sites)")
+        return _SITE_TYPES[type(module)][1](module, x.detach())
+
+
+# Layer type -> (kind, the function measuring its noise): the noise the ghost noise layers apply,
+# the noise ghost batch norm induces. Exact types: a subclass may compute something else.
+_SITE_TYPES = {nodo.GhostNoiseInjector: ("applied", _gni_noise),
+               nodo.GhostNoiseBatchNorm2d: ("applied", _fused_gni_noise),
+               nodo.NoisyAffine: ("applied", _noisy_affine_noise),
+               nodo.GhostBatchNorm2d: ("induced", _gbn_induced_noise)}
+
+
+def noise_sites(model: nn.Module) -> dict:
+    """``{name: (kind, module)}`` of every ghost noise layer (``applied``) and ghost batch norm
+    (``induced``) in ``model``, in ``named_modules`` order."""
+    return {name: (_SITE_TYPES[type(module)][0], module) for name, module in model.named_modules()
+            if type(module) in _SITE_TYPES}
 
 
 class NoiseMonitor:
@@ -161,17 +154,12 @@ class NoiseMonitor:
         self._start_file(start_update)
 
     def _start_file(self, start_update: int) -> None:
-        from shared.run_files import atomic_write_text
-
         kept = []
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["update"]) <= start_update]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write_text(self.csv_path, buffer.getvalue())
+        kept_cells = ([row.get(column) for column in CSV_COLUMNS] for row in kept)
+        atomic_write_text(self.csv_path, csv_text(CSV_COLUMNS, kept_cells))
 
     def due(self, update: int) -> bool:
         """Whether optimizer update number ``update`` (1-based) is measured."""
@@ -192,8 +180,6 @@ class NoiseMonitor:
 
     def collect(self, update: int, epoch: int) -> dict:
         """Remove the hooks; append the measured sites' rows to the CSV; return ``{noise/SITE/FIGURE: value}``."""
-        from shared.analysis import noise_statistics
-
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -60,7 +60,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from shared.run_files import results_with_timm_names, timm_metric_names
+from shared.logging_wandb import experiment_family
+from shared.run_files import (
+    OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write_bytes, atomic_write_text, csv_text,
+    read_args, results_with_timm_names, timm_metric_names,
+)
+from shared.specs import parse_spec
 
 __all__ = [
     "NON_SETUP_KEYS",
@@ -83,14 +88,9 @@ __all__ = [
     "main",
 ]
 
-# Arguments that do not change what is trained: where it runs, what it is called, how it is logged.
-# Two runs that differ only in these (and in the seed) are repeats of one setup.
-NON_SETUP_KEYS = frozenset({
-    "seed", "experiment", "output", "config", "resume", "data_dir", "workers", "pin_mem",
-    "dataset_download", "log_wandb", "wandb_project", "wandb_tags", "wandb_name", "checkpoint_hist",
-    "torchcompile", "log_interval", "recovery_interval", "no_prefetcher", "device", "local_rank",
-    "eval_metric", "bases", "sweep", "log_noise_every", "stop_after", "resume_allow_changes",
-})
+# Two runs that differ only in arguments that do not change their numbers (where it runs, what it is
+# called, how it is logged: run_files.OPERATIONAL_KEYS) and in the seed are repeats of one setup.
+NON_SETUP_KEYS = OPERATIONAL_KEYS | {"seed"}
 # Keys of a run's ghost-batch semantics, read from results.json (see the module docstring).
 SEMANTIC_KEYS = ("world_size", "per_process_batch")
 
@@ -101,26 +101,17 @@ class Metric:
     section: str
     key: str
     label: str
-    percent: bool
 
 
 METRICS = {
-    "top1": Metric("final", "eval_top1", "final top-1", True),
-    "top5": Metric("final", "eval_top5", "final top-5", True),
-    "best_top1": Metric("best", "eval_top1", "best top-1", True),
-    "best_top5": Metric("best", "eval_top5", "best top-5", True),
-    "eval_loss": Metric("final", "eval_loss", "final eval loss", False),
-    "train_loss": Metric("final", "train_loss", "final train loss", False),
+    "top1": Metric("final", "eval_top1", "final top-1 (%)"),
+    "top5": Metric("final", "eval_top5", "final top-5 (%)"),
+    "best_top1": Metric("best", "eval_top1", "best top-1 (%)"),
+    "best_top5": Metric("best", "eval_top5", "best top-5 (%)"),
+    "eval_loss": Metric("final", "eval_loss", "final eval loss"),
+    "train_loss": Metric("final", "train_loss", "final train loss"),
 }
-# The names a value may have in summary.csv / results.json: this harness's, then timm's summary names.
-_ALIASES = {"top1": ("top1", "eval_top1"), "top5": ("top5", "eval_top5"), "eval_loss": ("eval_loss",),
-            "train_loss": ("train_loss",), "epoch": ("epoch",)}
-# Norm names whose number is a ghost batch size (not e.g. GroupNorm's number of groups).
-_GHOST_METHODS = frozenset({"gbn", "gbn2d", "gni", "gnir", "nat", "xbn", "xbn2d", "ebn", "en", "en2d", "gnbn2d",
-                            "ghost_noise_injector_rep", "ghost_noise_injector", "ghost_noise", "noisy_affine"})
-_SHORT_SPEC = re.compile(r"^(?P<name>[a-z][a-z_]*?)(?P<number>\d+)?(?:-(?P<variant>shift|scale))?$")
 _FINISHED = "finished"
-_BN_NAMES = frozenset({"bn", "bn2d", "batchnorm", "batchnorm2d"})
 
 
 @dataclass
@@ -157,21 +148,22 @@ class Run:
 
 
 def metric_value(values: Any, name: str) -> Optional[float]:
-    """``values[name]`` under any of its names (:data:`_ALIASES`: ``top1`` or timm's ``eval_top1``) as a
-    float, or None when absent or not a finite number. ``values``: a results.json section or a summary.csv row."""
+    """``values[name]`` as a float, or None when absent or not a finite number.
+
+    ``values``: a results.json section or a summary.csv row; a previous version's name (``top1``)
+    stands for timm's (``eval_top1``).
+    """
     if not isinstance(values, dict):
         return None
-    for key in _ALIASES.get(name, (name,)):
-        value = values.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+    value = timm_metric_names(values).get(PREVIOUS_METRIC_NAMES.get(name, name))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
     return None
 
 
 def metric_label(name: str) -> str:
     """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
-    metric = METRICS[name]
-    return metric.label + (" (%)" if metric.percent else "")
+    return METRICS[name].label
 
 
 @dataclass
@@ -190,28 +182,24 @@ class Group:
 # Reading runs
 # ----------------------------------------------------------------------------------------------
 
+def _number(text: Optional[str]) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # an empty cell, or a row shorter than the header
+        return math.nan
+
+
 def _read_summary(path: Path) -> list:
     if not path.is_file():
         return []
-    rows = []
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            parsed = {}
-            for key, value in row.items():
-                try:
-                    parsed[key] = float(value)
-                except (TypeError, ValueError):
-                    parsed[key] = math.nan
-            rows.append(timm_metric_names(parsed))  # a previous version's summary says top1/top5
-    return rows
+    with open(path, newline="") as handle:  # a previous version's summary says top1/top5: renamed
+        return [timm_metric_names({key: _number(value) for key, value in row.items()})
+                for row in csv.DictReader(handle)]
 
 
 def _read_run(directory: Path) -> Run:
-    """One run directory. Raises OSError, ValueError (yaml.YAMLError, csv.Error...) when it cannot be read."""
-    with open(directory / "args.yaml", encoding="utf-8") as handle:
-        args = yaml.safe_load(handle) or {}
-    if not isinstance(args, dict):
-        raise ValueError(f"args.yaml holds a {type(args).__name__}, not a mapping of arguments")
+    """One run directory. Raises OSError, ValueError, csv.Error when it cannot be read."""
+    args = read_args(directory)
     results: dict = {}
     results_path = directory / "results.json"
     if results_path.is_file():
@@ -243,7 +231,7 @@ def load_runs(runs_dir: os.PathLike) -> tuple:
     for path in sorted(root.rglob("args.yaml")):
         try:
             runs.append(_read_run(path.parent))
-        except (OSError, ValueError, UnicodeDecodeError, csv.Error, yaml.YAMLError) as error:
+        except (OSError, ValueError, csv.Error) as error:
             unreadable.append((path.parent, f"{type(error).__name__}: {error}".splitlines()[0][:200]))
     return runs, unreadable
 
@@ -318,71 +306,80 @@ def _natural_key(value: Any) -> list:
 # What a setup is: ghost batch size, dropout
 # ----------------------------------------------------------------------------------------------
 
-def _load_spec_text(spec: Any) -> Any:
-    if isinstance(spec, str) and spec.strip()[:1] in "[{":
-        try:
-            return yaml.safe_load(spec)
-        except yaml.YAMLError:
-            return spec
-    return spec
+def _spec_parts(spec: Any, site: str = "norm") -> Optional[tuple]:
+    """The parts of a spec as :func:`shared.specs.parse_spec` reads them; None for a spec it rejects
+    (e.g. one written by another version of the harness)."""
+    try:
+        return parse_spec(spec, site).parts
+    except ValueError:  # SpecError
+        return None
+
+
+def _ghost_batch_size(parts: Sequence) -> Optional[int]:
+    sizes = [part.options["ghost_batch_size"] for part in parts
+             if "ghost_batch_size" in part.options]
+    return sizes[0] if sizes else None
+
+
+def _noise_variant(options: dict) -> str:
+    if options.get("shift") is False:
+        return "-scale"
+    return "-shift" if options.get("scale") is False else ""
 
 
 def describe_norm(spec: Any) -> tuple:
     """``(method, ghost_batch_size or None)`` of a norm spec, for plotting against N.
 
-    Short strings: ``gni16-shift`` -> ``("gni-shift", 16)``, ``bn`` -> ``("bn", None)``, ``gn1`` ->
-    ``("gn1", None)`` (GroupNorm's number is a group count, not a ghost batch size). Lists and mappings
-    (the spec forms of :mod:`shared.specs`, also as JSON/YAML text) -> the part names joined by ``+``,
-    gain and bias left out, with N taken from the part that has a ghost batch size:
-    ``[{subtype: xbn2d, affine: false}, gnir16, gain, bias]`` -> ``("xbn2d+gnir", 16)``.
+    Short strings are named as written, without N: ``gni16-shift`` -> ``("gni-shift", 16)``,
+    ``bn`` -> ``("bn", None)``, ``gn1`` -> ``("gn1", None)`` (GroupNorm's number is a group count,
+    not a ghost batch size). Lists and mappings (the spec forms of :mod:`shared.specs`, also as
+    text) -> the canonical part names joined by ``+``, gain and bias left out, a noise part that
+    keeps only one noise marked ``-shift`` / ``-scale``, N taken from the part that has a ghost
+    batch size: ``[{subtype: xbn2d, affine: false}, gnir16, gain, bias]`` -> ``("xbn2d+gnir", 16)``.
+    A spec :mod:`shared.specs` rejects is named as written, without N.
     """
-    spec = _load_spec_text(spec)
     if spec is None:
         return ("none", None)
-    if isinstance(spec, str):
-        match = _SHORT_SPEC.match(spec.strip().lower())
-        if match is None:
-            return (spec, None)
-        name, number, variant = match["name"], match["number"], match["variant"]
-        if number is None or name not in _GHOST_METHODS:
-            return (spec.strip().lower(), None)
-        return (name + (f"-{variant}" if variant else ""), int(number))
-    parts = spec if isinstance(spec, list) else [spec]
-    names, ghost = [], None
-    for part in parts:
-        if isinstance(part, dict):
-            name = str(part.get("subtype", "?")).lower()
-            kwargs = {**(part.get("dkwargs") or {}), **(part.get("okwargs") or {}), **part}
-            number = kwargs.get("ghost_batch_size", kwargs.get("batch_size"))
-            if kwargs.get("shift_noise", kwargs.get("shift")) is False:
-                name += "-scale"
-            elif kwargs.get("scale_noise", kwargs.get("scale")) is False:
-                name += "-shift"
-        else:
-            name, number = describe_norm(str(part))
-        if name in ("gain", "bias", "standard"):
-            continue
-        names.append(name)
-        if ghost is None and isinstance(number, int) and not isinstance(number, bool):
-            ghost = number
+    parts = _spec_parts(spec)
+    if parts is None:
+        return (str(spec), None)
+    ghost = _ghost_batch_size(parts)
+    if isinstance(spec, str) and re.fullmatch(r"[\w-]+", spec.strip()):  # a short string
+        text = spec.strip().lower()
+        if ghost is None:
+            return (text, None)
+        head, _, tail = text.rpartition(str(ghost))
+        return (head + tail, ghost)
+    names = [part.subtype + _noise_variant(part.options) for part in parts
+             if part.kind not in ("gain", "bias")]
     return ("+".join(names) or "none", ghost)
+
+
+def _is_plain_batch_norm(args: dict) -> bool:
+    """BN without ghost batches, noise or block dropout: the reference line of the figures."""
+    parts = _spec_parts(args.get("norm")) or ()
+    return [part.subtype for part in parts if part.kind not in ("gain", "bias")] == ["bn2d"] \
+        and dropout_of(args) is None
 
 
 def dropout_of(args: dict) -> Optional[tuple]:
     """``(label, p)`` of a run's ``model_kwargs.block_dropout``, or None without block dropout."""
-    spec = _load_spec_text((args.get("model_kwargs") or {}).get("block_dropout"))
+    spec = (args.get("model_kwargs") or {}).get("block_dropout")
     if spec is None:
         return None
-    if isinstance(spec, dict):
-        flat = {**(spec.get("dkwargs") or {}), **spec}
-        p = flat.get("p", flat.get("drop_probability"))
-        kind = flat.get("kind", flat.get("noise_type", "bernoulli"))
-        where = "channel-wise" if flat.get("channel_wise") else "element-wise"
-        return (f"{kind} {where}", float(p) if p is not None else math.nan)
-    return (str(spec), math.nan)
+    parts = _spec_parts(spec, "noise")
+    if not parts:
+        return (str(spec), math.nan)
+    options = parts[0].options
+    where = "channel-wise" if options.get("channel_wise") else "element-wise"
+    p = options.get("p")
+    return (f"{options.get('kind', 'bernoulli')} {where}", float(p) if p is not None else math.nan)
 
 
 AXIS_KINDS = ("ghost_batch_size", "dropout_p", "none")
+# Norms whose batch statistics the ghost batch size changes: a spec built on one of them (or
+# starting with a noise part) is plotted against N.
+_BATCH_NORMS = ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")
 
 
 def axis_of(args: dict) -> tuple:
@@ -396,9 +393,9 @@ def axis_of(args: dict) -> tuple:
     dropout = dropout_of(args)
     if dropout is not None and math.isfinite(dropout[1]):
         return ("dropout_p", dropout[1])
-    method, ghost = describe_norm(args.get("norm"))
-    base = method.split("+")[0].split("-")[0]
-    if ghost is not None and (base in _GHOST_METHODS or base in _BN_NAMES):
+    parts = _spec_parts(args.get("norm")) or ()
+    ghost = _ghost_batch_size(parts)
+    if ghost is not None and (parts[0].kind == "noise" or parts[0].subtype in _BATCH_NORMS):
         return ("ghost_batch_size", ghost)
     return ("none", None)
 
@@ -411,9 +408,8 @@ def _mean_std(values: Sequence[float]) -> tuple:
     """Mean and sample std (ddof=1; NaN for fewer than 2 values) of the finite values."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
-        return (math.nan, math.nan, 0)
-    std = statistics.stdev(finite) if len(finite) > 1 else math.nan
-    return (statistics.fmean(finite), std, len(finite))
+        return (math.nan, math.nan)
+    return (statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else math.nan)
 
 
 def _format_value(value: Any) -> str:
@@ -441,7 +437,6 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
         ``<metric>_mean`` / ``<metric>_std`` for top1, best_top1 and ``metric``; ``unfinished`` are the
         :class:`Run` objects whose status is not ``finished``.
     """
-    metrics = list(dict.fromkeys(["top1", "best_top1", metric]))
     rows, unfinished = [], []
     for group in groups:
         finished = [r for r in group.runs if r.status == _FINISHED]
@@ -454,9 +449,8 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
         row["seeds"] = ",".join(str(s) for s in seeds)
         row["duplicate_seeds"] = len(set(map(str, seeds))) < len(seeds)
         row["epochs"] = ",".join(sorted({str(r.epochs_done) for r in finished}))
-        for name in metrics:
-            mean, std, count = _mean_std([r.metric(name) for r in finished])
-            row[f"{name}_mean"], row[f"{name}_std"] = mean, std
+        for name in _table_metrics(metric):
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r.metric(name) for r in finished])
         row["_group"] = group
         rows.append(row)
     return rows, unfinished
@@ -501,12 +495,10 @@ def render_tables(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequ
 
 
 def _csv_text(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for cells in body:
-        writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells])
-    return buffer.getvalue()
+    """CSV with empty cells for the NaN of a missing mean or std."""
+    blank_nan = (["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells]
+                 for cells in body)
+    return csv_text(header, blank_nan)
 
 
 def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> str:
@@ -532,20 +524,19 @@ class Figure:
     reason: str = ""
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (also for :mod:`shared.analysis`)."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     """PNG through memory and an atomic write; the bounding box grows to hold legends outside the axes."""
-    from shared.run_files import atomic_write_bytes
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -554,9 +545,8 @@ def _wrap(label: str, width: int = 42) -> str:
     return "\n".join(textwrap.wrap(label, width)) or label
 
 
-def _legend(ax) -> None:
+def _legend(ax, handles: Sequence, labels: Sequence[str]) -> None:
     """Beside the axes (never over the data), one entry per line, long labels wrapped."""
-    handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles, [_wrap(label) for label in labels], loc="upper left", bbox_to_anchor=(1.02, 1.0),
                   fontsize=8, frameon=False)
@@ -572,6 +562,16 @@ def _band_name(band: str) -> str:
     return "±1 standard error" if band == "sem" else "±1 sample std"
 
 
+def _fill_band(ax, xs: Sequence[float], means: Sequence[float], widths: Sequence[float], color,
+               floor: float = -math.inf) -> None:
+    """The band ``mean +- width`` behind a line; ``floor`` bounds it from below (a log axis cannot
+    show ``mean - std <= 0``)."""
+    if any(widths):
+        ax.fill_between(xs, [max(m - w, floor) for m, w in zip(means, widths)],
+                        [m + w for m, w in zip(means, widths)], color=color, alpha=0.15,
+                        linewidth=0)
+
+
 def _context_label(group: Group, context_keys: Sequence[str]) -> str:
     parts = [f"{k}={_format_value(group.args.get(k))}" for k in context_keys]
     return (" [" + ", ".join(parts) + "]") if parts else ""
@@ -582,23 +582,35 @@ def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
     return [c for c in columns if len({_canonical(g.args.get(c)) for g in groups}) > 1]
 
 
+def _context_keys(rows: Sequence[dict], columns: Sequence[str]) -> list:
+    """Keys other than the norm and the dropout that still vary between the setups of ``rows``: they
+    split lines (e.g. two learning rates)."""
+    varying = _varying([r["_group"] for r in rows], columns)
+    return [c for c in varying if c not in ("norm", "model_kwargs")]
+
+
 def _n_label(counts: Iterable[int]) -> str:
     counts = sorted(set(counts))
     return f" (n={counts[0]})" if len(counts) == 1 else f" (n={counts[0]}-{counts[-1]})"
 
 
-def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, label_of, metric: str, band: str) -> dict:
-    """Lines of one x-axis kind keyed by legend label: sorted lists of (x, mean, band half-width, n)."""
+def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str,
+            band: str) -> dict:
+    """Lines of one x-axis kind keyed by legend label: sorted lists of (x, mean, band half-width,
+    n). A line is a method (the norm spec without N) or a block-dropout kind."""
     plotted = [row for row in rows
                if axis_of(row["_group"].args)[0] == kind and math.isfinite(row[f"{metric}_mean"])]
-    # Keys other than the norm and the dropout that still vary split lines (e.g. two learning rates).
-    context = [c for c in _varying([r["_group"] for r in plotted], columns) if c not in ("norm", "model_kwargs")]
+    context = _context_keys(plotted, columns)
     lines: dict = {}
     for row in plotted:
-        group = row["_group"]
-        label = label_of(group.args) + _context_label(group, context)
-        lines.setdefault(label, []).append((axis_of(group.args)[1], row[f"{metric}_mean"],
-                                            _band_width(row[f"{metric}_std"], row["n"], band), row["n"]))
+        args = row["_group"].args
+        if kind == "ghost_batch_size":
+            method = describe_norm(args.get("norm"))[0]
+        else:
+            method = dropout_of(args)[0]
+        width = _band_width(row[f"{metric}_std"], row["n"], band)
+        lines.setdefault(method + _context_label(row["_group"], context), []).append(
+            (axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
@@ -613,16 +625,16 @@ def _draw_lines(ax, lines: dict, log_x: bool) -> None:
         offset = (number - (len(lines) - 1) / 2) * step
         xs = [x * 2 ** offset for x in xs] if log_x else [x + offset for x in xs]
         container = ax.errorbar(xs, ys, yerr=bands, marker="o", markersize=4, capsize=3, linewidth=1.2, label=label)
-        if len(xs) > 1 and any(bands):
-            ax.fill_between(xs, [y - b for y, b in zip(ys, bands)], [y + b for y, b in zip(ys, bands)],
-                            color=container.lines[0].get_color(), alpha=0.15, linewidth=0)
+        if len(xs) > 1:  # a single point has its error bar
+            _fill_band(ax, xs, ys, bands, container.lines[0].get_color())
 
 
 def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metric: str, band: str) -> None:
     """Plain BN setups (no ghost batch size, no dropout) as horizontal lines with their band."""
-    references = [row for row in rows if describe_norm(row["_group"].args.get("norm"))[0] in _BN_NAMES
-                  and dropout_of(row["_group"].args) is None and math.isfinite(row[f"{metric}_mean"])]
-    context = [c for c in _varying([r["_group"] for r in references], columns) if c not in ("norm", "model_kwargs")]
+    references = [row for row in rows
+                  if _is_plain_batch_norm(row["_group"].args)
+                  and math.isfinite(row[f"{metric}_mean"])]
+    context = _context_keys(references, columns)
     for row in references:
         mean, width = row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band)
         method = describe_norm(row["_group"].args.get("norm"))[0]
@@ -639,17 +651,13 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
               path: Path) -> Figure:
     """Metric vs the ghost batch size (log2) or the dropout p, one line per method; BN as the reference."""
     title = f"{metric_label(metric)} vs {_AXIS_TITLES[kind]}"
-    if kind == "ghost_batch_size":
-        label_of = lambda args: describe_norm(args.get("norm"))[0]  # noqa: E731
-    else:
-        label_of = lambda args: dropout_of(args)[0]  # noqa: E731
-    lines = _series(rows, columns, kind, label_of, metric, band)
+    lines = _series(rows, columns, kind, metric, band)
     if not lines:
         noun = "a ghost batch size (BN-based)" if kind == "ghost_batch_size" else "block dropout"
         has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
         return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
                       if has_kind else f"no finished setup of this family has {noun}")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
     _draw_reference_lines(ax, rows, columns, metric, band)
@@ -664,8 +672,8 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3)
-    _legend(ax)
-    return Figure(title, _save(fig, path))
+    _legend(ax, *ax.get_legend_handles_labels())
+    return Figure(title, save_png(fig, path))
 
 
 def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band: str, family: str,
@@ -678,7 +686,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
         return Figure(title, reason=f"every finished setup of this family is on a ghost batch size or dropout axis "
                                     f"(or has no {metric_label(metric)})")
     shown = _varying([r["_group"] for r in chosen], columns) or ["norm"]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
     positions = list(range(len(chosen)))
     ax.errorbar(positions, [r[f"{metric}_mean"] for r in chosen], fmt="o", markersize=5, capsize=4,
@@ -689,7 +697,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{family}: {metric_label(metric)} by setup\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    return Figure(title, _save(fig, path))
+    return Figure(title, save_png(fig, path))
 
 
 def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
@@ -701,10 +709,9 @@ def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
             if epoch is not None and value is not None:
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    means = [statistics.fmean(by_epoch[e]) for e in epochs]
-    widths = [_band_width(statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else math.nan, len(by_epoch[e]), band)
-              for e in epochs]
-    return epochs, means, widths
+    means, stds = zip(*(_mean_std(by_epoch[e]) for e in epochs)) if epochs else ((), ())
+    widths = [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
+    return epochs, list(means), widths
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -728,12 +735,10 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
 
 
 def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
-    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns the line.
-    ``floor`` bounds the band from below (a log axis cannot show ``mean - std <= 0``)."""
+    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns
+    the line."""
     (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
-    if any(widths):
-        ax.fill_between(epochs, [max(m - w, floor) for m, w in zip(means, widths)],
-                        [m + w for m, w in zip(means, widths)], color=line.get_color(), alpha=0.15, linewidth=0)
+    _fill_band(ax, epochs, means, widths, line.get_color(), floor)
     return line
 
 
@@ -753,7 +758,7 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
 
 def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     curves = {(id(group), column): _curve_statistics(group.runs, column, band)
               for group in chunk for column in ("top1", "train_loss", "eval_loss")}
@@ -769,15 +774,14 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
                 color = lines[0].get_color() if lines else None
                 lines.append(_draw_curve(ax, epochs, means, widths, style, color, floor))
         if lines:
-            entries.append((lines[0], _wrap(_short_label(group.args, shown) + f" (n={len(group.runs)})")))
+            entries.append((lines[0], _short_label(group.args, shown) + f" (n={len(group.runs)})"))
     _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
     _finish_panel(ax_loss, bool(losses), "loss (solid: train, dotted: eval)", "train and eval loss")
     if log_loss:
         ax_loss.set_yscale("log")
     fig.suptitle(f"{family}: training curves, mean over seeds, {_band_name(band)}", fontsize=11)
-    ax_loss.legend([line for line, _ in entries], [label for _, label in entries], loc="upper left",
-                   bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
-    return _save(fig, path)
+    _legend(ax_loss, [line for line, _ in entries], [label for _, label in entries])
+    return save_png(fig, path)
 
 
 def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, band: str, out_dir: Path,
@@ -816,8 +820,6 @@ def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], c
 # ----------------------------------------------------------------------------------------------
 
 def _by_family(groups: Sequence[Group]) -> dict:
-    from shared.logging_wandb import experiment_family
-
     families: dict = {}
     for group in groups:
         families.setdefault(experiment_family(group.args), []).append(group)
@@ -872,8 +874,6 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
             drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
             markdown += _figures_markdown(family, drawn, out)
             figures += drawn
-    from shared.run_files import atomic_write_text
-
     files = [out / "results.csv", out / "unfinished.csv", out / "results.md"]
     atomic_write_text(files[0], _results_csv(rows, columns, metric))
     atomic_write_text(files[1], _unfinished_csv(unfinished))

@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
+import yaml
+
+from shared.config import load_bounded_yaml
+
 __all__ = [
     "SUMMARY_COLUMNS",
     "PREVIOUS_METRIC_NAMES",
@@ -45,8 +49,10 @@ __all__ = [
     "holds_results",
     "move_results_aside",
     "atomic_write_bytes",
+    "csv_text",
     "write_summary",
     "write_results",
+    "read_args",
     "read_results",
     "changed_result_keys",
     "prepare_run_dir",
@@ -87,16 +93,12 @@ def describe_os_error(error: OSError) -> str:
 
 def _fsync_directory(directory: Path) -> None:
     """Make a rename inside ``directory`` durable (best effort: some filesystems refuse to open one)."""
-    try:
+    with contextlib.suppress(OSError):
         descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -113,10 +115,8 @@ def _replacing(path: os.PathLike, shared: bool = False) -> Iterator[Path]:
         yield temporary
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):  # never created, or a directory in the way
             temporary.unlink()
-        except OSError:  # never created, or a directory in the way
-            pass
         raise
     _fsync_directory(path.parent)
 
@@ -177,6 +177,15 @@ def results_with_timm_names(results: Mapping[str, Any]) -> dict:
     return renamed
 
 
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """``header`` and ``rows`` as CSV text (``\\n`` line ends), for an atomic write."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -203,16 +212,29 @@ def write_summary(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns = list(SUMMARY_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(column)) for column in columns])
-    write_run_file(run_dir / "summary.csv", buffer.getvalue())
+    text = csv_text(columns, ([_cell(row.get(column)) for column in columns] for row in rows))
+    write_run_file(run_dir / "summary.csv", text)
 
 
 def write_results(run_dir: Path, results: Mapping[str, Any]) -> None:
     write_run_file(run_dir / "results.json", json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def read_args(run_dir: Path) -> dict:
+    """``run_dir/args.yaml``: the resolved arguments train.py wrote there.
+
+    Raises:
+        OSError: the file cannot be read. ValueError: it is not UTF-8 YAML, nests or expands too far
+            (:func:`shared.config.load_bounded_yaml`), or holds something other than a mapping.
+    """
+    path = Path(run_dir) / "args.yaml"
+    try:
+        args = load_bounded_yaml(path.read_text(encoding="utf-8"), str(path))[1] or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"args.yaml holds a {type(args).__name__}, not a mapping of arguments")
+    return args
 
 
 def read_results(run_dir: Path) -> Optional[dict]:
@@ -312,10 +334,8 @@ class RunLock:
         share the open file, and a plain close would leave the lock held until the last of them exits.
         """
         if self.descriptor is not None:
-            try:
+            with contextlib.suppress(OSError):  # a filesystem without locks: nothing to release
                 fcntl.flock(self.descriptor, fcntl.LOCK_UN)
-            except OSError:  # a filesystem without locks: there is nothing to release
-                pass
             os.close(self.descriptor)
             self.descriptor = None
 

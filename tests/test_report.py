@@ -88,6 +88,23 @@ def test_table_values_are_computed_over_finished_runs_only(runs_dir, tmp_path):
         assert len(list(csv.DictReader(handle))) == 3
 
 
+def test_non_result_keys_are_train_flags_and_runs_differing_only_in_them_are_one_setup(tmp_path):
+    """One list of the arguments that do not change results (run_files.OPERATIONAL_KEYS): each
+    names a flag train.py really has, and the report treats two runs that differ only in those as
+    seeds of one setup, while a result-changing flag (lr) still separates them."""
+    from shared import config, run_files
+
+    flags = set(vars(config.create_parser().parse_args([])))
+    assert run_files.OPERATIONAL_KEYS <= flags, sorted(run_files.OPERATIONAL_KEYS - flags)
+    assert report.NON_SETUP_KEYS == run_files.OPERATIONAL_KEYS | {"seed"}
+    root = tmp_path / "runs"
+    make_run(root, "a-s1", final_top1=60.0, norm="bn", seed=1, workers=2, log_interval=10)
+    make_run(root, "b-s2", final_top1=62.0, norm="bn", seed=2, workers=8, log_interval=50)
+    make_run(root, "c-s3", final_top1=64.0, norm="bn", seed=3, lr=0.1)
+    rows = report.write_report(root, tmp_path / "out", plots=False)["rows"]
+    assert sorted(row["n"] for row in rows) == [1, 2]
+
+
 def test_single_run_has_no_std(tmp_path):
     make_run(tmp_path / "runs", "one-s1", final_top1=60.0, norm="bn", seed=1)
     result = report.write_report(tmp_path / "runs", tmp_path / "out", plots=False)
@@ -131,7 +148,7 @@ def test_group_by_overrides_the_setup_definition(runs_dir, tmp_path):
     ('[{"type":"norm","subtype":"bn2d","dkwargs":{"affine":false}},'
      '{"type":"noise","subtype":"ghost_noise_injector_rep","dkwargs":{"batch_size":32,"shift_noise":false}},'
      '{"type":"gain","subtype":"standard"},{"type":"bias","subtype":"standard"}]',
-     ("bn2d+ghost_noise_injector_rep-scale", 32)),
+     ("bn2d+gnir-scale", 32)),  # structured specs: shared.specs' canonical part names
 ])
 def test_describe_norm(spec, expected):
     assert report.describe_norm(spec) == expected
@@ -265,15 +282,15 @@ def test_report_on_real_train_runs(trained_runs, tmp_path, capsys):
 def drawn(monkeypatch):
     """Capture every figure the report saves (still open), keyed by file name."""
     figures = {}
-    original = report._save
+    original = report.save_png
 
     def capture(fig, path):
         fig.canvas.draw()  # lay out text and legends, so their extents are final
         figures[path.name] = fig
         return original(fig, path)
 
-    monkeypatch.setattr(report, "_save", capture)
-    monkeypatch.setattr(report._pyplot(), "close", lambda fig=None: None)
+    monkeypatch.setattr(report, "save_png", capture)
+    monkeypatch.setattr(report.pyplot(), "close", lambda fig=None: None)
     return figures
 
 
