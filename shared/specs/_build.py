@@ -83,7 +83,7 @@ def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, s
     kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
     args = (num_features,) if part.kind in TAKES_FEATURES else ()
     try:
-        return row.target()(*args, **kwargs)
+        return row.target(*args, **kwargs)
     except SpecError:
         raise
     except (TypeError, ValueError) as err:
@@ -232,7 +232,7 @@ def _layer_factory(spec: Any, site: str) -> Callable[..., nn.Module]:
     if len(parsed.parts) != 1:
         raise SpecError(f"a {site} spec names one layer, got {len(parsed.parts)} parts: {parsed}")
     part = parsed.parts[0]
-    return functools.partial(row_of(part).target(), **part.options)
+    return functools.partial(row_of(part).target, **part.options)
 
 
 def create_conv_factory(spec: Any) -> Callable[..., nn.Module]:

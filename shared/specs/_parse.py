@@ -15,9 +15,9 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from shared.specs._table import (
-    CHANNELS_FIRST, DROP, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
-    TIMM_NORM_HINTS, NormSpec, PartSpec, PartType, SpecError, accepted_arguments, preset_parts, row_of, suggest,
-    target_name, timm_act_row, timm_norm_row,
+    CHANNELS_FIRST, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
+    TIMM_NORM_HINTS, NormSpec, OnlyValue, PartSpec, PartType, SpecError, accepted_arguments, preset_parts, row_of,
+    suggest, target_name, timm_row,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[Par
                         f"{' / '.join(r.kind for r in rows)} part; add e.g. \"type\": \"{rows[0].kind}\"")
     if rows:
         return rows[0]
-    row = timm_norm_row(name) if "norm" in kinds else None
+    row = timm_row("norm", name) if "norm" in kinds else None
     if row is None and "activation" in kinds:
-        row = timm_act_row(name)
+        row = timm_row("activation", name)
     return row
 
 
@@ -140,10 +140,11 @@ def _validate_kwargs(row: PartType, given: Mapping[str, Any], where: str, site: 
         if key in SITE_ARGS:
             raise SpecError(f"{where}: {key!r} is supplied by the {site} site, not by the spec")
         target_key, alias = key, row.keyword_aliases.get(key)
-        if callable(alias):  # a reference option with a single implemented value
-            if alias(value) is DROP:
-                continue
-        elif isinstance(alias, tuple):
+        if isinstance(alias, OnlyValue):
+            if value != alias.value:
+                raise SpecError(alias.message.format(given=value))
+            continue
+        if isinstance(alias, tuple):
             target_key, convert = alias
             value = convert(value)
         elif isinstance(alias, str):
