@@ -1,4 +1,4 @@
-"""What the models of this package share: CIFAR defaults, timm's classifier API, the timm builder call."""
+"""What the models of this package share: CIFAR defaults, timm's head API, the builder call."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -19,30 +19,34 @@ NORM_RENAMES = {"norm_cfg": "norm", "norm_layer": "norm"}
 
 
 def cifar_cfg(**kwargs: Any) -> dict:
-    """timm's pretrained config for a 32x32 CIFAR-10 model without weights; ``kwargs`` add or override."""
-    return dict(url="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear",
-                mean=CIFAR10_MEAN, std=CIFAR10_STD, license="apache-2.0") | kwargs
+    """timm's pretrained config of a 32x32 CIFAR-10 model without weights (``kwargs`` override)."""
+    return dict(url="", num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+                interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                license="apache-2.0") | kwargs
 
 
-def build_model(model_cls: type, variant: str, pretrained: bool, kwargs: dict, renames: Mapping[str, str],
-                feature_cfg: dict, model_args: Optional[dict] = None) -> nn.Module:
-    """Reference keyword names -> ours (``renames``), ``kwargs`` over the variant's ``model_args``, then
-    timm's ``build_model_with_cfg`` (pretrained config, ``features_only``...)."""
+def build_model(model_cls: type, variant: str, pretrained: bool, kwargs: dict,
+                renames: Mapping[str, str], feature_cfg: dict,
+                model_args: Optional[dict] = None) -> nn.Module:
+    """Reference keyword names -> ours (``renames``), ``kwargs`` over the variant's ``model_args``,
+    then timm's ``build_model_with_cfg`` (pretrained config, ``features_only``...)."""
     kwargs = rename_reference_kwargs(dict(kwargs), renames, variant)
     return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                 **dict(model_args or {}, **kwargs))
 
 
 class PooledClassifierMixin:
-    """timm's head API for a CNN whose ``forward_features`` ends in a feature map: ``global_pool`` ->
-    ``head_drop`` -> ``fc`` (from timm's ``create_classifier``), ``num_features`` channels."""
+    """timm's head API for a CNN whose ``forward_features`` ends in a feature map of
+    ``num_features`` channels: ``global_pool`` -> ``head_drop`` -> ``fc`` (timm's
+    ``create_classifier``)."""
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes,
+                                                      pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)

@@ -43,10 +43,13 @@ import torch.nn as nn
 from timm.layers import create_classifier, get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
-from shared.models.base import CIFAR10_MEAN, CIFAR10_STD, PooledClassifierMixin, build_model, cifar_cfg
+from shared.models.base import (
+    CIFAR10_MEAN, CIFAR10_STD, PooledClassifierMixin, build_model, cifar_cfg,
+)
 from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory
 
-__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck", "CIFAR10_MEAN", "CIFAR10_STD"]
+__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck", "CIFAR10_MEAN",
+           "CIFAR10_STD"]
 
 Spec = Union[str, dict, list, Callable[..., nn.Module]]
 PREACT_SHORTCUTS = ("norm", "preact")
@@ -74,20 +77,21 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
 
 
 class ResidualBlock(nn.Module):
-    """A residual block of convs with the kernel sizes ``kernel_sizes``, pre- or post-activation, optionally
-    with IC units; unit ``i`` (from 1) is ``bn{i}``, ``act{i}``, ``drop{i}`` and ``conv{i}``, the last
-    unit's dropout is ``drop``. Subclasses: :class:`BasicBlock` and :class:`Bottleneck`.
+    """A residual block of convs with kernel sizes ``kernel_sizes``, pre- or post-activation,
+    optionally with IC units. Unit ``i`` (from 1) is ``bn{i}``, ``act{i}``, ``drop{i}`` and
+    ``conv{i}``; the last unit's dropout is ``drop``. Subclasses: :class:`BasicBlock` and
+    :class:`Bottleneck`.
 
     Post-activation: ``act_n(bn_n(conv_n(drop(... act1(bn1(conv1(x))) ...))) + shortcut(x))``.
     Pre-activation:  ``conv_n(drop(act_n(bn_n(... conv1(act1(bn1(x))) ...)))) + shortcut``.
-    ``drop`` is the block dropout before the last conv (between the two convs of a basic block, as in
-    WRN); the other ``drop{i}`` are identities.
+    ``drop`` is the block dropout before the last conv (between the two convs of a basic block, as
+    in WRN); the other ``drop{i}`` are identities.
 
-    With ``ic=True`` (Chen et al. 2019) every conv is preceded by an IC unit ``drop_i(bn_i(.))`` after the
-    activation (ReLU -> norm -> dropout -> conv):
+    With ``ic=True`` (Chen et al. 2019) every conv is preceded by an IC unit ``drop_i(bn_i(.))``
+    after the activation (ReLU -> norm -> dropout -> conv):
 
-    * post-activation: ``act_n(conv_n(ic_n(act_{n-1}(... conv1(ic1(x)) ...))) + shortcut(x))`` (``x`` is
-      already the previous block's or the stem's ReLU output);
+    * post-activation: ``act_n(conv_n(ic_n(act_{n-1}(... conv1(ic1(x)) ...))) + shortcut(x))``
+      (``x`` is already the previous block's or the stem's ReLU output);
     * pre-activation: ``conv_n(ic_n(act_n(... conv1(ic1(act1(x))) ...))) + shortcut``.
     """
     expansion: int
@@ -108,15 +112,18 @@ class ResidualBlock(nn.Module):
         widths = [in_chs] + [planes] * (units - 1) + [out_chs]
         for index, kernel_size in enumerate(self.kernel_sizes, start=1):
             conv_in, conv_out = widths[index - 1], widths[index]
-            # IC moves each norm before its conv: the norms see the pre-activation block's channel counts
-            self.add_module(f"bn{index}", norm_layer(conv_in if pre_activation or ic else conv_out, **dd))
-            # not in place where the activation's input is the residual stream x, which the shortcut still needs
-            self.add_module(f"act{index}", act_layer(inplace=not (index == 1 and ic and pre_activation)))
+            # IC moves each norm before its conv: the norms see the pre-activation channel counts
+            norm_chs = conv_in if pre_activation or ic else conv_out
+            self.add_module(f"bn{index}", norm_layer(norm_chs, **dd))
+            # not in place where its input is the residual stream x, which the shortcut still needs
+            in_place = not (index == 1 and ic and pre_activation)
+            self.add_module(f"act{index}", act_layer(inplace=in_place))
             has_dropout = dropout_layer is not None and (ic or index == units)
             self.add_module("drop" if index == units else f"drop{index}",
                             dropout_layer(conv_in, **dd) if has_dropout else nn.Identity())
             conv_stride = stride if index == self.strided_conv else 1
-            self.add_module(f"conv{index}", _conv(conv_layer, conv_in, conv_out, kernel_size, conv_stride, **dd))
+            conv = _conv(conv_layer, conv_in, conv_out, kernel_size, conv_stride, **dd)
+            self.add_module(f"conv{index}", conv)
         self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
                                          norm_layer, conv_layer, dd)
 
@@ -128,7 +135,8 @@ class ResidualBlock(nn.Module):
     def _unit(self, index: int) -> tuple:
         """(norm, act, dropout, conv) of unit ``index`` (from 1)."""
         drop = self.drop if index == len(self.kernel_sizes) else getattr(self, f"drop{index}")
-        return getattr(self, f"bn{index}"), getattr(self, f"act{index}"), drop, getattr(self, f"conv{index}")
+        norm, act = getattr(self, f"bn{index}"), getattr(self, f"act{index}")
+        return norm, act, drop, getattr(self, f"conv{index}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, shortcut = x, None
@@ -140,7 +148,7 @@ class ResidualBlock(nn.Module):
             elif self.ic:
                 out = norm(out)
             out = drop(out)
-            if shortcut is None:  # a 'preact' projection takes the first unit's (pre-activated) conv input
+            if shortcut is None:  # a 'preact' projection takes the first conv's input
                 shortcut = _shortcut(self, x, out)
             out = conv(out)
             if not self.pre_activation and index < last:
@@ -203,9 +211,10 @@ def _block_dropout_factory(block_dropout: Optional[Spec], ic_dropout: Union[floa
 _BLOCKS = {"basic": BasicBlock, "basicblock": BasicBlock, "bottleneck": Bottleneck}
 
 
-def _make_stem(input_block: str, pre_activation: bool, in_chans: int, stem_chs: int, conv_layer: Callable,
-               norm_layer: Callable, act_layer: Callable, dd: dict) -> nn.Sequential:
-    """The stem conv (3x3, or 7x7/2 + max-pool for 'imagenet'), with norm + act when post-activation."""
+def _make_stem(input_block: str, pre_activation: bool, in_chans: int, stem_chs: int,
+               conv_layer: Callable, norm_layer: Callable, act_layer: Callable,
+               dd: dict) -> nn.Sequential:
+    """The stem conv (3x3, or 7x7/2 + max-pool for 'imagenet'); norm + act if post-activation."""
     stem = OrderedDict()
     if input_block == "cifar":
         stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
@@ -279,7 +288,8 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         self.pre_activation = pre_activation
 
         stem_chs = stem_channels or base_channels
-        self.stem = _make_stem(input_block, pre_activation, in_chans, stem_chs, conv_layer, norm_layer, act_layer, dd)
+        self.stem = _make_stem(input_block, pre_activation, in_chans, stem_chs, conv_layer,
+                               norm_layer, act_layer, dd)
         reduction = 1 if input_block == "cifar" else 4
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="stem")]
 
@@ -380,8 +390,9 @@ def _name_defaults(name: str) -> dict:
 
 default_cfgs = generate_default_cfgs({
     name: cifar_cfg(pool_size=pool_size, first_conv="stem.conv", classifier="fc")
-    for name, pool_size in (("cifar_resnet", (4, 4)), ("cifar_resnet18", (4, 4)), ("cifar_resnet20", (8, 8)),
-                            ("cifar_wide_resnet16_4", (8, 8)), ("cifar_wide_resnet28_10", (8, 8)))
+    for name, pool_size in (("cifar_resnet", (4, 4)), ("cifar_resnet18", (4, 4)),
+                            ("cifar_resnet20", (8, 8)), ("cifar_wide_resnet16_4", (8, 8)),
+                            ("cifar_wide_resnet28_10", (8, 8)))
 })
 
 
@@ -389,7 +400,8 @@ def _create_cifar_resnet(variant: str, pretrained: bool, model_args: dict, kwarg
     """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args``, then timm's builder."""
     num_stages = len(kwargs.get("stage_depths", model_args.get("stage_depths", (2, 2, 2, 2))))
     feature_cfg = dict(out_indices=tuple(range(num_stages + 1)))
-    return build_model(CifarResNet, variant, pretrained, kwargs, _REFERENCE_KWARGS, feature_cfg, model_args)
+    return build_model(CifarResNet, variant, pretrained, kwargs, _REFERENCE_KWARGS, feature_cfg,
+                       model_args)
 
 
 @register_model

@@ -224,7 +224,8 @@ class CifarSimpleViT(nn.Module):
 
 
 default_cfgs = generate_default_cfgs({
-    "cifar_simple_vit": cifar_cfg(pool_size=None, fixed_input_size=True, first_conv="patch_proj", classifier="head"),
+    "cifar_simple_vit": cifar_cfg(pool_size=None, fixed_input_size=True, first_conv="patch_proj",
+                                  classifier="head"),
 })
 
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from shared.specs._table import (
     CHANNELS_FIRST, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
-    TIMM_NORM_HINTS, NormSpec, OnlyValue, PartSpec, PartType, SpecError, accepted_arguments, preset_parts, row_of,
-    suggest, target_name, timm_row,
+    TIMM_NORM_HINTS, NormSpec, OnlyValue, PartSpec, PartType, SpecError, accepted_arguments,
+    preset_parts, row_of, suggest, target_name, timm_row,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
 
 
 def _make_part(row: PartType, given: Mapping[str, Any], where: str, site: str) -> PartSpec:
-    """The part of ``row`` with the keywords ``given``: the reference's keywords renamed, each checked against
-    the target's signature, the target's required keywords present."""
+    """The part of ``row`` with the keywords ``given``: the reference's keywords renamed, each
+    checked against the target's signature, the target's required keywords present."""
     accepted, varkw = accepted_arguments(row)
     kwargs: dict = {}
     for key, value in given.items():
@@ -201,7 +201,7 @@ def _parse_short(token: str, site: str, where: str) -> list:
 
 
 def _parse_mapping(mapping: Mapping, site: str, where: str) -> list:
-    """``{type?, subtype, dkwargs?, okwargs?, **flat_kwargs}`` -> one part (in a list, as the short strings)."""
+    """``{type?, subtype, dkwargs?, okwargs?, **flat_kwargs}`` -> a list of one part."""
     flat = dict(mapping)
     kind = flat.pop("type", None)
     subtype = flat.pop("subtype", None)
@@ -256,7 +256,8 @@ def _parse_object(spec: Any, site: str, text: Optional[str] = None) -> list:
         parts: list = []
         for index, item in enumerate(spec):
             if not isinstance(item, (str, Mapping)):
-                raise SpecError(f"{where}, item {index}: list items must be strings or mappings, got {item!r}")
+                raise SpecError(f"{where}, item {index}: list items must be strings or mappings, "
+                                f"got {item!r}")
             parse_item = _parse_short if isinstance(item, str) else _parse_mapping
             parts += parse_item(item, site, f"{where}, item {index}")
         return parts

@@ -15,7 +15,9 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch.nn as nn
-from timm.layers import FilterResponseNormTlu2d, LayerNorm, LayerNorm2d, get_act_layer, get_norm_layer
+from timm.layers import (
+    FilterResponseNormTlu2d, LayerNorm, LayerNorm2d, get_act_layer, get_norm_layer,
+)
 
 import nodo
 
@@ -69,8 +71,8 @@ def _identity(num_features: Optional[int] = None, *, device=None, dtype=None) ->
 
 @dataclasses.dataclass(frozen=True)
 class OnlyValue:
-    """A reference option of which we implement one value: accepted (and not passed on) if the spec gives
-    ``value``, else a SpecError with ``message`` (``{given!r}`` is the value given)."""
+    """A reference option of which we implement one value: accepted (and not passed on) if the
+    spec gives ``value``, else a SpecError with ``message`` (``{given!r}`` is the value given)."""
     value: Any
     message: str
 
@@ -122,8 +124,8 @@ PART_TYPES = (
              number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
     PartType("norm", "brn", nodo.BatchRenorm2d, ("batch_renorm", "brn2d"), layouts=_CF_ONLY),
     PartType("norm", "gn", _group_norm, ("groupnorm",),
-             keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"}, number_arg="num_groups",
-             layouts=_CF_ONLY),
+             keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"},
+             number_arg="num_groups", layouts=_CF_ONLY),
     PartType("norm", "ln", _layer_norm, ("layernorm",)),
     PartType("norm", "frn", FilterResponseNormTlu2d, ("filter_response_norm",), layouts=_CF_ONLY),
     PartType("norm", "identity", _identity, ("none",)),
@@ -132,18 +134,19 @@ PART_TYPES = (
              keyword_aliases=_REF_NOISE, number_arg="ghost_batch_size", has_shift_scale=True),
     PartType("noise", "nat", nodo.NoisyAffine, ("noisy_affine", "noisy_affine_transform"),
              keyword_aliases={**_REF_NOISE, "scale_shift": OnlyValue(
-                 False, "nat: scale_shift={given!r} (scaling the shift noise by each sample's spatial std) "
-                        "is not implemented; the paper's runs use scale_shift=False, which is what "
-                        "nodo.NoisyAffine does")},
+                 False, "nat: scale_shift={given!r} (scaling the shift noise by each sample's "
+                        "spatial std) is not implemented; the paper's runs use scale_shift=False, "
+                        "which is what nodo.NoisyAffine does")},
              number_arg="ghost_batch_size", has_shift_scale=True),
     PartType("noise", "dropout", nn.Dropout, keyword_aliases={"drop_probability": "p"}),
     PartType("noise", "flexible_dropout", nodo.FlexibleDropout, keyword_aliases={
         # the reference's noise_type='gaussian' is its std p/(1-p): nodo's kind 'gaussian_reference'
         "drop_probability": "p", "noise_type": ("kind", _reference_noise_type),
-        "scaling_type": OnlyValue("mean", "flexible_dropout: scaling_type={given!r} is not implemented; "
-                                          "nodo's FlexibleDropout always keeps the mean (scaling_type='mean')"),
-        "max_steps": OnlyValue(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout off after "
-                                         "some steps) is not implemented")}),
+        "scaling_type": OnlyValue("mean", "flexible_dropout: scaling_type={given!r} is not "
+                                          "implemented; nodo's FlexibleDropout always keeps the "
+                                          "mean (scaling_type='mean')"),
+        "max_steps": OnlyValue(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout "
+                                         "off after some steps) is not implemented")}),
     PartType("gain", "gain", nodo.Gain, ("standard",)),
     PartType("bias", "bias", nodo.Bias, ("standard",)),
     PartType("activation", "relu", nn.ReLU),
@@ -154,10 +157,12 @@ PART_TYPES = (
     # WS: 'ws' is nodo's standard (keeps the init scale); the reference's own names 'wsconv2d' /
     # 'wslinear' select its fan-in scaling, which the paper's WS rows were trained with.
     PartType("conv", "ws", nodo.WSConv2d, ("ws_init",)),
-    PartType("conv", "wsconv2d", functools.partial(nodo.WSConv2d, scaling="fan_in"), ("ws_fan_in",)),
+    PartType("conv", "wsconv2d", functools.partial(nodo.WSConv2d, scaling="fan_in"),
+             ("ws_fan_in",)),
     PartType("linear", "linear", nn.Linear, ("standard",)),
     PartType("linear", "ws", nodo.WSLinear, ("ws_init",)),
-    PartType("linear", "wslinear", functools.partial(nodo.WSLinear, scaling="fan_in"), ("ws_fan_in",)),
+    PartType("linear", "wslinear", functools.partial(nodo.WSLinear, scaling="fan_in"),
+             ("ws_fan_in",)),
 )
 KINDS = ("norm", "noise", "gain", "bias", "activation", "conv", "linear")
 KIND_ALIASES = {"dropout": "noise", "act": "activation"}  # the reference filed dropout under "noise"
@@ -234,7 +239,7 @@ def timm_row(kind: str, name: str) -> Optional[PartType]:
 
 
 def row_of(part: PartSpec) -> PartType:
-    """The table row a parsed part came from (a timm norm or activation name if not in the tables)."""
+    """The table row a parsed part came from (a timm norm or activation name if in none)."""
     return TABLE[part.kind].get(part.subtype) or timm_row(part.kind, part.subtype)
 
 
@@ -265,5 +270,6 @@ def accepted_arguments(row: PartType) -> tuple[dict, bool]:
 
 
 def target_name(row: PartType) -> str:
-    return f"{getattr(row.target, '__module__', '?')}.{getattr(row.target, '__qualname__', row.target)}"
+    qualname = getattr(row.target, "__qualname__", row.target)
+    return f"{getattr(row.target, '__module__', '?')}.{qualname}"
 

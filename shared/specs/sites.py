@@ -55,10 +55,11 @@ def _timm_classes(names: tuple) -> tuple:
     return tuple(getattr(timm.layers, name) for name in names if hasattr(timm.layers, name))
 
 
-# The norm classes by layout; channels_first is checked first (timm's LayerNorm2d is an nn.LayerNorm).
-_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d, nodo.ExclusiveBatchNorm2d,
-                nodo.GhostNoiseBatchNorm2d)
-_CHANNELS_FIRST_NORMS = _BATCH_NORMS + (nn.GroupNorm, nn.InstanceNorm2d) + _timm_classes(_TIMM_CHANNELS_FIRST)
+# The norm classes by layout; channels_first is checked first (LayerNorm2d is an nn.LayerNorm).
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d,
+                nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d)
+_CHANNELS_FIRST_NORMS = (_BATCH_NORMS + (nn.GroupNorm, nn.InstanceNorm2d)
+                         + _timm_classes(_TIMM_CHANNELS_FIRST))
 _CHANNELS_LAST_NORMS = ((nn.LayerNorm,) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c)
                         + _timm_classes(_TIMM_CHANNELS_LAST))
 
