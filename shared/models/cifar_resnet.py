@@ -44,7 +44,7 @@ from timm.layers import create_classifier, get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
 from shared.models.base import (
-    CIFAR10_MEAN, CIFAR10_STD, PooledClassifierMixin, build_model, cifar_cfg,
+    CIFAR10_MEAN, CIFAR10_STD, NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg,
 )
 from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory
 
@@ -350,8 +350,8 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 _REFERENCE_KWARGS = {
-    "norm_cfg": "norm", "norm_layer": "norm", "conv_cfg": "conv", "block_dropout_cfg": "block_dropout",
-    "block_name": "block", "activation_cfg": "act_layer", "input_block_channels": "stem_channels",
+    **NORM_RENAMES, "conv_cfg": "conv", "block_dropout_cfg": "block_dropout", "block_name": "block",
+    "activation_cfg": "act_layer", "input_block_channels": "stem_channels",
     "final_dropout": "drop_rate",
 }
 _IMAGENET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
