@@ -148,7 +148,7 @@ class ResidualBlock(nn.Module):
             elif self.ic:
                 out = norm(out)
             out = drop(out)
-            if shortcut is None:  # a 'preact' projection takes the first conv's input
+            if index == 1 and (self.pre_activation or self.ic):  # 'preact' projects conv1's input
                 shortcut = _shortcut(self, x, out)
             out = conv(out)
             if not self.pre_activation and index < last:
@@ -156,7 +156,11 @@ class ResidualBlock(nn.Module):
         if self.pre_activation:
             return out + shortcut
         norm, act, _, _ = self._unit(last)
-        return act((out if self.ic else norm(out)) + shortcut)
+        if not self.ic:
+            out = norm(out)
+            # the projection runs after the branch: noise layers keep their order of draws
+            shortcut = _shortcut(self, x, x)
+        return act(out + shortcut)
 
 
 class BasicBlock(ResidualBlock):
