@@ -1,9 +1,11 @@
-"""Checkpoints stay loadable: every registered model (and a stock timm model with a spec) keeps the
-state-dict keys, shapes and parameter count recorded in ``tests/fixtures/model_state_dicts.json``.
+"""Checkpoints stay loadable and models compute what they did: every registered model (and stock timm
+models with a spec) keeps the state-dict keys, shapes and parameter count recorded in
+``tests/fixtures/model_state_dicts.json``, and small models keep their train-mode outputs.
 
 The golden file was written by the code before the issue-9 refactor of ``shared/models`` and
 ``shared/specs`` (``python tests/test_model_state_dicts.py --write``); a change in any key, shape
-or count means checkpoints written before it no longer load.
+or count means checkpoints written before it no longer load; a change in an output means the
+forward computation, the initialization or the order in which noise layers draw has changed.
 """
 import json
 import pathlib
@@ -56,6 +58,27 @@ STOCK_CASES = [
 ]
 
 
+# Small models whose train-mode outputs are recorded, with noise at every kind of site: post- and
+# pre-activation blocks, IC units, 'preact' shortcuts, block dropout, tokens, ConvMixer, NF-ResNet.
+OUTPUT_CASES = {
+    "resnet20_gni": ("cifar_resnet20", dict(norm="gni4", base_channels=4)),
+    "resnet18_preact_shortcut_dropout": ("cifar_resnet18", dict(
+        base_channels=4, preact_shortcut="preact", norm="gni4",
+        block_dropout={"subtype": "flexible_dropout", "p": 0.2})),
+    "bottleneck_pre_ic": ("cifar_resnet", dict(block="bottleneck", stage_depths=(1, 1), base_channels=4,
+                                               ic_dropout=0.2, norm="gni4")),
+    "bottleneck_post_nat": ("cifar_resnet", dict(block="bottleneck", pre_activation=False,
+                                                 stage_depths=(1, 1), base_channels=4, norm="nat4")),
+    "basic_post_ic": ("cifar_resnet", dict(pre_activation=False, stage_depths=(1, 1), base_channels=4,
+                                           ic_dropout=0.2, norm="gni4")),
+    "vit_ln_gnir": ("cifar_simple_vit", dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=16,
+                                             norm="[ln, gnir4]")),
+    "convmixer_gni": ("convmixer_cifar", dict(dim=8, depth=1, kernel_size=3, patch_size=2, norm="gni4")),
+    "nf_resnet_gnir": ("cifar_nf_resnet26", dict(channels=(16, 32, 32, 64), stem_channels=8,
+                                                 noise="gnir4")),
+}
+
+
 def record(model_name: str, kwargs: dict, stock: bool) -> dict:
     """The model's state-dict keys (in order) with their shapes, and its parameter count."""
     if stock:
@@ -64,6 +87,16 @@ def record(model_name: str, kwargs: dict, stock: bool) -> dict:
         model = timm.create_model(model_name, device="meta", **kwargs)  # meta: nothing is allocated
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "state_dict": [f"{key} {list(value.shape)}" for key, value in model.state_dict().items()]}
+
+
+def outputs(model_name: str, kwargs: dict) -> list:
+    """The logits of a seeded model in train mode for a seeded batch, noise from a seeded generator."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, **kwargs).train()
+    shared.attach_noise_generator(model, seed=1)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return model(images).flatten().tolist()
 
 
 def _all_cases():
@@ -77,7 +110,8 @@ def golden() -> dict:
 
 
 def test_golden_covers_every_case(golden):
-    assert sorted(golden) == sorted(case for case, *_ in _all_cases())
+    assert sorted(golden["state_dicts"]) == sorted(case for case, *_ in _all_cases())
+    assert sorted(golden["outputs"]) == sorted(OUTPUT_CASES)
 
 
 @pytest.mark.parametrize("case, model_name, kwargs, stock", _all_cases(), ids=lambda v: v if isinstance(v, str)
@@ -85,13 +119,25 @@ def test_golden_covers_every_case(golden):
 def test_state_dict_keys_shapes_and_parameter_count_are_unchanged(golden, case, model_name, kwargs, stock):
     torch.manual_seed(0)
     current = record(model_name, kwargs, stock)
-    expected = golden[case]
+    expected = golden["state_dicts"][case]
     assert current["state_dict"] == expected["state_dict"]
     assert current["parameters"] == expected["parameters"]
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_CASES))
+def test_train_mode_outputs_are_unchanged(golden, case):
+    # float32 on the CPU: the same computation in another summation order differs by ~1e-6 relative
+    expected = torch.tensor(golden["outputs"][case])
+    torch.testing.assert_close(torch.tensor(outputs(*OUTPUT_CASES[case])), expected, rtol=1e-4, atol=1e-5)
+
+
+def write_golden() -> None:
+    golden = {"state_dicts": {case: record(name, kwargs, stock) for case, name, kwargs, stock in _all_cases()},
+              "outputs": {case: outputs(name, kwargs) for case, (name, kwargs) in OUTPUT_CASES.items()}}
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_model_state_dicts.py --write  (rewrites the golden file)")
-    GOLDEN.write_text(json.dumps({case: record(name, kwargs, stock) for case, name, kwargs, stock in _all_cases()},
-                                 indent=1) + "\n")
+    write_golden()
