@@ -40,16 +40,16 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer, get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import create_classifier, get_act_layer
+from timm.models import generate_default_cfgs, register_model
 
-from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory, rename_reference_kwargs
+from shared.models.base import (
+    CIFAR10_MEAN, CIFAR10_STD, NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg,
+)
+from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory
 
-__all__ = ["CifarResNet", "BasicBlock", "Bottleneck", "CIFAR10_MEAN", "CIFAR10_STD"]
-
-# CIFAR-10 statistics as used by the paper's launch scripts (the widely copied std values).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck", "CIFAR10_MEAN",
+           "CIFAR10_STD"]
 
 Spec = Union[str, dict, list, Callable[..., nn.Module]]
 PREACT_SHORTCUTS = ("norm", "preact")
@@ -76,130 +76,105 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
     nn.init.zeros_(weight)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs, pre- or post-activation, optionally with IC units.
+class ResidualBlock(nn.Module):
+    """A residual block of convs with kernel sizes ``kernel_sizes``, pre- or post-activation,
+    optionally with IC units. Unit ``i`` (from 1) is ``bn{i}``, ``act{i}``, ``drop{i}`` and
+    ``conv{i}``; the last unit's dropout is ``drop``. Subclasses: :class:`BasicBlock` and
+    :class:`Bottleneck`.
 
-    Post-activation: ``act(norm2(conv2(drop(act(norm1(conv1(x)))))) + shortcut(x))``.
-    Pre-activation:  ``conv2(drop(act(norm2(conv1(act(norm1(x))))))) + shortcut``.
-    With ``ic=True`` (Chen et al. 2019) every conv is preceded by an IC unit ``drop(norm(.))`` after the
-    activation (ReLU -> norm -> dropout -> conv), ``ic1`` = ``drop1(bn1(.))`` and ``ic2`` = ``drop(bn2(.))``:
+    Post-activation: ``act_n(bn_n(conv_n(drop(... act1(bn1(conv1(x))) ...))) + shortcut(x))``.
+    Pre-activation:  ``conv_n(drop(act_n(bn_n(... conv1(act1(bn1(x))) ...)))) + shortcut``.
+    ``drop`` is the block dropout before the last conv (between the two convs of a basic block, as
+    in WRN); the other ``drop{i}`` are identities.
 
-    * post-activation: ``act2(conv2(ic2(act1(conv1(ic1(x))))) + shortcut(x))`` (``x`` is already the
-      previous block's or the stem's ReLU output);
-    * pre-activation: ``conv2(ic2(act2(conv1(ic1(act1(x)))))) + shortcut``.
+    With ``ic=True`` (Chen et al. 2019) every conv is preceded by an IC unit ``drop_i(bn_i(.))``
+    after the activation (ReLU -> norm -> dropout -> conv):
+
+    * post-activation: ``act_n(conv_n(ic_n(act_{n-1}(... conv1(ic1(x)) ...))) + shortcut(x))``
+      (``x`` is already the previous block's or the stem's ReLU output);
+    * pre-activation: ``conv_n(ic_n(act_n(... conv1(ic1(act1(x))) ...))) + shortcut``.
     """
+    expansion: int
+    kernel_sizes: tuple
+    strided_conv: int  # the unit whose conv has the block's stride (ResNet v1.5: the 3x3 one)
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
+                 preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
+                 conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
+                 dropout_layer: Optional[Callable] = None, ic: bool = False, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        out_chs = planes * self.expansion
+        self.pre_activation = pre_activation
+        self.preact_shortcut = preact_shortcut
+        self.ic = ic
+        units = len(self.kernel_sizes)
+        widths = [in_chs] + [planes] * (units - 1) + [out_chs]
+        for index, kernel_size in enumerate(self.kernel_sizes, start=1):
+            conv_in, conv_out = widths[index - 1], widths[index]
+            # IC moves each norm before its conv: the norms see the pre-activation channel counts
+            norm_chs = conv_in if pre_activation or ic else conv_out
+            self.add_module(f"bn{index}", norm_layer(norm_chs, **dd))
+            # not in place where its input is the residual stream x, which the shortcut still needs
+            in_place = not (index == 1 and ic and pre_activation)
+            self.add_module(f"act{index}", act_layer(inplace=in_place))
+            has_dropout = dropout_layer is not None and (ic or index == units)
+            self.add_module("drop" if index == units else f"drop{index}",
+                            dropout_layer(conv_in, **dd) if has_dropout else nn.Identity())
+            conv_stride = stride if index == self.strided_conv else 1
+            conv = _conv(conv_layer, conv_in, conv_out, kernel_size, conv_stride, **dd)
+            self.add_module(f"conv{index}", conv)
+        self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
+                                         norm_layer, conv_layer, dd)
+
+    def zero_init_last(self) -> None:
+        last = len(self.kernel_sizes)
+        name = f"conv{last}" if self.pre_activation or self.ic else f"bn{last}"
+        _zero_init_(getattr(self, name), name)
+
+    def _unit(self, index: int) -> tuple:
+        """(norm, act, dropout, conv) of unit ``index`` (from 1)."""
+        drop = self.drop if index == len(self.kernel_sizes) else getattr(self, f"drop{index}")
+        norm, act = getattr(self, f"bn{index}"), getattr(self, f"act{index}")
+        return norm, act, drop, getattr(self, f"conv{index}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, shortcut = x, None
+        last = len(self.kernel_sizes)
+        for index in range(1, last + 1):
+            norm, act, drop, conv = self._unit(index)
+            if self.pre_activation:
+                out = norm(act(out)) if self.ic else act(norm(out))
+            elif self.ic:
+                out = norm(out)
+            out = drop(out)
+            if index == 1 and (self.pre_activation or self.ic):  # 'preact' projects conv1's input
+                shortcut = _shortcut(self, x, out)
+            out = conv(out)
+            if not self.pre_activation and index < last:
+                out = act(out if self.ic else norm(out))
+        if self.pre_activation:
+            return out + shortcut
+        norm, act, _, _ = self._unit(last)
+        if not self.ic:
+            out = norm(out)
+            # the projection runs after the branch: noise layers keep their order of draws
+            shortcut = _shortcut(self, x, x)
+        return act(out + shortcut)
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs (the first one strided), see :class:`ResidualBlock`."""
     expansion = 1
-
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
-                 preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
-                 conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
-                 dropout_layer: Optional[Callable] = None, ic: bool = False, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        out_chs = planes * self.expansion
-        self.pre_activation = pre_activation
-        self.preact_shortcut = preact_shortcut
-        self.ic = ic
-        # IC moves each norm before its conv: the norms see the pre-activation block's channel counts
-        self.bn1 = norm_layer(in_chs if pre_activation or ic else planes, **dd)
-        # not in place where the activation's input is the residual stream x, which the shortcut still needs
-        self.act1 = act_layer(inplace=not (ic and pre_activation))
-        self.drop1 = _ic_dropout(ic, dropout_layer, in_chs, dd)
-        self.conv1 = _conv(conv_layer, in_chs, planes, 3, stride, **dd)
-        self.bn2 = norm_layer(planes, **dd)
-        self.act2 = act_layer(inplace=True)
-        self.drop = dropout_layer(planes, **dd) if dropout_layer is not None else nn.Identity()
-        self.conv2 = _conv(conv_layer, planes, out_chs, 3, **dd)
-        self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
-                                         norm_layer, conv_layer, dd)
-
-    def zero_init_last(self) -> None:
-        last = self.conv2 if self.pre_activation or self.ic else self.bn2
-        _zero_init_(last, "conv2" if self.pre_activation or self.ic else "bn2")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ic:
-            return self._forward_ic(x)
-        if self.pre_activation:
-            out = self.act1(self.bn1(x))
-            shortcut = _shortcut(self, x, out)
-            out = self.act2(self.bn2(self.conv1(out)))
-            return self.conv2(self.drop(out)) + shortcut
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(self.drop(out)))
-        return self.act2(out + (x if self.downsample is None else self.downsample(x)))
-
-    def _forward_ic(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.drop1(self.bn1(self.act1(x) if self.pre_activation else x))
-        shortcut = _shortcut(self, x, out)
-        act_mid = self.act2 if self.pre_activation else self.act1
-        out = self.conv2(self.drop(self.bn2(act_mid(self.conv1(out)))))
-        return out + shortcut if self.pre_activation else self.act2(out + shortcut)
+    kernel_sizes = (3, 3)
+    strided_conv = 1
 
 
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (strided, ResNet v1.5) -> 1x1 with 4x expansion, pre- or post-activation.
-
-    With ``ic=True`` each of the three convs is preceded by ``drop(norm(.))`` after the activation, as
-    in :class:`BasicBlock` (``ic1`` = ``drop1(bn1)``, ``ic2`` = ``drop2(bn2)``, ``ic3`` = ``drop(bn3)``).
-    """
+class Bottleneck(ResidualBlock):
+    """1x1 -> 3x3 (strided, ResNet v1.5) -> 1x1 with 4x expansion, see :class:`ResidualBlock`."""
     expansion = 4
-
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, pre_activation: bool = True,
-                 preact_shortcut: str = "norm", norm_layer: Callable = nn.BatchNorm2d,
-                 conv_layer: Callable = nn.Conv2d, act_layer: Callable = nn.ReLU,
-                 dropout_layer: Optional[Callable] = None, ic: bool = False, device=None, dtype=None):
-        super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        out_chs = planes * self.expansion
-        self.pre_activation = pre_activation
-        self.preact_shortcut = preact_shortcut
-        self.ic = ic
-        self.bn1 = norm_layer(in_chs if pre_activation or ic else planes, **dd)
-        self.act1 = act_layer(inplace=not (ic and pre_activation))
-        self.drop1 = _ic_dropout(ic, dropout_layer, in_chs, dd)
-        self.conv1 = _conv(conv_layer, in_chs, planes, 1, **dd)
-        self.bn2 = norm_layer(planes, **dd)
-        self.act2 = act_layer(inplace=True)
-        self.drop2 = _ic_dropout(ic, dropout_layer, planes, dd)
-        self.conv2 = _conv(conv_layer, planes, planes, 3, stride, **dd)
-        self.bn3 = norm_layer(planes if pre_activation or ic else out_chs, **dd)
-        self.act3 = act_layer(inplace=True)
-        self.drop = dropout_layer(planes, **dd) if dropout_layer is not None else nn.Identity()
-        self.conv3 = _conv(conv_layer, planes, out_chs, 1, **dd)
-        self.downsample = _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut,
-                                         norm_layer, conv_layer, dd)
-
-    def zero_init_last(self) -> None:
-        last = self.conv3 if self.pre_activation or self.ic else self.bn3
-        _zero_init_(last, "conv3" if self.pre_activation or self.ic else "bn3")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.ic:
-            return self._forward_ic(x)
-        if self.pre_activation:
-            out = self.act1(self.bn1(x))
-            shortcut = _shortcut(self, x, out)
-            out = self.conv2(self.act2(self.bn2(self.conv1(out))))
-            return self.conv3(self.drop(self.act3(self.bn3(out)))) + shortcut
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.act2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.drop(out)))
-        return self.act3(out + (x if self.downsample is None else self.downsample(x)))
-
-    def _forward_ic(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.drop1(self.bn1(self.act1(x) if self.pre_activation else x))
-        shortcut = _shortcut(self, x, out)
-        # the activations between the convs: act2, act3 (pre-activation; act1 is on the input) or act1, act2
-        first, second = (self.act2, self.act3) if self.pre_activation else (self.act1, self.act2)
-        out = self.conv2(self.drop2(self.bn2(first(self.conv1(out)))))
-        out = self.conv3(self.drop(self.bn3(second(out))))
-        return out + shortcut if self.pre_activation else self.act3(out + shortcut)
-
-
-def _ic_dropout(ic: bool, dropout_layer: Optional[Callable], num_features: int, dd: dict) -> nn.Module:
-    """The dropout of an IC unit before a block's first (or middle) conv; identity without IC."""
-    return dropout_layer(num_features, **dd) if ic and dropout_layer is not None else nn.Identity()
+    kernel_sizes = (1, 3, 1)
+    strided_conv = 2
 
 
 def _make_shortcut(in_chs, out_chs, stride, pre_activation, preact_shortcut, norm_layer, conv_layer, dd):
@@ -240,7 +215,24 @@ def _block_dropout_factory(block_dropout: Optional[Spec], ic_dropout: Union[floa
 _BLOCKS = {"basic": BasicBlock, "basicblock": BasicBlock, "bottleneck": Bottleneck}
 
 
-class CifarResNet(nn.Module):
+def _make_stem(input_block: str, pre_activation: bool, in_chans: int, stem_chs: int,
+               conv_layer: Callable, norm_layer: Callable, act_layer: Callable,
+               dd: dict) -> nn.Sequential:
+    """The stem conv (3x3, or 7x7/2 + max-pool for 'imagenet'); norm + act if post-activation."""
+    stem = OrderedDict()
+    if input_block == "cifar":
+        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
+    else:
+        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 7, stride=2, **dd)
+    if not pre_activation:
+        stem["bn"] = norm_layer(stem_chs, **dd)
+        stem["act"] = act_layer(inplace=True)
+    if input_block == "imagenet":
+        stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    return nn.Sequential(stem)
+
+
+class CifarResNet(PooledClassifierMixin, nn.Module):
     """ResNet with a CIFAR (3x3, stride 1) or ImageNet (7x7/2 + max-pool) stem and spec-built norms.
 
     Args:
@@ -300,17 +292,8 @@ class CifarResNet(nn.Module):
         self.pre_activation = pre_activation
 
         stem_chs = stem_channels or base_channels
-        stem = OrderedDict()
-        if input_block == "cifar":
-            stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
-        else:
-            stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 7, stride=2, **dd)
-        if not pre_activation:
-            stem["bn"] = norm_layer(stem_chs, **dd)
-            stem["act"] = act_layer(inplace=True)
-        if input_block == "imagenet":
-            stem["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.stem = nn.Sequential(stem)
+        self.stem = _make_stem(input_block, pre_activation, in_chans, stem_chs, conv_layer,
+                               norm_layer, act_layer, dd)
         reduction = 1 if input_block == "cifar" else 4
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="stem")]
 
@@ -348,7 +331,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
         if zero_init_residual:
             for module in self.modules():
-                if isinstance(module, (BasicBlock, Bottleneck)):
+                if isinstance(module, ResidualBlock):
                     module.zero_init_last()
 
     @torch.jit.ignore
@@ -359,28 +342,11 @@ class CifarResNet(nn.Module):
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return "fc" if name_only else self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for index in range(len(self.feature_info) - 1):
             x = getattr(self, f"layer{index + 1}")(x)
         return self.final_act(self.final_norm(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +354,8 @@ class CifarResNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 _REFERENCE_KWARGS = {
-    "norm_cfg": "norm", "norm_layer": "norm", "conv_cfg": "conv", "block_dropout_cfg": "block_dropout",
-    "block_name": "block", "activation_cfg": "act_layer", "input_block_channels": "stem_channels",
+    **NORM_RENAMES, "conv_cfg": "conv", "block_dropout_cfg": "block_dropout", "block_name": "block",
+    "activation_cfg": "act_layer", "input_block_channels": "stem_channels",
     "final_dropout": "drop_rate",
 }
 _IMAGENET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -426,30 +392,20 @@ def _name_defaults(name: str) -> dict:
     return defaults
 
 
-def _cfg(**kwargs: Any) -> dict:
-    return dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
-                interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv="stem.conv",
-                classifier="fc", license="apache-2.0") | kwargs
-
-
 default_cfgs = generate_default_cfgs({
-    "cifar_resnet": _cfg(),
-    "cifar_resnet18": _cfg(),
-    "cifar_resnet20": _cfg(pool_size=(8, 8)),
-    "cifar_wide_resnet16_4": _cfg(pool_size=(8, 8)),
-    "cifar_wide_resnet28_10": _cfg(pool_size=(8, 8)),
+    name: cifar_cfg(pool_size=pool_size, first_conv="stem.conv", classifier="fc")
+    for name, pool_size in (("cifar_resnet", (4, 4)), ("cifar_resnet18", (4, 4)),
+                            ("cifar_resnet20", (8, 8)), ("cifar_wide_resnet16_4", (8, 8)),
+                            ("cifar_wide_resnet28_10", (8, 8)))
 })
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> CifarResNet:
     """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args``, then timm's builder."""
-    kwargs = dict(model_args, **rename_reference_kwargs(dict(kwargs), _REFERENCE_KWARGS, variant))
-    num_stages = len(kwargs.get("stage_depths", (2, 2, 2, 2)))
-    return build_model_with_cfg(
-        CifarResNet, variant, pretrained,
-        feature_cfg=dict(out_indices=tuple(range(num_stages + 1))),
-        **kwargs,
-    )
+    num_stages = len(kwargs.get("stage_depths", model_args.get("stage_depths", (2, 2, 2, 2))))
+    feature_cfg = dict(out_indices=tuple(range(num_stages + 1)))
+    return build_model(CifarResNet, variant, pretrained, kwargs, _REFERENCE_KWARGS, feature_cfg,
+                       model_args)
 
 
 @register_model

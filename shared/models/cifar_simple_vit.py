@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import get_device_dtype
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from shared.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
-from shared.specs import create_norm_factory, rename_reference_kwargs
+from shared.models.base import NORM_RENAMES, build_model, cifar_cfg
+from shared.specs import create_norm_factory
 
 __all__ = ["CifarSimpleViT", "sincos_position_embedding_2d"]
 
@@ -223,21 +223,14 @@ class CifarSimpleViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: Any) -> dict:
-    return dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
-                interpolation="bilinear", fixed_input_size=True, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-                first_conv="patch_proj", classifier="head", license="apache-2.0") | kwargs
-
-
-default_cfgs = generate_default_cfgs({"cifar_simple_vit": _cfg()})
+default_cfgs = generate_default_cfgs({
+    "cifar_simple_vit": cifar_cfg(pool_size=None, fixed_input_size=True, first_conv="patch_proj",
+                                  classifier="head"),
+})
 
 
 @register_model
 def cifar_simple_vit(pretrained: bool = False, **kwargs: Any) -> CifarSimpleViT:
     """Simple ViT for 32x32 inputs: patch 4, dim 512, depth 6, 16 heads of 64, MLP 1024."""
-    kwargs = rename_reference_kwargs(dict(kwargs), {"norm_cfg": "norm", "norm_layer": "norm"}, "cifar_simple_vit")
-    return build_model_with_cfg(
-        CifarSimpleViT, "cifar_simple_vit", pretrained,
-        feature_cfg=dict(out_indices=3, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_model(CifarSimpleViT, "cifar_simple_vit", pretrained, kwargs, NORM_RENAMES,
+                       dict(out_indices=3, feature_cls="getter"))

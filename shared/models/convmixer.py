@@ -15,11 +15,11 @@ from typing import Any, Callable, Union
 
 import torch.nn as nn
 from timm.layers import get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convmixer import ConvMixer
 
-from shared.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
-from shared.specs import create_norm_factory, rename_reference_kwargs
+from shared.models.base import NORM_RENAMES, build_model, cifar_cfg
+from shared.specs import create_norm_factory
 
 __all__ = ["ConvMixerCifar"]
 
@@ -50,22 +50,14 @@ class ConvMixerCifar(ConvMixer):
             self.set_submodule(name, norm_layer(self.get_submodule(name).num_features, device=device, dtype=dtype))
 
 
-def _cfg(**kwargs: Any) -> dict:
-    return dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
-                interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv="stem.0",
-                classifier="head", license="apache-2.0") | kwargs
-
-
-default_cfgs = generate_default_cfgs({"convmixer_cifar": _cfg()})
+default_cfgs = generate_default_cfgs({
+    "convmixer_cifar": cifar_cfg(pool_size=None, first_conv="stem.0", classifier="head"),
+})
 
 
 @register_model
 def convmixer_cifar(pretrained: bool = False, **kwargs: Any) -> ConvMixerCifar:
     """ConvMixer-256/8 for 32x32 inputs (kernel 9, patch 1 by default)."""
-    kwargs = rename_reference_kwargs(dict(kwargs), {"norm_cfg": "norm", "norm_layer": "norm"}, "convmixer_cifar")
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        ConvMixerCifar, "convmixer_cifar", pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    return build_model(ConvMixerCifar, "convmixer_cifar", pretrained, kwargs, NORM_RENAMES,
+                       dict(out_indices=out_indices, feature_cls="getter"))

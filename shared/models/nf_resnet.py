@@ -36,11 +36,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ScaledStdConv2d, create_classifier, get_act_layer, get_device_dtype, make_divisible
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import ScaledStdConv2d, create_classifier, get_act_layer, make_divisible
+from timm.models import generate_default_cfgs, register_model
 
-from shared.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
-from shared.specs import create_noise_factory, rename_reference_kwargs
+from shared.models.base import PooledClassifierMixin, build_model, cifar_cfg
+from shared.specs import create_noise_factory
 
 __all__ = ["NFResNet", "NFBlock", "nonlinearity_gain"]
 
@@ -99,7 +99,7 @@ class NFBlock(nn.Module):
         return out * self.alpha + shortcut
 
 
-class NFResNet(nn.Module):
+class NFResNet(PooledClassifierMixin, nn.Module):
     """Normalizer-free pre-activation bottleneck ResNet with optional noise before each activation.
 
     Args:
@@ -195,25 +195,8 @@ class NFResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _init_params(cls) -> tuple:
@@ -223,23 +206,15 @@ def _init_params(cls) -> tuple:
         return ()
 
 
-def _cfg(**kwargs: Any) -> dict:
-    return dict(url="", num_classes=10, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0,
-                interpolation="bilinear", mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv="stem",
-                classifier="fc", license="apache-2.0") | kwargs
-
-
-default_cfgs = generate_default_cfgs({"cifar_nf_resnet26": _cfg()})
+default_cfgs = generate_default_cfgs({
+    "cifar_nf_resnet26": cifar_cfg(pool_size=(4, 4), first_conv="stem", classifier="fc"),
+})
 
 
 @register_model
 def cifar_nf_resnet26(pretrained: bool = False, **kwargs: Any) -> NFResNet:
     """NF-ResNet-26 for 32x32 inputs: stem 64, [2, 2, 2, 2] bottlenecks at 256-2048, ReLU, alpha 0.2."""
-    kwargs = rename_reference_kwargs(dict(kwargs), {"noise_cfg": "noise"}, "cifar_nf_resnet26")
     model_args = dict(depths=(2, 2, 2, 2), channels=(256, 512, 1024, 2048), stem_channels=64, bottle_ratio=0.25,
                       alpha=0.2, act_layer="relu")
-    return build_model_with_cfg(
-        NFResNet, "cifar_nf_resnet26", pretrained,
-        feature_cfg=dict(flatten_sequential=True),
-        **dict(model_args, **kwargs),
-    )
+    return build_model(NFResNet, "cifar_nf_resnet26", pretrained, kwargs, {"noise_cfg": "noise"},
+                       dict(flatten_sequential=True), model_args)

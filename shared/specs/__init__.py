@@ -93,33 +93,16 @@ its own norm sites) sets the default ``channel_dim`` of noise / gain / bias / dr
 (the BatchNorm family, GroupNorm, FRN) at token sites.
 """
 from shared.specs._build import (
-    NormSequence,
-    attach_noise_generator,
-    create_conv_factory,
-    create_linear_factory,
-    create_noise_factory,
-    create_norm_factory,
-    rename_reference_kwargs,
+    NormSequence, attach_noise_generator, create_conv_factory, create_linear_factory,
+    create_noise_factory, create_norm_factory, rename_reference_kwargs,
 )
 from shared.specs._parse import parse_spec
 from shared.specs._table import KINDS, LAYOUTS, NormSpec, PartSpec, SpecError
 from shared.specs.sites import SiteReport, census, replace_norm_sites
 
 __all__ = [
-    "SpecError",
-    "PartSpec",
-    "NormSpec",
-    "NormSequence",
-    "parse_spec",
-    "create_norm_factory",
-    "create_noise_factory",
-    "create_conv_factory",
-    "create_linear_factory",
-    "attach_noise_generator",
-    "rename_reference_kwargs",
-    "KINDS",
-    "LAYOUTS",
-    "SiteReport",
-    "census",
-    "replace_norm_sites",
+    "SpecError", "PartSpec", "NormSpec", "NormSequence", "parse_spec",
+    "create_norm_factory", "create_noise_factory", "create_conv_factory", "create_linear_factory",
+    "attach_noise_generator", "rename_reference_kwargs", "KINDS", "LAYOUTS",
+    "SiteReport", "census", "replace_norm_sites",
 ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -83,7 +84,7 @@ def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, s
     kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
     args = (num_features,) if part.kind in TAKES_FEATURES else ()
     try:
-        return row.target()(*args, **kwargs)
+        return row.target(*args, **kwargs)
     except SpecError:
         raise
     except (TypeError, ValueError) as err:
@@ -108,8 +109,9 @@ def _norm_act_children(act_layer=None, apply_act: bool = True, act_kwargs: Optio
     return {"drop": drop, "act": act if act is not None else nn.Identity()}
 
 
-def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+    """The first parameter of ``module``, else its first buffer, else None."""
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
 
 
 def _assemble(modules: list, parts: tuple) -> nn.Module:
@@ -118,7 +120,7 @@ def _assemble(modules: list, parts: tuple) -> nn.Module:
     :class:`NormSequence`."""
     if len(modules) == 1:
         return modules[0]
-    if parts[0].kind == "norm" and not any(_has_state(m) for m in modules[1:]):
+    if parts[0].kind == "norm" and all(_first_tensor(m) is None for m in modules[1:]):
         names: dict = {}
         for module, part in zip(modules[1:], parts[1:]):
             base = _AFTER_NAMES.get(part.kind, part.kind)
@@ -172,10 +174,7 @@ def _register_with_timm() -> None:
     would silently lose it (efficientnet, regnet, resnetv2, mobilenetv3 build their norm+act layers so). If a
     timm version lacks that set, :func:`_build_site_module` refuses such calls instead of dropping the act.
     """
-    try:
-        from timm.layers import create_norm_act
-    except ImportError:  # pragma: no cover - timm is a dependency of shared
-        return
+    from timm.layers import create_norm_act
     requires_act = getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None)
     if isinstance(requires_act, set):
         requires_act.add(_build_site_module)
@@ -184,13 +183,17 @@ def _register_with_timm() -> None:
 _register_with_timm()
 
 
+def _is_factory(spec: Any) -> bool:
+    """An existing factory (a class, function or partial): used as is."""
+    return callable(spec) and not isinstance(spec, (str, Mapping))
+
+
 def _as_factory(spec: Any, site: str, layout: str) -> Callable[..., nn.Module]:
-    if callable(spec) and not isinstance(spec, (str, Mapping)):
-        return spec  # already a factory (a class, function or partial): used as is
-    parsed = parse_spec(spec, site, layout)
+    if _is_factory(spec):
+        return spec
     # A partial of a module-level function (not a closure) so that timm's get_norm_layer accepts it
     # (it asserts type/str/function/partial) and the factory can be pickled.
-    return functools.partial(_build_site_module, spec=parsed)
+    return functools.partial(_build_site_module, spec=parse_spec(spec, site, layout))
 
 
 def create_norm_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[..., nn.Module]:
@@ -226,13 +229,13 @@ def create_noise_factory(spec: Any, layout: str = CHANNELS_FIRST) -> Callable[..
 
 
 def _layer_factory(spec: Any, site: str) -> Callable[..., nn.Module]:
-    if callable(spec) and not isinstance(spec, (str, Mapping)):
+    if _is_factory(spec):
         return spec
     parsed = parse_spec(spec, site)
     if len(parsed.parts) != 1:
         raise SpecError(f"a {site} spec names one layer, got {len(parsed.parts)} parts: {parsed}")
     part = parsed.parts[0]
-    return functools.partial(row_of(part).target(), **part.options)
+    return functools.partial(row_of(part).target, **part.options)
 
 
 def create_conv_factory(spec: Any) -> Callable[..., nn.Module]:
@@ -282,9 +285,7 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
     if device is None:
-        tensor = next(iter(model.parameters()), None)
-        if tensor is None:
-            tensor = next(iter(model.buffers()), None)
+        tensor = _first_tensor(model)
         device = tensor.device if tensor is not None else torch.device("cpu")
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed)

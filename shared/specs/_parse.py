@@ -15,9 +15,9 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from shared.specs._table import (
-    CHANNELS_FIRST, DROP, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
-    TIMM_NORM_HINTS, NormSpec, PartSpec, PartType, SpecError, accepted_arguments, preset_parts, row_of, suggest,
-    target_name, timm_act_row, timm_norm_row,
+    CHANNELS_FIRST, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
+    TIMM_NORM_HINTS, NormSpec, OnlyValue, PartSpec, PartType, SpecError, accepted_arguments,
+    preset_parts, row_of, suggest, target_name, timm_row,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[Par
                         f"{' / '.join(r.kind for r in rows)} part; add e.g. \"type\": \"{rows[0].kind}\"")
     if rows:
         return rows[0]
-    row = timm_norm_row(name) if "norm" in kinds else None
+    row = timm_row("norm", name) if "norm" in kinds else None
     if row is None and "activation" in kinds:
-        row = timm_act_row(name)
+        row = timm_row("activation", name)
     return row
 
 
@@ -130,8 +130,9 @@ def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
     raise SpecError(f"{where}: unknown {table} {name!r}{suggest(name, known)}; valid: {', '.join(canonical)}")
 
 
-def _validate_kwargs(row: PartType, given: Mapping[str, Any], where: str, site: str) -> tuple:
-    """Rename the reference's keywords, check each against the target's signature; sorted (key, value) pairs."""
+def _make_part(row: PartType, given: Mapping[str, Any], where: str, site: str) -> PartSpec:
+    """The part of ``row`` with the keywords ``given``: the reference's keywords renamed, each
+    checked against the target's signature, the target's required keywords present."""
     accepted, varkw = accepted_arguments(row)
     kwargs: dict = {}
     for key, value in given.items():
@@ -140,10 +141,11 @@ def _validate_kwargs(row: PartType, given: Mapping[str, Any], where: str, site: 
         if key in SITE_ARGS:
             raise SpecError(f"{where}: {key!r} is supplied by the {site} site, not by the spec")
         target_key, alias = key, row.keyword_aliases.get(key)
-        if callable(alias):  # a reference option with a single implemented value
-            if alias(value) is DROP:
-                continue
-        elif isinstance(alias, tuple):
+        if isinstance(alias, OnlyValue):
+            if value != alias.value:
+                raise SpecError(alias.message.format(given=value))
+            continue
+        if isinstance(alias, tuple):
             target_key, convert = alias
             value = convert(value)
         elif isinstance(alias, str):
@@ -160,7 +162,7 @@ def _validate_kwargs(row: PartType, given: Mapping[str, Any], where: str, site: 
         if missing:
             hint = f", e.g. '{row.name}16'" if row.number_arg in missing else ""
             raise SpecError(f"{where}: '{row.name}' needs {', '.join(repr(m) for m in missing)}{hint}")
-    return tuple(sorted(kwargs.items()))
+    return PartSpec(row.kind, row.name, tuple(sorted(kwargs.items())))
 
 
 def _parse_short(token: str, site: str, where: str) -> list:
@@ -169,7 +171,7 @@ def _parse_short(token: str, site: str, where: str) -> list:
     # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
     row = _find(text, None, site, where) if text not in PRESETS else None
     if row is not None:
-        return [PartSpec(row.kind, row.name, _validate_kwargs(row, {}, where, site))]
+        return [_make_part(row, {}, where, site)]
     match = _SHORT.match(text)
     if match is None or (match["number"] is None and match["variant"] is None):
         if text in PRESETS:
@@ -195,11 +197,11 @@ def _parse_short(token: str, site: str, where: str) -> list:
         if not row.has_shift_scale:
             raise SpecError(f"{where}: '{row.name}' has no shift/scale noise to select with '-{variant}'")
         given.update(shift=shift, scale=scale)
-    return [PartSpec(row.kind, row.name, _validate_kwargs(row, given, where, site))]
+    return [_make_part(row, given, where, site)]
 
 
-def _parse_mapping(mapping: Mapping, site: str, where: str) -> PartSpec:
-    """``{type?, subtype, dkwargs?, okwargs?, **flat_kwargs}`` -> one part."""
+def _parse_mapping(mapping: Mapping, site: str, where: str) -> list:
+    """``{type?, subtype, dkwargs?, okwargs?, **flat_kwargs}`` -> a list of one part."""
     flat = dict(mapping)
     kind = flat.pop("type", None)
     subtype = flat.pop("subtype", None)
@@ -216,19 +218,15 @@ def _parse_mapping(mapping: Mapping, site: str, where: str) -> PartSpec:
         if kind not in SITES[site]:
             raise SpecError(f"{where}: a '{kind}' part cannot be used at a {site} site "
                             f"(valid part types there: {', '.join(SITES[site])})")
+    groups = {group: flat.pop(group, None) or {} for group in ("dkwargs", "okwargs")}
     given: dict = {}
-    for group in ("dkwargs", "okwargs"):
-        extra = flat.pop(group, None) or {}
-        if not isinstance(extra, Mapping):
-            raise SpecError(f"{where}: {group} must be a mapping, got {extra!r}")
-        for key, value in extra.items():
+    for group, keywords in {**groups, "flat keywords": flat}.items():
+        if not isinstance(keywords, Mapping):
+            raise SpecError(f"{where}: {group} must be a mapping, got {keywords!r}")
+        for key, value in keywords.items():
             if key in given:
                 raise SpecError(f"{where}: keyword {key!r} given twice")
             given[key] = value
-    for key, value in flat.items():
-        if key in given:
-            raise SpecError(f"{where}: keyword {key!r} given twice")
-        given[key] = value
     subtype = subtype.strip().lower()
     try:
         row = _lookup(subtype, kind, site, where)
@@ -238,7 +236,7 @@ def _parse_mapping(mapping: Mapping, site: str, where: str) -> PartSpec:
                             f"bias), not a part; in a mapping use subtype 'gnir' for the noise alone "
                             f"(with sampling='shuffle' for the reference's older 'gni' variant)") from None
         raise
-    return PartSpec(row.kind, row.name, _validate_kwargs(row, given, where, site))
+    return [_make_part(row, given, where, site)]
 
 
 def _parse_object(spec: Any, site: str, text: Optional[str] = None) -> list:
@@ -251,19 +249,17 @@ def _parse_object(spec: Any, site: str, text: Optional[str] = None) -> list:
             return _parse_object(_load_text(stripped), site, text=stripped)
         return _parse_short(stripped, site, where)
     if isinstance(spec, Mapping):
-        return [_parse_mapping(spec, site, where)]
+        return _parse_mapping(spec, site, where)
     if isinstance(spec, Sequence):
         if not spec:
             raise SpecError(f"{where}: empty list (use 'none' for no layer)")
         parts: list = []
         for index, item in enumerate(spec):
-            item_where = f"{where}, item {index}"
-            if isinstance(item, str):
-                parts += _parse_short(item, site, item_where)
-            elif isinstance(item, Mapping):
-                parts.append(_parse_mapping(item, site, item_where))
-            else:
-                raise SpecError(f"{item_where}: list items must be strings or mappings, got {item!r}")
+            if not isinstance(item, (str, Mapping)):
+                raise SpecError(f"{where}, item {index}: list items must be strings or mappings, "
+                                f"got {item!r}")
+            parse_item = _parse_short if isinstance(item, str) else _parse_mapping
+            parts += parse_item(item, site, f"{where}, item {index}")
         return parts
     raise SpecError(f"a spec must be a string, mapping or list, got {type(spec).__name__}: {spec!r}")
 

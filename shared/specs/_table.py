@@ -1,7 +1,7 @@
 """Part tables of the spec language: names -> constructors, reference keyword renames, presets.
 
 Each row of :data:`PART_TYPES` says how one spec name (``gbn2d``, alias ``gbn``...) becomes a module:
-its target constructor (looked up lazily, so that this module imports without building anything), the
+its target constructor (a class or function called with the channel count and the keywords), the
 reference implementation's keyword names and how they map onto ours, which keyword the number of a
 short string sets (``gbn16`` -> ``ghost_batch_size=16``) and which layouts it supports.
 """
@@ -15,6 +15,9 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch.nn as nn
+from timm.layers import (
+    FilterResponseNormTlu2d, LayerNorm, LayerNorm2d, get_act_layer, get_norm_layer,
+)
 
 import nodo
 
@@ -43,7 +46,6 @@ def suggest(word: str, candidates: Iterable[str]) -> str:
 def _layer_norm(num_features: int, eps: float = 1e-5, affine: bool = True, bias: bool = True, *,
                 layout: str = CHANNELS_FIRST, device=None, dtype=None) -> nn.Module:
     """LayerNorm over the channel dim; eps defaults to PyTorch's 1e-5 (timm's classes default to 1e-6)."""
-    from timm.layers import LayerNorm, LayerNorm2d
     cls = LayerNorm if layout == CHANNELS_LAST else LayerNorm2d
     return cls(num_features, eps=eps, affine=affine, bias=bias, device=device, dtype=dtype)
 
@@ -67,23 +69,17 @@ def _identity(num_features: Optional[int] = None, *, device=None, dtype=None) ->
     return nn.Identity()
 
 
-def _frn():
-    from timm.layers import FilterResponseNormTlu2d
-    return FilterResponseNormTlu2d
+@dataclasses.dataclass(frozen=True)
+class OnlyValue:
+    """A reference option of which we implement one value: accepted (and not passed on) if the
+    spec gives ``value``, else a SpecError with ``message`` (``{given!r}`` is the value given)."""
+    value: Any
+    message: str
 
 
-def _refuse(value: Any, why: str):
-    """Keyword converter for a reference option that only has one implemented value."""
-    def convert(given):
-        if given != value:
-            raise SpecError(why.format(given=given))
-        return DROP
-    return convert
-
-
-def _fan_in_ws(cls):
-    """``cls`` (nodo.WSConv2d / WSLinear) with the reference's fan-in scaling as its default ``scaling``."""
-    return functools.partial(cls, scaling="fan_in")
+def _channel_dim(channel_last: bool) -> int:
+    """The reference's ``channel_last`` flag -> nodo's ``channel_dim``."""
+    return -1 if channel_last else 1
 
 
 def _reference_noise_type(noise_type):
@@ -91,10 +87,9 @@ def _reference_noise_type(noise_type):
     return "gaussian_reference" if noise_type == "gaussian" else noise_type
 
 
-DROP = object()  # a converter result meaning "accepted, nothing to pass on"
 _REF_GHOST = {"batch_size": "ghost_batch_size"}
 _REF_NOISE = {**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale",
-              "channel_last": ("channel_dim", lambda last: -1 if last else 1)}
+              "channel_last": ("channel_dim", _channel_dim)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +97,10 @@ class PartType:
     """One row of a part table: how a spec name becomes a module."""
     kind: str
     name: str
-    target: Callable[[], Callable[..., nn.Module]]  # lazy: nodo / timm classes are looked up when used
+    target: Callable[..., nn.Module]
     aliases: tuple = ()
-    keyword_aliases: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # ref name -> ours | (ours, fn)
+    # reference name -> ours, (ours, converter of the value) or OnlyValue
+    keyword_aliases: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     number_arg: Optional[str] = None  # what the N of a short string ``gbn16`` sets
     layouts: tuple = LAYOUTS
     has_shift_scale: bool = False  # accepts the short string variants -shift / -scale
@@ -114,59 +110,59 @@ class PartType:
         return (self.name,) + tuple(self.aliases)
 
 
-def _row(kind, name, target, aliases=(), **kw) -> PartType:
-    return PartType(kind, name, target, tuple(aliases), **kw)
-
-
 _CF_ONLY = (CHANNELS_FIRST,)
 PART_TYPES = (
-    _row("norm", "bn2d", lambda: nn.BatchNorm2d, ("bn", "batchnorm", "batchnorm2d"), layouts=_CF_ONLY),
-    _row("norm", "gbn2d", lambda: nodo.GhostBatchNorm2d, ("gbn", "ghost_batch_norm"),
-         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
-    _row("norm", "en2d", lambda: nodo.EvalNorm2d, ("ebn", "en", "eval_norm"),
-         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
-    _row("norm", "xbn2d", lambda: nodo.ExclusiveBatchNorm2d, ("xbn", "exclusive_batch_norm"),
-         keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
-    _row("norm", "gnbn2d", lambda: nodo.GhostNoiseBatchNorm2d, ("ghost_noise_batch_norm",),
-         keyword_aliases={**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale"},
-         number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
-    _row("norm", "brn", lambda: nodo.BatchRenorm2d, ("batch_renorm", "brn2d"), layouts=_CF_ONLY),
-    _row("norm", "gn", lambda: _group_norm, ("groupnorm",),
-         keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"}, number_arg="num_groups",
-         layouts=_CF_ONLY),
-    _row("norm", "ln", lambda: _layer_norm, ("layernorm",)),
-    _row("norm", "frn", _frn, ("filter_response_norm",), layouts=_CF_ONLY),
-    _row("norm", "identity", lambda: _identity, ("none",)),
-    _row("noise", "gnir", lambda: nodo.GhostNoiseInjector, ("ghost_noise_injector_rep", "ghost_noise_injector",
-                                                           "ghost_noise"),
-         keyword_aliases=_REF_NOISE, number_arg="ghost_batch_size", has_shift_scale=True),
-    _row("noise", "nat", lambda: nodo.NoisyAffine, ("noisy_affine", "noisy_affine_transform"),
-         keyword_aliases={**_REF_NOISE, "scale_shift": _refuse(
-             False, "nat: scale_shift={given!r} (scaling the shift noise by each sample's spatial std) is not "
-                    "implemented; the paper's runs use scale_shift=False, which is what nodo.NoisyAffine does")},
-         number_arg="ghost_batch_size", has_shift_scale=True),
-    _row("noise", "dropout", lambda: nn.Dropout, keyword_aliases={"drop_probability": "p"}),
-    _row("noise", "flexible_dropout", lambda: nodo.FlexibleDropout, keyword_aliases={
+    PartType("norm", "bn2d", nn.BatchNorm2d, ("bn", "batchnorm", "batchnorm2d"), layouts=_CF_ONLY),
+    PartType("norm", "gbn2d", nodo.GhostBatchNorm2d, ("gbn", "ghost_batch_norm"),
+             keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    PartType("norm", "en2d", nodo.EvalNorm2d, ("ebn", "en", "eval_norm"),
+             keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    PartType("norm", "xbn2d", nodo.ExclusiveBatchNorm2d, ("xbn", "exclusive_batch_norm"),
+             keyword_aliases=_REF_GHOST, number_arg="ghost_batch_size", layouts=_CF_ONLY),
+    PartType("norm", "gnbn2d", nodo.GhostNoiseBatchNorm2d, ("ghost_noise_batch_norm",),
+             keyword_aliases={**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale"},
+             number_arg="ghost_batch_size", layouts=_CF_ONLY, has_shift_scale=True),
+    PartType("norm", "brn", nodo.BatchRenorm2d, ("batch_renorm", "brn2d"), layouts=_CF_ONLY),
+    PartType("norm", "gn", _group_norm, ("groupnorm",),
+             keyword_aliases={"G": "num_groups", "CpG": "channels_per_group"},
+             number_arg="num_groups", layouts=_CF_ONLY),
+    PartType("norm", "ln", _layer_norm, ("layernorm",)),
+    PartType("norm", "frn", FilterResponseNormTlu2d, ("filter_response_norm",), layouts=_CF_ONLY),
+    PartType("norm", "identity", _identity, ("none",)),
+    PartType("noise", "gnir", nodo.GhostNoiseInjector,
+             ("ghost_noise_injector_rep", "ghost_noise_injector", "ghost_noise"),
+             keyword_aliases=_REF_NOISE, number_arg="ghost_batch_size", has_shift_scale=True),
+    PartType("noise", "nat", nodo.NoisyAffine, ("noisy_affine", "noisy_affine_transform"),
+             keyword_aliases={**_REF_NOISE, "scale_shift": OnlyValue(
+                 False, "nat: scale_shift={given!r} (scaling the shift noise by each sample's "
+                        "spatial std) is not implemented; the paper's runs use scale_shift=False, "
+                        "which is what nodo.NoisyAffine does")},
+             number_arg="ghost_batch_size", has_shift_scale=True),
+    PartType("noise", "dropout", nn.Dropout, keyword_aliases={"drop_probability": "p"}),
+    PartType("noise", "flexible_dropout", nodo.FlexibleDropout, keyword_aliases={
         # the reference's noise_type='gaussian' is its std p/(1-p): nodo's kind 'gaussian_reference'
         "drop_probability": "p", "noise_type": ("kind", _reference_noise_type),
-        "scaling_type": _refuse("mean", "flexible_dropout: scaling_type={given!r} is not implemented; nodo's "
-                                        "FlexibleDropout always keeps the mean (scaling_type='mean')"),
-        "max_steps": _refuse(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout off after some "
-                                       "steps) is not implemented")}),
-    _row("gain", "gain", lambda: nodo.Gain, ("standard",)),
-    _row("bias", "bias", lambda: nodo.Bias, ("standard",)),
-    _row("activation", "relu", lambda: nn.ReLU),
-    _row("activation", "leaky_relu", lambda: nn.LeakyReLU),
-    _row("activation", "gelu", lambda: nn.GELU),
-    _row("activation", "silu", lambda: nn.SiLU, ("swish",)),
-    _row("conv", "conv2d", lambda: nn.Conv2d, ("standard",)),
+        "scaling_type": OnlyValue("mean", "flexible_dropout: scaling_type={given!r} is not "
+                                          "implemented; nodo's FlexibleDropout always keeps the "
+                                          "mean (scaling_type='mean')"),
+        "max_steps": OnlyValue(math.inf, "flexible_dropout: max_steps={given!r} (switching dropout "
+                                         "off after some steps) is not implemented")}),
+    PartType("gain", "gain", nodo.Gain, ("standard",)),
+    PartType("bias", "bias", nodo.Bias, ("standard",)),
+    PartType("activation", "relu", nn.ReLU),
+    PartType("activation", "leaky_relu", nn.LeakyReLU),
+    PartType("activation", "gelu", nn.GELU),
+    PartType("activation", "silu", nn.SiLU, ("swish",)),
+    PartType("conv", "conv2d", nn.Conv2d, ("standard",)),
     # WS: 'ws' is nodo's standard (keeps the init scale); the reference's own names 'wsconv2d' /
     # 'wslinear' select its fan-in scaling, which the paper's WS rows were trained with.
-    _row("conv", "ws", lambda: nodo.WSConv2d, ("ws_init",)),
-    _row("conv", "wsconv2d", lambda: _fan_in_ws(nodo.WSConv2d), ("ws_fan_in",)),
-    _row("linear", "linear", lambda: nn.Linear, ("standard",)),
-    _row("linear", "ws", lambda: nodo.WSLinear, ("ws_init",)),
-    _row("linear", "wslinear", lambda: _fan_in_ws(nodo.WSLinear), ("ws_fan_in",)),
+    PartType("conv", "ws", nodo.WSConv2d, ("ws_init",)),
+    PartType("conv", "wsconv2d", functools.partial(nodo.WSConv2d, scaling="fan_in"),
+             ("ws_fan_in",)),
+    PartType("linear", "linear", nn.Linear, ("standard",)),
+    PartType("linear", "ws", nodo.WSLinear, ("ws_init",)),
+    PartType("linear", "wslinear", functools.partial(nodo.WSLinear, scaling="fan_in"),
+             ("ws_fan_in",)),
 )
 KINDS = ("norm", "noise", "gain", "bias", "activation", "conv", "linear")
 KIND_ALIASES = {"dropout": "noise", "act": "activation"}  # the reference filed dropout under "noise"
@@ -232,38 +228,25 @@ def preset_parts(name: str, number: Optional[int], shift: bool, scale: bool) -> 
 TAKES_FEATURES = ("norm", "gain", "bias")  # part kinds built as ``cls(num_features, ...)``
 
 
-def timm_norm_row(name: str) -> Optional[PartType]:
-    """A row for a norm timm's public ``get_norm_layer`` knows by name (``rmsnorm2d``...), else None."""
-    from timm.layers import get_norm_layer
+def timm_row(kind: str, name: str) -> Optional[PartType]:
+    """A row for a norm (``rmsnorm2d``...) or an activation that timm's public ``get_norm_layer`` /
+    ``get_act_layer`` knows by name, else None."""
     try:
-        cls = get_norm_layer(name)
-    except (KeyError, AssertionError):
-        return None
-    return PartType("norm", name, lambda: cls) if cls is not None else None
-
-
-def timm_act_row(name: str) -> Optional[PartType]:
-    """A row for an activation timm's public ``get_act_layer`` knows by name, else None."""
-    from timm.layers import get_act_layer
-    try:
-        cls = get_act_layer(name)
+        cls = get_norm_layer(name) if kind == "norm" else get_act_layer(name)
     except (KeyError, AssertionError, ValueError):
         return None
-    return PartType("activation", name, lambda: cls) if isinstance(cls, type) else None
+    return PartType(kind, name, cls) if isinstance(cls, type) else None
 
 
 def row_of(part: PartSpec) -> PartType:
-    """The table row a parsed part came from."""
-    row = TABLE[part.kind].get(part.subtype)
-    if row is None:  # a timm norm or activation name
-        row = timm_norm_row(part.subtype) if part.kind == "norm" else timm_act_row(part.subtype)
-    return row
+    """The table row a parsed part came from (a timm norm or activation name if in none)."""
+    return TABLE[part.kind].get(part.subtype) or timm_row(part.kind, part.subtype)
 
 
 def parameters_of(row: PartType) -> list:
     """The target constructor's ``inspect.Parameter`` list (empty if it has no readable signature)."""
     try:
-        return list(inspect.signature(row.target()).parameters.values())
+        return list(inspect.signature(row.target).parameters.values())
     except (TypeError, ValueError):  # no introspectable signature
         return []
 
@@ -287,6 +270,6 @@ def accepted_arguments(row: PartType) -> tuple[dict, bool]:
 
 
 def target_name(row: PartType) -> str:
-    target = row.target()
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', target)}"
+    qualname = getattr(row.target, "__qualname__", row.target)
+    return f"{getattr(row.target, '__module__', '?')}.{qualname}"
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import itertools
 from typing import Any, Callable, Optional
 
+import timm.layers
 from torch import nn
 
 import nodo
@@ -51,27 +52,23 @@ _LAYOUT_HINTS = {"ConvNeXt": " (ConvNeXt: pass conv_mlp=True, e.g. --model-kwarg
 
 
 def _timm_classes(names: tuple) -> tuple:
-    import timm.layers
     return tuple(getattr(timm.layers, name) for name in names if hasattr(timm.layers, name))
 
 
-@functools.lru_cache(maxsize=None)
-def _layout_classes() -> tuple:
-    """(channels_first classes, channels_last classes, 2d BatchNorm-family classes); channels_first is checked first
-    (timm's LayerNorm2d is an nn.LayerNorm)."""
-    batch = (nn.BatchNorm2d, nn.SyncBatchNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d, nodo.ExclusiveBatchNorm2d,
-             nodo.GhostNoiseBatchNorm2d)
-    first = batch + (nn.GroupNorm, nn.InstanceNorm2d) + _timm_classes(_TIMM_CHANNELS_FIRST)
-    last = (nn.LayerNorm,) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c) + _timm_classes(_TIMM_CHANNELS_LAST)
-    return first, last, batch
+# The norm classes by layout; channels_first is checked first (LayerNorm2d is an nn.LayerNorm).
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nodo.GhostBatchNorm2d, nodo.EvalNorm2d,
+                nodo.ExclusiveBatchNorm2d, nodo.GhostNoiseBatchNorm2d)
+_CHANNELS_FIRST_NORMS = (_BATCH_NORMS + (nn.GroupNorm, nn.InstanceNorm2d)
+                         + _timm_classes(_TIMM_CHANNELS_FIRST))
+_CHANNELS_LAST_NORMS = ((nn.LayerNorm,) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c)
+                        + _timm_classes(_TIMM_CHANNELS_LAST))
 
 
 def site_layout(module: nn.Module) -> Optional[str]:
     """'channels_first' or 'channels_last' for a norm site, 'unsupported' for other norms (1d/3d), else None."""
-    first, last, _ = _layout_classes()
-    if isinstance(module, first):
+    if isinstance(module, _CHANNELS_FIRST_NORMS):
         return CHANNELS_FIRST
-    if isinstance(module, last):
+    if isinstance(module, _CHANNELS_LAST_NORMS):
         return CHANNELS_LAST
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm1d/3d, InstanceNorm1d/3d
         return "unsupported"
@@ -79,8 +76,7 @@ def site_layout(module: nn.Module) -> Optional[str]:
 
 
 def _family(module: nn.Module) -> Optional[str]:
-    _, _, batch = _layout_classes()
-    if isinstance(module, batch):
+    if isinstance(module, _BATCH_NORMS):
         return "batch"
     if isinstance(module, nn.LayerNorm):
         return "layer"
@@ -227,9 +223,7 @@ def _needs_2d(spec: Any) -> str:
 
 
 def _device_dtype(module: nn.Module) -> tuple:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     return (tensor.device, tensor.dtype) if tensor is not None and tensor.is_floating_point() else (None, None)
 
 
@@ -246,12 +240,9 @@ class _SiteBuilder:
         if layout not in self.factories:
             try:
                 self.factories[layout] = create_norm_factory(self.spec, layout=layout)
-            except SpecError as err:
-                self.factories[layout] = err
-        factory = self.factories[layout]
-        if isinstance(factory, SpecError):
-            raise _bad_fit(name, site, self.spec, layout, factory, self.model) from factory
-        return factory
+            except SpecError as err:  # the first site of this layout: the replacement stops here
+                raise _bad_fit(name, site, self.spec, layout, err, self.model) from err
+        return self.factories[layout]
 
     def __call__(self, name: str, site: nn.Module) -> Optional[nn.Module]:
         if isinstance(site, NormSequence):
