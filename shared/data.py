@@ -60,6 +60,7 @@ normalized float32 batches on the training device.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -73,7 +74,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from shared.fast_loader import stream_seed
+from shared.fast_loader import shard_positions, stream_seed, unwrap_subsets
 
 __all__ = [
     "DataError",
@@ -248,8 +249,12 @@ class DigitsDataset(Dataset):
         return image, self.targets[index]
 
 
-def _dataset_kind(name: str, data_dir: Optional[str], download: bool = False) -> str:
-    if name in _TORCHVISION_FOLDERS and data_dir and not download and _is_image_folder_copy(data_dir, name):
+def dataset_kind(args) -> str:
+    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a copy of torch/cifar*)."""
+    name, data_dir = args.dataset, args.data_dir
+    if (name in _TORCHVISION_FOLDERS and data_dir and not getattr(args, "dataset_download", False)
+            and os.path.isdir(os.path.join(data_dir, "train"))
+            and not os.path.isdir(os.path.join(data_dir, _TORCHVISION_FOLDERS[name]))):
         return "imagefolder"  # the paper configs name torch/cifar*; an ImageFolder copy serves them as well
     if name in ("torch/cifar10", "torch/cifar100", "digits"):
         return name
@@ -262,12 +267,6 @@ def _dataset_kind(name: str, data_dir: Optional[str], download: bool = False) ->
     hint = difflib.get_close_matches(name, DATASETS, n=3)
     raise DataError(f"unknown dataset {name!r}" + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else "")
                     + f"; valid: {', '.join(DATASETS)}, or '' with --data-dir")
-
-
-def _is_image_folder_copy(data_dir: str, name: str) -> bool:
-    """``data_dir`` holds ``train/`` but not torchvision's files of dataset ``name``."""
-    return (os.path.isdir(os.path.join(data_dir, "train"))
-            and not os.path.isdir(os.path.join(data_dir, _TORCHVISION_FOLDERS[name])))
 
 
 def _folder_path(data_dir: str, split: str) -> str:
@@ -404,9 +403,7 @@ class DataConfig:
 
 def _native_size(dataset: Dataset) -> Optional[tuple]:
     """``(C, H, W)`` of the first image of a raw dataset (None if it cannot be read)."""
-    base = dataset
-    while isinstance(base, Subset):
-        base = base.dataset
+    base, _ = unwrap_subsets(dataset)
     if isinstance(base, DigitsDataset):
         return (1,) + tuple(base.data.shape[1:])
     data = getattr(base, "data", None)
@@ -610,14 +607,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def indices(self) -> list:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator)
-            usable = self.world_size * (self.num_samples // self.world_size)
-            return order[self.rank:usable:self.world_size].tolist()
-        base, extra = divmod(self.num_samples, self.world_size)
-        first = self.rank * base + min(self.rank, extra)
-        return list(range(first, first + base + (1 if self.rank < extra else 0)))
+        generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch)) if self.shuffle else None
+        return shard_positions(self.num_samples, self.rank, self.world_size, generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start:])
@@ -686,30 +677,6 @@ class TorchBatches:
         return self.prefetcher(self.loader)
 
 
-class FastBatches:
-    """:class:`shared.fast_loader.DeviceImageLoader` behind the same interface."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.kind = "DeviceImageLoader"
-
-    @property
-    def num_samples(self) -> int:
-        return self.loader.samples_per_epoch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def batches(self, start: int = 0) -> Iterator:
-        # A batch depends only on (seed, epoch, its position): skipping by iterating gives the same rest.
-        for position, batch in enumerate(self.loader):
-            if position >= start:
-                yield batch
-
-
 @dataclasses.dataclass
 class Loaders:
     """train.py's data: the two loaders, the data configuration and a one-line description."""
@@ -747,38 +714,48 @@ def create_datasets(args) -> tuple:
     return kind, result["train"], result["eval"], num_classes
 
 
-def _folder_file_problem(path: str, size_hw: tuple, first_seen: dict, decode: bool) -> Optional[str]:
-    """Why an ImageFolder file cannot be used as a sample at ``size_hw`` (None: it can).
-
-    Reads the header, and with ``decode`` the pixels too (a truncated file has a valid header)."""
-    from PIL import Image
-
+def _link_problem(path: str, first_seen: dict) -> Optional[str]:
+    """Why ``path`` is not a sample of its own (None: it may be): empty, missing, or already a sample."""
     try:
         if os.stat(path).st_size == 0:
             return "empty file"
     except OSError:
         return "unreadable"  # a dangling symlink, or removed since the folder was listed
-    real = os.path.realpath(path)
-    if first_seen.setdefault(real, path) != path:
+    if first_seen.setdefault(os.path.realpath(path), path) != path:
         return "read twice"  # a (sym)link to a file that is already a sample (one path in two splits is not)
+    return None
+
+
+def _decoded_size(path: str) -> Optional[tuple]:
+    """``(H, W)`` of the image at ``path`` once fully decoded (a truncated file has a valid header)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-        if decode:
-            read_image(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # (DataError is a ValueError)
-        return "unreadable"
-    return None if (height, width) == tuple(size_hw) else "other size"
+        width, height = read_image(path).size
+    except DataError:
+        return None
+    return height, width
 
 
-def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool, decode: bool) -> tuple:
-    """Leave out ImageFolder files neither loader could use as they are, the same for both loaders.
+def _file_problems(paths: Sequence[str], size_hw: tuple, first_seen: dict) -> list:
+    """Why each ImageFolder file cannot be used as a sample at ``size_hw`` (None: it can)."""
+    # In order (the first path of a file is its sample), then the decoding on threads: PIL decodes
+    # without holding the GIL.
+    problems = [_link_problem(path, first_seen) for path in paths]
+    readable = [path for path, problem in zip(paths, problems) if problem is None]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        sizes = dict(zip(readable, pool.map(_decoded_size, readable, chunksize=64)))
+    for position, path in enumerate(paths):
+        if problems[position] is None and sizes[path] != tuple(size_hw):
+            problems[position] = "unreadable" if sizes[path] is None else "other size"
+    return problems
+
+
+def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool) -> tuple:
+    """Leave out ImageFolder files neither loader could use as they are: the one screen of both loaders.
 
     For data used at its native size (the CIFAR recipe, where nothing is resized): empty files,
-    unreadable ones (not an image, a dangling symlink), files of another height x width, and files
-    that are already a sample (a link to another sample, also across the splits: it would be read
-    twice). With ``decode``, files whose pixels cannot be decoded too (for the DataLoader, which would
-    otherwise fail mid-epoch; the fast loader decodes everything up front and leaves them out itself).
+    unreadable ones (not an image, truncated, a dangling symlink), files of another height x width,
+    and files that are already a sample (a link to another sample, also across the splits: it would
+    be read twice). Every file is decoded, so that no loader meets a bad one mid-epoch.
     Returns ``(datasets, note)``: each dataset as a ``Subset`` of its usable samples when some
     were left out, and a note counting them by cause with an example (empty when nothing was left out).
 
@@ -786,28 +763,31 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
         DataError: under ``strict`` (``--data-strict``), naming the first file of each cause.
     """
     first_seen: dict = {}
-    screened, problems = [], {}
+    screened, left_out = [], {}
     for dataset in datasets:
-        base, positions = dataset, list(range(len(dataset)))
-        while isinstance(base, Subset):  # positions in `dataset` -> samples of the ImageFolder
-            positions = [int(base.indices[i]) for i in positions]
-            base = base.dataset
+        base, indices = unwrap_subsets(dataset)
         if not isinstance(getattr(base, "samples", None), list):
             screened.append(dataset)
             continue
-        kept = []
-        for position, sample in enumerate(positions):
-            problem = _folder_file_problem(base.samples[sample][0], size_hw, first_seen, decode)
-            if problem is None:
-                kept.append(position)
-            else:
-                problems.setdefault(problem, []).append(base.samples[sample][0])
+        paths = [base.samples[i][0] for i in (range(len(base)) if indices is None else indices)]
+        problems = _file_problems(paths, size_hw, first_seen)
+        for path, problem in zip(paths, problems):
+            if problem is not None:
+                left_out.setdefault(problem, []).append(path)
+        kept = [position for position, problem in enumerate(problems) if problem is None]
         screened.append(dataset if len(kept) == len(dataset) else Subset(dataset, kept))
-    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})" for cause, paths in problems.items())
+    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})" for cause, paths in left_out.items())
     if note and strict:
         raise DataError(f"image files that cannot be used at {size_hw[0]}x{size_hw[1]}: {note} (--data-strict; "
                         f"without it they are left out and counted)")
     return screened, note
+
+
+def _first_names(names: list) -> str:
+    """The first ten of ``names`` for a message, and how many more there are."""
+    if not names:
+        return "none"
+    return ", ".join(repr(name) for name in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
@@ -818,26 +798,12 @@ def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional
     """
     if train_classes is None or eval_classes is None or list(train_classes) == list(eval_classes):
         return
-    only_train = sorted(set(train_classes) - set(eval_classes))
-    only_eval = sorted(set(eval_classes) - set(train_classes))
-
-    def names(found: list) -> str:
-        return ", ".join(repr(c) for c in found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "") \
-            if found else "none"
-
+    only_train = _first_names(sorted(set(train_classes) - set(eval_classes)))
+    only_eval = _first_names(sorted(set(eval_classes) - set(train_classes)))
     raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have different classes "
-                    f"({len(train_classes)} vs {len(eval_classes)}): only in the training split: {names(only_train)}; "
-                    f"only in the evaluation split: {names(only_eval)}. Labels are class indices in sorted "
+                    f"({len(train_classes)} vs {len(eval_classes)}): only in the training split: {only_train}; "
+                    f"only in the evaluation split: {only_eval}. Labels are class indices in sorted "
                     f"folder order, so they would mean different classes; give both splits the same class folders")
-
-
-def _dataset_name(args) -> str:
-    return "imagefolder" if args.dataset in _FOLDER_NAMES else args.dataset
-
-
-def dataset_kind(args) -> str:
-    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a copy of torch/cifar*)."""
-    return _dataset_kind(args.dataset, args.data_dir, bool(getattr(args, "dataset_download", False)))
 
 
 def with_subset_seed(spec: SplitSpec) -> SplitSpec:
@@ -909,77 +875,67 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
             raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's {num_classes} classes")
         num_classes = args.num_classes
     config = resolve_data_config(args, kind, train_raw, num_classes)
-    for name, dataset in (("train", train_raw), ("eval", eval_raw)):
-        if len(dataset) < world_size:
-            raise DataError(f"the {name} split has {len(dataset)} samples, fewer than the {world_size} processes")
-    eval_batch_size = args.validation_batch_size or args.batch_size
-    if len(train_raw) // world_size < args.batch_size:
-        raise DataError(f"the training split has {len(train_raw)} samples ({len(train_raw) // world_size} per process), "
-                        f"fewer than one batch of {args.batch_size}: lower --batch-size")
-
     reason = _fast_loader_reason(config, args, train_raw)
-    use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     if args.fast_loader == "on" and reason is not None:
         raise DataError(f"--fast-loader on cannot be used: {reason}; use --fast-loader auto or off")
+    use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     left_out = ""
     if config.recipe == "cifar":  # native size, nothing resized: both loaders use the same screened files
         (train_raw, eval_raw), left_out = screen_folder_images(
-            (train_raw, eval_raw), tuple(config.input_size[1:]), bool(getattr(args, "data_strict", False)),
-            decode=not use_fast)  # (the fast loader decodes every file anyway, and leaves out the same ones)
-        if len(train_raw) // world_size < args.batch_size:
-            raise DataError(f"the training split has {len(train_raw)} usable samples, fewer than one batch of "
-                            f"{args.batch_size} per process: lower --batch-size")
-
+            (train_raw, eval_raw), tuple(config.input_size[1:]), bool(getattr(args, "data_strict", False)))
+    for name, dataset in (("train", train_raw), ("eval", eval_raw)):
+        if len(dataset) < world_size:
+            raise DataError(f"the {name} split has {len(dataset)} usable samples, fewer than the "
+                            f"{world_size} processes")
+    if len(train_raw) // world_size < args.batch_size:
+        raise DataError(f"the training split has {len(train_raw)} usable samples ({len(train_raw) // world_size} "
+                        f"per process), fewer than one batch of {args.batch_size}: lower --batch-size")
     if use_fast:
-        from shared.fast_loader import DeviceImageLoader, decode_to_uint8
-
-        common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
-                      world_size=world_size)
-        from shared.fast_loader import UnreadableImageError
-
-        strict = bool(getattr(args, "data_strict", False))
-        try:
-            train_images, train_labels = decode_to_uint8(train_raw, strict=strict)
-            eval_images, eval_labels = decode_to_uint8(eval_raw, strict=strict)
-        except UnreadableImageError as error:
-            raise DataError(f"{error} (--data-strict is set; without it such files are skipped)") from None
-        skipped = (len(train_raw) - len(train_labels)) + (len(eval_raw) - len(eval_labels))
-        if len(train_labels) // world_size < args.batch_size:
-            raise DataError(f"the training split has {len(train_labels)} readable samples, fewer than one batch "
-                            f"of {args.batch_size} per process: lower --batch-size")
-        _check_labels(train_labels, num_classes, "train")
-        _check_labels(eval_labels, num_classes, "eval")
-        train = FastBatches(DeviceImageLoader(
-            train_images, train_labels, args.batch_size, train=True, crop_padding=config.crop_padding,
-            hflip=config.hflip > 0, drop_last=True, **common))
-        evaluation = FastBatches(DeviceImageLoader(
-            eval_images, eval_labels, eval_batch_size, train=False, crop_padding=0, hflip=False,
-            drop_last=False, **common))
-        train_size, eval_size = len(train_labels), len(eval_labels)
+        train, evaluation = _device_loaders(train_raw, eval_raw, config, args, device, rank, world_size)
     else:
-        skipped = 0
-        train_size, eval_size = len(train_raw), len(eval_raw)
-        train_dataset = AugmentedDataset(train_raw, create_transform(config, True, args), args.seed)
-        eval_dataset = AugmentedDataset(eval_raw, create_transform(config, False, args), args.seed)
-        loader_options = dict(workers=args.workers, pin_memory=args.pin_mem, device=device, mean=config.mean,
-                              std=config.std)
-        train = TorchBatches(train_dataset, EpochSampler(len(train_raw), shuffle=True, seed=args.seed, rank=rank,
-                                                         world_size=world_size),
-                             args.batch_size, drop_last=True, **loader_options)
-        evaluation = TorchBatches(eval_dataset, EpochSampler(len(eval_raw), shuffle=False, seed=args.seed,
-                                                             rank=rank, world_size=world_size),
-                                  eval_batch_size, drop_last=False, **loader_options)
+        train = _torch_loader(train_raw, config, args, device, True, rank, world_size)
+        evaluation = _torch_loader(eval_raw, config, args, device, False, rank, world_size)
     augmentation = ("none" if args.no_aug else
                     f"crop pad {config.crop_padding} + flip {config.hflip}" if config.recipe == "cifar" else
                     f"RandomResizedCrop {config.input_size[1]} + flip {config.hflip}")
-    copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if kind != _dataset_name(args) else ""
-    description = (f"{kind}{copy_of}: train {split_label(args.train_split)} ({train_size} samples), "
-                   f"eval {split_label(args.val_split)} ({eval_size}), {num_classes} classes, input {tuple(config.input_size)}, "
-                   f"augmentation {augmentation}, loader {train.kind}"
-                   + (f", {skipped} unreadable images skipped" if skipped else "")
+    is_copy = args.dataset in _TORCHVISION_FOLDERS and kind == "imagefolder"
+    copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if is_copy else ""
+    description = (f"{kind}{copy_of}: train {split_label(args.train_split)} ({len(train_raw)} samples), "
+                   f"eval {split_label(args.val_split)} ({len(eval_raw)}), {num_classes} classes, "
+                   f"input {tuple(config.input_size)}, augmentation {augmentation}, loader {train.kind}"
                    + (f"; left out: {left_out}" if left_out else "")
                    + (f" (fast loader off: {reason})" if not use_fast and reason and args.fast_loader == "auto" else ""))
-    return Loaders(train, evaluation, config, train_size, eval_size, description)
+    return Loaders(train, evaluation, config, len(train_raw), len(eval_raw), description)
+
+
+def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, args, device: torch.device,
+                    rank: int, world_size: int) -> tuple:
+    """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two (screened) raw datasets."""
+    from shared.fast_loader import DeviceImageLoader, decode_to_uint8
+
+    common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
+                  world_size=world_size)
+    train_images, train_labels = decode_to_uint8(train_raw)
+    eval_images, eval_labels = decode_to_uint8(eval_raw)
+    for name, labels in (("train", train_labels), ("eval", eval_labels)):
+        if labels.numel() and int(labels.max()) >= config.num_classes:
+            raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes "
+                            f"{config.num_classes}")
+    train = DeviceImageLoader(train_images, train_labels, args.batch_size, train=True,
+                              crop_padding=config.crop_padding, hflip=config.hflip > 0, drop_last=True, **common)
+    evaluation = DeviceImageLoader(eval_images, eval_labels, args.validation_batch_size or args.batch_size,
+                                   train=False, crop_padding=0, hflip=False, drop_last=False, **common)
+    return train, evaluation
+
+
+def _torch_loader(raw: Dataset, config: DataConfig, args, device: torch.device, train: bool, rank: int = 0,
+                  world_size: int = 1) -> TorchBatches:
+    """A :class:`TorchBatches` of one raw dataset with the seeded transform of its role (train or eval)."""
+    dataset = AugmentedDataset(raw, create_transform(config, train, args), args.seed)
+    sampler = EpochSampler(len(raw), shuffle=train, seed=args.seed, rank=rank, world_size=world_size)
+    batch_size = args.batch_size if train else args.validation_batch_size or args.batch_size
+    return TorchBatches(dataset, sampler, batch_size, drop_last=train, workers=args.workers,
+                        pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)
 
 
 def create_eval_loader(args, device: torch.device) -> tuple:
@@ -989,18 +945,8 @@ def create_eval_loader(args, device: torch.device) -> tuple:
     ``args.validation_batch_size``; the input size defaults to the split's own images.
     """
     kind = dataset_kind(args)
-    key, raw, _ = open_split(kind, args.val_split, args)
-    base = raw.dataset if isinstance(raw, Subset) else raw
-    classes = getattr(base, "classes", None)
+    _, raw, _ = open_split(kind, args.val_split, args)
+    classes = getattr(unwrap_subsets(raw)[0], "classes", None)
     num_classes = args.num_classes or (len(classes) if classes else 0)
     config = resolve_data_config(args, kind, raw, num_classes)
-    dataset = AugmentedDataset(raw, create_transform(config, False, args), args.seed)
-    loader = TorchBatches(dataset, EpochSampler(len(raw), shuffle=False, seed=args.seed),
-                          args.validation_batch_size or args.batch_size, drop_last=False, workers=args.workers,
-                          pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)
-    return loader, config
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes {num_classes}")
+    return _torch_loader(raw, config, args, device, train=False), config
