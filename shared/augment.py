@@ -41,8 +41,6 @@ def pil_resample(name: str) -> int:
     """PIL's resampling filter for one of :data:`INTERPOLATIONS` (not 'random')."""
     from PIL import Image
 
-    if name not in INTERPOLATIONS or name == "random":
-        raise ValueError(f"interpolation {name!r} is not one of {', '.join(INTERPOLATIONS[:-1])}")
     return getattr(Image.Resampling, name.upper())
 
 
@@ -112,14 +110,10 @@ class PadCropFlip:
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
         pixels = pil_to_uint8(image)
         if self.padding:
-            # output (y, x) = padded (y + dy, x + dx) = input (y + dy - p, x + dx - p); zero outside
             _, height, width = pixels.shape
-            shift_y = rng.randint(0, 2 * self.padding) - self.padding
-            shift_x = rng.randint(0, 2 * self.padding) - self.padding
-            cropped = torch.zeros_like(pixels)
-            cropped[:, max(0, -shift_y):height - max(0, shift_y), max(0, -shift_x):width - max(0, shift_x)] = \
-                pixels[:, max(0, shift_y):height - max(0, -shift_y), max(0, shift_x):width - max(0, -shift_x)]
-            pixels = cropped
+            top, left = rng.randint(0, 2 * self.padding), rng.randint(0, 2 * self.padding)
+            padded = torch.nn.functional.pad(pixels, (self.padding,) * 4)  # zero fill, as RandomCrop
+            pixels = padded[:, top:top + height, left:left + width]
         if self.hflip > 0 and rng.random() < self.hflip:
             pixels = pixels.flip(-1)
         return pixels

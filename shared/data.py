@@ -649,15 +649,13 @@ class TorchBatches:
         from shared.prefetch import DevicePrefetcher
 
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
-        self.workers, self.device = workers, device
-        self.pin_memory = pin_memory and device.type == "cuda"
         self.prefetcher = DevicePrefetcher(mean, std, device)
         # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
         # base seed for the workers' torch RNG (unused here), which would otherwise advance the training
         # process's global generator
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler), num_workers=workers,
-                                 pin_memory=self.pin_memory, drop_last=drop_last, persistent_workers=workers > 0,
-                                 generator=torch.Generator())
+                                 pin_memory=pin_memory and device.type == "cuda", drop_last=drop_last,
+                                 persistent_workers=workers > 0, generator=torch.Generator())
         self.kind = f"DataLoader(workers={workers})"
 
     @property
@@ -694,24 +692,20 @@ def create_datasets(args) -> tuple:
     The raw datasets yield PIL images (no transform); seeded subsets are ``torch.utils.data.Subset``.
     """
     kind = dataset_kind(args)
-    specs = {role: (text, parse_split(text)) for role, text in (("train", args.train_split), ("eval", args.val_split))}
     bases: dict = {}  # canonical split -> raw dataset: 'val' and 'test' of CIFAR are one dataset
-    result, canonical, chosen = {}, {}, {}
-    for role, (text, spec) in specs.items():
-        canonical[role], result[role], chosen[role] = open_split(kind, text, args, bases)
-    train_spec, eval_spec = specs["train"][1], specs["eval"][1]
+    train_key, train_raw, train_chosen = open_split(kind, args.train_split, args, bases)
+    eval_key, eval_raw, eval_chosen = open_split(kind, args.val_split, args, bases)
     # A seeded/counted subset is meant to hold data out: it must not share samples with the other split
     # (also when the other one is the whole split). Two plain full splits are an explicit choice.
-    if canonical["train"] == canonical["eval"] and (train_spec.is_subset or eval_spec.is_subset):
-        shared = set(chosen["train"]) & set(chosen["eval"])
+    if train_key == eval_key and (isinstance(train_raw, Subset) or isinstance(eval_raw, Subset)):
+        shared = set(train_chosen) & set(eval_chosen)
         if shared:
             raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} overlap "
                             f"({len(shared)} shared samples); use complementary subsets with one seed, "
                             f"e.g. train[:0.9]-S and train[0.9:]-S")
-    classes = getattr(bases[canonical["train"]], "classes", None)
-    check_same_classes(classes, getattr(bases[canonical["eval"]], "classes", None), args)
-    num_classes = len(classes) if classes else 0
-    return kind, result["train"], result["eval"], num_classes
+    classes = getattr(bases[train_key], "classes", None)
+    check_same_classes(classes, getattr(bases[eval_key], "classes", None), args)
+    return kind, train_raw, eval_raw, len(classes) if classes else 0
 
 
 def _link_problem(path: str, first_seen: dict) -> Optional[str]:
@@ -806,13 +800,6 @@ def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional
                     f"folder order, so they would mean different classes; give both splits the same class folders")
 
 
-def with_subset_seed(spec: SplitSpec) -> SplitSpec:
-    """A subset without ``-SEED`` gets :data:`DEFAULT_SUBSET_SEED` (a whole split keeps its order)."""
-    if spec.is_subset and spec.seed is None:
-        return dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
-    return spec
-
-
 def split_label(text: str) -> str:
     """How the loader description names a split: with the seed an unseeded subset was drawn with."""
     spec = parse_split(text)
@@ -826,7 +813,9 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
     ``bases`` (canonical split -> raw dataset) shares one raw dataset between splits that name it.
     """
     bases = {} if bases is None else bases
-    spec = with_subset_seed(parse_split(text))
+    spec = parse_split(text)
+    if spec.is_subset and spec.seed is None:  # a subset is drawn with a fixed seed, a whole split keeps its order
+        spec = dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
     key = _canonical_split(kind, spec.base, args)
     if key not in bases:
         bases[key] = _base_dataset(kind, spec.base, args)

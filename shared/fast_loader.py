@@ -30,6 +30,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from shared.augment import pil_to_uint8
+
 __all__ = ["DeviceImageLoader", "decode_to_uint8", "shard_positions", "unwrap_subsets"]
 
 
@@ -137,9 +139,6 @@ class DeviceImageLoader:
         seed: base seed (``>= 0``) of the permutation and augmentation streams.
         rank: this process's rank. Default: ``0``.
         world_size: number of ranks. Default: ``1``.
-        channels_last: produce ``torch.channels_last`` batches (same values, other strides; the
-            dataset is then stored channels-last so the gather writes that layout directly).
-            Default: ``False``.
 
     Yields:
         ``(images, targets)``: float32 ``(B, C, H, W)`` on ``device`` and int64 ``(B,)`` on ``device``.
@@ -179,7 +178,6 @@ class DeviceImageLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        channels_last: bool = False,
     ) -> None:
         _check_tensor("images", images, 4, torch.uint8, "4-D (N, C, H, W) uint8")
         _check_tensor("labels", labels, 1, torch.int64, "1-D int64")
@@ -194,7 +192,6 @@ class DeviceImageLoader:
         self.seed = _check_int("seed", seed, 0)
         self.world_size = _check_int("world_size", world_size, 1)
         self.rank = _check_int("rank", rank, 0)
-        self.channels_last = _check_bool("channels_last", channels_last)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if not train and drop_last:
@@ -214,40 +211,29 @@ class DeviceImageLoader:
         mean = _channel_vector("mean", mean, num_channels, positive=False).double()
         std = _channel_vector("std", std, num_channels, positive=True).double()
         # (x / 255 - mean) / std as one multiply-add; the factors are rounded to float32 once, from
-        # float64. They are stored expanded to a full (1, C, H, W) image in the output layout, so
-        # the in-place ops see a dense inner dimension and vectorize (a (1, C, 1, 1) broadcast
-        # against channels-last data would make the inner loop 3 elements long).
-        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        # float64. They are stored expanded to a full (1, C, H, W) image, so that the in-place ops
+        # see a dense inner dimension and vectorize.
         shape = (1, num_channels, height, width)
-        self._scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1).expand(shape)
-        self._shift = (-mean / std).float().view(1, -1, 1, 1).expand(shape)
-        self._scale = self._scale.to(self.device, memory_format=layout)
-        self._shift = self._shift.to(self.device, memory_format=layout)
+        self._scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
+        self._shift = (-mean / std).float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
 
     def _store(self, images: Tensor) -> None:
         """The padded (and, with the flip, mirrored) dataset on the device, and its row windows."""
         num_channels, height, width = self.image_shape
-        channels_last, train = self.channels_last, self.train
-        # Storage: (copies * N, rows_per_pixel_row, Hp, Wp * pixel_bytes) uint8, where a "pixel" is
-        # one byte (channels-first: C row planes per image) or C bytes (channels-last: one plane).
-        self._pixel_bytes = num_channels if channels_last else 1
-        self._planes = 1 if channels_last else num_channels
-        pad = self.crop_padding if train else 0
+        # Storage: (copies * N, C, Hp, Wp) uint8, the images zero-padded by p on every side.
+        pad = self.crop_padding if self.train else 0
         self._padded_hw = (height + 2 * pad, width + 2 * pad)
         stored = images.to(self.device)
         if pad:
             stored = torch.nn.functional.pad(stored, (pad, pad, pad, pad))  # zero fill, as RandomCrop
-        if train and self.hflip:
+        if self.train and self.hflip:
             stored = torch.cat([stored, stored.flip(-1)])  # the mirrored copy: flips become offsets
-        if channels_last:
-            stored = stored.permute(0, 2, 3, 1)
-        self._storage = stored.contiguous().view(stored.shape[0], self._planes, *self._padded_hw[:1], -1)
-        # Every window of W pixels that starts at a pixel boundary, as rows of a (num_pixels, W * bytes)
-        # view; a batch gathers B * planes * H of them.
-        row_bytes = width * self._pixel_bytes
-        self._windows = self._storage.view(-1).unfold(0, row_bytes, self._pixel_bytes)
+        self._storage = stored.contiguous()
+        # Every window of W pixels of the storage, as rows of a (num_pixels, W) view; a batch gathers
+        # B * C * H of them.
+        self._windows = self._storage.view(-1).unfold(0, width, 1)
         padded_height, padded_width = self._padded_hw
-        plane_steps = torch.arange(self._planes) * (padded_height * padded_width)
+        plane_steps = torch.arange(num_channels) * (padded_height * padded_width)
         row_steps = torch.arange(height) * padded_width
         self._row_starts = (plane_steps[:, None] + row_steps[None, :]).view(-1).to(self.device)
 
@@ -311,14 +297,14 @@ class DeviceImageLoader:
         padded_height, padded_width = self._padded_hw
         stored_image = indices + flips.long() * self.num_samples
         col_offsets = torch.where(flips, 2 * self.crop_padding - col_offsets, col_offsets)
-        crop_starts = (stored_image * (self._planes * padded_height * padded_width)
+        crop_starts = (stored_image * (self.image_shape[0] * padded_height * padded_width)
                        + row_offsets * padded_width + col_offsets).to(self.device)
         targets = self._labels.index_select(0, indices.to(self.device))  # the epoch's targets, in order
         for batch in range(len(self)):
             positions = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             rows = (crop_starts[positions, None] + self._row_starts).view(-1)
             pixels = self._windows.index_select(0, rows)
-            yield self._normalize(self._as_images(pixels)), targets[positions]
+            yield self._normalize(pixels.view(-1, *self.image_shape)), targets[positions]
 
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
@@ -334,24 +320,17 @@ class DeviceImageLoader:
         for start in range(first, stop, self.batch_size):
             end = min(start + self.batch_size, stop)
             # A copy of the targets, so that a consumer's in-place edit cannot reach the stored labels.
-            yield self._normalize(self._as_images(self._storage[start:end])), self._labels[start:end].clone()
-
-    def _as_images(self, pixels: Tensor) -> Tensor:
-        """Stored rows (any shape holding whole images) -> ``(B, C, H, W)`` uint8 view in the storage layout."""
-        channels, height, width = self.image_shape
-        if self.channels_last:
-            return pixels.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
-        return pixels.reshape(-1, channels, height, width)
+            yield self._normalize(self._storage[start:end]), self._labels[start:end].clone()
 
     def _normalize(self, images: Tensor) -> Tensor:
-        """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b`` (the conversion keeps the memory layout)."""
+        """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b``."""
         return images.float().mul_(self._scale).add_(self._shift)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(samples={self.num_samples}, image_shape={self.image_shape}, "
                 f"batch_size={self.batch_size}, train={self.train}, crop_padding={self.crop_padding}, "
                 f"hflip={self.hflip}, drop_last={self.drop_last}, device={self.device}, seed={self.seed}, "
-                f"rank={self.rank}, world_size={self.world_size}, channels_last={self.channels_last})")
+                f"rank={self.rank}, world_size={self.world_size})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,27 +357,13 @@ def _check_raw(dataset: Any) -> None:
 
 
 def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
-    """One PIL image (mode L, RGB or RGBA), HWC uint8 array or CHW uint8 tensor -> ``(C, H, W)`` uint8."""
-    import numpy as np
-
-    if isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.dim() not in (2, 3):
-            raise TypeError(f"{where}: expected a (C, H, W) uint8 tensor, got a {image.dim()}-D {image.dtype} "
-                            f"tensor (decode_to_uint8 needs raw images, not ToTensor output)")
-        return image if image.dim() == 3 else image.unsqueeze(0)
-    if not isinstance(image, np.ndarray):
-        mode = getattr(image, "mode", None)
-        if mode is None:
-            raise TypeError(f"{where}: expected a PIL image, a uint8 array or a uint8 tensor, "
-                            f"got {type(image).__name__}")
-        if mode not in ("L", "RGB", "RGBA"):
-            # Palette, 1-bit and 16/32-bit modes would need their own conversion to match ToTensor.
-            raise TypeError(f"{where}: PIL mode {mode!r} is not supported (use 'L', 'RGB' or 'RGBA'; "
-                            f"an ImageFolder loader converts to 'RGB')")
-    array = np.array(image)  # a writable copy: torch.from_numpy shares its memory
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise TypeError(f"{where}: expected an (H, W[, C]) uint8 array, got {array.ndim}-D {array.dtype}")
-    return torch.from_numpy(array if array.ndim == 3 else array[:, :, None]).permute(2, 0, 1)
+    """One PIL image of mode L, RGB or RGBA -> ``(C, H, W)`` uint8 tensor."""
+    if getattr(image, "mode", None) not in ("L", "RGB", "RGBA"):
+        # Palette, 1-bit and 16/32-bit modes would need their own conversion to match ToTensor.
+        got = f"PIL mode {image.mode!r}" if hasattr(image, "mode") else type(image).__name__
+        raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, not "
+                        f"ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
+    return pil_to_uint8(image)
 
 
 def _stack(images: list[Tensor], what: str) -> Tensor:
@@ -422,8 +387,8 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
     - ``ImageFolder`` / ``DatasetFolder``: every file is decoded with the dataset's own ``loader``
       on a thread pool (PIL releases the GIL while decoding); a file that cannot be decoded raises
       the loader's error (files a run cannot use are left out before, by shared.data's screen);
-    - any other dataset whose ``dataset[i]`` is ``(image, target)`` with a PIL image (mode L, RGB,
-      RGBA), an ``(H, W[, C])`` uint8 array or a ``(C, H, W)`` uint8 tensor: decoded sample by sample.
+    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA), such
+      as shared.data's digits: decoded sample by sample.
 
     The dataset must be raw: its ``transform`` and ``target_transform`` must be ``None`` (the loader
     does crop, flip and normalization itself; a ``ToTensor`` output would be float, not pixels).

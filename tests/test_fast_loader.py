@@ -1,5 +1,5 @@
 """shared.fast_loader: DeviceImageLoader (augmentation distribution and exactness, epochs, ranks, eval,
-layouts, argument errors) and decode_to_uint8 (datasets, Subsets, folders, a corrupt file)."""
+argument errors) and decode_to_uint8 (datasets, Subsets, folders, a corrupt file)."""
 from __future__ import annotations
 
 import numpy as np
@@ -256,19 +256,6 @@ def test_eval_targets_are_copies():
     targets.fill_(99)
     (_, again), = list(loader)
     assert torch.equal(again, torch.arange(8))
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_channels_last_same_values(train):
-    images = random_images(40)
-    options = dict(batch_size=16, train=train, seed=2) if train else dict(batch_size=16, train=False)
-    plain = batches_of(make_loader(images, **options), 1)
-    last = batches_of(make_loader(images, channels_last=True, **options), 1)
-    assert same_batches(plain, last)
-    loader = make_loader(images, channels_last=True, **options)
-    for batch, _ in loader:
-        assert batch.is_contiguous(memory_format=torch.channels_last)
-        assert batch.dtype == torch.float32 and batch.shape[1:] == (3, 32, 32)
 
 
 def test_single_channel_and_non_square_images():
