@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import functional
 
 # timm's interpolation names; 'random' picks bilinear or bicubic per sample (as timm's RandomResizedCrop).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
@@ -39,8 +41,6 @@ _TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # resized by torch's uint8 kern
 
 def pil_resample(name: str) -> int:
     """PIL's resampling filter for one of :data:`INTERPOLATIONS` (not 'random')."""
-    from PIL import Image
-
     return getattr(Image.Resampling, name.upper())
 
 
@@ -91,8 +91,6 @@ def resize_uint8(pixels: torch.Tensor, size: Sequence[int], name: str) -> torch.
 
 def _color_jitter(pixels: torch.Tensor, rng: random.Random, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation, each by a factor ``U(max(0, 1 - s), 1 + s)``, in random order."""
-    from torchvision.transforms import functional
-
     adjusters = [functional.adjust_brightness, functional.adjust_contrast, functional.adjust_saturation]
     order = rng.sample(range(len(adjusters)), len(adjusters))
     factors = [rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength) for _ in adjusters]
@@ -155,8 +153,6 @@ class ResizeCenterCrop:
     interpolation: str = "bilinear"
 
     def __call__(self, image, rng: Optional[random.Random] = None) -> torch.Tensor:
-        from torchvision.transforms import functional
-
         image = functional.resize(image, self.resize, interpolation=functional.InterpolationMode(self.interpolation))
         return pil_to_uint8(functional.center_crop(image, list(self.size)))
 
@@ -173,8 +169,6 @@ class AutoAugment:
         self.base, self.policy = base, policy
 
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
-        from PIL import Image
-
         pixels = self.base(image, rng)
         channels = pixels.permute(1, 2, 0).numpy()
         picture = Image.fromarray(channels[:, :, 0] if channels.shape[2] == 1 else channels)

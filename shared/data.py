@@ -71,10 +71,15 @@ import re
 from fractions import Fraction
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+import torchvision.datasets
 
-from shared.fast_loader import shard_positions, stream_seed, unwrap_subsets
+from shared import augment
+from shared.fast_loader import DeviceImageLoader, decode_to_uint8, shard_positions, stream_seed, unwrap_subsets
+from shared.prefetch import DevicePrefetcher
 
 __all__ = [
     "DataError",
@@ -221,8 +226,7 @@ class DigitsDataset(Dataset):
     NUM_TEST = 297
 
     def __init__(self, split: str = "train", transform=None):
-        import numpy as np
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # (scikit-learn loads slowly: only for digits)
 
         if split not in ("train", "test"):
             raise DataError(f"digits has splits 'train' and 'test', got {split!r}")
@@ -241,8 +245,6 @@ class DigitsDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         image = Image.fromarray(self.data[index], mode="L")
         if self.transform is not None:
             image = self.transform(image)
@@ -286,14 +288,13 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
     if kind == "digits":
         return DigitsDataset("test" if split in _TEST_ALIASES else split)
     if kind in ("torch/cifar10", "torch/cifar100"):
-        from torchvision import datasets
-
         if split not in ("train",) + _TEST_ALIASES:
             raise DataError(f"{kind} has splits 'train' and 'test' (also called validation/val), got {split!r}")
         if not args.data_dir:
             raise DataError(f"{kind} needs --data-dir: the folder that holds (or, with --dataset-download, "
                             f"will hold) the torchvision files")
-        cls = datasets.CIFAR10 if kind == "torch/cifar10" else datasets.CIFAR100
+        # looked up at the call: tests stand a fake class in torchvision.datasets
+        cls = torchvision.datasets.CIFAR10 if kind == "torch/cifar10" else torchvision.datasets.CIFAR100
         try:
             if not args.dataset_download:
                 return cls(args.data_dir, train=split == "train")
@@ -310,11 +311,9 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
             raise DataError(f"--dataset-download: fetching {kind} into {args.data_dir!r} failed ({reason}); "
                             f"download it elsewhere and copy {_TORCHVISION_FOLDERS[kind]} there, or use an "
                             f"ImageFolder copy (train/, test/)") from None
-    from torchvision import datasets
-
     path = _folder_path(args.data_dir, split)
     try:
-        return datasets.ImageFolder(path, loader=read_image)
+        return torchvision.datasets.ImageFolder(path, loader=read_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(f"ImageFolder {path!r}: {error}") from None
 
@@ -325,9 +324,6 @@ def _to_8_bit(image, path: str):
     PIL's own ``convert`` clips such values at 255 (a 16-bit PNG turns white); 8-bit modes pass
     unchanged. Other wide modes (32-bit integers beyond 16 bits, floats) have no agreed 8-bit reading.
     """
-    import numpy as np
-    from PIL import Image
-
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image)
@@ -362,8 +358,6 @@ def read_image(path: str):
     (torchvision's default loader raises PIL's own errors, which do not always name the file.)
     A module-level function, so that DataLoader worker processes can pickle the dataset.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return _to_8_bit(image, path).convert("RGB")
@@ -505,8 +499,6 @@ def create_transform(config: DataConfig, train: bool, args):
     Raises:
         DataError: an unknown ``--interpolation``, or ``--scale``/``--ratio`` that are not ordered pairs.
     """
-    from shared import augment
-
     base = _base_transform(config, train, args)
     if not train or args.no_aug:
         return base
@@ -519,8 +511,6 @@ def create_transform(config: DataConfig, train: bool, args):
 
 def _base_transform(config: DataConfig, train: bool, args):
     """Crop, resize and flip of :func:`create_transform`, without timm's policies and erasing."""
-    from shared import augment
-
     if config.recipe == "cifar":
         return augment.PadCropFlip(config.crop_padding if train else 0, config.hflip if train else 0.0)
     size = tuple(config.input_size[1:])
@@ -646,8 +636,6 @@ class TorchBatches:
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, *, drop_last: bool,
                  workers: int, pin_memory: bool, device: torch.device, mean: Sequence[float], std: Sequence[float]):
-        from shared.prefetch import DevicePrefetcher
-
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
         self.prefetcher = DevicePrefetcher(mean, std, device)
         # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
@@ -900,8 +888,6 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
 def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, args, device: torch.device,
                     rank: int, world_size: int) -> tuple:
     """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two (screened) raw datasets."""
-    from shared.fast_loader import DeviceImageLoader, decode_to_uint8
-
     common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
                   world_size=world_size)
     train_images, train_labels = decode_to_uint8(train_raw)

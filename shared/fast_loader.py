@@ -28,6 +28,7 @@ import os
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torchvision.datasets
 from torch import Tensor
 
 from shared.augment import pil_to_uint8
@@ -63,9 +64,7 @@ def shard_positions(num_samples: int, rank: int, world_size: int,
     contiguous chunks, as ``torch.tensor_split`` cuts them (sizes differ by at most one).
     """
     if generator is None:
-        base, extra = divmod(num_samples, world_size)
-        start = rank * base + min(rank, extra)
-        return torch.arange(start, start + base + (1 if rank < extra else 0))
+        return torch.tensor_split(torch.arange(num_samples), world_size)[rank]
     permutation = torch.randperm(num_samples, generator=generator)
     return permutation[rank:world_size * (num_samples // world_size):world_size]
 
@@ -404,13 +403,11 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
     base, indices = unwrap_subsets(dataset)
     _check_raw(base)
     positions = range(len(base)) if indices is None else indices
-    from torchvision import datasets
-
-    if isinstance(base, datasets.CIFAR10):  # CIFAR100 is a subclass; data is (N, H, W, 3) uint8
+    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR100 is a subclass; data is (N, H, W, 3) uint8
         selection = torch.as_tensor(positions, dtype=torch.int64)
         images = torch.from_numpy(base.data).permute(0, 3, 1, 2)[selection].contiguous()
         return images, torch.as_tensor(base.targets, dtype=torch.int64)[selection]
-    if isinstance(base, datasets.DatasetFolder):
+    if isinstance(base, torchvision.datasets.DatasetFolder):
         samples = [base.samples[position] for position in positions]
         with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
             decoded = pool.map(base.loader, [path for path, _ in samples], chunksize=256)
