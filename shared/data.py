@@ -78,7 +78,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision.datasets
 
 from shared import augment
-from shared.fast_loader import DeviceImageLoader, decode_to_uint8, shard_positions, stream_seed, unwrap_subsets
+from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions, stream_seed,
+                                unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
 __all__ = [
@@ -397,12 +398,9 @@ class DataConfig:
 
 def _native_size(dataset: Dataset) -> Optional[tuple]:
     """``(C, H, W)`` of the first image of a raw dataset (None if it cannot be read)."""
-    base, _ = unwrap_subsets(dataset)
-    if isinstance(base, DigitsDataset):
-        return (1,) + tuple(base.data.shape[1:])
-    data = getattr(base, "data", None)
-    if data is not None and hasattr(data, "shape") and len(data.shape) == 4:  # torchvision CIFAR: N H W C
-        return (int(data.shape[3]), int(data.shape[1]), int(data.shape[2]))
+    images = array_images(unwrap_subsets(dataset)[0])
+    if images is not None:  # torchvision CIFAR, digits
+        return tuple(images.shape[1:])
     if len(dataset) == 0:
         return None
     # The most common size of the first 64 readable images (the first one on a tie): one odd file that

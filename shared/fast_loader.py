@@ -27,13 +27,14 @@ import hashlib
 import os
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torchvision.datasets
 from torch import Tensor
 
 from shared.augment import pil_to_uint8
 
-__all__ = ["DeviceImageLoader", "decode_to_uint8", "shard_positions", "unwrap_subsets"]
+__all__ = ["DeviceImageLoader", "array_images", "decode_to_uint8", "shard_positions", "unwrap_subsets"]
 
 
 def stream_seed(*parts: int) -> int:
@@ -346,6 +347,18 @@ def unwrap_subsets(dataset: Any) -> tuple[Any, Optional[list[int]]]:
     return dataset, indices
 
 
+def array_images(dataset: Any) -> Optional[Tensor]:
+    """``(N, C, H, W)`` uint8 view of a dataset that keeps its images in one uint8 ``data`` array beside
+    ``targets``: torchvision's CIFAR10/100 (``(N, H, W, C)``), shared.data's digits (``(N, H, W)``).
+    None for other datasets (ImageFolder, or MNIST, whose ``data`` is a tensor)."""
+    data = getattr(dataset, "data", None)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (3, 4)
+            or not hasattr(dataset, "targets")):
+        return None
+    images = torch.from_numpy(data)
+    return images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+
+
 def _check_raw(dataset: Any) -> None:
     for name in ("transform", "target_transform", "transforms"):
         value = getattr(dataset, name, None)
@@ -381,13 +394,13 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
 
     Supported, possibly wrapped in (nested) ``torch.utils.data.Subset``:
 
-    - torchvision ``CIFAR10`` / ``CIFAR100``: their in-memory ``data`` array is used directly (no
-      per-sample work);
+    - torchvision ``CIFAR10`` / ``CIFAR100`` and shared.data's digits: their in-memory ``data`` array
+      is used directly (:func:`array_images`, no per-sample work);
     - ``ImageFolder`` / ``DatasetFolder``: every file is decoded with the dataset's own ``loader``
       on a thread pool (PIL releases the GIL while decoding); a file that cannot be decoded raises
       the loader's error (files a run cannot use are left out before, by shared.data's screen);
-    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA), such
-      as shared.data's digits: decoded sample by sample.
+    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA):
+      decoded sample by sample.
 
     The dataset must be raw: its ``transform`` and ``target_transform`` must be ``None`` (the loader
     does crop, flip and normalization itself; a ``ToTensor`` output would be float, not pixels).
@@ -403,10 +416,10 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
     base, indices = unwrap_subsets(dataset)
     _check_raw(base)
     positions = range(len(base)) if indices is None else indices
-    if isinstance(base, torchvision.datasets.CIFAR10):  # CIFAR100 is a subclass; data is (N, H, W, 3) uint8
+    images = array_images(base)
+    if images is not None:  # no per-sample work
         selection = torch.as_tensor(positions, dtype=torch.int64)
-        images = torch.from_numpy(base.data).permute(0, 3, 1, 2)[selection].contiguous()
-        return images, torch.as_tensor(base.targets, dtype=torch.int64)[selection]
+        return images[selection].contiguous(), torch.as_tensor(base.targets, dtype=torch.int64)[selection]
     if isinstance(base, torchvision.datasets.DatasetFolder):
         samples = [base.samples[position] for position in positions]
         with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
