@@ -110,7 +110,7 @@ class PadCropFlip:
         if self.padding:
             _, height, width = pixels.shape
             top, left = rng.randint(0, 2 * self.padding), rng.randint(0, 2 * self.padding)
-            padded = torch.nn.functional.pad(pixels, (self.padding,) * 4)  # zero fill, as RandomCrop
+            padded = torch.nn.functional.pad(pixels, (self.padding,) * 4)  # zeros, as RandomCrop
             pixels = padded[:, top:top + height, left:left + width]
         if self.hflip > 0 and rng.random() < self.hflip:
             pixels = pixels.flip(-1)

@@ -78,8 +78,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision.datasets
 
 from shared import augment
-from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions, stream_seed,
-                                unwrap_subsets)
+from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions,
+                                stream_seed, unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
 __all__ = [
@@ -253,7 +253,7 @@ class DigitsDataset(Dataset):
 
 
 def dataset_kind(args) -> str:
-    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a copy of torch/cifar*)."""
+    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a CIFAR copy too)."""
     name, data_dir = args.dataset, args.data_dir
     if (name in _TORCHVISION_FOLDERS and data_dir and not getattr(args, "dataset_download", False)
             and os.path.isdir(os.path.join(data_dir, "train"))
@@ -295,7 +295,9 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
             raise DataError(f"{kind} needs --data-dir: the folder that holds (or, with --dataset-download, "
                             f"will hold) the torchvision files")
         # looked up at the call: tests stand a fake class in torchvision.datasets
-        cls = torchvision.datasets.CIFAR10 if kind == "torch/cifar10" else torchvision.datasets.CIFAR100
+        cls = torchvision.datasets.CIFAR10
+        if kind == "torch/cifar100":
+            cls = torchvision.datasets.CIFAR100
         try:
             if not args.dataset_download:
                 return cls(args.data_dir, train=split == "train")
@@ -595,7 +597,9 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def indices(self) -> list:
-        generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch)) if self.shuffle else None
+        generator = None  # evaluation: contiguous chunks
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch))
         return shard_positions(self.num_samples, self.rank, self.world_size, generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -639,9 +643,11 @@ class TorchBatches:
         # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
         # base seed for the workers' torch RNG (unused here), which would otherwise advance the training
         # process's global generator
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler), num_workers=workers,
-                                 pin_memory=pin_memory and device.type == "cuda", drop_last=drop_last,
-                                 persistent_workers=workers > 0, generator=torch.Generator())
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler),
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=pin_memory and device.type == "cuda",
+                                 drop_last=drop_last,
+                                 generator=torch.Generator())
         self.kind = f"DataLoader(workers={workers})"
 
     @property
@@ -695,7 +701,7 @@ def create_datasets(args) -> tuple:
 
 
 def _link_problem(path: str, first_seen: dict) -> Optional[str]:
-    """Why ``path`` is not a sample of its own (None: it may be): empty, missing, or already a sample."""
+    """Why ``path`` cannot be a sample of its own (None: it can): empty, missing, a second link."""
     try:
         if os.stat(path).st_size == 0:
             return "empty file"
@@ -707,7 +713,7 @@ def _link_problem(path: str, first_seen: dict) -> Optional[str]:
 
 
 def _decoded_size(path: str) -> Optional[tuple]:
-    """``(H, W)`` of the image at ``path`` once fully decoded (a truncated file has a valid header)."""
+    """``(H, W)`` of the image at ``path``, fully decoded (a truncated file has a valid header)."""
     try:
         width, height = read_image(path).size
     except DataError:
@@ -730,7 +736,7 @@ def _file_problems(paths: Sequence[str], size_hw: tuple, first_seen: dict) -> li
 
 
 def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool) -> tuple:
-    """Leave out ImageFolder files neither loader could use as they are: the one screen of both loaders.
+    """Leave out ImageFolder files that neither loader could use as they are (both use this screen).
 
     For data used at its native size (the CIFAR recipe, where nothing is resized): empty files,
     unreadable ones (not an image, truncated, a dangling symlink), files of another height x width,
@@ -756,7 +762,8 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
                 left_out.setdefault(problem, []).append(path)
         kept = [position for position, problem in enumerate(problems) if problem is None]
         screened.append(dataset if len(kept) == len(dataset) else Subset(dataset, kept))
-    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})" for cause, paths in left_out.items())
+    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})"
+                     for cause, paths in left_out.items())
     if note and strict:
         raise DataError(f"image files that cannot be used at {size_hw[0]}x{size_hw[1]}: {note} (--data-strict; "
                         f"without it they are left out and counted)")
@@ -767,7 +774,8 @@ def _first_names(names: list) -> str:
     """The first ten of ``names`` for a message, and how many more there are."""
     if not names:
         return "none"
-    return ", ".join(repr(name) for name in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return ", ".join(repr(name) for name in names[:10]) + more
 
 
 def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
@@ -780,10 +788,11 @@ def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional
         return
     only_train = _first_names(sorted(set(train_classes) - set(eval_classes)))
     only_eval = _first_names(sorted(set(eval_classes) - set(train_classes)))
-    raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have different classes "
-                    f"({len(train_classes)} vs {len(eval_classes)}): only in the training split: {only_train}; "
-                    f"only in the evaluation split: {only_eval}. Labels are class indices in sorted "
-                    f"folder order, so they would mean different classes; give both splits the same class folders")
+    raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have "
+                    f"different classes ({len(train_classes)} vs {len(eval_classes)}): only in the "
+                    f"training split: {only_train}; only in the evaluation split: {only_eval}. "
+                    f"Labels are class indices in sorted folder order, so they would mean "
+                    f"different classes; give both splits the same class folders")
 
 
 def split_label(text: str) -> str:
@@ -800,7 +809,7 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
     """
     bases = {} if bases is None else bases
     spec = parse_split(text)
-    if spec.is_subset and spec.seed is None:  # a subset is drawn with a fixed seed, a whole split keeps its order
+    if spec.is_subset and spec.seed is None:  # a fixed seed; a whole split keeps its order
         spec = dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
     key = _canonical_split(kind, spec.base, args)
     if key not in bases:
@@ -847,7 +856,8 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     kind, train_raw, eval_raw, num_classes = create_datasets(args)
     if args.num_classes is not None:
         if num_classes and args.num_classes < num_classes:
-            raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's {num_classes} classes")
+            raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's "
+                            f"{num_classes} classes")
         num_classes = args.num_classes
     config = resolve_data_config(args, kind, train_raw, num_classes)
     reason = _fast_loader_reason(config, args, train_raw)
@@ -856,36 +866,47 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     left_out = ""
     if config.recipe == "cifar":  # native size, nothing resized: both loaders use the same screened files
-        (train_raw, eval_raw), left_out = screen_folder_images(
-            (train_raw, eval_raw), tuple(config.input_size[1:]), bool(getattr(args, "data_strict", False)))
+        strict = bool(getattr(args, "data_strict", False))
+        (train_raw, eval_raw), left_out = screen_folder_images((train_raw, eval_raw),
+                                                               tuple(config.input_size[1:]), strict)
     for name, dataset in (("train", train_raw), ("eval", eval_raw)):
         if len(dataset) < world_size:
             raise DataError(f"the {name} split has {len(dataset)} usable samples, fewer than the "
                             f"{world_size} processes")
     if len(train_raw) // world_size < args.batch_size:
-        raise DataError(f"the training split has {len(train_raw)} usable samples ({len(train_raw) // world_size} "
-                        f"per process), fewer than one batch of {args.batch_size}: lower --batch-size")
+        raise DataError(f"the training split has {len(train_raw)} usable samples "
+                        f"({len(train_raw) // world_size} per process), fewer than one batch of "
+                        f"{args.batch_size}: lower --batch-size")
     if use_fast:
-        train, evaluation = _device_loaders(train_raw, eval_raw, config, args, device, rank, world_size)
+        train, evaluation = _device_loaders(train_raw, eval_raw, config, args, device, rank,
+                                            world_size)
     else:
         train = _torch_loader(train_raw, config, args, device, True, rank, world_size)
         evaluation = _torch_loader(eval_raw, config, args, device, False, rank, world_size)
+    description = _describe(args, kind, config, len(train_raw), len(eval_raw), train.kind)
+    if left_out:
+        description += f"; left out: {left_out}"
+    if not use_fast and reason and args.fast_loader == "auto":
+        description += f" (fast loader off: {reason})"
+    return Loaders(train, evaluation, config, len(train_raw), len(eval_raw), description)
+
+
+def _describe(args, kind: str, config: DataConfig, train_size: int, eval_size: int,
+              loader: str) -> str:
+    """The ``data:`` line's description of the splits, sizes, input, augmentation and loader."""
     augmentation = ("none" if args.no_aug else
                     f"crop pad {config.crop_padding} + flip {config.hflip}" if config.recipe == "cifar" else
                     f"RandomResizedCrop {config.input_size[1]} + flip {config.hflip}")
     is_copy = args.dataset in _TORCHVISION_FOLDERS and kind == "imagefolder"
     copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if is_copy else ""
-    description = (f"{kind}{copy_of}: train {split_label(args.train_split)} ({len(train_raw)} samples), "
-                   f"eval {split_label(args.val_split)} ({len(eval_raw)}), {num_classes} classes, "
-                   f"input {tuple(config.input_size)}, augmentation {augmentation}, loader {train.kind}"
-                   + (f"; left out: {left_out}" if left_out else "")
-                   + (f" (fast loader off: {reason})" if not use_fast and reason and args.fast_loader == "auto" else ""))
-    return Loaders(train, evaluation, config, len(train_raw), len(eval_raw), description)
+    return (f"{kind}{copy_of}: train {split_label(args.train_split)} ({train_size} samples), "
+            f"eval {split_label(args.val_split)} ({eval_size}), {config.num_classes} classes, "
+            f"input {tuple(config.input_size)}, augmentation {augmentation}, loader {loader}")
 
 
-def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, args, device: torch.device,
-                    rank: int, world_size: int) -> tuple:
-    """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two (screened) raw datasets."""
+def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, args,
+                    device: torch.device, rank: int, world_size: int) -> tuple:
+    """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two screened datasets."""
     common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
                   world_size=world_size)
     train_images, train_labels = decode_to_uint8(train_raw)
@@ -895,17 +916,20 @@ def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, a
             raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes "
                             f"{config.num_classes}")
     train = DeviceImageLoader(train_images, train_labels, args.batch_size, train=True,
-                              crop_padding=config.crop_padding, hflip=config.hflip > 0, drop_last=True, **common)
-    evaluation = DeviceImageLoader(eval_images, eval_labels, args.validation_batch_size or args.batch_size,
-                                   train=False, crop_padding=0, hflip=False, drop_last=False, **common)
+                              crop_padding=config.crop_padding, hflip=config.hflip > 0,
+                              drop_last=True, **common)
+    eval_batch_size = args.validation_batch_size or args.batch_size
+    evaluation = DeviceImageLoader(eval_images, eval_labels, eval_batch_size, train=False,
+                                   crop_padding=0, hflip=False, drop_last=False, **common)
     return train, evaluation
 
 
-def _torch_loader(raw: Dataset, config: DataConfig, args, device: torch.device, train: bool, rank: int = 0,
-                  world_size: int = 1) -> TorchBatches:
-    """A :class:`TorchBatches` of one raw dataset with the seeded transform of its role (train or eval)."""
+def _torch_loader(raw: Dataset, config: DataConfig, args, device: torch.device, train: bool,
+                  rank: int = 0, world_size: int = 1) -> TorchBatches:
+    """A :class:`TorchBatches` of one raw dataset with the seeded transform of its role."""
     dataset = AugmentedDataset(raw, create_transform(config, train, args), args.seed)
-    sampler = EpochSampler(len(raw), shuffle=train, seed=args.seed, rank=rank, world_size=world_size)
+    sampler = EpochSampler(len(raw), shuffle=train, seed=args.seed, rank=rank,
+                           world_size=world_size)
     batch_size = args.batch_size if train else args.validation_batch_size or args.batch_size
     return TorchBatches(dataset, sampler, batch_size, drop_last=train, workers=args.workers,
                         pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)

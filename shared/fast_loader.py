@@ -34,7 +34,8 @@ from torch import Tensor
 
 from shared.augment import pil_to_uint8
 
-__all__ = ["DeviceImageLoader", "array_images", "decode_to_uint8", "shard_positions", "unwrap_subsets"]
+__all__ = ["DeviceImageLoader", "array_images", "decode_to_uint8", "shard_positions",
+           "unwrap_subsets"]
 
 
 def stream_seed(*parts: int) -> int:
@@ -86,7 +87,9 @@ def _check_bool(name: str, value: Any) -> bool:
 
 def _check_tensor(name: str, value: Any, dim: int, dtype: torch.dtype, expected: str) -> None:
     if not isinstance(value, Tensor) or value.dim() != dim or value.dtype != dtype:
-        got = f"{value.dim()}-D {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        got = type(value).__name__
+        if isinstance(value, Tensor):
+            got = f"{value.dim()}-D {value.dtype} tensor"
         raise TypeError(f"{name} must be a {expected} tensor, got a {got}")
 
 
@@ -214,8 +217,9 @@ class DeviceImageLoader:
         # float64. They are stored expanded to a full (1, C, H, W) image, so that the in-place ops
         # see a dense inner dimension and vectorize.
         shape = (1, num_channels, height, width)
-        self._scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
-        self._shift = (-mean / std).float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
+        scale, shift = 1.0 / (255.0 * std), -mean / std
+        self._scale = scale.float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
+        self._shift = shift.float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
 
     def _store(self, images: Tensor) -> None:
         """The padded (and, with the flip, mirrored) dataset on the device, and its row windows."""
@@ -229,8 +233,8 @@ class DeviceImageLoader:
         if self.train and self.hflip:
             stored = torch.cat([stored, stored.flip(-1)])  # the mirrored copy: flips become offsets
         self._storage = stored.contiguous()
-        # Every window of W pixels of the storage, as rows of a (num_pixels, W) view; a batch gathers
-        # B * C * H of them.
+        # Every window of W pixels of the storage, as rows of a (num_pixels, W) view; a batch
+        # gathers B * C * H of them.
         self._windows = self._storage.view(-1).unfold(0, width, 1)
         padded_height, padded_width = self._padded_hw
         plane_steps = torch.arange(num_channels) * (padded_height * padded_width)
@@ -308,7 +312,7 @@ class DeviceImageLoader:
 
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
-        # A batch depends only on (seed, epoch, its position): skipping by iterating gives the same rest.
+        # A batch depends only on (seed, epoch, its position): skipping by iterating keeps the rest.
         for position, batch in enumerate(self):
             if position >= start:
                 yield batch
@@ -348,9 +352,9 @@ def unwrap_subsets(dataset: Any) -> tuple[Any, Optional[list[int]]]:
 
 
 def array_images(dataset: Any) -> Optional[Tensor]:
-    """``(N, C, H, W)`` uint8 view of a dataset that keeps its images in one uint8 ``data`` array beside
-    ``targets``: torchvision's CIFAR10/100 (``(N, H, W, C)``), shared.data's digits (``(N, H, W)``).
-    None for other datasets (ImageFolder, or MNIST, whose ``data`` is a tensor)."""
+    """``(N, C, H, W)`` uint8 view of a dataset that keeps its images in one uint8 ``data`` array
+    beside ``targets``: torchvision's CIFAR10/100 (``(N, H, W, C)``), shared.data's digits
+    (``(N, H, W)``). None for other datasets (ImageFolder, or MNIST, whose ``data`` is a tensor)."""
     data = getattr(dataset, "data", None)
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (3, 4)
             or not hasattr(dataset, "targets")):
@@ -373,8 +377,8 @@ def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
     if getattr(image, "mode", None) not in ("L", "RGB", "RGBA"):
         # Palette, 1-bit and 16/32-bit modes would need their own conversion to match ToTensor.
         got = f"PIL mode {image.mode!r}" if hasattr(image, "mode") else type(image).__name__
-        raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, not "
-                        f"ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
+        raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, "
+                        f"not ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
     return pil_to_uint8(image)
 
 
@@ -394,8 +398,8 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
 
     Supported, possibly wrapped in (nested) ``torch.utils.data.Subset``:
 
-    - torchvision ``CIFAR10`` / ``CIFAR100`` and shared.data's digits: their in-memory ``data`` array
-      is used directly (:func:`array_images`, no per-sample work);
+    - torchvision ``CIFAR10`` / ``CIFAR100`` and shared.data's digits: their in-memory ``data``
+      array is used directly (:func:`array_images`, no per-sample work);
     - ``ImageFolder`` / ``DatasetFolder``: every file is decoded with the dataset's own ``loader``
       on a thread pool (PIL releases the GIL while decoding); a file that cannot be decoded raises
       the loader's error (files a run cannot use are left out before, by shared.data's screen);
@@ -412,19 +416,23 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
     Returns:
         ``images``: ``(N, C, H, W)`` uint8; ``labels``: ``(N,)`` int64. Both on the CPU.
     """
-    num_workers = _check_int("num_workers", num_workers or os.cpu_count() or 1, 1)
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
+    _check_int("num_workers", num_workers, 1)
     base, indices = unwrap_subsets(dataset)
     _check_raw(base)
     positions = range(len(base)) if indices is None else indices
     images = array_images(base)
     if images is not None:  # no per-sample work
         selection = torch.as_tensor(positions, dtype=torch.int64)
-        return images[selection].contiguous(), torch.as_tensor(base.targets, dtype=torch.int64)[selection]
+        labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
+        return images[selection].contiguous(), labels
     if isinstance(base, torchvision.datasets.DatasetFolder):
         samples = [base.samples[position] for position in positions]
         with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
             decoded = pool.map(base.loader, [path for path, _ in samples], chunksize=256)
-            images = [_image_to_chw_uint8(image, path) for image, (path, _) in zip(decoded, samples)]
+            images = [_image_to_chw_uint8(image, path)
+                      for image, (path, _) in zip(decoded, samples)]
         labels = [target for _, target in samples]
     else:
         pairs = [base[position] for position in positions]

@@ -360,7 +360,7 @@ def test_decode_folder_decodes_every_file_and_names_a_corrupt_one(tmp_path):
     assert images.shape == (12, 3, 32, 32) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     first = np.array(read_image(dataset.samples[5][0]))
     assert torch.equal(images[5], torch.from_numpy(first).permute(2, 0, 1))
-    # shared.data's screen leaves such files out before; one that slips through is an error naming it
+    # shared.data's screen leaves such files out first; one that slips through is an error naming it
     (root / "bee" / "9.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match="9.png"):
         decode_to_uint8(datasets.ImageFolder(str(root), loader=read_image), num_workers=2)
