@@ -26,11 +26,12 @@ Image files (ImageFolder). Both splits must hold the same class folders (labels 
 sorted folder order; a missing or renamed class would shift them): otherwise a DataError names the
 differing classes. Files are read by :func:`read_image` in both loaders (16-bit grayscale scaled to 8
 bits, palette/RGBA/CMYK converted to RGB). Where images are used at their native size (the CIFAR
-recipe, nothing resized; the native size is the most common one among the first images), both loaders
-leave out the same files, with a count by cause in the loader description: empty files, unreadable
-ones (not an image, truncated, a dangling link), files of another size, and files that are already a
-sample (a link to another sample, also across the splits). ``--data-strict`` makes any of them an
-error naming the file. Larger images (ImageNet recipe, DataLoader only) are resized, so any size is
+recipe, nothing resized; the native size is the most common one among the first images), one screen
+(:func:`screen_folder_images`, which decodes every file once) leaves out the same files for both
+loaders, with a count by cause in the loader description: empty files, unreadable ones (not an
+image, truncated, a dangling link), files of another size, and files that are already a sample (a
+link to another sample, also across the splits). ``--data-strict`` makes any of them an error naming
+the file. Larger images (ImageNet recipe, DataLoader only) are resized, so any size is
 read; an unreadable one there is an error naming it when the DataLoader reaches it.
 
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
