@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.transforms import functional
 
 # timm's interpolation names; 'random' picks bilinear or bicubic per sample (as timm's RandomResizedCrop).
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
@@ -39,10 +41,6 @@ _TORCH_INTERPOLATIONS = ("bilinear", "bicubic")  # resized by torch's uint8 kern
 
 def pil_resample(name: str) -> int:
     """PIL's resampling filter for one of :data:`INTERPOLATIONS` (not 'random')."""
-    from PIL import Image
-
-    if name not in INTERPOLATIONS or name == "random":
-        raise ValueError(f"interpolation {name!r} is not one of {', '.join(INTERPOLATIONS[:-1])}")
     return getattr(Image.Resampling, name.upper())
 
 
@@ -93,8 +91,6 @@ def resize_uint8(pixels: torch.Tensor, size: Sequence[int], name: str) -> torch.
 
 def _color_jitter(pixels: torch.Tensor, rng: random.Random, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation, each by a factor ``U(max(0, 1 - s), 1 + s)``, in random order."""
-    from torchvision.transforms import functional
-
     adjusters = [functional.adjust_brightness, functional.adjust_contrast, functional.adjust_saturation]
     order = rng.sample(range(len(adjusters)), len(adjusters))
     factors = [rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength) for _ in adjusters]
@@ -112,14 +108,10 @@ class PadCropFlip:
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
         pixels = pil_to_uint8(image)
         if self.padding:
-            # output (y, x) = padded (y + dy, x + dx) = input (y + dy - p, x + dx - p); zero outside
             _, height, width = pixels.shape
-            shift_y = rng.randint(0, 2 * self.padding) - self.padding
-            shift_x = rng.randint(0, 2 * self.padding) - self.padding
-            cropped = torch.zeros_like(pixels)
-            cropped[:, max(0, -shift_y):height - max(0, shift_y), max(0, -shift_x):width - max(0, shift_x)] = \
-                pixels[:, max(0, shift_y):height - max(0, -shift_y), max(0, shift_x):width - max(0, -shift_x)]
-            pixels = cropped
+            top, left = rng.randint(0, 2 * self.padding), rng.randint(0, 2 * self.padding)
+            padded = torch.nn.functional.pad(pixels, (self.padding,) * 4)  # zeros, as RandomCrop
+            pixels = padded[:, top:top + height, left:left + width]
         if self.hflip > 0 and rng.random() < self.hflip:
             pixels = pixels.flip(-1)
         return pixels
@@ -161,8 +153,6 @@ class ResizeCenterCrop:
     interpolation: str = "bilinear"
 
     def __call__(self, image, rng: Optional[random.Random] = None) -> torch.Tensor:
-        from torchvision.transforms import functional
-
         image = functional.resize(image, self.resize, interpolation=functional.InterpolationMode(self.interpolation))
         return pil_to_uint8(functional.center_crop(image, list(self.size)))
 
@@ -179,8 +169,6 @@ class AutoAugment:
         self.base, self.policy = base, policy
 
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
-        from PIL import Image
-
         pixels = self.base(image, rng)
         channels = pixels.permute(1, 2, 0).numpy()
         picture = Image.fromarray(channels[:, :, 0] if channels.shape[2] == 1 else channels)

@@ -26,11 +26,12 @@ Image files (ImageFolder). Both splits must hold the same class folders (labels 
 sorted folder order; a missing or renamed class would shift them): otherwise a DataError names the
 differing classes. Files are read by :func:`read_image` in both loaders (16-bit grayscale scaled to 8
 bits, palette/RGBA/CMYK converted to RGB). Where images are used at their native size (the CIFAR
-recipe, nothing resized; the native size is the most common one among the first images), both loaders
-leave out the same files, with a count by cause in the loader description: empty files, unreadable
-ones (not an image, truncated, a dangling link), files of another size, and files that are already a
-sample (a link to another sample, also across the splits). ``--data-strict`` makes any of them an
-error naming the file. Larger images (ImageNet recipe, DataLoader only) are resized, so any size is
+recipe, nothing resized; the native size is the most common one among the first images), one screen
+(:func:`screen_folder_images`, which decodes every file once) leaves out the same files for both
+loaders, with a count by cause in the loader description: empty files, unreadable ones (not an
+image, truncated, a dangling link), files of another size, and files that are already a sample (a
+link to another sample, also across the splits). ``--data-strict`` makes any of them an error naming
+the file. Larger images (ImageNet recipe, DataLoader only) are resized, so any size is
 read; an unreadable one there is an error naming it when the DataLoader reaches it.
 
 Augmentation. Images already at the model's input size (CIFAR, digits, a folder of 32x32 images) get
@@ -60,6 +61,7 @@ normalized float32 batches on the training device.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -70,10 +72,16 @@ import re
 from fractions import Fraction
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
+import torchvision.datasets
 
-from shared.fast_loader import stream_seed
+from shared import augment
+from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions,
+                                stream_seed, unwrap_subsets)
+from shared.prefetch import DevicePrefetcher
 
 __all__ = [
     "DataError",
@@ -220,8 +228,7 @@ class DigitsDataset(Dataset):
     NUM_TEST = 297
 
     def __init__(self, split: str = "train", transform=None):
-        import numpy as np
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # (scikit-learn loads slowly: only for digits)
 
         if split not in ("train", "test"):
             raise DataError(f"digits has splits 'train' and 'test', got {split!r}")
@@ -240,16 +247,18 @@ class DigitsDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         image = Image.fromarray(self.data[index], mode="L")
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
 
 
-def _dataset_kind(name: str, data_dir: Optional[str], download: bool = False) -> str:
-    if name in _TORCHVISION_FOLDERS and data_dir and not download and _is_image_folder_copy(data_dir, name):
+def dataset_kind(args) -> str:
+    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a CIFAR copy too)."""
+    name, data_dir = args.dataset, args.data_dir
+    if (name in _TORCHVISION_FOLDERS and data_dir and not getattr(args, "dataset_download", False)
+            and os.path.isdir(os.path.join(data_dir, "train"))
+            and not os.path.isdir(os.path.join(data_dir, _TORCHVISION_FOLDERS[name]))):
         return "imagefolder"  # the paper configs name torch/cifar*; an ImageFolder copy serves them as well
     if name in ("torch/cifar10", "torch/cifar100", "digits"):
         return name
@@ -262,12 +271,6 @@ def _dataset_kind(name: str, data_dir: Optional[str], download: bool = False) ->
     hint = difflib.get_close_matches(name, DATASETS, n=3)
     raise DataError(f"unknown dataset {name!r}" + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else "")
                     + f"; valid: {', '.join(DATASETS)}, or '' with --data-dir")
-
-
-def _is_image_folder_copy(data_dir: str, name: str) -> bool:
-    """``data_dir`` holds ``train/`` but not torchvision's files of dataset ``name``."""
-    return (os.path.isdir(os.path.join(data_dir, "train"))
-            and not os.path.isdir(os.path.join(data_dir, _TORCHVISION_FOLDERS[name])))
 
 
 def _folder_path(data_dir: str, split: str) -> str:
@@ -287,14 +290,15 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
     if kind == "digits":
         return DigitsDataset("test" if split in _TEST_ALIASES else split)
     if kind in ("torch/cifar10", "torch/cifar100"):
-        from torchvision import datasets
-
         if split not in ("train",) + _TEST_ALIASES:
             raise DataError(f"{kind} has splits 'train' and 'test' (also called validation/val), got {split!r}")
         if not args.data_dir:
             raise DataError(f"{kind} needs --data-dir: the folder that holds (or, with --dataset-download, "
                             f"will hold) the torchvision files")
-        cls = datasets.CIFAR10 if kind == "torch/cifar10" else datasets.CIFAR100
+        # looked up at the call: tests stand a fake class in torchvision.datasets
+        cls = torchvision.datasets.CIFAR10
+        if kind == "torch/cifar100":
+            cls = torchvision.datasets.CIFAR100
         try:
             if not args.dataset_download:
                 return cls(args.data_dir, train=split == "train")
@@ -311,11 +315,9 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
             raise DataError(f"--dataset-download: fetching {kind} into {args.data_dir!r} failed ({reason}); "
                             f"download it elsewhere and copy {_TORCHVISION_FOLDERS[kind]} there, or use an "
                             f"ImageFolder copy (train/, test/)") from None
-    from torchvision import datasets
-
     path = _folder_path(args.data_dir, split)
     try:
-        return datasets.ImageFolder(path, loader=read_image)
+        return torchvision.datasets.ImageFolder(path, loader=read_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
         raise DataError(f"ImageFolder {path!r}: {error}") from None
 
@@ -326,9 +328,6 @@ def _to_8_bit(image, path: str):
     PIL's own ``convert`` clips such values at 255 (a 16-bit PNG turns white); 8-bit modes pass
     unchanged. Other wide modes (32-bit integers beyond 16 bits, floats) have no agreed 8-bit reading.
     """
-    import numpy as np
-    from PIL import Image
-
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image)
@@ -363,8 +362,6 @@ def read_image(path: str):
     (torchvision's default loader raises PIL's own errors, which do not always name the file.)
     A module-level function, so that DataLoader worker processes can pickle the dataset.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return _to_8_bit(image, path).convert("RGB")
@@ -404,14 +401,9 @@ class DataConfig:
 
 def _native_size(dataset: Dataset) -> Optional[tuple]:
     """``(C, H, W)`` of the first image of a raw dataset (None if it cannot be read)."""
-    base = dataset
-    while isinstance(base, Subset):
-        base = base.dataset
-    if isinstance(base, DigitsDataset):
-        return (1,) + tuple(base.data.shape[1:])
-    data = getattr(base, "data", None)
-    if data is not None and hasattr(data, "shape") and len(data.shape) == 4:  # torchvision CIFAR: N H W C
-        return (int(data.shape[3]), int(data.shape[1]), int(data.shape[2]))
+    images = array_images(unwrap_subsets(dataset)[0])
+    if images is not None:  # torchvision CIFAR, digits
+        return tuple(images.shape[1:])
     if len(dataset) == 0:
         return None
     # The most common size of the first 64 readable images (the first one on a tie): one odd file that
@@ -508,8 +500,6 @@ def create_transform(config: DataConfig, train: bool, args):
     Raises:
         DataError: an unknown ``--interpolation``, or ``--scale``/``--ratio`` that are not ordered pairs.
     """
-    from shared import augment
-
     base = _base_transform(config, train, args)
     if not train or args.no_aug:
         return base
@@ -522,8 +512,6 @@ def create_transform(config: DataConfig, train: bool, args):
 
 def _base_transform(config: DataConfig, train: bool, args):
     """Crop, resize and flip of :func:`create_transform`, without timm's policies and erasing."""
-    from shared import augment
-
     if config.recipe == "cifar":
         return augment.PadCropFlip(config.crop_padding if train else 0, config.hflip if train else 0.0)
     size = tuple(config.input_size[1:])
@@ -610,14 +598,10 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def indices(self) -> list:
+        generator = None  # evaluation: contiguous chunks
         if self.shuffle:
             generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator)
-            usable = self.world_size * (self.num_samples // self.world_size)
-            return order[self.rank:usable:self.world_size].tolist()
-        base, extra = divmod(self.num_samples, self.world_size)
-        first = self.rank * base + min(self.rank, extra)
-        return list(range(first, first + base + (1 if self.rank < extra else 0)))
+        return shard_positions(self.num_samples, self.rank, self.world_size, generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start:])
@@ -655,17 +639,15 @@ class TorchBatches:
 
     def __init__(self, dataset: Dataset, sampler: EpochSampler, batch_size: int, *, drop_last: bool,
                  workers: int, pin_memory: bool, device: torch.device, mean: Sequence[float], std: Sequence[float]):
-        from shared.prefetch import DevicePrefetcher
-
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
-        self.workers, self.device = workers, device
-        self.pin_memory = pin_memory and device.type == "cuda"
         self.prefetcher = DevicePrefetcher(mean, std, device)
         # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
         # base seed for the workers' torch RNG (unused here), which would otherwise advance the training
         # process's global generator
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler), num_workers=workers,
-                                 pin_memory=self.pin_memory, drop_last=drop_last, persistent_workers=workers > 0,
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler),
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=pin_memory and device.type == "cuda",
+                                 drop_last=drop_last,
                                  generator=torch.Generator())
         self.kind = f"DataLoader(workers={workers})"
 
@@ -686,30 +668,6 @@ class TorchBatches:
         return self.prefetcher(self.loader)
 
 
-class FastBatches:
-    """:class:`shared.fast_loader.DeviceImageLoader` behind the same interface."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.kind = "DeviceImageLoader"
-
-    @property
-    def num_samples(self) -> int:
-        return self.loader.samples_per_epoch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def batches(self, start: int = 0) -> Iterator:
-        # A batch depends only on (seed, epoch, its position): skipping by iterating gives the same rest.
-        for position, batch in enumerate(self.loader):
-            if position >= start:
-                yield batch
-
-
 @dataclasses.dataclass
 class Loaders:
     """train.py's data: the two loaders, the data configuration and a one-line description."""
@@ -727,58 +685,64 @@ def create_datasets(args) -> tuple:
     The raw datasets yield PIL images (no transform); seeded subsets are ``torch.utils.data.Subset``.
     """
     kind = dataset_kind(args)
-    specs = {role: (text, parse_split(text)) for role, text in (("train", args.train_split), ("eval", args.val_split))}
     bases: dict = {}  # canonical split -> raw dataset: 'val' and 'test' of CIFAR are one dataset
-    result, canonical, chosen = {}, {}, {}
-    for role, (text, spec) in specs.items():
-        canonical[role], result[role], chosen[role] = open_split(kind, text, args, bases)
-    train_spec, eval_spec = specs["train"][1], specs["eval"][1]
+    train_key, train_raw, train_chosen = open_split(kind, args.train_split, args, bases)
+    eval_key, eval_raw, eval_chosen = open_split(kind, args.val_split, args, bases)
     # A seeded/counted subset is meant to hold data out: it must not share samples with the other split
     # (also when the other one is the whole split). Two plain full splits are an explicit choice.
-    if canonical["train"] == canonical["eval"] and (train_spec.is_subset or eval_spec.is_subset):
-        shared = set(chosen["train"]) & set(chosen["eval"])
+    if train_key == eval_key and (isinstance(train_raw, Subset) or isinstance(eval_raw, Subset)):
+        shared = set(train_chosen) & set(eval_chosen)
         if shared:
             raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} overlap "
                             f"({len(shared)} shared samples); use complementary subsets with one seed, "
                             f"e.g. train[:0.9]-S and train[0.9:]-S")
-    classes = getattr(bases[canonical["train"]], "classes", None)
-    check_same_classes(classes, getattr(bases[canonical["eval"]], "classes", None), args)
-    num_classes = len(classes) if classes else 0
-    return kind, result["train"], result["eval"], num_classes
+    classes = getattr(bases[train_key], "classes", None)
+    check_same_classes(classes, getattr(bases[eval_key], "classes", None), args)
+    return kind, train_raw, eval_raw, len(classes) if classes else 0
 
 
-def _folder_file_problem(path: str, size_hw: tuple, first_seen: dict, decode: bool) -> Optional[str]:
-    """Why an ImageFolder file cannot be used as a sample at ``size_hw`` (None: it can).
-
-    Reads the header, and with ``decode`` the pixels too (a truncated file has a valid header)."""
-    from PIL import Image
-
+def _link_problem(path: str, first_seen: dict) -> Optional[str]:
+    """Why ``path`` cannot be a sample of its own (None: it can): empty, missing, a second link."""
     try:
         if os.stat(path).st_size == 0:
             return "empty file"
     except OSError:
         return "unreadable"  # a dangling symlink, or removed since the folder was listed
-    real = os.path.realpath(path)
-    if first_seen.setdefault(real, path) != path:
+    if first_seen.setdefault(os.path.realpath(path), path) != path:
         return "read twice"  # a (sym)link to a file that is already a sample (one path in two splits is not)
+    return None
+
+
+def _decoded_size(path: str) -> Optional[tuple]:
+    """``(H, W)`` of the image at ``path``, fully decoded (a truncated file has a valid header)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-        if decode:
-            read_image(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # (DataError is a ValueError)
-        return "unreadable"
-    return None if (height, width) == tuple(size_hw) else "other size"
+        width, height = read_image(path).size
+    except DataError:
+        return None
+    return height, width
 
 
-def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool, decode: bool) -> tuple:
-    """Leave out ImageFolder files neither loader could use as they are, the same for both loaders.
+def _file_problems(paths: Sequence[str], size_hw: tuple, first_seen: dict) -> list:
+    """Why each ImageFolder file cannot be used as a sample at ``size_hw`` (None: it can)."""
+    # In order (the first path of a file is its sample), then the decoding on threads: PIL decodes
+    # without holding the GIL.
+    problems = [_link_problem(path, first_seen) for path in paths]
+    readable = [path for path, problem in zip(paths, problems) if problem is None]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        sizes = dict(zip(readable, pool.map(_decoded_size, readable, chunksize=64)))
+    for position, path in enumerate(paths):
+        if problems[position] is None and sizes[path] != tuple(size_hw):
+            problems[position] = "unreadable" if sizes[path] is None else "other size"
+    return problems
+
+
+def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool) -> tuple:
+    """Leave out ImageFolder files that neither loader could use as they are (both use this screen).
 
     For data used at its native size (the CIFAR recipe, where nothing is resized): empty files,
-    unreadable ones (not an image, a dangling symlink), files of another height x width, and files
-    that are already a sample (a link to another sample, also across the splits: it would be read
-    twice). With ``decode``, files whose pixels cannot be decoded too (for the DataLoader, which would
-    otherwise fail mid-epoch; the fast loader decodes everything up front and leaves them out itself).
+    unreadable ones (not an image, truncated, a dangling symlink), files of another height x width,
+    and files that are already a sample (a link to another sample, also across the splits: it would
+    be read twice). Every file is decoded, so that no loader meets a bad one mid-epoch.
     Returns ``(datasets, note)``: each dataset as a ``Subset`` of its usable samples when some
     were left out, and a note counting them by cause with an example (empty when nothing was left out).
 
@@ -786,28 +750,33 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
         DataError: under ``strict`` (``--data-strict``), naming the first file of each cause.
     """
     first_seen: dict = {}
-    screened, problems = [], {}
+    screened, left_out = [], {}
     for dataset in datasets:
-        base, positions = dataset, list(range(len(dataset)))
-        while isinstance(base, Subset):  # positions in `dataset` -> samples of the ImageFolder
-            positions = [int(base.indices[i]) for i in positions]
-            base = base.dataset
+        base, indices = unwrap_subsets(dataset)
         if not isinstance(getattr(base, "samples", None), list):
             screened.append(dataset)
             continue
-        kept = []
-        for position, sample in enumerate(positions):
-            problem = _folder_file_problem(base.samples[sample][0], size_hw, first_seen, decode)
-            if problem is None:
-                kept.append(position)
-            else:
-                problems.setdefault(problem, []).append(base.samples[sample][0])
+        paths = [base.samples[i][0] for i in (range(len(base)) if indices is None else indices)]
+        problems = _file_problems(paths, size_hw, first_seen)
+        for path, problem in zip(paths, problems):
+            if problem is not None:
+                left_out.setdefault(problem, []).append(path)
+        kept = [position for position, problem in enumerate(problems) if problem is None]
         screened.append(dataset if len(kept) == len(dataset) else Subset(dataset, kept))
-    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})" for cause, paths in problems.items())
+    note = "; ".join(f"{len(paths)} {cause} (e.g. {paths[0]!r})"
+                     for cause, paths in left_out.items())
     if note and strict:
         raise DataError(f"image files that cannot be used at {size_hw[0]}x{size_hw[1]}: {note} (--data-strict; "
                         f"without it they are left out and counted)")
     return screened, note
+
+
+def _first_names(names: list) -> str:
+    """The first ten of ``names`` for a message, and how many more there are."""
+    if not names:
+        return "none"
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return ", ".join(repr(name) for name in names[:10]) + more
 
 
 def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
@@ -818,33 +787,13 @@ def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional
     """
     if train_classes is None or eval_classes is None or list(train_classes) == list(eval_classes):
         return
-    only_train = sorted(set(train_classes) - set(eval_classes))
-    only_eval = sorted(set(eval_classes) - set(train_classes))
-
-    def names(found: list) -> str:
-        return ", ".join(repr(c) for c in found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "") \
-            if found else "none"
-
-    raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have different classes "
-                    f"({len(train_classes)} vs {len(eval_classes)}): only in the training split: {names(only_train)}; "
-                    f"only in the evaluation split: {names(only_eval)}. Labels are class indices in sorted "
-                    f"folder order, so they would mean different classes; give both splits the same class folders")
-
-
-def _dataset_name(args) -> str:
-    return "imagefolder" if args.dataset in _FOLDER_NAMES else args.dataset
-
-
-def dataset_kind(args) -> str:
-    """The kind of data ``--dataset``/``--data-dir`` name (``imagefolder`` for a copy of torch/cifar*)."""
-    return _dataset_kind(args.dataset, args.data_dir, bool(getattr(args, "dataset_download", False)))
-
-
-def with_subset_seed(spec: SplitSpec) -> SplitSpec:
-    """A subset without ``-SEED`` gets :data:`DEFAULT_SUBSET_SEED` (a whole split keeps its order)."""
-    if spec.is_subset and spec.seed is None:
-        return dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
-    return spec
+    only_train = _first_names(sorted(set(train_classes) - set(eval_classes)))
+    only_eval = _first_names(sorted(set(eval_classes) - set(train_classes)))
+    raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} have "
+                    f"different classes ({len(train_classes)} vs {len(eval_classes)}): only in the "
+                    f"training split: {only_train}; only in the evaluation split: {only_eval}. "
+                    f"Labels are class indices in sorted folder order, so they would mean "
+                    f"different classes; give both splits the same class folders")
 
 
 def split_label(text: str) -> str:
@@ -860,7 +809,9 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
     ``bases`` (canonical split -> raw dataset) shares one raw dataset between splits that name it.
     """
     bases = {} if bases is None else bases
-    spec = with_subset_seed(parse_split(text))
+    spec = parse_split(text)
+    if spec.is_subset and spec.seed is None:  # a fixed seed; a whole split keeps its order
+        spec = dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
     key = _canonical_split(kind, spec.base, args)
     if key not in bases:
         bases[key] = _base_dataset(kind, spec.base, args)
@@ -906,80 +857,83 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     kind, train_raw, eval_raw, num_classes = create_datasets(args)
     if args.num_classes is not None:
         if num_classes and args.num_classes < num_classes:
-            raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's {num_classes} classes")
+            raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's "
+                            f"{num_classes} classes")
         num_classes = args.num_classes
     config = resolve_data_config(args, kind, train_raw, num_classes)
-    for name, dataset in (("train", train_raw), ("eval", eval_raw)):
-        if len(dataset) < world_size:
-            raise DataError(f"the {name} split has {len(dataset)} samples, fewer than the {world_size} processes")
-    eval_batch_size = args.validation_batch_size or args.batch_size
-    if len(train_raw) // world_size < args.batch_size:
-        raise DataError(f"the training split has {len(train_raw)} samples ({len(train_raw) // world_size} per process), "
-                        f"fewer than one batch of {args.batch_size}: lower --batch-size")
-
     reason = _fast_loader_reason(config, args, train_raw)
-    use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     if args.fast_loader == "on" and reason is not None:
         raise DataError(f"--fast-loader on cannot be used: {reason}; use --fast-loader auto or off")
+    use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     left_out = ""
     if config.recipe == "cifar":  # native size, nothing resized: both loaders use the same screened files
-        (train_raw, eval_raw), left_out = screen_folder_images(
-            (train_raw, eval_raw), tuple(config.input_size[1:]), bool(getattr(args, "data_strict", False)),
-            decode=not use_fast)  # (the fast loader decodes every file anyway, and leaves out the same ones)
-        if len(train_raw) // world_size < args.batch_size:
-            raise DataError(f"the training split has {len(train_raw)} usable samples, fewer than one batch of "
-                            f"{args.batch_size} per process: lower --batch-size")
-
-    if use_fast:
-        from shared.fast_loader import DeviceImageLoader, decode_to_uint8
-
-        common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
-                      world_size=world_size)
-        from shared.fast_loader import UnreadableImageError
-
         strict = bool(getattr(args, "data_strict", False))
-        try:
-            train_images, train_labels = decode_to_uint8(train_raw, strict=strict)
-            eval_images, eval_labels = decode_to_uint8(eval_raw, strict=strict)
-        except UnreadableImageError as error:
-            raise DataError(f"{error} (--data-strict is set; without it such files are skipped)") from None
-        skipped = (len(train_raw) - len(train_labels)) + (len(eval_raw) - len(eval_labels))
-        if len(train_labels) // world_size < args.batch_size:
-            raise DataError(f"the training split has {len(train_labels)} readable samples, fewer than one batch "
-                            f"of {args.batch_size} per process: lower --batch-size")
-        _check_labels(train_labels, num_classes, "train")
-        _check_labels(eval_labels, num_classes, "eval")
-        train = FastBatches(DeviceImageLoader(
-            train_images, train_labels, args.batch_size, train=True, crop_padding=config.crop_padding,
-            hflip=config.hflip > 0, drop_last=True, **common))
-        evaluation = FastBatches(DeviceImageLoader(
-            eval_images, eval_labels, eval_batch_size, train=False, crop_padding=0, hflip=False,
-            drop_last=False, **common))
-        train_size, eval_size = len(train_labels), len(eval_labels)
+        (train_raw, eval_raw), left_out = screen_folder_images((train_raw, eval_raw),
+                                                               tuple(config.input_size[1:]), strict)
+    for name, dataset in (("train", train_raw), ("eval", eval_raw)):
+        if len(dataset) < world_size:
+            raise DataError(f"the {name} split has {len(dataset)} usable samples, fewer than the "
+                            f"{world_size} processes")
+    if len(train_raw) // world_size < args.batch_size:
+        raise DataError(f"the training split has {len(train_raw)} usable samples "
+                        f"({len(train_raw) // world_size} per process), fewer than one batch of "
+                        f"{args.batch_size}: lower --batch-size")
+    if use_fast:
+        train, evaluation = _device_loaders(train_raw, eval_raw, config, args, device, rank,
+                                            world_size)
     else:
-        skipped = 0
-        train_size, eval_size = len(train_raw), len(eval_raw)
-        train_dataset = AugmentedDataset(train_raw, create_transform(config, True, args), args.seed)
-        eval_dataset = AugmentedDataset(eval_raw, create_transform(config, False, args), args.seed)
-        loader_options = dict(workers=args.workers, pin_memory=args.pin_mem, device=device, mean=config.mean,
-                              std=config.std)
-        train = TorchBatches(train_dataset, EpochSampler(len(train_raw), shuffle=True, seed=args.seed, rank=rank,
-                                                         world_size=world_size),
-                             args.batch_size, drop_last=True, **loader_options)
-        evaluation = TorchBatches(eval_dataset, EpochSampler(len(eval_raw), shuffle=False, seed=args.seed,
-                                                             rank=rank, world_size=world_size),
-                                  eval_batch_size, drop_last=False, **loader_options)
+        train = _torch_loader(train_raw, config, args, device, True, rank, world_size)
+        evaluation = _torch_loader(eval_raw, config, args, device, False, rank, world_size)
+    description = _describe(args, kind, config, len(train_raw), len(eval_raw), train.kind)
+    if left_out:
+        description += f"; left out: {left_out}"
+    if not use_fast and reason and args.fast_loader == "auto":
+        description += f" (fast loader off: {reason})"
+    return Loaders(train, evaluation, config, len(train_raw), len(eval_raw), description)
+
+
+def _describe(args, kind: str, config: DataConfig, train_size: int, eval_size: int,
+              loader: str) -> str:
+    """The ``data:`` line's description of the splits, sizes, input, augmentation and loader."""
     augmentation = ("none" if args.no_aug else
                     f"crop pad {config.crop_padding} + flip {config.hflip}" if config.recipe == "cifar" else
                     f"RandomResizedCrop {config.input_size[1]} + flip {config.hflip}")
-    copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if kind != _dataset_name(args) else ""
-    description = (f"{kind}{copy_of}: train {split_label(args.train_split)} ({train_size} samples), "
-                   f"eval {split_label(args.val_split)} ({eval_size}), {num_classes} classes, input {tuple(config.input_size)}, "
-                   f"augmentation {augmentation}, loader {train.kind}"
-                   + (f", {skipped} unreadable images skipped" if skipped else "")
-                   + (f"; left out: {left_out}" if left_out else "")
-                   + (f" (fast loader off: {reason})" if not use_fast and reason and args.fast_loader == "auto" else ""))
-    return Loaders(train, evaluation, config, train_size, eval_size, description)
+    is_copy = args.dataset in _TORCHVISION_FOLDERS and kind == "imagefolder"
+    copy_of = f" (a copy of {args.dataset} in {args.data_dir})" if is_copy else ""
+    return (f"{kind}{copy_of}: train {split_label(args.train_split)} ({train_size} samples), "
+            f"eval {split_label(args.val_split)} ({eval_size}), {config.num_classes} classes, "
+            f"input {tuple(config.input_size)}, augmentation {augmentation}, loader {loader}")
+
+
+def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, args,
+                    device: torch.device, rank: int, world_size: int) -> tuple:
+    """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two screened datasets."""
+    common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
+                  world_size=world_size)
+    train_images, train_labels = decode_to_uint8(train_raw)
+    eval_images, eval_labels = decode_to_uint8(eval_raw)
+    for name, labels in (("train", train_labels), ("eval", eval_labels)):
+        if labels.numel() and int(labels.max()) >= config.num_classes:
+            raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes "
+                            f"{config.num_classes}")
+    train = DeviceImageLoader(train_images, train_labels, args.batch_size, train=True,
+                              crop_padding=config.crop_padding, hflip=config.hflip > 0,
+                              drop_last=True, **common)
+    eval_batch_size = args.validation_batch_size or args.batch_size
+    evaluation = DeviceImageLoader(eval_images, eval_labels, eval_batch_size, train=False,
+                                   crop_padding=0, hflip=False, drop_last=False, **common)
+    return train, evaluation
+
+
+def _torch_loader(raw: Dataset, config: DataConfig, args, device: torch.device, train: bool,
+                  rank: int = 0, world_size: int = 1) -> TorchBatches:
+    """A :class:`TorchBatches` of one raw dataset with the seeded transform of its role."""
+    dataset = AugmentedDataset(raw, create_transform(config, train, args), args.seed)
+    sampler = EpochSampler(len(raw), shuffle=train, seed=args.seed, rank=rank,
+                           world_size=world_size)
+    batch_size = args.batch_size if train else args.validation_batch_size or args.batch_size
+    return TorchBatches(dataset, sampler, batch_size, drop_last=train, workers=args.workers,
+                        pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)
 
 
 def create_eval_loader(args, device: torch.device) -> tuple:
@@ -989,18 +943,8 @@ def create_eval_loader(args, device: torch.device) -> tuple:
     ``args.validation_batch_size``; the input size defaults to the split's own images.
     """
     kind = dataset_kind(args)
-    key, raw, _ = open_split(kind, args.val_split, args)
-    base = raw.dataset if isinstance(raw, Subset) else raw
-    classes = getattr(base, "classes", None)
+    _, raw, _ = open_split(kind, args.val_split, args)
+    classes = getattr(unwrap_subsets(raw)[0], "classes", None)
     num_classes = args.num_classes or (len(classes) if classes else 0)
     config = resolve_data_config(args, kind, raw, num_classes)
-    dataset = AugmentedDataset(raw, create_transform(config, False, args), args.seed)
-    loader = TorchBatches(dataset, EpochSampler(len(raw), shuffle=False, seed=args.seed),
-                          args.validation_batch_size or args.batch_size, drop_last=False, workers=args.workers,
-                          pin_memory=args.pin_mem, device=device, mean=config.mean, std=config.std)
-    return loader, config
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes {num_classes}")
+    return _torch_loader(raw, config, args, device, train=False), config

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import logging
 import os
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
+import torchvision.datasets
 from torch import Tensor
 
-__all__ = ["DeviceImageLoader", "UnreadableImageError", "decode_to_uint8"]
+from shared.augment import pil_to_uint8
 
-_LOG = logging.getLogger(__name__)
+__all__ = ["DeviceImageLoader", "array_images", "decode_to_uint8", "shard_positions",
+           "unwrap_subsets"]
 
 
 def stream_seed(*parts: int) -> int:
@@ -54,6 +56,21 @@ def _cpu_generator(*parts: int) -> torch.Generator:
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
 
 
+def shard_positions(num_samples: int, rank: int, world_size: int,
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+    """This rank's sample positions of one epoch, in visiting order (both loaders use it).
+
+    With ``generator`` (training): a permutation drawn from it, shared by all ranks, of which rank
+    ``r`` takes positions ``r, r + world_size, ...`` of the first ``world_size * (N // world_size)``
+    entries (every rank the same count). Without (evaluation): the ``rank``-th of ``world_size``
+    contiguous chunks, as ``torch.tensor_split`` cuts them (sizes differ by at most one).
+    """
+    if generator is None:
+        return torch.tensor_split(torch.arange(num_samples), world_size)[rank]
+    permutation = torch.randperm(num_samples, generator=generator)
+    return permutation[rank:world_size * (num_samples // world_size):world_size]
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
@@ -66,6 +83,14 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
     return value
+
+
+def _check_tensor(name: str, value: Any, dim: int, dtype: torch.dtype, expected: str) -> None:
+    if not isinstance(value, Tensor) or value.dim() != dim or value.dtype != dtype:
+        got = type(value).__name__
+        if isinstance(value, Tensor):
+            got = f"{value.dim()}-D {value.dtype} tensor"
+        raise TypeError(f"{name} must be a {expected} tensor, got a {got}")
 
 
 def _channel_vector(name: str, values: Sequence[float], num_channels: int, positive: bool) -> Tensor:
@@ -117,9 +142,6 @@ class DeviceImageLoader:
         seed: base seed (``>= 0``) of the permutation and augmentation streams.
         rank: this process's rank. Default: ``0``.
         world_size: number of ranks. Default: ``1``.
-        channels_last: produce ``torch.channels_last`` batches (same values, other strides; the
-            dataset is then stored channels-last so the gather writes that layout directly).
-            Default: ``False``.
 
     Yields:
         ``(images, targets)``: float32 ``(B, C, H, W)`` on ``device`` and int64 ``(B,)`` on ``device``.
@@ -159,16 +181,9 @@ class DeviceImageLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        channels_last: bool = False,
     ) -> None:
-        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            got = (f"{images.dim()}-D {images.dtype} tensor" if isinstance(images, Tensor)
-                   else type(images).__name__)
-            raise TypeError(f"images must be a 4-D (N, C, H, W) uint8 tensor, got a {got}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype != torch.int64:
-            got = (f"{labels.dim()}-D {labels.dtype} tensor" if isinstance(labels, Tensor)
-                   else type(labels).__name__)
-            raise TypeError(f"labels must be a 1-D int64 tensor, got a {got}")
+        _check_tensor("images", images, 4, torch.uint8, "4-D (N, C, H, W) uint8")
+        _check_tensor("labels", labels, 1, torch.int64, "1-D int64")
         num_samples, num_channels, height, width = images.shape
         if labels.numel() != num_samples:
             raise ValueError(f"labels must have one entry per image: {labels.numel()} labels for {num_samples} images")
@@ -180,7 +195,6 @@ class DeviceImageLoader:
         self.seed = _check_int("seed", seed, 0)
         self.world_size = _check_int("world_size", world_size, 1)
         self.rank = _check_int("rank", rank, 0)
-        self.channels_last = _check_bool("channels_last", channels_last)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if not train and drop_last:
@@ -190,42 +204,42 @@ class DeviceImageLoader:
         self.device = torch.device(device)
         self.num_samples, self.image_shape = num_samples, (num_channels, height, width)
         self.epoch = 0
+        self.kind = type(self).__name__  # the loader description's name, as the DataLoader path's
+        self._set_normalization(mean, std)
+        self._store(images)
+        self._labels = labels.to(self.device)
 
+    def _set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        num_channels, height, width = self.image_shape
         mean = _channel_vector("mean", mean, num_channels, positive=False).double()
         std = _channel_vector("std", std, num_channels, positive=True).double()
         # (x / 255 - mean) / std as one multiply-add; the factors are rounded to float32 once, from
-        # float64. They are stored expanded to a full (1, C, H, W) image in the output layout, so
-        # the in-place ops see a dense inner dimension and vectorize (a (1, C, 1, 1) broadcast
-        # against channels-last data would make the inner loop 3 elements long).
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        self._scale = (1.0 / (255.0 * std)).float().view(1, -1, 1, 1).expand(1, num_channels, height, width)
-        self._shift = (-mean / std).float().view(1, -1, 1, 1).expand(1, num_channels, height, width)
-        self._scale = self._scale.to(self.device, memory_format=layout)
-        self._shift = self._shift.to(self.device, memory_format=layout)
+        # float64. They are stored expanded to a full (1, C, H, W) image, so that the in-place ops
+        # see a dense inner dimension and vectorize.
+        shape = (1, num_channels, height, width)
+        scale, shift = 1.0 / (255.0 * std), -mean / std
+        self._scale = scale.float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
+        self._shift = shift.float().view(1, -1, 1, 1).expand(shape).to(self.device).contiguous()
 
-        # Storage: (copies * N, rows_per_pixel_row, Hp, Wp * pixel_bytes) uint8, where a "pixel" is
-        # one byte (channels-first: C row planes per image) or C bytes (channels-last: one plane).
-        self._pixel_bytes = num_channels if channels_last else 1
-        self._planes = 1 if channels_last else num_channels
-        pad = self.crop_padding if train else 0
+    def _store(self, images: Tensor) -> None:
+        """The padded (and, with the flip, mirrored) dataset on the device, and its row windows."""
+        num_channels, height, width = self.image_shape
+        # Storage: (copies * N, C, Hp, Wp) uint8, the images zero-padded by p on every side.
+        pad = self.crop_padding if self.train else 0
         self._padded_hw = (height + 2 * pad, width + 2 * pad)
         stored = images.to(self.device)
         if pad:
             stored = torch.nn.functional.pad(stored, (pad, pad, pad, pad))  # zero fill, as RandomCrop
-        if train and hflip:
+        if self.train and self.hflip:
             stored = torch.cat([stored, stored.flip(-1)])  # the mirrored copy: flips become offsets
-        if channels_last:
-            stored = stored.permute(0, 2, 3, 1)
-        self._storage = stored.contiguous().view(stored.shape[0], self._planes, *self._padded_hw[:1], -1)
-        # Every window of W pixels that starts at a pixel boundary, as rows of a (num_pixels, W * bytes)
-        # view; a batch gathers B * planes * H of them.
-        row_bytes = width * self._pixel_bytes
-        self._windows = self._storage.view(-1).unfold(0, row_bytes, self._pixel_bytes)
+        self._storage = stored.contiguous()
+        # Every window of W pixels of the storage, as rows of a (num_pixels, W) view; a batch
+        # gathers B * C * H of them.
+        self._windows = self._storage.view(-1).unfold(0, width, 1)
         padded_height, padded_width = self._padded_hw
-        plane_steps = torch.arange(self._planes) * (padded_height * padded_width)
+        plane_steps = torch.arange(num_channels) * (padded_height * padded_width)
         row_steps = torch.arange(height) * padded_width
         self._row_starts = (plane_steps[:, None] + row_steps[None, :]).view(-1).to(self.device)
-        self._labels = labels.to(self.device)
 
     # ------------------------------------------------------------------------------------------
     # sizes and epochs
@@ -236,8 +250,7 @@ class DeviceImageLoader:
         """Samples this rank visits per epoch (before ``drop_last``)."""
         if self.train:
             return self.num_samples // self.world_size
-        start, stop = self._eval_range()
-        return stop - start
+        return len(shard_positions(self.num_samples, self.rank, self.world_size))
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""
@@ -249,20 +262,13 @@ class DeviceImageLoader:
         """Select the epoch whose order and augmentation the next iteration produces."""
         self.epoch = _check_int("epoch", epoch, 0)
 
-    def _eval_range(self) -> tuple[int, int]:
-        # Contiguous chunk r of world_size, like torch.tensor_split: sizes differ by at most one.
-        base, extra = divmod(self.num_samples, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (1 if self.rank < extra else 0)
-
     def epoch_indices(self, epoch: Optional[int] = None) -> Tensor:
         """This rank's sample indices for ``epoch`` (default: the current one), in visiting order (CPU)."""
         if not self.train:
-            return torch.arange(*self._eval_range())
+            return shard_positions(self.num_samples, self.rank, self.world_size)
         epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
-        permutation = torch.randperm(self.num_samples, generator=_cpu_generator(self.seed, epoch, _PERMUTATION_STREAM))
-        usable = self.world_size * (self.num_samples // self.world_size)
-        return permutation[self.rank:usable:self.world_size]
+        generator = _cpu_generator(self.seed, epoch, _PERMUTATION_STREAM)
+        return shard_positions(self.num_samples, self.rank, self.world_size, generator)
 
     def epoch_augmentation(self, epoch: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(row_offsets, col_offsets, flips)`` of this rank's samples for ``epoch``, in visiting order (CPU).
@@ -295,46 +301,47 @@ class DeviceImageLoader:
         padded_height, padded_width = self._padded_hw
         stored_image = indices + flips.long() * self.num_samples
         col_offsets = torch.where(flips, 2 * self.crop_padding - col_offsets, col_offsets)
-        crop_starts = (stored_image * (self._planes * padded_height * padded_width)
+        crop_starts = (stored_image * (self.image_shape[0] * padded_height * padded_width)
                        + row_offsets * padded_width + col_offsets).to(self.device)
         targets = self._labels.index_select(0, indices.to(self.device))  # the epoch's targets, in order
         for batch in range(len(self)):
             positions = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             rows = (crop_starts[positions, None] + self._row_starts).view(-1)
             pixels = self._windows.index_select(0, rows)
-            yield self._normalize(self._as_images(pixels)), targets[positions]
+            yield self._normalize(pixels.view(-1, *self.image_shape)), targets[positions]
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
+        # A batch depends only on (seed, epoch, its position): skipping by iterating keeps the rest.
+        for position, batch in enumerate(self):
+            if position >= start:
+                yield batch
 
     def _eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Contiguous slices of the stored dataset: no gather, no copy before the float conversion.
-        first, stop = self._eval_range()
+        positions = shard_positions(self.num_samples, self.rank, self.world_size)
+        first, stop = int(positions[0]), int(positions[-1]) + 1
         for start in range(first, stop, self.batch_size):
             end = min(start + self.batch_size, stop)
             # A copy of the targets, so that a consumer's in-place edit cannot reach the stored labels.
-            yield self._normalize(self._as_images(self._storage[start:end])), self._labels[start:end].clone()
-
-    def _as_images(self, pixels: Tensor) -> Tensor:
-        """Stored rows (any shape holding whole images) -> ``(B, C, H, W)`` uint8 view in the storage layout."""
-        channels, height, width = self.image_shape
-        if self.channels_last:
-            return pixels.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
-        return pixels.reshape(-1, channels, height, width)
+            yield self._normalize(self._storage[start:end]), self._labels[start:end].clone()
 
     def _normalize(self, images: Tensor) -> Tensor:
-        """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b`` (the conversion keeps the memory layout)."""
+        """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b``."""
         return images.float().mul_(self._scale).add_(self._shift)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(samples={self.num_samples}, image_shape={self.image_shape}, "
                 f"batch_size={self.batch_size}, train={self.train}, crop_padding={self.crop_padding}, "
                 f"hflip={self.hflip}, drop_last={self.drop_last}, device={self.device}, seed={self.seed}, "
-                f"rank={self.rank}, world_size={self.world_size}, channels_last={self.channels_last})")
+                f"rank={self.rank}, world_size={self.world_size})")
 
 
 # ----------------------------------------------------------------------------------------------
 # decoding a torchvision-style dataset
 # ----------------------------------------------------------------------------------------------
 
-def _unwrap_subsets(dataset: Any) -> tuple[Any, Optional[list[int]]]:
+def unwrap_subsets(dataset: Any) -> tuple[Any, Optional[list[int]]]:
     """``Subset(Subset(base, a), b)`` -> ``(base, [a[i] for i in b])``; indices None means all of base."""
     indices: Optional[list[int]] = None
     while isinstance(dataset, torch.utils.data.Subset):
@@ -342,6 +349,18 @@ def _unwrap_subsets(dataset: Any) -> tuple[Any, Optional[list[int]]]:
         indices = outer if indices is None else [outer[i] for i in indices]
         dataset = dataset.dataset
     return dataset, indices
+
+
+def array_images(dataset: Any) -> Optional[Tensor]:
+    """``(N, C, H, W)`` uint8 view of a dataset that keeps its images in one uint8 ``data`` array
+    beside ``targets``: torchvision's CIFAR10/100 (``(N, H, W, C)``), shared.data's digits
+    (``(N, H, W)``). None for other datasets (ImageFolder, or MNIST, whose ``data`` is a tensor)."""
+    data = getattr(dataset, "data", None)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim not in (3, 4)
+            or not hasattr(dataset, "targets")):
+        return None
+    images = torch.from_numpy(data)
+    return images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
 
 
 def _check_raw(dataset: Any) -> None:
@@ -354,30 +373,13 @@ def _check_raw(dataset: Any) -> None:
 
 
 def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
-    """One PIL image, HWC uint8 array or CHW uint8 tensor -> ``(C, H, W)`` uint8 tensor."""
-    import numpy as np
-
-    if isinstance(image, Tensor):
-        if image.dtype != torch.uint8 or image.dim() not in (2, 3):
-            raise TypeError(f"{where}: expected a (C, H, W) uint8 tensor, got a {image.dim()}-D {image.dtype} "
-                            f"tensor (decode_to_uint8 needs raw images, not ToTensor output)")
-        return image if image.dim() == 3 else image.unsqueeze(0)
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise TypeError(f"{where}: expected an (H, W[, C]) uint8 array, got {image.ndim}-D {image.dtype}")
-        array = image if image.ndim == 3 else image[:, :, None]
-        array = np.ascontiguousarray(array)
-        if not array.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on such arrays
-            array = array.copy()
-        return torch.from_numpy(array).permute(2, 0, 1)
-    mode = getattr(image, "mode", None)
-    if mode is None:
-        raise TypeError(f"{where}: expected a PIL image, a uint8 array or a uint8 tensor, got {type(image).__name__}")
-    if mode not in ("L", "RGB", "RGBA"):
+    """One PIL image of mode L, RGB or RGBA -> ``(C, H, W)`` uint8 tensor."""
+    if getattr(image, "mode", None) not in ("L", "RGB", "RGBA"):
         # Palette, 1-bit and 16/32-bit modes would need their own conversion to match ToTensor.
-        raise TypeError(f"{where}: PIL mode {mode!r} is not supported (use 'L', 'RGB' or 'RGBA'; "
-                        f"an ImageFolder loader converts to 'RGB')")
-    return _image_to_chw_uint8(np.asarray(image), where)
+        got = f"PIL mode {image.mode!r}" if hasattr(image, "mode") else type(image).__name__
+        raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, "
+                        f"not ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
+    return pil_to_uint8(image)
 
 
 def _stack(images: list[Tensor], what: str) -> Tensor:
@@ -391,78 +393,25 @@ def _stack(images: list[Tensor], what: str) -> Tensor:
     return torch.stack(images)
 
 
-def _folder_cache_key(samples: list[tuple[str, int]]) -> str:
-    """Hash of the file list: paths, class indices, sizes and modification times."""
-    digest = hashlib.sha256()
-    for path, target in samples:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}\0{target}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded (``strict=True``); the message names the file."""
-
-
-# What PIL (and shared.data.read_image, a ValueError) raise for a truncated, corrupt or non-image file.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError)
-
-
-def _decode_folder(dataset: Any, indices: Optional[list[int]], num_workers: int,
-                   strict: bool) -> tuple[Tensor, Tensor]:
-    samples = dataset.samples if indices is None else [dataset.samples[i] for i in indices]
-    loader = dataset.loader
-
-    def decode(position: int) -> Optional[Tensor]:
-        path = samples[position][0]
-        try:
-            image = loader(path)
-        except _DECODE_ERRORS as error:
-            if strict:
-                raise UnreadableImageError(f"unreadable or corrupt image {path!r}: {error}") from None
-            return None
-        return _image_to_chw_uint8(image, path)
-
-    # PIL releases the GIL while decoding, so threads decode in parallel without pickling images.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-        decoded = list(pool.map(decode, range(len(samples)), chunksize=256))
-    kept = [position for position, image in enumerate(decoded) if image is not None]
-    skipped = [samples[position][0] for position, image in enumerate(decoded) if image is None]
-    if skipped:
-        shown = ", ".join(repr(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-        _LOG.warning("decode_to_uint8: skipped %d unreadable or corrupt image(s) of %d (%s); "
-                     "pass strict=True (train.py: --data-strict) to make this an error",
-                     len(skipped), len(samples), shown)
-    labels = torch.tensor([samples[position][1] for position in kept], dtype=torch.int64)
-    return _stack([decoded[position] for position in kept], type(dataset).__name__), labels
-
-
-def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
-                    num_workers: Optional[int] = None, strict: bool = False) -> tuple[Tensor, Tensor]:
+def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Decode a torchvision-style dataset once into ``(images, labels)`` for :class:`DeviceImageLoader`.
 
     Supported, possibly wrapped in (nested) ``torch.utils.data.Subset``:
 
-    - torchvision ``CIFAR10`` / ``CIFAR100`` and ``MNIST``-like datasets: their in-memory ``data``
-      array is used directly (no per-sample work);
+    - torchvision ``CIFAR10`` / ``CIFAR100`` and shared.data's digits: their in-memory ``data``
+      array is used directly (:func:`array_images`, no per-sample work);
     - ``ImageFolder`` / ``DatasetFolder``: every file is decoded with the dataset's own ``loader``
-      on a thread pool;
-    - any other dataset whose ``dataset[i]`` is ``(image, target)`` with a PIL image (mode L, RGB,
-      RGBA), an ``(H, W[, C])`` uint8 array or a ``(C, H, W)`` uint8 tensor: decoded sample by sample.
+      on a thread pool (PIL releases the GIL while decoding); a file that cannot be decoded raises
+      the loader's error (files a run cannot use are left out before, by shared.data's screen);
+    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA):
+      decoded sample by sample.
 
     The dataset must be raw: its ``transform`` and ``target_transform`` must be ``None`` (the loader
     does crop, flip and normalization itself; a ``ToTensor`` output would be float, not pixels).
 
     Args:
         dataset: the dataset to decode.
-        cache_dir: for folder datasets, a directory where the decoded tensors are saved, keyed by a
-            hash of the file list (paths, class indices, sizes, modification times); a later call
-            with the same files loads them instead of decoding. Default: no cache.
         num_workers: decoding threads for folder datasets. Default: ``os.cpu_count()``.
-        strict: for folder datasets, an unreadable or corrupt image file raises
-            :class:`UnreadableImageError` naming it. Default ``False``: such files are left out
-            (images and labels both) and their count is logged as a warning (logger
-            ``shared.fast_loader``), so the result may hold fewer samples than the dataset.
 
     Returns:
         ``images``: ``(N, C, H, W)`` uint8; ``labels``: ``(N,)`` int64. Both on the CPU.
@@ -470,45 +419,24 @@ def decode_to_uint8(dataset: Any, *, cache_dir: Optional[str] = None,
     if num_workers is None:
         num_workers = os.cpu_count() or 1
     _check_int("num_workers", num_workers, 1)
-    _check_bool("strict", strict)
-    base, indices = _unwrap_subsets(dataset)
+    base, indices = unwrap_subsets(dataset)
     _check_raw(base)
-    name = type(base).__name__
-    selection = slice(None) if indices is None else torch.tensor(indices, dtype=torch.int64)
-
-    from torchvision import datasets
-
-    if isinstance(base, datasets.CIFAR10):  # CIFAR100 is a subclass; data is (N, H, W, 3) uint8
-        images = torch.from_numpy(base.data).permute(0, 3, 1, 2)[selection].contiguous()
-        labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
-        return images, labels
-    if isinstance(base, datasets.MNIST):  # also FashionMNIST, KMNIST, EMNIST, QMNIST: (N, H, W) uint8
-        images = base.data[selection].unsqueeze(1).contiguous()
-        labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
-        if labels.dim() != 1:  # QMNIST keeps extra columns; its class is the first one
-            labels = labels[:, 0].contiguous()
-        return images, labels
-    if isinstance(base, datasets.DatasetFolder):
-        if cache_dir is None:
-            return _decode_folder(base, indices, num_workers, strict)
-        samples = base.samples if indices is None else [base.samples[i] for i in indices]
-        cache_path = os.path.join(cache_dir, f"decoded-{name}-{_folder_cache_key(samples)}.pt")
-        if os.path.exists(cache_path):
-            cached = torch.load(cache_path, weights_only=True)
-            return cached["images"], cached["labels"]
-        images, labels = _decode_folder(base, indices, num_workers, strict)
-        if len(labels) != len(samples):
-            return images, labels  # not cached: a later strict call must see the unreadable files
-        os.makedirs(cache_dir, exist_ok=True)
-        from shared.run_files import atomic_write  # a concurrent reader sees a whole file or none
-
-        atomic_write(cache_path, lambda handle: torch.save({"images": images, "labels": labels}, handle), shared=True)
-        return images, labels
-
     positions = range(len(base)) if indices is None else indices
-    images, labels = [], []
-    for position in positions:
-        image, target = base[position]
-        images.append(_image_to_chw_uint8(image, f"{name}[{position}]"))
-        labels.append(int(target))
-    return _stack(images, name), torch.tensor(labels, dtype=torch.int64)
+    images = array_images(base)
+    if images is not None:  # no per-sample work
+        selection = torch.as_tensor(positions, dtype=torch.int64)
+        labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
+        return images[selection].contiguous(), labels
+    if isinstance(base, torchvision.datasets.DatasetFolder):
+        samples = [base.samples[position] for position in positions]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
+            decoded = pool.map(base.loader, [path for path, _ in samples], chunksize=256)
+            images = [_image_to_chw_uint8(image, path)
+                      for image, (path, _) in zip(decoded, samples)]
+        labels = [target for _, target in samples]
+    else:
+        pairs = [base[position] for position in positions]
+        images = [_image_to_chw_uint8(image, f"{type(base).__name__}[{position}]")
+                  for position, (image, _) in zip(positions, pairs)]
+        labels = [int(target) for _, target in pairs]
+    return _stack(images, type(base).__name__), torch.tensor(labels, dtype=torch.int64)

@@ -1,15 +1,13 @@
 """shared.fast_loader: DeviceImageLoader (augmentation distribution and exactness, epochs, ranks, eval,
-layouts, argument errors) and decode_to_uint8 (datasets, Subsets, folders with unreadable files, cache)."""
+argument errors) and decode_to_uint8 (datasets, Subsets, folders, a corrupt file)."""
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from shared.fast_loader import DeviceImageLoader, UnreadableImageError, decode_to_uint8
+from shared.fast_loader import DeviceImageLoader, decode_to_uint8
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # mean 0, std 1/255: the loader's scale is 1 up to float32 rounding (the std is held in float32) and its
@@ -260,19 +258,6 @@ def test_eval_targets_are_copies():
     assert torch.equal(again, torch.arange(8))
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_channels_last_same_values(train):
-    images = random_images(40)
-    options = dict(batch_size=16, train=train, seed=2) if train else dict(batch_size=16, train=False)
-    plain = batches_of(make_loader(images, **options), 1)
-    last = batches_of(make_loader(images, channels_last=True, **options), 1)
-    assert same_batches(plain, last)
-    loader = make_loader(images, channels_last=True, **options)
-    for batch, _ in loader:
-        assert batch.is_contiguous(memory_format=torch.channels_last)
-        assert batch.dtype == torch.float32 and batch.shape[1:] == (3, 32, 32)
-
-
 def test_single_channel_and_non_square_images():
     images = random_images(20, channels=1, size=16)[:, :, :, :12].contiguous()
     loader = make_loader(images, batch_size=20, mean=(0.5,), std=(0.25,), crop_padding=2, seed=1)
@@ -364,43 +349,18 @@ def write_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=32):
     return root
 
 
-def test_decode_folder_skips_or_refuses_corrupt_files(tmp_path, caplog):
+def test_decode_folder_decodes_every_file_and_names_a_corrupt_one(tmp_path):
     from torchvision import datasets
 
-    from shared.data import read_image
+    from shared.data import DataError, read_image
 
     root = write_folder(tmp_path / "train")
-    (root / "bee" / "9.png").write_bytes(b"not a png at all")
     dataset = datasets.ImageFolder(str(root), loader=read_image)
-    assert len(dataset) == 13
-    with caplog.at_level(logging.WARNING, logger="shared.fast_loader"):
-        images, labels = decode_to_uint8(dataset, num_workers=2)
+    images, labels = decode_to_uint8(dataset, num_workers=2)
     assert images.shape == (12, 3, 32, 32) and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert "skipped 1 unreadable" in caplog.text and "9.png" in caplog.text
-    with pytest.raises(UnreadableImageError, match="9.png"):
-        decode_to_uint8(dataset, strict=True)
-    # Also with torchvision's own loader (PIL's error types).
-    with pytest.raises(UnreadableImageError, match="9.png"):
-        decode_to_uint8(datasets.ImageFolder(str(root)), strict=True)
-    # A result with skipped files is not cached: a strict call still sees the file.
-    cache = tmp_path / "cache"
-    decode_to_uint8(dataset, cache_dir=str(cache))
-    with pytest.raises(UnreadableImageError):
-        decode_to_uint8(dataset, cache_dir=str(cache), strict=True)
-
-
-def test_decode_folder_cache(tmp_path):
-    from PIL import Image
-    from torchvision import datasets
-
-    root = write_folder(tmp_path / "train")
-    dataset = datasets.ImageFolder(str(root))
-    cache = tmp_path / "cache"
-    first = decode_to_uint8(dataset, cache_dir=str(cache))
-    assert len(list(cache.iterdir())) == 1
-    second = decode_to_uint8(dataset, cache_dir=str(cache))
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    # Changing a file changes the key: the cache is not reused.
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "ant" / "0.png")
-    third = decode_to_uint8(datasets.ImageFolder(str(root)), cache_dir=str(cache))
-    assert int(third[0][0].sum()) == 0 and len(list(cache.iterdir())) == 2
+    first = np.array(read_image(dataset.samples[5][0]))
+    assert torch.equal(images[5], torch.from_numpy(first).permute(2, 0, 1))
+    # shared.data's screen leaves such files out first; one that slips through is an error naming it
+    (root / "bee" / "9.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="9.png"):
+        decode_to_uint8(datasets.ImageFolder(str(root), loader=read_image), num_workers=2)
