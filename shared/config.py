@@ -29,8 +29,9 @@ Templates. Any string value (also inside lists and mappings) may hold ``{key}`` 
 with the fully resolved arguments once the command line has been applied: ``experiment:
 c100-rn18-{norm}-s{seed}``, ``train_split: "train[:0.9]-{seed}"``. Item access
 (``{model_kwargs[block_dropout][p]}``) and format specs (``{lr:g}``) work as in ``str.format``;
-attribute access does not (configs never reach code). A brace group that is not a placeholder (a JSON
-or YAML spec such as ``{"subtype": "gbn2d"}``) leaves the string as it is.
+attribute access does not (configs never reach code), nor does a placeholder naming another template.
+Brace text that is not a placeholder (a JSON or YAML spec such as ``{"subtype": "gbn2d"}``) stays as
+it is.
 
 Errors in user input raise :class:`ConfigError` (a ``ValueError``); train.py prints it and exits with
 :data:`EXIT_USAGE`.
@@ -43,7 +44,6 @@ import copy
 import difflib
 import os
 import re
-import string
 import sys
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -58,7 +58,10 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "INTERRUPTED_EXIT_CODE",
     "META_KEYS",
+    "SWEEP_CASES_KEY",
     "create_parser",
+    "actions_by_dest",
+    "check_key",
     "load_config",
     "parse_args",
     "args_to_dict",
@@ -428,8 +431,9 @@ def create_parser() -> argparse.ArgumentParser:
 # YAML files
 # ----------------------------------------------------------------------------------------------
 
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
-    return {action.dest: action for action in parser._actions
+def actions_by_dest(parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """``{dest: action}`` of train.py's flags (``parser``: default :func:`create_parser`), less -h and -c."""
+    return {action.dest: action for action in (parser or create_parser())._actions
             if action.option_strings and action.dest not in ("help", "config")}
 
 
@@ -466,30 +470,31 @@ def _read_yaml(path: str) -> tuple[dict, dict]:
     return data, lines
 
 
+def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) -> None:
+    """A sweep or ``--set`` key must be a train.py argument dest or a dotted path into one."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
+    root = key.split(".", 1)[0]
+    if root not in actions:
+        raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
+
+
 def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
     """``sweep:`` must map argument names (or dotted paths into them, or ``cases``) to non-empty lists."""
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: 'sweep' must be a mapping of argument -> list of values, "
                           f"got {type(grid).__name__}")
-
-    def check_key(key: Any, context: str) -> None:
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
-        root = key.split(".", 1)[0]
-        if root not in actions:
-            raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
-
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
-        if key == SWEEP_CASES_KEY:
-            for number, case in enumerate(values):
-                if not isinstance(case, dict) or not case:
-                    raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, got {case!r}")
-                for case_key in case:
-                    check_key(case_key, f"{where}: sweep.cases[{number}]")
-        else:
-            check_key(key, f"{where}: sweep")
+        if key != SWEEP_CASES_KEY:
+            check_key(key, actions, f"{where}: sweep")
+            continue
+        for number, case in enumerate(values):
+            if not isinstance(case, dict) or not case:
+                raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, got {case!r}")
+            for case_key in case:
+                check_key(case_key, actions, f"{where}: sweep.cases[{number}]")
 
 
 def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
@@ -603,7 +608,7 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
         ConfigError: missing file, YAML syntax error (with line), unknown key (with close matches),
             wrongly typed value, bad ``bases`` or ``sweep``, a cycle of bases.
     """
-    actions = _actions_by_dest(parser or create_parser())
+    actions = actions_by_dest(parser)
     return _load_merged(str(path), actions, ())
 
 
@@ -611,108 +616,74 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 # Templates
 # ----------------------------------------------------------------------------------------------
 
-_PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\])*$")
-# A field that would be a placeholder but for attribute access: ``{seed.real}``, ``{a[b].c}``.
-_ATTRIBUTE_FIELD = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*\.[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*$")
-_FORMATTER = string.Formatter()
+# A placeholder: {key} or {key[item][item]}, with an optional format spec ({lr:g}). JSON or YAML text
+# ('{"subtype": "gbn2d"}', '{subtype: gbn2d, size: 16}') never matches: a quote or a space.
+# The attribute group only exists to refuse {seed.real} loudly rather than leave it in a run name.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)((?:\[[^\[\]{}]+\])*)(\.[\w.\[\]]*)?(?::([^{}\s]*))?\}")
 
 
-def _placeholders(text: str) -> Optional[list]:
-    """The ``{key...}`` fields of ``text``, or None when it is not a template (JSON, YAML, no braces)."""
-    if "{" not in text:
-        return None
-    try:
-        fields = [(name, spec) for _, name, spec, _ in _FORMATTER.parse(text) if name is not None]
-    except ValueError:
-        return None
-    if not fields:
-        return None
-    for name, spec in fields:
-        if spec and re.search(r"\s", spec):
-            return None
-        if _ATTRIBUTE_FIELD.match(name):
-            # Refused loudly rather than left as text: the run would get a literal '{seed.real}' name.
-            raise ConfigError(f"template field {{{name}}} in {text!r}: attribute access is not allowed "
-                              f"(use {{key}} or item access {{key[item]}})")
-        if not _PLACEHOLDER_NAME.match(name):
-            return None
-    return fields
+def _is_template(value: Any) -> bool:
+    """True if ``value`` is, or holds, a string with a ``{key}`` placeholder."""
+    if isinstance(value, str):
+        return _PLACEHOLDER.search(value) is not None
+    if isinstance(value, (list, tuple)):
+        return any(_is_template(item) for item in value)
+    if isinstance(value, dict):
+        return any(_is_template(item) for item in value.values())
+    return False
 
 
-class _TemplateFormatter(string.Formatter):
-    """``str.format`` restricted to item access on the resolved arguments (no attribute access)."""
+def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
+    """The text of one placeholder, formatted from ``values`` (plain values: a template names no template)."""
+    field = match.group(0)
+    name, items, attribute, spec = match.groups()
+    if attribute:
+        raise ConfigError(f"template field {field}: attribute access is not allowed "
+                          f"(use {{key}} or item access {{key[item]}})")
+    if name not in values:
+        raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
+    value = values[name]
+    if _is_template(value):
+        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); a placeholder "
+                          f"may name only plain values")
+    for item in re.findall(r"\[([^\]]+)\]", items):
+        try:  # as str.format: digits index a list, anything else is a mapping key
+            value = value[int(item) if item.isdigit() else item]
+        except (KeyError, IndexError, TypeError):
+            raise ConfigError(f"template field {field}: {name} has no item {item!r} "
+                              f"(its value is {value!r})") from None
+    return format(value, spec or "")
 
-    def __init__(self, resolve):
-        super().__init__()
-        self._resolve = resolve
 
-    def get_field(self, field_name, args, kwargs):
-        first, rest = _formatter_field_name_split(field_name)
-        value = self._resolve(first)
-        for is_attribute, key in rest:
-            if is_attribute:
-                raise ConfigError(f"template field {{{field_name}}}: attribute access is not allowed")
-            try:
-                value = value[key]
-            except (KeyError, IndexError, TypeError):
-                raise ConfigError(f"template field {{{field_name}}}: {first} has no item {key!r} "
-                                  f"(its value is {value!r})") from None
-        return value, first
-
-
-def _formatter_field_name_split(field_name: str):
-    import _string  # CPython's own field-name parser, as used by string.Formatter
-
-    return _string.formatter_field_name_split(field_name)
+def _format_value(value: Any, values: Mapping[str, Any]) -> Any:
+    """``value`` with every placeholder of its strings (inside lists and mappings too) formatted."""
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda match: _field_value(match, values), value)
+    if isinstance(value, list):
+        return [_format_value(item, values) for item in value]
+    if isinstance(value, dict):
+        return {key: _format_value(item, values) for key, item in value.items()}
+    return value
 
 
 def format_templates(values: dict) -> dict:
-    """Format every ``{key}`` template of ``values`` with the (formatted) values themselves.
+    """Format every ``{key}`` template of ``values`` with the values themselves.
 
-    A template may name another templated key; they are resolved in dependency order, and a cycle is
-    an error. Returns a new dict; ``values`` is unchanged.
+    A placeholder names a plain value (not another template). Returns a new dict; ``values`` is
+    unchanged.
 
     Raises:
-        ConfigError: unknown key in a placeholder (with close matches), a cycle, a bad item access.
+        ConfigError: naming the key, its value and the placeholder: an unknown key (with close matches),
+            a key that is itself a template, attribute access, a missing item, a format spec that does
+            not fit the value.
     """
-    resolved: dict = {}
-    in_progress: list = []
-
-    def resolve(key: str) -> Any:
-        if key in resolved:
-            return resolved[key]
-        if key not in values:
-            raise ConfigError(f"template placeholder {{{key}}} names no argument{_close_matches(key, values)}")
-        if key in in_progress:
-            raise ConfigError(f"template cycle: {' -> '.join(in_progress + [key])}")
-        in_progress.append(key)
+    formatted = {}
+    for key, value in values.items():
         try:
-            resolved[key] = render(values[key], key)
-        finally:
-            in_progress.pop()
-        return resolved[key]
-
-    formatter = _TemplateFormatter(resolve)
-
-    def render(value: Any, key: str) -> Any:
-        if isinstance(value, str):
-            try:
-                if _placeholders(value) is None:
-                    return value
-                return formatter.vformat(value, (), {})
-            except ConfigError as error:
-                raise ConfigError(f"{key}: {value!r}: {error}") from None
-            except (ValueError, TypeError) as error:  # a format spec that does not fit the value
-                raise ConfigError(f"{key}: {value!r}: {error}") from None
-        if isinstance(value, list):
-            return [render(item, key) for item in value]
-        if isinstance(value, dict):
-            return {k: render(v, key) for k, v in value.items()}
-        return value
-
-    for name in values:
-        resolve(name)
-    return resolved
+            formatted[key] = _format_value(value, values)
+        except (ValueError, TypeError) as error:  # ConfigError, or a format spec that does not fit
+            raise ConfigError(f"{key}: {value!r}: {error}") from None
+    return formatted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,7 +692,7 @@ def format_templates(values: dict) -> dict:
 
 def parser_defaults() -> dict:
     """``{dest: default}`` of every train.py flag (an argument absent from an older checkpoint had it)."""
-    return {dest: action.default for dest, action in _actions_by_dest(create_parser()).items()}
+    return {dest: action.default for dest, action in actions_by_dest().items()}
 
 
 def args_to_dict(args: argparse.Namespace | Mapping) -> dict:

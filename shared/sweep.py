@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import fnmatch
 import itertools
 import json
@@ -75,11 +74,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from shared import config
+from shared.config import PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, ConfigError
+
 __all__ = [
     "SweepError",
     "SweepRun",
     "PREEMPTED_EXIT_CODE",
-    "CASES_KEY",
     "expand",
     "train_command",
     "run_status",
@@ -90,31 +91,10 @@ __all__ = [
     "main",
 ]
 
-CASES_KEY = "cases"
-SWEEP_KEY = "sweep"
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _TRAIN_SCRIPT = _REPO_ROOT / "train.py"
-
-
-def _preempted_exit_code() -> int:
-    """The exit code train.py uses for "checkpointed after a preemption signal, requeue me".
-
-    75 (EX_TEMPFAIL from sysexits.h, "try again later") unless the harness defines another one.
-    """
-    try:
-        from shared import config
-    except ImportError:
-        return 75
-    for name in ("PREEMPTED_EXIT_CODE", "EXIT_PREEMPTED", "REQUEUE_EXIT_CODE"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return 75
-
-
-PREEMPTED_EXIT_CODE = _preempted_exit_code()
 
 
 class SweepError(ValueError):
@@ -141,67 +121,28 @@ class SweepRun:
     device: Optional[str] = None
 
 
-# ----------------------------------------------------------------------------------------------
-# train.py's configuration code
-# ----------------------------------------------------------------------------------------------
-
-def _config_module():
-    try:
-        from shared import config
-    except ImportError as error:  # pragma: no cover - only before the harness exists
-        raise SweepError(f"shared.config (train.py's configuration code) could not be imported: {error}") from error
-    return config
-
-
-def _parser(config) -> argparse.ArgumentParser:
-    """train.py's argument parser, to turn values into flags and to check the commands."""
-    for name in ("create_parser", "build_parser", "get_parser", "make_parser"):
-        factory = getattr(config, name, None)
-        if callable(factory):
-            return factory()
-    parser = getattr(config, "parser", None)
-    if isinstance(parser, argparse.ArgumentParser):
-        return parser
-    raise SweepError("shared.config exposes no argument parser (create_parser / build_parser / parser)")
-
-
-def _parse(config, argv: Sequence[str]) -> dict:
+def _parse(argv: Sequence[str]) -> dict:
     """Resolve ``argv`` the way train.py does; argparse's exit becomes a SweepError."""
     try:
-        namespace = config.parse_args(list(argv))
+        return vars(config.parse_args(list(argv)))
     except SystemExit as error:
         raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
-    except ValueError as error:  # shared.config.ConfigError: a bad config file, value or template
+    except ConfigError as error:  # a bad config file, value or template
         raise SweepError(f"{shlex.join(argv)}: {error}") from None
-    return dict(vars(namespace)) if not isinstance(namespace, dict) else dict(namespace)
 
 
 # ----------------------------------------------------------------------------------------------
 # The grid
 # ----------------------------------------------------------------------------------------------
 
-def _axes(grid: Any, where: str) -> list:
-    """``sweep:`` -> list of axes, each a list of ``{key or dotted path: value}`` assignments."""
-    if not isinstance(grid, Mapping):
-        raise SweepError(f"{where}: 'sweep' must be a mapping of key -> list of values, got {type(grid).__name__}")
-    axes = []
-    for key, values in grid.items():
-        if not isinstance(key, str) or not key:
-            raise SweepError(f"{where}: sweep keys must be non-empty strings, got {key!r}")
-        if not isinstance(values, list) or not values:
-            raise SweepError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
-        if key == CASES_KEY:
-            for number, case in enumerate(values):
-                if not isinstance(case, Mapping) or not case:
-                    raise SweepError(f"{where}: sweep.cases[{number}] must be a non-empty mapping of "
-                                     f"key -> value, got {case!r}")
-            axes.append([dict(case) for case in values])
-        else:
-            axes.append([{key: value} for value in values])
-    return axes
+def _points(grid: Mapping[str, list], where: str) -> list:
+    """The runs' ``{key or dotted path: value}`` assignments: the product of the grid's axes.
 
-
-def _points(axes: list, where: str) -> list:
+    ``grid`` is a ``sweep:`` that :func:`shared.config.load_config` has checked; each key is an axis of
+    one-key assignments, except ``cases``, an axis of several-key assignments.
+    """
+    axes = [[dict(case) for case in values] if key == SWEEP_CASES_KEY else [{key: value} for value in values]
+            for key, values in grid.items()]
     points = []
     for combination in itertools.product(*axes):
         point: dict = {}
@@ -211,7 +152,7 @@ def _points(axes: list, where: str) -> list:
                     raise SweepError(f"{where}: {key!r} is set by two sweep axes; set it in one only")
                 point[key] = value
         points.append(point)
-    return points or [{}]
+    return points
 
 
 def _set_path(config: dict, path: str, value: Any, where: str) -> None:
@@ -232,10 +173,6 @@ def _set_path(config: dict, path: str, value: Any, where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Values -> train.py flags
 # ----------------------------------------------------------------------------------------------
-
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
-    return {action.dest: action for action in parser._actions if action.option_strings}
-
 
 def _long_flag(action: argparse.Action) -> str:
     # a BooleanOptionalAction (--log-wandb) also owns its longer negative form --no-log-wandb: not the name
@@ -264,11 +201,7 @@ def _kwarg_text(value: Any) -> str:
 
 def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
     """The command-line words that make train.py's ``dest`` equal ``value``."""
-    action = actions.get(dest)
-    if action is None:
-        hint = difflib.get_close_matches(dest, list(actions), n=3)
-        raise SweepError(f"{where}: {dest!r} is not a train.py argument"
-                         + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else ""))
+    action = actions[dest]
     flag = _long_flag(action)
     if action.nargs == 0:  # store_true / store_false / store_const
         if isinstance(action, argparse.BooleanOptionalAction):
@@ -355,64 +288,65 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
         SweepError: bad grid, a key train.py does not know, a value train.py would not read back
             unchanged, an invalid or duplicate run name, or no run left after ``only``.
     """
-    config_module = _config_module()
     path = Path(config_path)
     where = str(path)
-    if not path.is_file():
-        raise SweepError(f"config file {where!r} does not exist")
+    actions = config.actions_by_dest()
     try:
-        merged = config_module.load_config(str(path))
-    except ValueError as error:  # shared.config.ConfigError
+        merged = config.load_config(where)
+        for key in overrides or {}:
+            config.check_key(key, actions, "--set")
+    except ConfigError as error:
         raise SweepError(str(error)) from None
-    if not isinstance(merged, dict):
-        raise SweepError(f"{where}: load_config returned {type(merged).__name__}, expected a mapping")
-    merged = copy.deepcopy(merged)
-    grid = merged.pop(SWEEP_KEY, None)
-    merged.pop("bases", None)
-    points = _points(_axes(grid, where), where) if grid is not None else [{}]
-    overrides = dict(overrides or {})
-    swept = {key for point in points for key in point}
-    clash = sorted(swept & set(overrides))
+    points = _points(merged.pop("sweep", {}), where)
+    clash = sorted({key for point in points for key in point} & set(overrides or {}))
     if clash:
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
-    actions = _actions_by_dest(_parser(config_module))
-    config_arg = _display_path(path)
 
     runs, names = [], {}
     for point in points:
-        assignments = {**overrides, **point}
-        values = copy.deepcopy(merged)
-        for key, value in assignments.items():
-            _set_path(values, key, value, where)
-        touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
-        flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {len(runs)})") for dest in touched}
-        resolved = _parse(config_module, ["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
-        # The command carries the resolved name instead of a (case's) experiment template.
-        args = ["-c", config_arg] + [t for dest, tokens in flags.items() if dest != "experiment" for t in tokens]
-        name = resolved.get("experiment")
-        if not isinstance(name, str) or not name:
-            raise SweepError(f"{where}: run {len(runs)} ({point}) has no experiment name; set "
-                             f"`experiment:` to a template such as 'c100-rn18-{{norm}}-s{{seed}}'")
-        if not _NAME_PATTERN.match(name):
-            raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
-                             f"(letters, digits and . _ = + - only); change the experiment template")
-        for dest in touched:
-            if dest != "experiment" and not _has_template(values[dest]) and not _same(values[dest], resolved.get(dest)):
-                raise SweepError(f"{where}: train.py reads {dest}={resolved.get(dest)!r} back from "
-                                 f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
-        if name in names:
-            raise SweepError(f"{where}: runs {names[name]} ({points[names[name]]}) and {len(runs)} ({point}) "
-                             f"are both named {name!r}; make the experiment template use the swept keys")
-        names[name] = len(runs)
-        output = resolved.get("output") or "output"
-        args += ["--experiment", name, "--resume", "auto"]
-        runs.append(SweepRun(len(runs), name, dict(point), tuple(args), Path(output) / name, resolved.get("device")))
+        run = _make_run(path, merged, point, overrides or {}, actions, len(runs))
+        if run.name in names:
+            raise SweepError(f"{where}: runs {names[run.name]} ({points[names[run.name]]}) and {run.index} "
+                             f"({point}) are both named {run.name!r}; make the experiment template use the "
+                             f"swept keys")
+        names[run.name] = run.index
+        runs.append(run)
     if only:
         runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
         if not runs:
             raise SweepError(f"{where}: no run name matches --only {only!r}")
         runs = [dataclasses.replace(r, index=i) for i, r in enumerate(runs)]
     return runs
+
+
+def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any], actions: dict,
+              index: int) -> SweepRun:
+    """Run ``index``: the config's values with ``point`` and ``overrides`` set, as train.py flags."""
+    where = str(path)
+    values = copy.deepcopy(merged)
+    assignments = {**overrides, **point}
+    for key, value in assignments.items():
+        _set_path(values, key, value, where)
+    touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
+    flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})") for dest in touched}
+    config_arg = _display_path(path)
+    resolved = _parse(["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
+    # The command carries the resolved name instead of a (case's) experiment template.
+    args = ["-c", config_arg] + [t for dest, tokens in flags.items() if dest != "experiment" for t in tokens]
+    name = resolved["experiment"]
+    if not name:
+        raise SweepError(f"{where}: run {index} ({point}) has no experiment name; set "
+                         f"`experiment:` to a template such as 'c100-rn18-{{norm}}-s{{seed}}'")
+    if not _NAME_PATTERN.match(name):
+        raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
+                         f"(letters, digits and . _ = + - only); change the experiment template")
+    for dest in touched:
+        if dest != "experiment" and not _has_template(values[dest]) and not _same(values[dest], resolved[dest]):
+            raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
+                             f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
+    args += ["--experiment", name, "--resume", "auto"]
+    return SweepRun(index, name, dict(point), tuple(args), Path(resolved["output"] or "output") / name,
+                    resolved["device"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,12 +545,11 @@ def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
     values) becomes a grid over ``index``, each agent call running ``python -m shared.sweep CONFIG
     --index I``, which gives the same runs and names.
     """
-    config_module = _config_module()
-    actions = _actions_by_dest(_parser(config_module))
+    actions = config.actions_by_dest()
     config_arg = _display_path(Path(config_path))
     keys = list(dict.fromkeys(k for r in runs for k in r.point))
     simple = all(
-        key != CASES_KEY and "." not in key and key in actions and actions[key].nargs is None
+        key != SWEEP_CASES_KEY and "." not in key and key in actions and actions[key].nargs is None
         and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
                 for r in runs)
         for key in keys)
