@@ -29,9 +29,9 @@ Templates. Any string value (also inside lists and mappings) may hold ``{key}`` 
 with the fully resolved arguments once the command line has been applied: ``experiment:
 c100-rn18-{norm}-s{seed}``, ``train_split: "train[:0.9]-{seed}"``. Item access
 (``{model_kwargs[block_dropout][p]}``) and format specs (``{lr:g}``) work as in ``str.format``;
-attribute access does not (configs never reach code), nor does a placeholder naming another template.
-Brace text that is not a placeholder (a JSON or YAML spec such as ``{"subtype": "gbn2d"}``) stays as
-it is.
+attribute access does not (configs never reach code), nor does a placeholder naming another
+template. Brace text that is not a placeholder (a JSON or YAML spec such as ``{"subtype": "gbn2d"}``)
+stays as it is.
 
 Errors in user input raise :class:`ConfigError` (a ``ValueError``); train.py prints it and exits with
 :data:`EXIT_USAGE`.
@@ -432,7 +432,7 @@ def create_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 def actions_by_dest(parser: Optional[argparse.ArgumentParser] = None) -> dict:
-    """``{dest: action}`` of train.py's flags (``parser``: default :func:`create_parser`), less -h and -c."""
+    """``{dest: action}`` of train.py's flags but -h and -c (``parser``: :func:`create_parser`)."""
     return {action.dest: action for action in (parser or create_parser())._actions
             if action.option_strings and action.dest not in ("help", "config")}
 
@@ -476,7 +476,8 @@ def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) ->
         raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
     root = key.split(".", 1)[0]
     if root not in actions:
-        raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
+        hint = _close_matches(root, actions)
+        raise ConfigError(f"{context}: {key!r} is not a train.py argument{hint}")
 
 
 def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
@@ -492,7 +493,8 @@ def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) 
             continue
         for number, case in enumerate(values):
             if not isinstance(case, dict) or not case:
-                raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, got {case!r}")
+                raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, "
+                                  f"got {case!r}")
             for case_key in case:
                 check_key(case_key, actions, f"{where}: sweep.cases[{number}]")
 
@@ -616,8 +618,8 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 # Templates
 # ----------------------------------------------------------------------------------------------
 
-# A placeholder: {key} or {key[item][item]}, with an optional format spec ({lr:g}). JSON or YAML text
-# ('{"subtype": "gbn2d"}', '{subtype: gbn2d, size: 16}') never matches: a quote or a space.
+# A placeholder: {key} or {key[item][item]}, with an optional format spec ({lr:g}). JSON or YAML
+# text ('{"subtype": "gbn2d"}', '{subtype: gbn2d, size: 16}') never matches: a quote or a space.
 # The attribute group only exists to refuse {seed.real} loudly rather than leave it in a run name.
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)((?:\[[^\[\]{}]+\])*)(\.[\w.\[\]]*)?(?::([^{}\s]*))?\}")
 
@@ -634,18 +636,19 @@ def _is_template(value: Any) -> bool:
 
 
 def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
-    """The text of one placeholder, formatted from ``values`` (plain values: a template names no template)."""
+    """The text of one placeholder, formatted from ``values`` (a plain value, not a template)."""
     field = match.group(0)
     name, items, attribute, spec = match.groups()
     if attribute:
         raise ConfigError(f"template field {field}: attribute access is not allowed "
                           f"(use {{key}} or item access {{key[item]}})")
     if name not in values:
-        raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
+        hint = _close_matches(name, values)
+        raise ConfigError(f"template placeholder {{{name}}} names no argument{hint}")
     value = values[name]
     if _is_template(value):
-        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); a placeholder "
-                          f"may name only plain values")
+        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
+                          f"a placeholder may name only plain values")
     for item in re.findall(r"\[([^\]]+)\]", items):
         try:  # as str.format: digits index a list, anything else is a mapping key
             value = value[int(item) if item.isdigit() else item]
@@ -673,9 +676,9 @@ def format_templates(values: dict) -> dict:
     unchanged.
 
     Raises:
-        ConfigError: naming the key, its value and the placeholder: an unknown key (with close matches),
-            a key that is itself a template, attribute access, a missing item, a format spec that does
-            not fit the value.
+        ConfigError: naming the key, its value and the placeholder: an unknown key (with close
+            matches), a key that is itself a template, attribute access, a missing item, a format
+            spec that does not fit the value.
     """
     formatted = {}
     for key, value in values.items():

@@ -138,11 +138,11 @@ def _parse(argv: Sequence[str]) -> dict:
 def _points(grid: Mapping[str, list], where: str) -> list:
     """The runs' ``{key or dotted path: value}`` assignments: the product of the grid's axes.
 
-    ``grid`` is a ``sweep:`` that :func:`shared.config.load_config` has checked; each key is an axis of
-    one-key assignments, except ``cases``, an axis of several-key assignments.
+    ``grid`` is a ``sweep:`` that :func:`shared.config.load_config` has checked; each key is an axis
+    of one-key assignments, except ``cases``, an axis of several-key assignments.
     """
-    axes = [[dict(case) for case in values] if key == SWEEP_CASES_KEY else [{key: value} for value in values]
-            for key, values in grid.items()]
+    axes = [[dict(case) for case in values] if key == SWEEP_CASES_KEY
+            else [{key: value} for value in values] for key, values in grid.items()]
     points = []
     for combination in itertools.product(*axes):
         point: dict = {}
@@ -259,10 +259,8 @@ def _parse_set(items: Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise SweepError(f"--set expects key=value, got {item!r}")
-        from shared.config import ConfigError, load_bounded_yaml  # the limits of config files
-
-        try:
-            value = load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
+        try:  # the limits of config files
+            value = config.load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
         except yaml.YAMLError:
             value = text
         except ConfigError as error:
@@ -306,8 +304,9 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     for point in points:
         run = _make_run(path, merged, point, overrides or {}, actions, len(runs))
         if run.name in names:
-            raise SweepError(f"{where}: runs {names[run.name]} ({points[names[run.name]]}) and {run.index} "
-                             f"({point}) are both named {run.name!r}; make the experiment template use the "
+            first = names[run.name]
+            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({point}) "
+                             f"are both named {run.name!r}; make the experiment template use the "
                              f"swept keys")
         names[run.name] = run.index
         runs.append(run)
@@ -321,18 +320,20 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
 
 def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any], actions: dict,
               index: int) -> SweepRun:
-    """Run ``index``: the config's values with ``point`` and ``overrides`` set, as train.py flags."""
+    """Run ``index``: the config with ``point`` and ``overrides`` set, as train.py flags."""
     where = str(path)
     values = copy.deepcopy(merged)
     assignments = {**overrides, **point}
     for key, value in assignments.items():
         _set_path(values, key, value, where)
     touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
-    flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})") for dest in touched}
+    flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})")
+             for dest in touched}
     config_arg = _display_path(path)
     resolved = _parse(["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
     # The command carries the resolved name instead of a (case's) experiment template.
-    args = ["-c", config_arg] + [t for dest, tokens in flags.items() if dest != "experiment" for t in tokens]
+    args = ["-c", config_arg]
+    args += [word for dest, tokens in flags.items() if dest != "experiment" for word in tokens]
     name = resolved["experiment"]
     if not name:
         raise SweepError(f"{where}: run {index} ({point}) has no experiment name; set "
@@ -341,7 +342,9 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
         raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
                          f"(letters, digits and . _ = + - only); change the experiment template")
     for dest in touched:
-        if dest != "experiment" and not _has_template(values[dest]) and not _same(values[dest], resolved[dest]):
+        if dest == "experiment" or _has_template(values[dest]):
+            continue  # train.py formats these: they do not read back as written
+        if not _same(values[dest], resolved[dest]):
             raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
                              f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
     args += ["--experiment", name, "--resume", "auto"]
@@ -377,14 +380,12 @@ class Launch:
         return self.nproc_per_node > 1 or self.nnodes > 1
 
 
-def train_command(run: SweepRun, nproc_per_node: int = 1, python: Optional[str] = None,
-                  launch: Optional[Launch] = None) -> list:
+def train_command(run: SweepRun, python: Optional[str] = None, launch: Launch = Launch()) -> list:
     """The command line that trains ``run`` (from the repository root or any directory).
 
-    ``launch`` (default: ``Launch(nproc_per_node)``) > 1 process: torchrun as ``python -m
-    torch.distributed.run`` with this interpreter, so it is the project's torch without PATH lookups.
+    A ``launch`` of more than one process runs torchrun as ``python -m torch.distributed.run`` with
+    this interpreter, so it is the project's torch without PATH lookups.
     """
-    launch = launch or Launch(nproc_per_node)
     python = python or sys.executable
     script = _display_path(_TRAIN_SCRIPT)
     if not launch.distributed:
@@ -449,9 +450,8 @@ def _child_env(launch: Launch) -> Optional[dict]:
     return dict(os.environ, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
-def execute(run: SweepRun, nproc_per_node: int = 1, launch: Optional[Launch] = None) -> int:
+def execute(run: SweepRun, launch: Launch = Launch()) -> int:
     """Run one training launch, forwarding the first SIGUSR1/SIGTERM to it; return the run's exit code."""
-    launch = launch or Launch(nproc_per_node)
     command = train_command(run, launch=launch)
     print(f"[sweep] run {run.index} {run.name}: {shlex.join(command)}", flush=True)
     started = time.time()
@@ -522,10 +522,8 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
     return shlex.join(command)
 
 
-def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1,
-               launch: Optional[Launch] = None) -> None:
+def write_list(runs: Sequence[SweepRun], path: os.PathLike, launch: Launch = Launch()) -> None:
     """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
-    launch = launch or Launch(nproc_per_node)
     from shared.run_files import atomic_write_text
 
     path = Path(path)
@@ -606,6 +604,24 @@ def _check_gpu(run: SweepRun) -> None:
                      f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
 
 
+def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
+    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents)."""
+    try:
+        index = int(options.index)
+    except ValueError:
+        raise SweepError(f"--index must be an integer, got {options.index!r}") from None
+    if not 0 <= index < len(runs):
+        raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
+                         f"(valid: 0..{len(runs) - 1})")
+    run = runs[index]
+    if run_status(run) == "finished":
+        print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
+        return 0
+    if options.require_gpu:
+        _check_gpu(run)
+    return execute(run, launch=launch)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _build_parser().parse_args(argv)
     try:
@@ -624,20 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
             print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
         if options.index is not None:
-            try:
-                index = int(options.index)
-            except ValueError:
-                raise SweepError(f"--index must be an integer, got {options.index!r}") from None
-            if not 0 <= index < len(runs):
-                raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
-                                 f"(valid: 0..{len(runs) - 1})")
-            run = runs[index]
-            if run_status(run) == "finished":
-                print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
-                return 0
-            if options.require_gpu:
-                _check_gpu(run)
-            return execute(run, launch=launch)
+            return _run_index(runs, options, launch)
         if options.run:
             return _run_all(runs, launch)
         if options.dry_run or not (options.count or options.write_list or options.wandb_sweep):
