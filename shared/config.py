@@ -59,6 +59,11 @@ __all__ = [
     "INTERRUPTED_EXIT_CODE",
     "META_KEYS",
     "SWEEP_CASES_KEY",
+    "ParseKwargs",
+    "choice_type",
+    "spec_type",
+    "read_spec_text",
+    "load_bounded_yaml",
     "create_parser",
     "actions_by_dest",
     "check_key",
@@ -175,25 +180,37 @@ def load_bounded_yaml(text: str, where: str) -> tuple:
         loader.dispose()
 
 
-def _spec_text(text: str) -> Any:
-    """``--norm`` value: structured text (``[...]`` / ``{...}``) is read as YAML, else kept as a string.
+def read_spec_text(spec: Any, where: str = "--norm") -> Any:
+    """A norm spec with its structured text (``[...]`` / ``{...}``) read as YAML, within the limits above.
 
     So ``--norm '[ln, gnir12]'`` and the YAML list ``norm: [ln, gnir12]`` resolve to the same value
     (the spec parser accepts both forms; the sweep tool checks that a flag reads back unchanged). The
-    reference implementation's JSON with Python's ``True``/``False`` is valid YAML too.
+    reference implementation's JSON with Python's ``True``/``False`` is valid YAML too. Anything else,
+    and text that is not valid YAML (the spec parser reports what is wrong with it), is returned as is.
+
+    Raises:
+        ConfigError: the text nests or expands past the YAML limits (naming ``where``).
     """
-    stripped = text.strip()
-    if stripped[:1] in "[{":
-        try:
-            return load_bounded_yaml(stripped, "--norm")[1]
-        except yaml.YAMLError:
-            return text  # the spec parser reports what is wrong with it
-        except ConfigError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    if not isinstance(spec, str) or spec.strip()[:1] not in "[{":
+        return spec
+    try:
+        return load_bounded_yaml(spec.strip(), where)[1]
+    except yaml.YAMLError:
+        return spec
 
 
-def _choice_text(choices: Sequence[str]):
+def spec_type(text: str) -> Any:
+    """argparse type of ``--norm``: :func:`read_spec_text`, a limit error as a usage error."""
+    try:
+        return read_spec_text(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def choice_type(choices: Sequence[str]):
+    """argparse type: one of ``choices`` (listed in the error); :func:`load_config` checks YAML values
+    with it too, through its ``choices`` attribute."""
+
     def parse(text: str) -> str:
         if text not in choices:
             raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
@@ -233,12 +250,12 @@ def create_parser() -> argparse.ArgumentParser:
                        help="an image file neither loader can use as it is (empty, unreadable, another size at "
                             "native size, a second link to one file) is an error naming it (default: left out, "
                             "counted by cause in the data: line)")
-    group.add_argument("--fast-loader", default="auto", type=_choice_text(("auto", "on", "off")),
+    group.add_argument("--fast-loader", default="auto", type=choice_type(("auto", "on", "off")),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
-    group.add_argument("--norm", default=None, type=_spec_text, metavar="SPEC",
+    group.add_argument("--norm", default=None, type=spec_type, metavar="SPEC",
                        help="norm/noise spec for every norm site: bn, gbn16, gni16, nat8, xbn32, ln, gn32, a "
                             "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
@@ -282,7 +299,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="drop path rate (passed to the model as drop_path_rate when set)")
     group.add_argument("--sync-bn", action="store_true", default=False,
                        help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
-    group.add_argument("--dist-bn", type=_choice_text(("reduce", "broadcast", "")), default="reduce",
+    group.add_argument("--dist-bn", type=choice_type(("reduce", "broadcast", "")), default="reduce",
                        help="under DDP, before each evaluation: average (reduce) the norm layers' running "
                             "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
@@ -376,7 +393,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="checkpoint-EPOCH.pth.tar files kept besides last and best")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
     group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
-    group.add_argument("--amp-dtype", default="float16", type=_choice_text(("float16", "bfloat16")),
+    group.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")),
                        help="autocast dtype; float16 adds a gradient scaler")
     group.add_argument("--pin-mem", action="store_true", default=False,
                        help="pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
@@ -392,7 +409,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
                        help="evaluate every this many epochs (and always after the last); the best checkpoint is "
                             "chosen among evaluated epochs")
-    group.add_argument("--eval-metric", default="top1", type=_choice_text(("top1", "top5", "loss")),
+    group.add_argument("--eval-metric", default="top1", type=choice_type(("top1", "top5", "loss")),
                        help="metric of the best checkpoint (loss: lowest)")
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
@@ -408,7 +425,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
-    group.add_argument("--nonfinite", default="stop", type=_choice_text(("stop", "skip")),
+    group.add_argument("--nonfinite", default="stop", type=choice_type(("stop", "skip")),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
     group.add_argument("--log-noise-every", type=int, default=None, metavar="K",
@@ -519,11 +536,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     if dest == "norm":
         if not isinstance(value, (str, list, dict)):
             raise fail("a spec (string, mapping or list)")
-        if isinstance(value, str) and value.strip()[:1] in "[{":  # spec text, parsed later by shared.specs
-            try:
-                load_bounded_yaml(value, f"{where}: norm")
-            except yaml.YAMLError:
-                pass  # the spec parser reports what is wrong with it
+        read_spec_text(value, f"{where}: norm")  # only the limits: spec text stays text, as written
         return copy.deepcopy(value)
     if dest == "torchcompile" and isinstance(value, bool):
         return action.const if value else None
