@@ -95,17 +95,6 @@ class ConfigError(ValueError):
 # Argument types
 # ----------------------------------------------------------------------------------------------
 
-def _literal(text: str) -> Any:
-    """A Python literal (``1``, ``0.5``, ``True``, ``[1, 2]``, ``{'p': 0.1}``) or else the text itself.
-
-    The reading of timm's ``ParseKwargs``; ``ast.literal_eval`` evaluates literals only, never code.
-    """
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
-
-
 class ParseKwargs(argparse.Action):
     """``--model-kwargs a=1 b=relu c="{'p': 0.1}"`` -> ``{'a': 1, 'b': 'relu', 'c': {'p': 0.1}}``.
 
@@ -119,7 +108,10 @@ class ParseKwargs(argparse.Action):
             key, sep, text = item.partition("=")
             if not sep or not key:
                 parser.error(f"{option_string} expects key=value items, got {item!r}")
-            kwargs[key] = _literal(text)
+            try:  # a Python literal, as timm reads it (literal_eval evaluates literals only, never code)
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                kwargs[key] = text  # anything else is the text itself: b=relu
         setattr(namespace, self.dest, kwargs)
 
 
