@@ -58,6 +58,7 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "INTERRUPTED_EXIT_CODE",
     "META_KEYS",
+    "SWEEP_KEY",
     "SWEEP_CASES_KEY",
     "ParseKwargs",
     "choice_type",
@@ -83,7 +84,10 @@ EXIT_NONFINITE = 3       # the loss became NaN/inf: the last good checkpoint (if
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; requeue with --resume auto
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpointed; --resume auto continues
 
-META_KEYS = ("bases", "sweep")
+# Config keys that are not train.py arguments, and the reserved sweep key of several-key cases.
+BASES_KEY = "bases"
+SWEEP_KEY = "sweep"
+META_KEYS = (BASES_KEY, SWEEP_KEY)
 SWEEP_CASES_KEY = "cases"
 
 
@@ -173,7 +177,7 @@ def load_bounded_yaml(text: str, where: str) -> tuple:
 
 
 def read_spec_text(spec: Any, where: str = "--norm") -> Any:
-    """A norm spec with its structured text (``[...]`` / ``{...}``) read as YAML, within the limits above.
+    """A norm spec with its structured text (``[...]`` / ``{...}``) read as YAML, within the limits.
 
     So ``--norm '[ln, gnir12]'`` and the YAML list ``norm: [ln, gnir12]`` resolve to the same value
     (the spec parser accepts both forms; the sweep tool checks that a flag reads back unchanged). The
@@ -472,11 +476,8 @@ def _read_yaml(path: str) -> tuple[dict, dict]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of argument names to values, "
                           f"got a {type(data).__name__}")
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            lines[key_node.value] = key_node.start_mark.line + 1
-    return data, lines
+    # a mapping document composes to a MappingNode: its key nodes know their lines
+    return data, {key.value: key.start_mark.line + 1 for key, _ in node.value}
 
 
 def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) -> None:
@@ -574,22 +575,22 @@ def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple
         cycle = " -> ".join(os.path.relpath(p) for p in (*chain, real))
         raise ConfigError(f"config bases form a cycle: {cycle}")
     data, lines = _read_yaml(path)
-    bases = data.pop("bases", None) or []
+    bases = data.pop(BASES_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise ConfigError(f"{path}, line {lines.get('bases', '?')}: 'bases' must be a list of relative paths, "
+        raise ConfigError(f"{path}, line {lines.get(BASES_KEY, '?')}: 'bases' must be a list of relative paths, "
                           f"got {bases!r}")
     merged: dict = {}
     for base in bases:
-        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        base_path = os.path.join(os.path.dirname(path), base)  # an absolute base stays as it is
         if not os.path.isfile(base_path):
-            raise ConfigError(f"{path}, line {lines.get('bases', '?')}: base config {base!r} not found "
+            raise ConfigError(f"{path}, line {lines.get(BASES_KEY, '?')}: base config {base!r} not found "
                               f"(looked for {os.path.normpath(base_path)})")
         merged.update(_load_merged(base_path, actions, (*chain, real)))
     for key, value in data.items():
         where = f"{path}, line {lines.get(key, '?')}"
-        if key == "sweep":
+        if key == SWEEP_KEY:
             _check_sweep(value, actions, where)
             merged[key] = value
             continue
@@ -736,7 +737,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
         values = load_config(known.config, parser)
-        values.pop("sweep", None)
+        values.pop(SWEEP_KEY, None)
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     return argparse.Namespace(**format_templates(vars(args)))

@@ -62,6 +62,7 @@ import dataclasses
 import fnmatch
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -75,7 +76,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import yaml
 
 from shared import config
-from shared.config import PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, ConfigError
+from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEEP_KEY, ConfigError
 
 __all__ = [
     "SweepError",
@@ -220,23 +221,14 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
     return [flag, _text(value)]
 
 
-def _same(expected: Any, got: Any) -> bool:
-    if isinstance(expected, (list, tuple)) and isinstance(got, (list, tuple)):
-        return len(expected) == len(got) and all(_same(a, b) for a, b in zip(expected, got))
-    if isinstance(expected, Mapping) and isinstance(got, Mapping):
-        return set(expected) == set(got) and all(_same(expected[k], got[k]) for k in expected)
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(expected, bool):
-        return float(expected) == float(got)
-    return expected == got
-
-
-def _has_template(value: Any) -> bool:
+def _has_braces(value: Any) -> bool:
+    """True if a string of ``value`` holds ``{``: a template or spec text, which train.py rewrites."""
     if isinstance(value, str):
         return "{" in value
     if isinstance(value, Mapping):
-        return any(_has_template(v) for v in value.values())
+        return any(_has_braces(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_has_template(v) for v in value)
+        return any(_has_braces(v) for v in value)
     return False
 
 
@@ -295,7 +287,7 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
             config.check_key(key, actions, "--set")
     except ConfigError as error:
         raise SweepError(str(error)) from None
-    points = _points(merged.pop("sweep", {}), where)
+    points = _points(merged.pop(SWEEP_KEY, {}), where)
     clash = sorted({key for point in points for key in point} & set(overrides or {}))
     if clash:
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
@@ -342,9 +334,10 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
         raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
                          f"(letters, digits and . _ = + - only); change the experiment template")
     for dest in touched:
-        if dest == "experiment" or _has_template(values[dest]):
-            continue  # train.py formats these: they do not read back as written
-        if not _same(values[dest], resolved[dest]):
+        if dest == "experiment" or _has_braces(values[dest]):
+            continue  # train.py formats or parses these: they do not read back as written
+        # YAML and argparse both give lists (never tuples), and 1 == 1.0 as argparse turns 1 into 1.0
+        if values[dest] != resolved[dest]:
             raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
                              f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
     args += ["--experiment", name, "--resume", "auto"]
@@ -540,23 +533,22 @@ def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
 
     A sweep over plain train.py flags with scalar values becomes a grid over those flags with
     ``program: train.py``. Anything a wandb grid cannot express (``cases``, dotted paths, structured
-    values) becomes a grid over ``index``, each agent call running ``python -m shared.sweep CONFIG
-    --index I``, which gives the same runs and names.
+    values, runs that are not every combination of the values) becomes a grid over ``index``, each
+    agent call running ``python -m shared.sweep CONFIG --index I``, which gives the same runs and names.
     """
     actions = config.actions_by_dest()
     config_arg = _display_path(Path(config_path))
     keys = list(dict.fromkeys(k for r in runs for k in r.point))
     simple = all(
-        key != SWEEP_CASES_KEY and "." not in key and key in actions and actions[key].nargs is None
+        "." not in key and actions[key].nargs is None
         and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
                 for r in runs)
         for key in keys)
+    values = {key: list(dict.fromkeys(r.point[key] for r in runs)) for key in keys} if simple else {}
     base = {"name": Path(config_path).stem, "method": "grid", "program": _display_path(_TRAIN_SCRIPT)}
-    if simple and keys:
-        parameters = {}
-        for key in keys:
-            flag = _long_flag(actions[key])[2:]
-            parameters[flag] = {"values": list(dict.fromkeys(r.point[key] for r in runs))}
+    # A grid over flags runs every combination of their values: right only if the runs are all of them
+    if values and math.prod(len(v) for v in values.values()) == len(runs):
+        parameters = {_long_flag(actions[key])[2:]: {"values": v} for key, v in values.items()}
         return {**base, "parameters": parameters,
                 "command": ["${env}", "${interpreter}", "${program}", "-c", config_arg, "--resume", "auto", "${args}"]}
     return {**base, "parameters": {"index": {"values": [r.index for r in runs]}},
@@ -649,10 +641,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(_one_line_command(run, launch))
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as error:  # an output file (--write-list, --wandb-sweep) that cannot be written
         print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

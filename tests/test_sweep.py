@@ -82,6 +82,13 @@ def test_wandb_sweep_over_cases_uses_the_index(tmp_path):
     assert sweep._build_parser().parse_args(["configs/c100_rn18/test_all.yaml", "--index=3"]).index == "3"
 
 
+def test_wandb_sweep_over_cases_of_plain_flags_uses_the_index(tmp_path):
+    """Cases set flags together (16x16, 32x8, 64x4): a grid over the flags runs 27 combinations."""
+    target = tmp_path / "sweep.yaml"
+    assert sweep.main(["configs/i1k_rn50/gbn_accum.yaml", "--wandb-sweep", str(target)]) == 0
+    assert yaml.safe_load(target.read_text())["parameters"] == {"index": {"values": [0, 1, 2]}}
+
+
 def test_only_renumbers(capsys):
     runs = sweep.expand("configs/c100_rn18/sweep_gni.yaml", only="*gni16-*")
     assert [r.name for r in runs] == [f"c100-rn18-val-gni16-s{s}" for s in range(20, 25)]
