@@ -29,8 +29,9 @@ Templates. Any string value (also inside lists and mappings) may hold ``{key}`` 
 with the fully resolved arguments once the command line has been applied: ``experiment:
 c100-rn18-{norm}-s{seed}``, ``train_split: "train[:0.9]-{seed}"``. Item access
 (``{model_kwargs[block_dropout][p]}``) and format specs (``{lr:g}``) work as in ``str.format``;
-attribute access does not (configs never reach code). A brace group that is not a placeholder (a JSON
-or YAML spec such as ``{"subtype": "gbn2d"}``) leaves the string as it is.
+attribute access does not (configs never reach code), nor does a placeholder naming another
+template. Brace text that is not a placeholder (a JSON or YAML spec such as ``{"subtype": "gbn2d"}``)
+stays as it is.
 
 Errors in user input raise :class:`ConfigError` (a ``ValueError``); train.py prints it and exits with
 :data:`EXIT_USAGE`.
@@ -43,7 +44,6 @@ import copy
 import difflib
 import os
 import re
-import string
 import sys
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -58,7 +58,16 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "INTERRUPTED_EXIT_CODE",
     "META_KEYS",
+    "SWEEP_KEY",
+    "SWEEP_CASES_KEY",
+    "ParseKwargs",
+    "choice_type",
+    "spec_type",
+    "read_spec_text",
+    "load_bounded_yaml",
     "create_parser",
+    "actions_by_dest",
+    "check_key",
     "load_config",
     "parse_args",
     "args_to_dict",
@@ -75,7 +84,10 @@ EXIT_NONFINITE = 3       # the loss became NaN/inf: the last good checkpoint (if
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed after SIGTERM/SIGUSR1; requeue with --resume auto
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpointed; --resume auto continues
 
-META_KEYS = ("bases", "sweep")
+# Config keys that are not train.py arguments, and the reserved sweep key of several-key cases.
+BASES_KEY = "bases"
+SWEEP_KEY = "sweep"
+META_KEYS = (BASES_KEY, SWEEP_KEY)
 SWEEP_CASES_KEY = "cases"
 
 
@@ -86,17 +98,6 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Argument types
 # ----------------------------------------------------------------------------------------------
-
-def _literal(text: str) -> Any:
-    """A Python literal (``1``, ``0.5``, ``True``, ``[1, 2]``, ``{'p': 0.1}``) or else the text itself.
-
-    The reading of timm's ``ParseKwargs``; ``ast.literal_eval`` evaluates literals only, never code.
-    """
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return text
-
 
 class ParseKwargs(argparse.Action):
     """``--model-kwargs a=1 b=relu c="{'p': 0.1}"`` -> ``{'a': 1, 'b': 'relu', 'c': {'p': 0.1}}``.
@@ -111,7 +112,10 @@ class ParseKwargs(argparse.Action):
             key, sep, text = item.partition("=")
             if not sep or not key:
                 parser.error(f"{option_string} expects key=value items, got {item!r}")
-            kwargs[key] = _literal(text)
+            try:  # a Python literal, as timm reads it (literal_eval evaluates literals only, never code)
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                kwargs[key] = text  # anything else is the text itself: b=relu
         setattr(namespace, self.dest, kwargs)
 
 
@@ -172,25 +176,37 @@ def load_bounded_yaml(text: str, where: str) -> tuple:
         loader.dispose()
 
 
-def _spec_text(text: str) -> Any:
-    """``--norm`` value: structured text (``[...]`` / ``{...}``) is read as YAML, else kept as a string.
+def read_spec_text(spec: Any, where: str = "--norm") -> Any:
+    """A norm spec with its structured text (``[...]`` / ``{...}``) read as YAML, within the limits.
 
     So ``--norm '[ln, gnir12]'`` and the YAML list ``norm: [ln, gnir12]`` resolve to the same value
     (the spec parser accepts both forms; the sweep tool checks that a flag reads back unchanged). The
-    reference implementation's JSON with Python's ``True``/``False`` is valid YAML too.
+    reference implementation's JSON with Python's ``True``/``False`` is valid YAML too. Anything else,
+    and text that is not valid YAML (the spec parser reports what is wrong with it), is returned as is.
+
+    Raises:
+        ConfigError: the text nests or expands past the YAML limits (naming ``where``).
     """
-    stripped = text.strip()
-    if stripped[:1] in "[{":
-        try:
-            return load_bounded_yaml(stripped, "--norm")[1]
-        except yaml.YAMLError:
-            return text  # the spec parser reports what is wrong with it
-        except ConfigError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    if not isinstance(spec, str) or spec.strip()[:1] not in "[{":
+        return spec
+    try:
+        return load_bounded_yaml(spec.strip(), where)[1]
+    except yaml.YAMLError:
+        return spec
 
 
-def _choice_text(choices: Sequence[str]):
+def spec_type(text: str) -> Any:
+    """argparse type of ``--norm``: :func:`read_spec_text`, a limit error as a usage error."""
+    try:
+        return read_spec_text(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def choice_type(choices: Sequence[str]):
+    """argparse type: one of ``choices`` (listed in the error); :func:`load_config` checks YAML values
+    with it too, through its ``choices`` attribute."""
+
     def parse(text: str) -> str:
         if text not in choices:
             raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
@@ -230,12 +246,12 @@ def create_parser() -> argparse.ArgumentParser:
                        help="an image file neither loader can use as it is (empty, unreadable, another size at "
                             "native size, a second link to one file) is an error naming it (default: left out, "
                             "counted by cause in the data: line)")
-    group.add_argument("--fast-loader", default="auto", type=_choice_text(("auto", "on", "off")),
+    group.add_argument("--fast-loader", default="auto", type=choice_type(("auto", "on", "off")),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
-    group.add_argument("--norm", default=None, type=_spec_text, metavar="SPEC",
+    group.add_argument("--norm", default=None, type=spec_type, metavar="SPEC",
                        help="norm/noise spec for every norm site: bn, gbn16, gni16, nat8, xbn32, ln, gn32, a "
                             "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
@@ -279,7 +295,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="drop path rate (passed to the model as drop_path_rate when set)")
     group.add_argument("--sync-bn", action="store_true", default=False,
                        help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
-    group.add_argument("--dist-bn", type=_choice_text(("reduce", "broadcast", "")), default="reduce",
+    group.add_argument("--dist-bn", type=choice_type(("reduce", "broadcast", "")), default="reduce",
                        help="under DDP, before each evaluation: average (reduce) the norm layers' running "
                             "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
@@ -373,7 +389,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="checkpoint-EPOCH.pth.tar files kept besides last and best")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
     group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
-    group.add_argument("--amp-dtype", default="float16", type=_choice_text(("float16", "bfloat16")),
+    group.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")),
                        help="autocast dtype; float16 adds a gradient scaler")
     group.add_argument("--pin-mem", action="store_true", default=False,
                        help="pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
@@ -389,7 +405,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
                        help="evaluate every this many epochs (and always after the last); the best checkpoint is "
                             "chosen among evaluated epochs")
-    group.add_argument("--eval-metric", default="top1", type=_choice_text(("top1", "top5", "loss")),
+    group.add_argument("--eval-metric", default="top1", type=choice_type(("top1", "top5", "loss")),
                        help="metric of the best checkpoint (loss: lowest)")
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
@@ -405,7 +421,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
-    group.add_argument("--nonfinite", default="stop", type=_choice_text(("stop", "skip")),
+    group.add_argument("--nonfinite", default="stop", type=choice_type(("stop", "skip")),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
     group.add_argument("--log-noise-every", type=int, default=None, metavar="K",
@@ -428,8 +444,9 @@ def create_parser() -> argparse.ArgumentParser:
 # YAML files
 # ----------------------------------------------------------------------------------------------
 
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
-    return {action.dest: action for action in parser._actions
+def actions_by_dest(parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """``{dest: action}`` of train.py's flags but -h and -c (``parser``: :func:`create_parser`)."""
+    return {action.dest: action for action in (parser or create_parser())._actions
             if action.option_strings and action.dest not in ("help", "config")}
 
 
@@ -459,11 +476,18 @@ def _read_yaml(path: str) -> tuple[dict, dict]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of argument names to values, "
                           f"got a {type(data).__name__}")
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, _ in node.value:
-            lines[key_node.value] = key_node.start_mark.line + 1
-    return data, lines
+    # a mapping document composes to a MappingNode: its key nodes know their lines
+    return data, {key.value: key.start_mark.line + 1 for key, _ in node.value}
+
+
+def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) -> None:
+    """A sweep or ``--set`` key must be a train.py argument dest or a dotted path into one."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
+    root = key.split(".", 1)[0]
+    if root not in actions:
+        hint = _close_matches(root, actions)
+        raise ConfigError(f"{context}: {key!r} is not a train.py argument{hint}")
 
 
 def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
@@ -471,25 +495,18 @@ def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) 
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: 'sweep' must be a mapping of argument -> list of values, "
                           f"got {type(grid).__name__}")
-
-    def check_key(key: Any, context: str) -> None:
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
-        root = key.split(".", 1)[0]
-        if root not in actions:
-            raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
-
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
-        if key == SWEEP_CASES_KEY:
-            for number, case in enumerate(values):
-                if not isinstance(case, dict) or not case:
-                    raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, got {case!r}")
-                for case_key in case:
-                    check_key(case_key, f"{where}: sweep.cases[{number}]")
-        else:
-            check_key(key, f"{where}: sweep")
+        if key != SWEEP_CASES_KEY:
+            check_key(key, actions, f"{where}: sweep")
+            continue
+        for number, case in enumerate(values):
+            if not isinstance(case, dict) or not case:
+                raise ConfigError(f"{where}: sweep.cases[{number}] must be a non-empty mapping, "
+                                  f"got {case!r}")
+            for case_key in case:
+                check_key(case_key, actions, f"{where}: sweep.cases[{number}]")
 
 
 def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
@@ -512,11 +529,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     if dest == "norm":
         if not isinstance(value, (str, list, dict)):
             raise fail("a spec (string, mapping or list)")
-        if isinstance(value, str) and value.strip()[:1] in "[{":  # spec text, parsed later by shared.specs
-            try:
-                load_bounded_yaml(value, f"{where}: norm")
-            except yaml.YAMLError:
-                pass  # the spec parser reports what is wrong with it
+        read_spec_text(value, f"{where}: norm")  # only the limits: spec text stays text, as written
         return copy.deepcopy(value)
     if dest == "torchcompile" and isinstance(value, bool):
         return action.const if value else None
@@ -562,22 +575,22 @@ def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple
         cycle = " -> ".join(os.path.relpath(p) for p in (*chain, real))
         raise ConfigError(f"config bases form a cycle: {cycle}")
     data, lines = _read_yaml(path)
-    bases = data.pop("bases", None) or []
+    bases = data.pop(BASES_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
-        raise ConfigError(f"{path}, line {lines.get('bases', '?')}: 'bases' must be a list of relative paths, "
+        raise ConfigError(f"{path}, line {lines.get(BASES_KEY, '?')}: 'bases' must be a list of relative paths, "
                           f"got {bases!r}")
     merged: dict = {}
     for base in bases:
-        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        base_path = os.path.join(os.path.dirname(path), base)  # an absolute base stays as it is
         if not os.path.isfile(base_path):
-            raise ConfigError(f"{path}, line {lines.get('bases', '?')}: base config {base!r} not found "
+            raise ConfigError(f"{path}, line {lines.get(BASES_KEY, '?')}: base config {base!r} not found "
                               f"(looked for {os.path.normpath(base_path)})")
         merged.update(_load_merged(base_path, actions, (*chain, real)))
     for key, value in data.items():
         where = f"{path}, line {lines.get(key, '?')}"
-        if key == "sweep":
+        if key == SWEEP_KEY:
             _check_sweep(value, actions, where)
             merged[key] = value
             continue
@@ -603,7 +616,7 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
         ConfigError: missing file, YAML syntax error (with line), unknown key (with close matches),
             wrongly typed value, bad ``bases`` or ``sweep``, a cycle of bases.
     """
-    actions = _actions_by_dest(parser or create_parser())
+    actions = actions_by_dest(parser)
     return _load_merged(str(path), actions, ())
 
 
@@ -611,108 +624,75 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 # Templates
 # ----------------------------------------------------------------------------------------------
 
-_PLACEHOLDER_NAME = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\])*$")
-# A field that would be a placeholder but for attribute access: ``{seed.real}``, ``{a[b].c}``.
-_ATTRIBUTE_FIELD = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*\.[A-Za-z_]\w*(\[[^\[\]]+\]|\.[A-Za-z_]\w*)*$")
-_FORMATTER = string.Formatter()
+# A placeholder: {key} or {key[item][item]}, with an optional format spec ({lr:g}). JSON or YAML
+# text ('{"subtype": "gbn2d"}', '{subtype: gbn2d, size: 16}') never matches: a quote or a space.
+# The attribute group only exists to refuse {seed.real} loudly rather than leave it in a run name.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)((?:\[[^\[\]{}]+\])*)(\.[\w.\[\]]*)?(?::([^{}\s]*))?\}")
 
 
-def _placeholders(text: str) -> Optional[list]:
-    """The ``{key...}`` fields of ``text``, or None when it is not a template (JSON, YAML, no braces)."""
-    if "{" not in text:
-        return None
-    try:
-        fields = [(name, spec) for _, name, spec, _ in _FORMATTER.parse(text) if name is not None]
-    except ValueError:
-        return None
-    if not fields:
-        return None
-    for name, spec in fields:
-        if spec and re.search(r"\s", spec):
-            return None
-        if _ATTRIBUTE_FIELD.match(name):
-            # Refused loudly rather than left as text: the run would get a literal '{seed.real}' name.
-            raise ConfigError(f"template field {{{name}}} in {text!r}: attribute access is not allowed "
-                              f"(use {{key}} or item access {{key[item]}})")
-        if not _PLACEHOLDER_NAME.match(name):
-            return None
-    return fields
+def _is_template(value: Any) -> bool:
+    """True if ``value`` is, or holds, a string with a ``{key}`` placeholder."""
+    if isinstance(value, str):
+        return _PLACEHOLDER.search(value) is not None
+    if isinstance(value, (list, tuple)):
+        return any(_is_template(item) for item in value)
+    if isinstance(value, dict):
+        return any(_is_template(item) for item in value.values())
+    return False
 
 
-class _TemplateFormatter(string.Formatter):
-    """``str.format`` restricted to item access on the resolved arguments (no attribute access)."""
+def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
+    """The text of one placeholder, formatted from ``values`` (a plain value, not a template)."""
+    field = match.group(0)
+    name, items, attribute, spec = match.groups()
+    if attribute:
+        raise ConfigError(f"template field {field}: attribute access is not allowed "
+                          f"(use {{key}} or item access {{key[item]}})")
+    if name not in values:
+        hint = _close_matches(name, values)
+        raise ConfigError(f"template placeholder {{{name}}} names no argument{hint}")
+    value = values[name]
+    if _is_template(value):
+        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
+                          f"a placeholder may name only plain values")
+    for item in re.findall(r"\[([^\]]+)\]", items):
+        try:  # as str.format: digits index a list, anything else is a mapping key
+            value = value[int(item) if item.isdigit() else item]
+        except (KeyError, IndexError, TypeError):
+            raise ConfigError(f"template field {field}: {name} has no item {item!r} "
+                              f"(its value is {value!r})") from None
+    return format(value, spec or "")
 
-    def __init__(self, resolve):
-        super().__init__()
-        self._resolve = resolve
 
-    def get_field(self, field_name, args, kwargs):
-        first, rest = _formatter_field_name_split(field_name)
-        value = self._resolve(first)
-        for is_attribute, key in rest:
-            if is_attribute:
-                raise ConfigError(f"template field {{{field_name}}}: attribute access is not allowed")
-            try:
-                value = value[key]
-            except (KeyError, IndexError, TypeError):
-                raise ConfigError(f"template field {{{field_name}}}: {first} has no item {key!r} "
-                                  f"(its value is {value!r})") from None
-        return value, first
-
-
-def _formatter_field_name_split(field_name: str):
-    import _string  # CPython's own field-name parser, as used by string.Formatter
-
-    return _string.formatter_field_name_split(field_name)
+def _format_value(value: Any, values: Mapping[str, Any]) -> Any:
+    """``value`` with every placeholder of its strings (inside lists and mappings too) formatted."""
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(lambda match: _field_value(match, values), value)
+    if isinstance(value, list):
+        return [_format_value(item, values) for item in value]
+    if isinstance(value, dict):
+        return {key: _format_value(item, values) for key, item in value.items()}
+    return value
 
 
 def format_templates(values: dict) -> dict:
-    """Format every ``{key}`` template of ``values`` with the (formatted) values themselves.
+    """Format every ``{key}`` template of ``values`` with the values themselves.
 
-    A template may name another templated key; they are resolved in dependency order, and a cycle is
-    an error. Returns a new dict; ``values`` is unchanged.
+    A placeholder names a plain value (not another template). Returns a new dict; ``values`` is
+    unchanged.
 
     Raises:
-        ConfigError: unknown key in a placeholder (with close matches), a cycle, a bad item access.
+        ConfigError: naming the key, its value and the placeholder: an unknown key (with close
+            matches), a key that is itself a template, attribute access, a missing item, a format
+            spec that does not fit the value.
     """
-    resolved: dict = {}
-    in_progress: list = []
-
-    def resolve(key: str) -> Any:
-        if key in resolved:
-            return resolved[key]
-        if key not in values:
-            raise ConfigError(f"template placeholder {{{key}}} names no argument{_close_matches(key, values)}")
-        if key in in_progress:
-            raise ConfigError(f"template cycle: {' -> '.join(in_progress + [key])}")
-        in_progress.append(key)
+    formatted = {}
+    for key, value in values.items():
         try:
-            resolved[key] = render(values[key], key)
-        finally:
-            in_progress.pop()
-        return resolved[key]
-
-    formatter = _TemplateFormatter(resolve)
-
-    def render(value: Any, key: str) -> Any:
-        if isinstance(value, str):
-            try:
-                if _placeholders(value) is None:
-                    return value
-                return formatter.vformat(value, (), {})
-            except ConfigError as error:
-                raise ConfigError(f"{key}: {value!r}: {error}") from None
-            except (ValueError, TypeError) as error:  # a format spec that does not fit the value
-                raise ConfigError(f"{key}: {value!r}: {error}") from None
-        if isinstance(value, list):
-            return [render(item, key) for item in value]
-        if isinstance(value, dict):
-            return {k: render(v, key) for k, v in value.items()}
-        return value
-
-    for name in values:
-        resolve(name)
-    return resolved
+            formatted[key] = _format_value(value, values)
+        except (ValueError, TypeError) as error:  # ConfigError, or a format spec that does not fit
+            raise ConfigError(f"{key}: {value!r}: {error}") from None
+    return formatted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,7 +701,7 @@ def format_templates(values: dict) -> dict:
 
 def parser_defaults() -> dict:
     """``{dest: default}`` of every train.py flag (an argument absent from an older checkpoint had it)."""
-    return {dest: action.default for dest, action in _actions_by_dest(create_parser()).items()}
+    return {dest: action.default for dest, action in actions_by_dest().items()}
 
 
 def args_to_dict(args: argparse.Namespace | Mapping) -> dict:
@@ -757,7 +737,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     known, _ = config_parser.parse_known_args(argv)
     if known.config:
         values = load_config(known.config, parser)
-        values.pop("sweep", None)
+        values.pop(SWEEP_KEY, None)
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     return argparse.Namespace(**format_templates(vars(args)))

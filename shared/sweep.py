@@ -59,10 +59,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import fnmatch
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -75,11 +75,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from shared import config
+from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEEP_KEY, ConfigError
+
 __all__ = [
     "SweepError",
     "SweepRun",
     "PREEMPTED_EXIT_CODE",
-    "CASES_KEY",
     "expand",
     "train_command",
     "run_status",
@@ -90,31 +92,10 @@ __all__ = [
     "main",
 ]
 
-CASES_KEY = "cases"
-SWEEP_KEY = "sweep"
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _TRAIN_SCRIPT = _REPO_ROOT / "train.py"
-
-
-def _preempted_exit_code() -> int:
-    """The exit code train.py uses for "checkpointed after a preemption signal, requeue me".
-
-    75 (EX_TEMPFAIL from sysexits.h, "try again later") unless the harness defines another one.
-    """
-    try:
-        from shared import config
-    except ImportError:
-        return 75
-    for name in ("PREEMPTED_EXIT_CODE", "EXIT_PREEMPTED", "REQUEUE_EXIT_CODE"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return 75
-
-
-PREEMPTED_EXIT_CODE = _preempted_exit_code()
 
 
 class SweepError(ValueError):
@@ -141,67 +122,28 @@ class SweepRun:
     device: Optional[str] = None
 
 
-# ----------------------------------------------------------------------------------------------
-# train.py's configuration code
-# ----------------------------------------------------------------------------------------------
-
-def _config_module():
-    try:
-        from shared import config
-    except ImportError as error:  # pragma: no cover - only before the harness exists
-        raise SweepError(f"shared.config (train.py's configuration code) could not be imported: {error}") from error
-    return config
-
-
-def _parser(config) -> argparse.ArgumentParser:
-    """train.py's argument parser, to turn values into flags and to check the commands."""
-    for name in ("create_parser", "build_parser", "get_parser", "make_parser"):
-        factory = getattr(config, name, None)
-        if callable(factory):
-            return factory()
-    parser = getattr(config, "parser", None)
-    if isinstance(parser, argparse.ArgumentParser):
-        return parser
-    raise SweepError("shared.config exposes no argument parser (create_parser / build_parser / parser)")
-
-
-def _parse(config, argv: Sequence[str]) -> dict:
+def _parse(argv: Sequence[str]) -> dict:
     """Resolve ``argv`` the way train.py does; argparse's exit becomes a SweepError."""
     try:
-        namespace = config.parse_args(list(argv))
+        return vars(config.parse_args(list(argv)))
     except SystemExit as error:
         raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
-    except ValueError as error:  # shared.config.ConfigError: a bad config file, value or template
+    except ConfigError as error:  # a bad config file, value or template
         raise SweepError(f"{shlex.join(argv)}: {error}") from None
-    return dict(vars(namespace)) if not isinstance(namespace, dict) else dict(namespace)
 
 
 # ----------------------------------------------------------------------------------------------
 # The grid
 # ----------------------------------------------------------------------------------------------
 
-def _axes(grid: Any, where: str) -> list:
-    """``sweep:`` -> list of axes, each a list of ``{key or dotted path: value}`` assignments."""
-    if not isinstance(grid, Mapping):
-        raise SweepError(f"{where}: 'sweep' must be a mapping of key -> list of values, got {type(grid).__name__}")
-    axes = []
-    for key, values in grid.items():
-        if not isinstance(key, str) or not key:
-            raise SweepError(f"{where}: sweep keys must be non-empty strings, got {key!r}")
-        if not isinstance(values, list) or not values:
-            raise SweepError(f"{where}: sweep key {key!r} needs a non-empty list of values, got {values!r}")
-        if key == CASES_KEY:
-            for number, case in enumerate(values):
-                if not isinstance(case, Mapping) or not case:
-                    raise SweepError(f"{where}: sweep.cases[{number}] must be a non-empty mapping of "
-                                     f"key -> value, got {case!r}")
-            axes.append([dict(case) for case in values])
-        else:
-            axes.append([{key: value} for value in values])
-    return axes
+def _points(grid: Mapping[str, list], where: str) -> list:
+    """The runs' ``{key or dotted path: value}`` assignments: the product of the grid's axes.
 
-
-def _points(axes: list, where: str) -> list:
+    ``grid`` is a ``sweep:`` that :func:`shared.config.load_config` has checked; each key is an axis
+    of one-key assignments, except ``cases``, an axis of several-key assignments.
+    """
+    axes = [[dict(case) for case in values] if key == SWEEP_CASES_KEY
+            else [{key: value} for value in values] for key, values in grid.items()]
     points = []
     for combination in itertools.product(*axes):
         point: dict = {}
@@ -211,7 +153,7 @@ def _points(axes: list, where: str) -> list:
                     raise SweepError(f"{where}: {key!r} is set by two sweep axes; set it in one only")
                 point[key] = value
         points.append(point)
-    return points or [{}]
+    return points
 
 
 def _set_path(config: dict, path: str, value: Any, where: str) -> None:
@@ -232,10 +174,6 @@ def _set_path(config: dict, path: str, value: Any, where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Values -> train.py flags
 # ----------------------------------------------------------------------------------------------
-
-def _actions_by_dest(parser: argparse.ArgumentParser) -> dict:
-    return {action.dest: action for action in parser._actions if action.option_strings}
-
 
 def _long_flag(action: argparse.Action) -> str:
     # a BooleanOptionalAction (--log-wandb) also owns its longer negative form --no-log-wandb: not the name
@@ -264,11 +202,7 @@ def _kwarg_text(value: Any) -> str:
 
 def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
     """The command-line words that make train.py's ``dest`` equal ``value``."""
-    action = actions.get(dest)
-    if action is None:
-        hint = difflib.get_close_matches(dest, list(actions), n=3)
-        raise SweepError(f"{where}: {dest!r} is not a train.py argument"
-                         + (f" (did you mean {' or '.join(map(repr, hint))}?)" if hint else ""))
+    action = actions[dest]
     flag = _long_flag(action)
     if action.nargs == 0:  # store_true / store_false / store_const
         if isinstance(action, argparse.BooleanOptionalAction):
@@ -287,23 +221,14 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
     return [flag, _text(value)]
 
 
-def _same(expected: Any, got: Any) -> bool:
-    if isinstance(expected, (list, tuple)) and isinstance(got, (list, tuple)):
-        return len(expected) == len(got) and all(_same(a, b) for a, b in zip(expected, got))
-    if isinstance(expected, Mapping) and isinstance(got, Mapping):
-        return set(expected) == set(got) and all(_same(expected[k], got[k]) for k in expected)
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(expected, bool):
-        return float(expected) == float(got)
-    return expected == got
-
-
-def _has_template(value: Any) -> bool:
+def _has_braces(value: Any) -> bool:
+    """True if a string of ``value`` holds ``{``: a template or spec text, which train.py rewrites."""
     if isinstance(value, str):
         return "{" in value
     if isinstance(value, Mapping):
-        return any(_has_template(v) for v in value.values())
+        return any(_has_braces(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_has_template(v) for v in value)
+        return any(_has_braces(v) for v in value)
     return False
 
 
@@ -326,10 +251,8 @@ def _parse_set(items: Sequence[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise SweepError(f"--set expects key=value, got {item!r}")
-        from shared.config import ConfigError, load_bounded_yaml  # the limits of config files
-
-        try:
-            value = load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
+        try:  # the limits of config files
+            value = config.load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
         except yaml.YAMLError:
             value = text
         except ConfigError as error:
@@ -355,64 +278,71 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
         SweepError: bad grid, a key train.py does not know, a value train.py would not read back
             unchanged, an invalid or duplicate run name, or no run left after ``only``.
     """
-    config_module = _config_module()
     path = Path(config_path)
     where = str(path)
-    if not path.is_file():
-        raise SweepError(f"config file {where!r} does not exist")
+    actions = config.actions_by_dest()
     try:
-        merged = config_module.load_config(str(path))
-    except ValueError as error:  # shared.config.ConfigError
+        merged = config.load_config(where)
+        for key in overrides or {}:
+            config.check_key(key, actions, "--set")
+    except ConfigError as error:
         raise SweepError(str(error)) from None
-    if not isinstance(merged, dict):
-        raise SweepError(f"{where}: load_config returned {type(merged).__name__}, expected a mapping")
-    merged = copy.deepcopy(merged)
-    grid = merged.pop(SWEEP_KEY, None)
-    merged.pop("bases", None)
-    points = _points(_axes(grid, where), where) if grid is not None else [{}]
-    overrides = dict(overrides or {})
-    swept = {key for point in points for key in point}
-    clash = sorted(swept & set(overrides))
+    points = _points(merged.pop(SWEEP_KEY, {}), where)
+    clash = sorted({key for point in points for key in point} & set(overrides or {}))
     if clash:
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
-    actions = _actions_by_dest(_parser(config_module))
-    config_arg = _display_path(path)
 
     runs, names = [], {}
     for point in points:
-        assignments = {**overrides, **point}
-        values = copy.deepcopy(merged)
-        for key, value in assignments.items():
-            _set_path(values, key, value, where)
-        touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
-        flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {len(runs)})") for dest in touched}
-        resolved = _parse(config_module, ["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
-        # The command carries the resolved name instead of a (case's) experiment template.
-        args = ["-c", config_arg] + [t for dest, tokens in flags.items() if dest != "experiment" for t in tokens]
-        name = resolved.get("experiment")
-        if not isinstance(name, str) or not name:
-            raise SweepError(f"{where}: run {len(runs)} ({point}) has no experiment name; set "
-                             f"`experiment:` to a template such as 'c100-rn18-{{norm}}-s{{seed}}'")
-        if not _NAME_PATTERN.match(name):
-            raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
-                             f"(letters, digits and . _ = + - only); change the experiment template")
-        for dest in touched:
-            if dest != "experiment" and not _has_template(values[dest]) and not _same(values[dest], resolved.get(dest)):
-                raise SweepError(f"{where}: train.py reads {dest}={resolved.get(dest)!r} back from "
-                                 f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
-        if name in names:
-            raise SweepError(f"{where}: runs {names[name]} ({points[names[name]]}) and {len(runs)} ({point}) "
-                             f"are both named {name!r}; make the experiment template use the swept keys")
-        names[name] = len(runs)
-        output = resolved.get("output") or "output"
-        args += ["--experiment", name, "--resume", "auto"]
-        runs.append(SweepRun(len(runs), name, dict(point), tuple(args), Path(output) / name, resolved.get("device")))
+        run = _make_run(path, merged, point, overrides or {}, actions, len(runs))
+        if run.name in names:
+            first = names[run.name]
+            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({point}) "
+                             f"are both named {run.name!r}; make the experiment template use the "
+                             f"swept keys")
+        names[run.name] = run.index
+        runs.append(run)
     if only:
         runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
         if not runs:
             raise SweepError(f"{where}: no run name matches --only {only!r}")
         runs = [dataclasses.replace(r, index=i) for i, r in enumerate(runs)]
     return runs
+
+
+def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any], actions: dict,
+              index: int) -> SweepRun:
+    """Run ``index``: the config with ``point`` and ``overrides`` set, as train.py flags."""
+    where = str(path)
+    values = copy.deepcopy(merged)
+    assignments = {**overrides, **point}
+    for key, value in assignments.items():
+        _set_path(values, key, value, where)
+    touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
+    flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})")
+             for dest in touched}
+    config_arg = _display_path(path)
+    resolved = _parse(["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
+    # The command carries the resolved name instead of a (case's) experiment template.
+    args = ["-c", config_arg]
+    args += [word for dest, tokens in flags.items() if dest != "experiment" for word in tokens]
+    name = resolved["experiment"]
+    if not name:
+        raise SweepError(f"{where}: run {index} ({point}) has no experiment name; set "
+                         f"`experiment:` to a template such as 'c100-rn18-{{norm}}-s{{seed}}'")
+    if not _NAME_PATTERN.match(name):
+        raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
+                         f"(letters, digits and . _ = + - only); change the experiment template")
+    for dest in touched:
+        if dest == "experiment" or _has_braces(values[dest]):
+            continue  # train.py formats or parses these: they do not read back as written
+        # YAML and argparse both give lists (never tuples), and 1 == 1.0 as argparse turns 1 into 1.0
+        if values[dest] != resolved[dest]:
+            raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
+                             f"{shlex.join(args)}, but the sweep sets {values[dest]!r}")
+    args += ["--experiment", name, "--resume", "auto"]
+    return SweepRun(index, name, dict(point), tuple(args), Path(resolved["output"] or "output") / name,
+                    resolved["device"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,14 +373,12 @@ class Launch:
         return self.nproc_per_node > 1 or self.nnodes > 1
 
 
-def train_command(run: SweepRun, nproc_per_node: int = 1, python: Optional[str] = None,
-                  launch: Optional[Launch] = None) -> list:
+def train_command(run: SweepRun, python: Optional[str] = None, launch: Launch = Launch()) -> list:
     """The command line that trains ``run`` (from the repository root or any directory).
 
-    ``launch`` (default: ``Launch(nproc_per_node)``) > 1 process: torchrun as ``python -m
-    torch.distributed.run`` with this interpreter, so it is the project's torch without PATH lookups.
+    A ``launch`` of more than one process runs torchrun as ``python -m torch.distributed.run`` with
+    this interpreter, so it is the project's torch without PATH lookups.
     """
-    launch = launch or Launch(nproc_per_node)
     python = python or sys.executable
     script = _display_path(_TRAIN_SCRIPT)
     if not launch.distributed:
@@ -515,9 +443,8 @@ def _child_env(launch: Launch) -> Optional[dict]:
     return dict(os.environ, TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 
 
-def execute(run: SweepRun, nproc_per_node: int = 1, launch: Optional[Launch] = None) -> int:
+def execute(run: SweepRun, launch: Launch = Launch()) -> int:
     """Run one training launch, forwarding the first SIGUSR1/SIGTERM to it; return the run's exit code."""
-    launch = launch or Launch(nproc_per_node)
     command = train_command(run, launch=launch)
     print(f"[sweep] run {run.index} {run.name}: {shlex.join(command)}", flush=True)
     started = time.time()
@@ -588,10 +515,8 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
     return shlex.join(command)
 
 
-def write_list(runs: Sequence[SweepRun], path: os.PathLike, nproc_per_node: int = 1,
-               launch: Optional[Launch] = None) -> None:
+def write_list(runs: Sequence[SweepRun], path: os.PathLike, launch: Launch = Launch()) -> None:
     """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
-    launch = launch or Launch(nproc_per_node)
     from shared.run_files import atomic_write_text
 
     path = Path(path)
@@ -608,24 +533,22 @@ def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun]) -> dict:
 
     A sweep over plain train.py flags with scalar values becomes a grid over those flags with
     ``program: train.py``. Anything a wandb grid cannot express (``cases``, dotted paths, structured
-    values) becomes a grid over ``index``, each agent call running ``python -m shared.sweep CONFIG
-    --index I``, which gives the same runs and names.
+    values, runs that are not every combination of the values) becomes a grid over ``index``, each
+    agent call running ``python -m shared.sweep CONFIG --index I``, which gives the same runs and names.
     """
-    config_module = _config_module()
-    actions = _actions_by_dest(_parser(config_module))
+    actions = config.actions_by_dest()
     config_arg = _display_path(Path(config_path))
     keys = list(dict.fromkeys(k for r in runs for k in r.point))
     simple = all(
-        key != CASES_KEY and "." not in key and key in actions and actions[key].nargs is None
+        "." not in key and actions[key].nargs is None
         and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
                 for r in runs)
         for key in keys)
+    values = {key: list(dict.fromkeys(r.point[key] for r in runs)) for key in keys} if simple else {}
     base = {"name": Path(config_path).stem, "method": "grid", "program": _display_path(_TRAIN_SCRIPT)}
-    if simple and keys:
-        parameters = {}
-        for key in keys:
-            flag = _long_flag(actions[key])[2:]
-            parameters[flag] = {"values": list(dict.fromkeys(r.point[key] for r in runs))}
+    # A grid over flags runs every combination of their values: right only if the runs are all of them
+    if values and math.prod(len(v) for v in values.values()) == len(runs):
+        parameters = {_long_flag(actions[key])[2:]: {"values": v} for key, v in values.items()}
         return {**base, "parameters": parameters,
                 "command": ["${env}", "${interpreter}", "${program}", "-c", config_arg, "--resume", "auto", "${args}"]}
     return {**base, "parameters": {"index": {"values": [r.index for r in runs]}},
@@ -673,6 +596,24 @@ def _check_gpu(run: SweepRun) -> None:
                      f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
 
 
+def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
+    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents)."""
+    try:
+        index = int(options.index)
+    except ValueError:
+        raise SweepError(f"--index must be an integer, got {options.index!r}") from None
+    if not 0 <= index < len(runs):
+        raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
+                         f"(valid: 0..{len(runs) - 1})")
+    run = runs[index]
+    if run_status(run) == "finished":
+        print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
+        return 0
+    if options.require_gpu:
+        _check_gpu(run)
+    return execute(run, launch=launch)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     options = _build_parser().parse_args(argv)
     try:
@@ -691,20 +632,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
             print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
         if options.index is not None:
-            try:
-                index = int(options.index)
-            except ValueError:
-                raise SweepError(f"--index must be an integer, got {options.index!r}") from None
-            if not 0 <= index < len(runs):
-                raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
-                                 f"(valid: 0..{len(runs) - 1})")
-            run = runs[index]
-            if run_status(run) == "finished":
-                print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
-                return 0
-            if options.require_gpu:
-                _check_gpu(run)
-            return execute(run, launch=launch)
+            return _run_index(runs, options, launch)
         if options.run:
             return _run_all(runs, launch)
         if options.dry_run or not (options.count or options.write_list or options.wandb_sweep):
@@ -713,10 +641,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(_one_line_command(run, launch))
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as error:  # an output file (--write-list, --wandb-sweep) that cannot be written
         print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

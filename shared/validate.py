@@ -69,7 +69,7 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
 
 def create_parser() -> argparse.ArgumentParser:
     """timm validate.py's flag names (the subset that applies here) plus ``--norm``/``--model-kwargs``."""
-    from shared.config import ParseKwargs, _choice_text, _spec_text
+    from shared.config import ParseKwargs, choice_type, spec_type
 
     parser = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,7 +79,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", metavar="SPLIT", help="split to evaluate (train.py syntax)")
     parser.add_argument("--dataset-download", action="store_true", default=False, help="allow torchvision downloads")
     parser.add_argument("--model", "-m", default=None, metavar="MODEL", help="timm model (None: the checkpoint's)")
-    parser.add_argument("--norm", default=None, type=_spec_text, metavar="SPEC", help="norm spec (None: the checkpoint's)")
+    parser.add_argument("--norm", default=None, type=spec_type, metavar="SPEC", help="norm spec (None: the checkpoint's)")
     parser.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                         help="model keyword arguments (None: the checkpoint's)")
     parser.add_argument("--checkpoint", default="", metavar="PATH", help="weights to evaluate")
@@ -98,9 +98,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory layout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if available)")
     parser.add_argument("--amp", action="store_true", default=False, help="autocast")
-    parser.add_argument("--amp-dtype", default="float16", type=_choice_text(("float16", "bfloat16")), help="autocast dtype")
+    parser.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")), help="autocast dtype")
     parser.add_argument("--results-file", default="", metavar="PATH", help="also write the result here")
-    parser.add_argument("--results-format", default="csv", type=_choice_text(("csv", "json")), help="results file format")
+    parser.add_argument("--results-format", default="csv", type=choice_type(("csv", "json")), help="results file format")
     return parser
 
 

@@ -260,17 +260,18 @@ def test_templates_use_the_resolved_arguments(tmp_path):
     assert parse_args(["-c", str(config), "--norm", "bn"]).experiment == "c100-rn18-bn-s42"
 
 
-def test_template_chains_and_non_templates():
-    values = format_templates({"a": "{b}-x", "b": "{c}", "c": 3, "json": '{"subtype": "gbn2d"}',
+def test_templates_and_non_templates():
+    values = format_templates({"a": "{c}-x{items[1]}", "c": 3, "items": [4, 5], "json": '{"subtype": "gbn2d"}',
                                "spec": "{subtype: gbn2d, size: 16}", "plain": "no braces", "nested": {"k": ["{c}"]}})
-    assert values["a"] == "3-x" and values["b"] == "3" and values["nested"] == {"k": ["3"]}
+    assert values["a"] == "3-x5" and values["c"] == 3 and values["nested"] == {"k": ["3"]}
     assert values["json"] == '{"subtype": "gbn2d"}' and values["spec"] == "{subtype: gbn2d, size: 16}"
 
 
 @pytest.mark.parametrize("values,words", [
     ({"experiment": "{seed.real}", "seed": 1}, "attribute access is not allowed"),
     ({"experiment": "{sede}", "seed": 1}, r"\{sede\} names no argument \(did you mean 'seed'"),
-    ({"experiment": "{wandb_name}", "wandb_name": "{experiment}"}, "template cycle"),
+    ({"experiment": "{wandb_name}", "wandb_name": "{experiment}"}, r"wandb_name is itself a template"),
+    ({"experiment": "{wandb_name}", "wandb_name": "{seed}", "seed": 1}, r"\{wandb_name\}: wandb_name is itself"),
     ({"experiment": "{model_kwargs[p]}", "model_kwargs": {}}, "has no item 'p'"),
     ({"experiment": "{lr:d}", "lr": 0.1}, "experiment"),
 ])

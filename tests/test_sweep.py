@@ -82,6 +82,13 @@ def test_wandb_sweep_over_cases_uses_the_index(tmp_path):
     assert sweep._build_parser().parse_args(["configs/c100_rn18/test_all.yaml", "--index=3"]).index == "3"
 
 
+def test_wandb_sweep_over_cases_of_plain_flags_uses_the_index(tmp_path):
+    """Cases set flags together (16x16, 32x8, 64x4): a grid over the flags runs 27 combinations."""
+    target = tmp_path / "sweep.yaml"
+    assert sweep.main(["configs/i1k_rn50/gbn_accum.yaml", "--wandb-sweep", str(target)]) == 0
+    assert yaml.safe_load(target.read_text())["parameters"] == {"index": {"values": [0, 1, 2]}}
+
+
 def test_only_renumbers(capsys):
     runs = sweep.expand("configs/c100_rn18/sweep_gni.yaml", only="*gni16-*")
     assert [r.name for r in runs] == [f"c100-rn18-val-gni16-s{s}" for s in range(20, 25)]
@@ -209,3 +216,33 @@ def test_require_gpu_refuses_a_gpu_run_without_cuda(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "run 0 c10-rn20-bn-s42 trains on device 'cuda (default)'" in err and "--gres=gpu:G" in err
     assert not (tmp_path / "c10-rn20-bn-s42").exists()
+
+
+# Golden expansions, recorded with the sweep and template code before issue 9 replaced the template
+# engine: run order, names (templates with item access and float values), dotted paths into
+# model_kwargs, structured norms as JSON, case-specific experiment names.
+_LN_CASES = ["wsfan-gn1-gni16", "wsfan-gn1", "gn1", "wsfannogain-gn1"]
+_DROPOUT_P = ["0.0", "0.05", "0.1", "0.2", "0.3", "0.4", "0.5", "0.7"]
+_BLOCK_DROPOUT = "{'subtype': 'flexible_dropout', 'kind': 'bernoulli', 'channel_wise': True, 'p': 0.05}"
+GOLDEN = [
+    ("configs/c100_rn18/test_ln.yaml",
+     [f"c100-rn18-{case}-s{seed}" for seed in (42, 43, 44) for case in _LN_CASES],
+     0, ["--seed", "42", "--norm", '[{"subtype":"gn","num_groups":1,"affine":false},"gnir16","gain","bias"]',
+         "--model-kwargs", "conv=ws_fan_in"]),
+    ("configs/c10_svit/aug.yaml",
+     [f"c10-svit-aug-{norm}-s{seed}" for seed in (42, 43, 44) for norm in ("ln", "ln-gni12")],
+     1, ["--seed", "42", "--norm", '["ln","gnir12"]']),
+    ("configs/c10_nfrn/aug.yaml",
+     [f"c10-nfrn-aug{case}-s{seed}" for seed in (42, 43, 44) for case in ("", "-gni32")],
+     1, ["--seed", "42", "--model-kwargs", "skipinit=True", "noise=gnir32"]),
+    ("configs/c100_rn18/sweep_dropout_bernoulli_channel.yaml",
+     [f"c100-rn18-val-bcdo{p}-s{seed}" for seed in (20, 21, 22) for p in _DROPOUT_P],
+     1, ["--seed", "20", "--model-kwargs", f"block_dropout={_BLOCK_DROPOUT}"]),
+]
+
+
+@pytest.mark.parametrize("path, names, index, flags", GOLDEN, ids=[g[0].split("/", 1)[1] for g in GOLDEN])
+def test_configs_expand_to_the_recorded_runs(path, names, index, flags):
+    runs = sweep.expand(path)
+    assert [run.name for run in runs] == names
+    assert list(runs[index].args) == ["-c", path, *flags, "--experiment", names[index], "--resume", "auto"]

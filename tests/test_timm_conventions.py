@@ -505,7 +505,7 @@ def test_wandb_run_id_is_unique_per_run_directory_and_stable_across_resumes(tmp_
 def test_a_sweep_over_log_wandb_writes_a_flag_that_parses_back(value):
     from shared import sweep
 
-    actions = sweep._actions_by_dest(config_module.create_parser())
+    actions = config_module.actions_by_dest()
     tokens = sweep._flag_tokens(actions, "log_wandb", value, "test")
     assert tokens == ["--log-wandb" if value else "--no-log-wandb"]
     assert config_module.parse_args(tokens).log_wandb is value
