@@ -72,22 +72,6 @@ from shared.report import pyplot, save_png
 from shared.run_files import atomic_write_text, csv_text, read_args
 from shared.specs import NormSequence
 
-__all__ = [
-    "QUANTILES",
-    "norm_sites",
-    "SMALL_SCALE",
-    "relative_ghost_noise",
-    "ghost_noise_samples",
-    "measure",
-    "summarize_samples",
-    "noise_statistics",
-    "analytic_cdf",
-    "analytic_pdf",
-    "ks_distances",
-    "write_outputs",
-    "main",
-]
-
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 NOISES = ("shift", "scale")
 SOURCES = ("gbn", "gni")

@@ -49,31 +49,6 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-__all__ = [
-    "ConfigError",
-    "EXIT_OK",
-    "EXIT_FAILED",
-    "EXIT_USAGE",
-    "EXIT_NONFINITE",
-    "PREEMPTED_EXIT_CODE",
-    "INTERRUPTED_EXIT_CODE",
-    "META_KEYS",
-    "SWEEP_KEY",
-    "SWEEP_CASES_KEY",
-    "ParseKwargs",
-    "choice_type",
-    "spec_type",
-    "read_spec_text",
-    "load_bounded_yaml",
-    "create_parser",
-    "actions_by_dest",
-    "check_key",
-    "load_config",
-    "parse_args",
-    "args_to_dict",
-    "format_templates",
-]
-
 # Exit codes of train.py (the README's "When things go wrong" lists them).
 EXIT_OK = 0
 EXIT_FAILED = 1          # an unexpected error (a bug, a crash inside torch: see the traceback), or a disk

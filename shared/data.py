@@ -83,24 +83,6 @@ from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8
                                 stream_seed, unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
-__all__ = [
-    "DataError",
-    "DATASETS",
-    "FAST_LOADER_MAX_BYTES",
-    "SplitSpec",
-    "parse_split",
-    "split_indices",
-    "DigitsDataset",
-    "DataConfig",
-    "create_datasets",
-    "create_loaders",
-    "create_eval_loader",
-    "open_split",
-    "DEFAULT_SUBSET_SEED",
-    "Loaders",
-    "read_image",
-]
-
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # Over all 1,797 digits at 16x16 (pixel values v * 255 / 16, rounded).

@@ -34,9 +34,6 @@ from torch import Tensor
 
 from shared.augment import pil_to_uint8
 
-__all__ = ["DeviceImageLoader", "array_images", "decode_to_uint8", "shard_positions",
-           "unwrap_subsets"]
-
 
 def stream_seed(*parts: int) -> int:
     """A 64-bit seed for one random stream, derived from integers such as (seed, epoch, rank, stream).

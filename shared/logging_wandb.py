@@ -28,9 +28,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 from shared.run_files import atomic_write_text
 
-__all__ = ["WandbLogger", "RUN_ID_FILE", "HEADLINE_METRICS", "setup_group", "experiment_family",
-           "derived_config"]
-
 RUN_ID_FILE = "wandb_run_id.txt"
 _SEPARATORS = "-_.=+"
 # Logged key -> summary aggregations wandb keeps for it. Both spellings of the eval metrics are declared

@@ -44,8 +44,6 @@ from shared.analysis import (
 )
 from shared.run_files import atomic_write_text, csv_text
 
-__all__ = ["CSV_NAME", "CSV_COLUMNS", "NoiseMonitor", "noise_sites", "site_noise"]
-
 CSV_NAME = "noise_monitor.csv"
 _FIGURES = ("shift_std", "shift_min", "shift_max", "scale_mean", "scale_std", "scale_min", "scale_max",
             "max_inverse_scale", "small_scale_fraction", "effective_n_shift")

@@ -67,27 +67,6 @@ from shared.run_files import (
 )
 from shared.specs import parse_spec
 
-__all__ = [
-    "NON_SETUP_KEYS",
-    "METRICS",
-    "metric_value",
-    "metric_label",
-    "axis_of",
-    "Run",
-    "Group",
-    "load_runs",
-    "group_runs",
-    "describe_norm",
-    "dropout_of",
-    "summarize",
-    "render_tables",
-    "plot_axis",
-    "plot_setups",
-    "plot_curves",
-    "write_report",
-    "main",
-]
-
 # Two runs that differ only in arguments that do not change their numbers (where it runs, what it is
 # called, how it is logged: run_files.OPERATIONAL_KEYS) and in the seed are repeats of one setup.
 NON_SETUP_KEYS = OPERATIONAL_KEYS | {"seed"}

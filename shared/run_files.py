@@ -31,33 +31,6 @@ import yaml
 
 from shared.config import load_bounded_yaml
 
-__all__ = [
-    "SUMMARY_COLUMNS",
-    "PREVIOUS_METRIC_NAMES",
-    "timm_metric_names",
-    "results_with_timm_names",
-    "OPERATIONAL_KEYS",
-    "RunDirError",
-    "RunLock",
-    "atomic_write",
-    "atomic_link",
-    "atomic_write_text",
-    "describe_os_error",
-    "check_experiment_name",
-    "refuse_if_results",
-    "RunFileError",
-    "holds_results",
-    "move_results_aside",
-    "atomic_write_bytes",
-    "csv_text",
-    "write_summary",
-    "write_results",
-    "read_args",
-    "read_results",
-    "changed_result_keys",
-    "prepare_run_dir",
-]
-
 # timm's train.py column names (timm.utils.update_summary: "train_" / "eval_" + metric), plus "time".
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "time")
 # Names written by the previous version of this harness -> timm's names. The one place that knows

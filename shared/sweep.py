@@ -78,20 +78,6 @@ import yaml
 from shared import config
 from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEEP_KEY, ConfigError
 
-__all__ = [
-    "SweepError",
-    "SweepRun",
-    "PREEMPTED_EXIT_CODE",
-    "expand",
-    "train_command",
-    "run_status",
-    "execute",
-    "Launch",
-    "write_list",
-    "wandb_sweep",
-    "main",
-]
-
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 _REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -31,8 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["evaluate", "create_parser", "validate", "main"]
-
 # train.py arguments a checkpoint's "args" supplies when the command line does not set them.
 FROM_CHECKPOINT = ("model", "norm", "model_kwargs", "num_classes", "dataset", "input_size", "img_size", "mean",
                    "std", "crop_pct", "interpolation", "channels_last")
