@@ -10,16 +10,18 @@ Flags keep timm's train.py names (``python train.py --help``); configuration is 
 ``args.yaml``, ``summary.csv``, ``results.json``, ``last.pth.tar``, ``model_best.pth.tar``,
 ``checkpoint-EPOCH.pth.tar`` and, with ``--log-wandb``, ``wandb/``.
 
-Read top to bottom: ``main`` parses and checks everything that can be checked before training, builds
-the data, model, optimizer and schedule from timm's factories, restores a checkpoint if resuming, and
-runs :func:`train_one_epoch` / :func:`evaluate` per epoch, checkpointing after each. Exit codes:
+Read top to bottom: the building blocks (argument checks, model, loss), then :class:`Training`, whose
+``__init__`` sets the run up (run directory and its lock, resume decision, data, model, optimizer and
+schedule from timm's factories, a restored checkpoint) and whose :meth:`Training.run` loops over epochs
+(:meth:`Training.train_one_epoch`, :func:`shared.validate.evaluate`), checkpointing after each
+(:meth:`Training.save`); last the checkpoint files and :func:`main`, which parses and checks the
+arguments and turns bad input into exit code 2. Exit codes:
 0 done, 1 crash (or a disk that cannot be written), 2 bad input (also: the run directory is in use
 by another run, or holds results), 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1; checkpointed, requeue
 with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``--resume auto``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -31,7 +33,7 @@ import time
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -67,9 +69,8 @@ class Preempted(Exception):
 # (torchrun passes it on to its workers, which run in sessions of their own).
 # ----------------------------------------------------------------------------------------------
 
+# the signals received: a handler's only way to reach the loop (cleared by main)
 _stop_signal: list = []
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -112,6 +113,15 @@ FLAG_RANGES = (
     ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("recount", lambda v: v >= 1, ">= 1"),
     ("img_size", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, "a positive integer"),
+    ("epochs", lambda v: v >= 1, "a positive integer"),
+    ("grad_accum_steps", lambda v: v >= 1, "a positive integer"),
+    ("log_interval", lambda v: v >= 1, "a positive integer"),
+    ("eval_interval", lambda v: v >= 1, "a positive integer"),
+    ("validation_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("checkpoint_hist", lambda v: v >= 0, ">= 0"),
+    ("stop_after", lambda v: v >= 1, "a positive number of epochs"),
+    ("log_noise_every", lambda v: v >= 1, "a positive number of updates"),
 )
 
 
@@ -129,16 +139,8 @@ def check_args(args) -> None:
         value = getattr(args, dest, None)
         if value is not None and not valid(value):
             raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
-    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"):
-        value = getattr(args, name)
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.validation_batch_size is not None and args.validation_batch_size < 1:
-        raise UsageError(f"--validation-batch-size must be a positive integer, got {args.validation_batch_size}")
-    if args.checkpoint_hist < 0:
-        raise UsageError(f"--checkpoint-hist must be >= 0, got {args.checkpoint_hist}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UsageError(f"--stop-after must be a positive number of epochs, got {args.stop_after}")
+    if args.log_noise_every is not None and args.torchcompile:
+        raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
     if args.resume == "auto" and not args.experiment:
         raise UsageError("--resume auto needs a fixed --experiment name (the run directory to continue)")
     if args.experiment:
@@ -150,14 +152,10 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
 
     from shared import create_model
 
-    kwargs = dict(args.model_kwargs)
-    kwargs.setdefault("num_classes", num_classes)
-    if in_chans != 3:
-        kwargs.setdefault("in_chans", in_chans)
-    if args.drop:
-        kwargs.setdefault("drop_rate", args.drop)
-    if args.drop_path is not None:
-        kwargs.setdefault("drop_path_rate", args.drop_path)
+    # the flags' values where they differ from timm's defaults; --model-kwargs overrides them
+    flags = {"num_classes": num_classes, "in_chans": in_chans if in_chans != 3 else None,
+             "drop_rate": args.drop or None, "drop_path_rate": args.drop_path}
+    kwargs = {**{key: value for key, value in flags.items() if value is not None}, **args.model_kwargs}
     base_name = args.model.split(".", 1)[0]
     if not timm.is_model(base_name):
         import difflib
@@ -297,7 +295,7 @@ def first_nonfinite_site(model: nn.Module, images: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# What the training loop works with: built once by set_up, and the progress a checkpoint saves
+# Set-up: run directory, resume decision, data, model; then the training run itself
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -311,44 +309,6 @@ class Progress:
     partial_loss: float = 0.0  # this process's loss sum over the micro-batches before `batch`
     wall_before: float = 0.0  # seconds trained by the runs this one continues
 
-
-@dataclasses.dataclass
-class Trainer:
-    """The run's fixed parts, built by :func:`set_up` from timm's factories."""
-    args: argparse.Namespace
-    info: distributed.DistInfo
-    run_dir: Path
-    loaders: Any  # shared.data.Loaders: .train, .eval, .config, .description
-    model: nn.Module  # what is called: possibly compiled and wrapped in DDP
-    unwrapped: nn.Module  # what is saved, averaged by EMA and inspected
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    num_epochs: int
-    loss_fn: nn.Module
-    mixup: Any
-    scaler: torch.amp.GradScaler  # disabled (a no-op) unless --amp with float16
-    ema: Any  # timm.utils.ModelEmaV3 or None
-    noise_generator: Optional[torch.Generator]
-    args_dict: dict  # the arguments as asked for, compared with a checkpoint's on resume
-    run_facts: dict  # norm_sites, world_size and per_process_batch, for results.json
-    ddp: Optional[nn.parallel.DistributedDataParallel] = None
-    noise_monitor: Any = None  # shared.noise_monitor.NoiseMonitor on process 0 with --log-noise-every
-    logger: Any = None  # shared.logging_wandb.WandbLogger
-    started: float = dataclasses.field(default_factory=time.time)
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "last.pth.tar"
-
-    def autocast(self):
-        """The forward passes' autocast context (``--amp``; disabled otherwise)."""
-        dtype = torch.bfloat16 if self.args.amp_dtype == "bfloat16" else torch.float16
-        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.args.amp)
-
-
-# ----------------------------------------------------------------------------------------------
-# Set-up: run directory, resume decision, data, model, optimizer, schedule, logging
-# ----------------------------------------------------------------------------------------------
 
 def open_run_dir(run_dir: Path, args, info, resume_path: Optional[Path]) -> run_files.RunLock:
     """Create and lock ``run_dir`` (process 0), then refuse it if it holds results this run may not touch.
@@ -405,57 +365,6 @@ def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) ->
     return checkpoint, resume_path
 
 
-def build_noise_monitor(args, info, model: nn.Module, run_dir: Path, num_updates: int):
-    """``--log-noise-every``: process 0 measures its own batch (:mod:`shared.noise_monitor`); else None."""
-    if args.log_noise_every is None:
-        return None
-    from shared.noise_monitor import CSV_NAME, NoiseMonitor
-
-    if args.log_noise_every < 1:
-        raise UsageError(f"--log-noise-every must be a positive number of updates, got {args.log_noise_every}")
-    if args.torchcompile:
-        raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
-    if not info.is_primary:
-        return None
-    monitor = NoiseMonitor(model, args.log_noise_every, run_dir / CSV_NAME, num_updates)
-    if not monitor.sites:
-        log(info, "WARNING: --log-noise-every: the model has no ghost noise or ghost batch norm site")
-    return monitor
-
-
-def restore(trainer: Trainer, checkpoint: dict, resume_path: Path) -> Progress:
-    """Load a checkpoint's weights, optimizer, schedule, EMA and random state; return its progress."""
-    args, info = trainer.args, trainer.info
-    try:
-        trainer.unwrapped.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise UsageError(f"checkpoint {resume_path} does not fit --model {args.model}: {error}") from None
-    if args.no_resume_opt:  # timm's --no-resume-opt: weights, position and schedule only
-        log(info, "--no-resume-opt: the optimizer and gradient scaler start afresh")
-    else:
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-        if trainer.scaler.is_enabled() and checkpoint.get("amp_scaler") is not None:
-            trainer.scaler.load_state_dict(checkpoint["amp_scaler"])
-    trainer.scheduler.load_state_dict(checkpoint["scheduler"])
-    if trainer.ema is not None and checkpoint.get("state_dict_ema") is not None:
-        trainer.ema.module.load_state_dict(checkpoint["state_dict_ema"])
-    # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
-    # on the raw model even with EMA: both are redone from the history
-    history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
-    progress = Progress(checkpoint["epoch"], checkpoint["batch"], checkpoint["num_updates"], history,
-                        best_epoch(history, args), wall_before=checkpoint.get("wall_time_s", 0.0))
-    rng_states = checkpoint["rng"]
-    if len(rng_states) == info.world_size:
-        restore_rng_state(rng_states[info.rank], trainer.noise_generator)
-        progress.partial_loss = checkpoint["partial_loss"][info.rank]
-    else:
-        log(info, f"WARNING: checkpoint has random state for {len(rng_states)} processes, this run has "
-                  f"{info.world_size}: the random streams start afresh")
-    log(info, f"resumed {resume_path}: epoch {progress.epoch}, step {progress.batch}, "
-              f"update {progress.num_updates}")
-    return progress
-
-
 def build_model_and_data(args, info) -> tuple:
     """Seeds, loaders, the model with its noise generator, ready for the optimizer.
 
@@ -480,219 +389,6 @@ def build_model_and_data(args, info) -> tuple:
     return loaders, model, noise_generator
 
 
-def set_up(args, info, cleanup: contextlib.ExitStack) -> tuple:
-    """Everything before the first step, where a ValueError is bad input: returns ``(Trainer, Progress)``."""
-    import nodo
-    import timm.optim
-    import timm.scheduler
-    import timm.utils
-
-    if not args.experiment:
-        args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
-    run_dir = Path(args.output) / args.experiment
-    checkpoint, resume_path = open_checkpoint(args, info, run_dir, cleanup)
-    args_dict = config_module.args_to_dict(args)  # as asked for: what a resume compares
-    loaders, model, noise_generator = build_model_and_data(args, info)
-    global_batch = args.batch_size * args.grad_accum_steps * info.world_size
-    if args.lr is None:
-        scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
-        ratio = global_batch / args.lr_base_size
-        args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
-    optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    updates_per_epoch = -(-len(loaders.train) // args.grad_accum_steps)
-    scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
-        optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
-        updates_per_epoch=updates_per_epoch)
-    # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
-    nodo.set_total_steps(model, num_epochs * len(loaders.train))
-    loss_fn, mixup = build_loss(args)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp and args.amp_dtype != "bfloat16")
-    ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
-        if args.model_ema else None
-    site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
-    # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
-    # out of args_dict, whose keys a resume compares with the checkpoint's)
-    run_facts = {"norm_sites": site_report.as_dict() if site_report is not None else None,
-                 "world_size": info.world_size, "per_process_batch": args.batch_size}
-    trainer = Trainer(args=args, info=info, run_dir=run_dir, loaders=loaders, model=model, unwrapped=model,
-                      optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, loss_fn=loss_fn, mixup=mixup,
-                      scaler=scaler, ema=ema, noise_generator=noise_generator, args_dict=args_dict, run_facts=run_facts)
-    progress = restore(trainer, checkpoint, resume_path) if checkpoint is not None else Progress()
-    if args.torchcompile:
-        trainer.model = torch.compile(model, backend=args.torchcompile)
-    if info.distributed:
-        trainer.ddp = trainer.model = nn.parallel.DistributedDataParallel(
-            trainer.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    trainer.noise_monitor = build_noise_monitor(args, info, model, run_dir, progress.num_updates)
-    trainer.logger = start_logging(trainer, global_batch, updates_per_epoch)
-    return trainer, progress
-
-
-def start_logging(trainer: Trainer, global_batch: int, updates_per_epoch: int):
-    """Write args.yaml, start the wandb logger, print what is about to run; returns the logger."""
-    from shared.logging_wandb import WandbLogger, derived_config
-
-    args, info, model = trainer.args, trainer.info, trainer.unwrapped
-    if info.is_primary:
-        # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
-        run_files.write_run_file(trainer.run_dir / "args.yaml", config_module.yaml_text(args))
-    resolved = config_module.args_to_dict(args)
-    norm_sites = trainer.run_facts["norm_sites"]
-    logger = WandbLogger(trainer.run_dir, args.experiment, {**resolved, **trainer.run_facts},
-                         project=args.wandb_project, tags=args.wandb_tags,
-                         display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
-                         derived=derived_config(model, info.world_size, args.batch_size, global_batch,
-                                                resolved, site_report=norm_sites))
-    log(info, f"run {trainer.run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    if getattr(model, "site_report", None) is not None:
-        log(info, str(model.site_report))
-    log(info, f"data: {trainer.loaders.description}")
-    log(info, f"schedule: {trainer.num_epochs} epochs x {updates_per_epoch} updates, global batch {global_batch}, "
-              f"lr {args.lr:g}")
-    return logger
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop: one epoch of updates, evaluation, a checkpoint after each epoch
-# ----------------------------------------------------------------------------------------------
-
-def forward_backward(trainer: Trainer, micro_batches, group_size: int) -> tuple:
-    """The forward and backward passes of one update: gradients of each loss / ``group_size``, summed.
-
-    Returns ``(the last micro-batch's images, the losses)``.
-    """
-    args, ddp = trainer.args, trainer.ddp
-    losses = []
-    for index, (images, targets) in enumerate(micro_batches):
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if trainer.mixup is not None:
-            images, targets = trainer.mixup(images, targets)
-        # under DDP, gradients are synchronized only on the last micro-batch of an update
-        sync = ddp is None or index == group_size - 1
-        with (nullcontext() if sync else ddp.no_sync()), trainer.autocast():
-            loss = trainer.loss_fn(trainer.model(images), targets)
-        trainer.scaler.scale(loss / group_size).backward()
-        losses.append(loss.detach())
-    return images, losses
-
-
-def check_update(trainer: Trainer, loss: torch.Tensor) -> tuple:
-    """``(finite, overflow)``: whether the update may be applied, and whether float16's scaler skips it.
-
-    float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and lowers
-    its scale); counted, not a failure. A non-finite loss is a failure with or without it. Every process
-    agrees (under DDP, gradients are the same on every rank).
-    """
-    scaler = trainer.scaler
-    scaler.unscale_(trainer.optimizer)
-    # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
-    checks = [loss.float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                                          for p in trainer.model.parameters() if p.grad is not None]
-    loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
-    loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
-    failed = not loss_finite or (not scaler.is_enabled() and not grads_finite)
-    finite = not distributed.any_process(failed, trainer.info)
-    return finite, finite and scaler.is_enabled() and not grads_finite
-
-
-def apply_update(trainer: Trainer, progress: Progress, finite: bool) -> None:
-    """Clip, step (unless the update is skipped), zero the gradients, count, EMA, schedule."""
-    args = trainer.args
-    if finite:
-        if args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
-            from timm.utils import dispatch_clip_grad
-
-            dispatch_clip_grad(trainer.model.parameters(), args.clip_grad, mode=args.clip_mode)
-        trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    progress.num_updates += 1
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.unwrapped, step=progress.num_updates)
-    trainer.scheduler.step_update(num_updates=progress.num_updates)
-
-
-def skip_update(trainer: Trainer, buffers_before: list, where: str, images: torch.Tensor, loss) -> None:
-    """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
-    forward passes did to the running statistics (``skip``)."""
-    if trainer.args.nonfinite == "stop":
-        raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
-                             f"site: {first_nonfinite_site(trainer.unwrapped, images)}")
-    with torch.no_grad():
-        for buffer, saved in zip(trainer.unwrapped.buffers(), buffers_before):
-            buffer.copy_(saved)
-
-
-def train_one_epoch(trainer: Trainer, progress: Progress, progress_bar: bool) -> dict:
-    """Train epoch ``progress.epoch`` from micro-batch ``progress.batch`` to its end.
-
-    ``progress.partial_loss`` is the loss sum of the batches before ``progress.batch`` (a resume inside
-    an epoch), so the epoch's mean train loss is the same as without the interruption.
-    Returns ``{'train_loss', 'lr', 'skipped', 'overflows'}``. Raises :class:`Preempted` after
-    checkpointing when a stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under
-    ``--nonfinite stop``.
-    """
-    from tqdm import tqdm
-
-    args, info, epoch, loader = trainer.args, trainer.info, progress.epoch, trainer.loaders.train
-    accum, num_batches, monitor = args.grad_accum_steps, len(loader), trainer.noise_monitor
-    trainer.model.train()
-    loader.set_epoch(epoch)
-    total_loss = torch.tensor(progress.partial_loss, device=info.device)
-    skipped = updates = overflows = 0
-    batches = loader.batches(progress.batch)
-    bar = tqdm(total=num_batches, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
-               dynamic_ncols=True, disable=not progress_bar)
-    last_log = time.time()
-    # a resume starts at an update boundary: each group of micro-batches is one update
-    for group_start in range(progress.batch, num_batches, accum):
-        group_size = min(accum, num_batches - group_start)  # the last update of an epoch may be smaller
-        end = group_start + group_size
-        # a skipped update must also undo what its forward passes did to the running statistics
-        buffers_before = [b.clone() for b in trainer.unwrapped.buffers()] if args.nonfinite == "skip" else []
-        if monitor is not None and monitor.due(progress.num_updates + 1):
-            monitor.arm()  # hooks for this update's first forward pass only (shared.noise_monitor)
-        images, losses = forward_backward(trainer, itertools.islice(batches, group_size), group_size)
-        for loss in losses:
-            total_loss += loss
-        bar.update(group_size)
-        finite, overflow = check_update(trainer, losses[-1])
-        if not finite:
-            where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
-            skip_update(trainer, buffers_before, where, images, losses[-1])
-            skipped += 1
-            log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
-        apply_update(trainer, progress, finite)
-        updates, overflows = updates + 1, overflows + overflow
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        if monitor is not None and monitor.armed:
-            trainer.logger.log(monitor.collect(progress.num_updates, epoch), step=progress.num_updates)
-        if (end // accum) % args.log_interval == 0 or end == num_batches:
-            step_loss = losses[-1].item()
-            trainer.logger.log({"train/loss": step_loss, "train/lr": lr, "epoch": epoch}, step=progress.num_updates)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
-            if not progress_bar and info.is_primary:
-                rate = args.log_interval * accum * args.batch_size / max(time.time() - last_log, 1e-9)
-                print(f"epoch {epoch} [{end:>5d}/{num_batches}] loss {step_loss:.4f} lr {lr:.4g} "
-                      f"{rate:.0f} img/s", flush=True)
-            last_log = time.time()
-        if distributed.any_process(bool(_stop_signal), info) and end < num_batches:
-            bar.close()
-            progress.batch, progress.partial_loss = end, total_loss.item()
-            save_last(trainer, progress)
-            raise Preempted(f"epoch {epoch}, step {end}")
-    bar.close()
-    if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
-        raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and were "
-                             f"skipped (--nonfinite skip): the model is not training")
-    sums = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches), device=info.device)]),
-                                      info)
-    return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
-            "lr": trainer.optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
-
-
 def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
     """``--dist-bn``: make every process's running statistics equal before an evaluation, as timm does.
 
@@ -709,157 +405,393 @@ def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
             distribute_bn(module, info.world_size, reduce=mode == "reduce")
 
 
-def epoch_row(trainer: Trainer, epoch: int, train_metrics: dict, epoch_start: float) -> dict:
-    """The epoch's summary.csv row: train loss, evaluation (of the EMA model too), lr, time, counters."""
-    args, info, loader = trainer.args, trainer.info, trainer.loaders.eval
-    evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == trainer.num_epochs
-    metrics = {"eval_loss": None, "eval_top1": None, "eval_top5": None}
-    if evaluated:
-        sync_norm_statistics(trainer.model, trainer.ema, args.dist_bn, info)
-        metrics = evaluate(trainer.model, loader, info, trainer.autocast, args.channels_last)
-    row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
-           "time": time.time() - epoch_start}
-    if trainer.ema is not None and evaluated:
-        ema_metrics = evaluate(trainer.ema.module, loader, info, trainer.autocast, args.channels_last)
-        row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-    if train_metrics["skipped"]:
-        row["skipped_updates"] = train_metrics["skipped"]
-    if trainer.scaler.is_enabled():
-        row["amp_overflow_steps"] = train_metrics["overflows"]
-    return row
+class Training:
+    """One training run: :meth:`__init__` sets it up (where a ValueError is bad input), :meth:`run` trains
+    epoch after epoch, checkpointing after each (:meth:`save`), and writes the results."""
 
+    def __init__(self, args, info, cleanup: contextlib.ExitStack):
+        import nodo
+        import timm.optim
+        import timm.scheduler
+        import timm.utils
 
-def end_epoch(trainer: Trainer, progress: Progress, row: dict) -> None:
-    """Record the epoch's row: schedule, checkpoint (and its hard links), summary.csv, results.json, logs."""
-    args, info, epoch = trainer.args, trainer.info, row["epoch"]
-    progress.history.append(row)
-    # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
-    metric = row.get(ranking_column(args))
-    trainer.scheduler.step(epoch + 1, metric)
-    progress.best = best_epoch(progress.history, args)  # from the whole history: also after an old-version resume
-    evaluated = row["eval_top1"] is not None
-    improved = evaluated and progress.best is not None and progress.best["epoch"] == epoch
-    progress.epoch, progress.batch, progress.partial_loss = epoch + 1, 0, 0.0
-    save_last(trainer, progress, metric=metric)
-    if info.is_primary:
-        keep_extra_checkpoints(trainer.run_dir, trainer.last_path, epoch, improved,
-                               checkpoints_to_keep(trainer.run_dir, progress.history, args, epoch))
-        run_files.write_summary(trainer.run_dir, progress.history)
-        run_files.write_results(trainer.run_dir, results(trainer, progress, "running"))
-    # wandb keys as before (eval/top1, eval/top5, eval/eval_loss): dashboards keep working
-    evaluation = {f"eval/{k.replace('eval_top', 'top')}": row[k] for k in ("eval_loss", "eval_top1", "eval_top5")
-                  if row[k] is not None}
-    trainer.logger.log(evaluation | {"epoch": epoch, "train/epoch_loss": row["train_loss"]},
-                       step=progress.num_updates)
-    text = (f"eval_loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
-            if evaluated else "not evaluated")
-    log(info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {text} ({row['time']:.1f} s)")
+        self.args, self.info = args, info
+        if not args.experiment:
+            args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
+        self.run_dir = Path(args.output) / args.experiment
+        self.last_path = self.run_dir / "last.pth.tar"
+        checkpoint, resume_path = open_checkpoint(args, info, self.run_dir, cleanup)
+        self.args_dict = config_module.args_to_dict(args)  # as asked for: what a resume compares
+        self.loaders, model, self.noise_generator = build_model_and_data(args, info)
+        self.unwrapped = model  # what is saved, averaged by EMA and inspected
+        global_batch = args.batch_size * args.grad_accum_steps * info.world_size
+        if args.lr is None:
+            scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
+            ratio = global_batch / args.lr_base_size
+            args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+        self.optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args),
+                                                        **args.opt_kwargs)
+        updates_per_epoch = -(-len(self.loaders.train) // args.grad_accum_steps)
+        self.scheduler, self.num_epochs = timm.scheduler.create_scheduler_v2(
+            self.optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+            updates_per_epoch=updates_per_epoch)
+        # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
+        nodo.set_total_steps(model, self.num_epochs * len(self.loaders.train))
+        self.loss_fn, self.mixup = build_loss(args)
+        # disabled (each call a no-op) unless float16 AMP
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp and args.amp_dtype != "bfloat16")
+        self.ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+            if args.model_ema else None
+        site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
+        # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
+        # out of args_dict, whose keys a resume compares with the checkpoint's)
+        self.run_facts = {"norm_sites": site_report.as_dict() if site_report is not None else None,
+                          "world_size": info.world_size, "per_process_batch": args.batch_size}
+        self.progress = self.restore(checkpoint, resume_path) if checkpoint is not None else Progress()
+        self.model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+        if info.distributed:  # (so: the model called is wrapped in DDP exactly when info.distributed)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.noise_monitor = None
+        if args.log_noise_every is not None and info.is_primary:  # rank 0 measures its own batch
+            from shared.noise_monitor import CSV_NAME, NoiseMonitor
 
+            self.noise_monitor = NoiseMonitor(model, args.log_noise_every, self.run_dir / CSV_NAME,
+                                              self.progress.num_updates)
+            if not self.noise_monitor.sites:
+                log(info, "WARNING: --log-noise-every: the model has no ghost noise or ghost batch norm site")
+        self.logger = self.start_logging(global_batch, updates_per_epoch)
+        self.started = time.time()
 
-def save_last(trainer: Trainer, progress: Progress, metric: Optional[float] = None) -> None:
-    """last.pth.tar at ``progress``: every process's random state and partial loss; process 0 writes."""
-    gathered = distributed.gather_objects((capture_rng_state(trainer.noise_generator), progress.partial_loss),
-                                          trainer.info)
-    if not trainer.info.is_primary:
-        return
-    ema, scaler = trainer.ema, trainer.scaler
-    save_checkpoint({
-        # timm's keys (timm.models.load_checkpoint reads state_dict / state_dict_ema, arch, args)
-        "state_dict": trainer.unwrapped.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(), "arch": trainer.args.model,
-        "state_dict_ema": ema.module.state_dict() if ema is not None else None,
-        "metric": metric,
-        # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
-        "amp_scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "epoch": progress.epoch, "batch": progress.batch, "num_updates": progress.num_updates,
-        "history": progress.history, "best": progress.best,
-        "rng": [rng for rng, _ in gathered], "partial_loss": [loss for _, loss in gathered],
-        "args": trainer.args_dict, "wall_time_s": progress.wall_before + time.time() - trainer.started,
-    }, trainer.last_path)
-
-
-def results(trainer: Trainer, progress: Progress, status: str, message: str = "") -> dict:
-    """results.json: the status, the final and best epochs, counters and the run's facts."""
-    history = progress.history
-    return {"status": status, "epochs_done": len(history), "epochs": trainer.num_epochs,
-            "final": history[-1] if history else None, "best": progress.best,
-            "wall_time_s": progress.wall_before + time.time() - trainer.started, "message": message,
-            "num_updates": progress.num_updates, **trainer.run_facts,
-            "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
-
-
-def train_epochs(trainer: Trainer, progress: Progress) -> str:
-    """The remaining epochs, each checkpointed; returns the status, ``finished`` or (``--stop-after``)
-    ``preempted``. Raises :class:`Preempted` when a stop signal arrives."""
-    args, info, num_epochs = trainer.args, trainer.info, trainer.num_epochs
-    progress_bar = info.is_primary and sys.stderr.isatty()
-    if progress.epoch >= num_epochs:
-        log(info, f"nothing to do: {progress.epoch} of {num_epochs} epochs are done")
-    while progress.epoch < num_epochs:
-        epoch, epoch_start = progress.epoch, time.time()
-        if trainer.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            trainer.mixup.mixup_enabled = False
-        train_metrics = train_one_epoch(trainer, progress, progress_bar)
-        end_epoch(trainer, progress, epoch_row(trainer, epoch, train_metrics, epoch_start))
-        if distributed.any_process(bool(_stop_signal), info) and epoch + 1 < num_epochs:
-            raise Preempted(f"end of epoch {epoch}")
-        if args.stop_after is not None and len(progress.history) >= args.stop_after and epoch + 1 < num_epochs:
-            log(info, f"--stop-after {args.stop_after}: stopping after epoch {epoch}; continue with --resume auto")
-            return "preempted"
-    return "finished"
-
-
-def train(trainer: Trainer, progress: Progress) -> int:
-    """Train until done or stopped, then write results.json and close the logger; returns the exit code."""
-    info, last_path, history = trainer.info, trainer.last_path, progress.history
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _request_stop)
-    if info.is_primary and history:
-        # a kill between a checkpoint and the run files written after it leaves them an epoch behind: catch up
-        if progress.batch == 0:  # last.pth.tar is that epoch's own checkpoint
-            finished = history[-1]["epoch"]
-            keep_extra_checkpoints(trainer.run_dir, last_path, finished,
-                                   progress.best is not None and progress.best["epoch"] == finished,
-                                   checkpoints_to_keep(trainer.run_dir, history, trainer.args, finished))
-        run_files.write_summary(trainer.run_dir, history)
-    exit_code, failure = EXIT_OK, ""
-    try:
-        status = train_epochs(trainer, progress)
-    except Preempted as where:
-        status, exit_code = (("interrupted", INTERRUPTED_EXIT_CODE) if signal.SIGINT in _stop_signal
-                             else ("preempted", PREEMPTED_EXIT_CODE))
-        again = "requeue" if exit_code == PREEMPTED_EXIT_CODE else "continue"
-        log(info, f"{status} at {where}: checkpoint written to {last_path}; {again} with --resume auto "
-                  f"(exit {exit_code})")
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this moment, the last one stays
-        status, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
-        print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-    except NonFiniteError as error:
-        status, exit_code, failure = "failed", EXIT_NONFINITE, str(error)
-        print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-    except (CheckpointError, RunFileError) as error:
-        status, exit_code, failure = "failed", EXIT_FAILED, str(error)
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if info.is_primary:
+    def restore(self, checkpoint: dict, resume_path: Path) -> Progress:
+        """Load a checkpoint's weights, optimizer, schedule, EMA and random state; return its progress."""
+        args, info = self.args, self.info
         try:
-            run_files.write_results(trainer.run_dir, results(trainer, progress, status, failure))
-        except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
-            if failure != str(error):
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
-    if status == "finished":
-        finish_logging(trainer, progress)
-    trainer.logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1)
-    return exit_code
+            self.unwrapped.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            raise UsageError(f"checkpoint {resume_path} does not fit --model {args.model}: {error}") from None
+        if args.no_resume_opt:  # timm's --no-resume-opt: weights, position and schedule only
+            log(info, "--no-resume-opt: the optimizer and gradient scaler start afresh")
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scaler.is_enabled() and checkpoint.get("amp_scaler") is not None:
+                self.scaler.load_state_dict(checkpoint["amp_scaler"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.ema is not None and checkpoint.get("state_dict_ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["state_dict_ema"])
+        # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
+        # on the raw model even with EMA: both are redone from the history
+        history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
+        progress = Progress(checkpoint["epoch"], checkpoint["batch"], checkpoint["num_updates"], history,
+                            best_epoch(history, args), wall_before=checkpoint.get("wall_time_s", 0.0))
+        rng_states = checkpoint["rng"]
+        if len(rng_states) == info.world_size:
+            restore_rng_state(rng_states[info.rank], self.noise_generator)
+            progress.partial_loss = checkpoint["partial_loss"][info.rank]
+        else:
+            log(info, f"WARNING: checkpoint has random state for {len(rng_states)} processes, this run has "
+                      f"{info.world_size}: the random streams start afresh")
+        log(info, f"resumed {resume_path}: epoch {progress.epoch}, step {progress.batch}, "
+                  f"update {progress.num_updates}")
+        return progress
 
+    def start_logging(self, global_batch: int, updates_per_epoch: int):
+        """Write args.yaml, start the wandb logger, print what is about to run; returns the logger."""
+        from shared.logging_wandb import WandbLogger, derived_config
 
-def finish_logging(trainer: Trainer, progress: Progress) -> None:
-    """A finished run: the final and best epochs into wandb's summary and the log."""
-    final, best = progress.history[-1], progress.best
-    trainer.logger.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
-    log(trainer.info, f"done: final top1 {final['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
+        args, info, model = self.args, self.info, self.unwrapped
+        if info.is_primary:
+            # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
+            run_files.write_run_file(self.run_dir / "args.yaml", config_module.yaml_text(args))
+        resolved = config_module.args_to_dict(args)
+        logger = WandbLogger(self.run_dir, args.experiment, {**resolved, **self.run_facts},
+                             project=args.wandb_project, tags=args.wandb_tags,
+                             display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
+                             derived=derived_config(model, info.world_size, args.batch_size, global_batch,
+                                                    resolved, site_report=self.run_facts["norm_sites"]))
+        log(info, f"run {self.run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        if getattr(model, "site_report", None) is not None:
+            log(info, str(model.site_report))
+        log(info, f"data: {self.loaders.description}")
+        log(info, f"schedule: {self.num_epochs} epochs x {updates_per_epoch} updates, global batch {global_batch}, "
+                  f"lr {args.lr:g}")
+        return logger
+
+    def autocast(self):
+        """The forward passes' autocast context (``--amp``; disabled otherwise)."""
+        dtype = torch.bfloat16 if self.args.amp_dtype == "bfloat16" else torch.float16
+        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.args.amp)
+
+    # ---- the loop: updates, epochs, checkpoints
+
+    def forward_backward(self, micro_batches, group_size: int) -> tuple:
+        """The forward and backward passes of one update: gradients of each loss / ``group_size``, summed.
+
+        Returns ``(the last micro-batch's images, the losses)``.
+        """
+        losses = []
+        for index, (images, targets) in enumerate(micro_batches):
+            if self.args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            # under DDP, gradients are synchronized only on the last micro-batch of an update
+            sync = not self.info.distributed or index == group_size - 1
+            with (nullcontext() if sync else self.model.no_sync()), self.autocast():
+                loss = self.loss_fn(self.model(images), targets)
+            self.scaler.scale(loss / group_size).backward()
+            losses.append(loss.detach())
+        return images, losses
+
+    def check_update(self, loss: torch.Tensor) -> tuple:
+        """``(finite, overflow)``: whether the update may be applied, and whether float16's scaler skips it.
+
+        float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and lowers
+        its scale); counted, not a failure. A non-finite loss is a failure with or without it. Every process
+        agrees (under DDP, gradients are the same on every rank).
+        """
+        self.scaler.unscale_(self.optimizer)
+        # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
+        checks = [loss.float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                                              for p in self.model.parameters() if p.grad is not None]
+        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
+        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        amp = self.scaler.is_enabled()
+        finite = not distributed.any_process(not loss_finite or (not amp and not grads_finite), self.info)
+        return finite, finite and amp and not grads_finite
+
+    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, loss: torch.Tensor) -> None:
+        """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
+        forward passes did to the running statistics (``skip``)."""
+        if self.args.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
+                                 f"site: {first_nonfinite_site(self.unwrapped, images)}")
+        with torch.no_grad():
+            for buffer, saved in zip(self.unwrapped.buffers(), buffers_before):
+                buffer.copy_(saved)
+
+    def apply_update(self, finite: bool) -> None:
+        """Clip, step (unless the update is skipped), zero the gradients, count, EMA, schedule."""
+        if finite:
+            if self.args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
+                from timm.utils import dispatch_clip_grad
+
+                dispatch_clip_grad(self.model.parameters(), self.args.clip_grad, mode=self.args.clip_mode)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.num_updates += 1
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.progress.num_updates)
+        self.scheduler.step_update(num_updates=self.progress.num_updates)
+
+    def train_one_epoch(self, progress_bar: bool) -> dict:
+        """Train epoch ``progress.epoch`` from micro-batch ``progress.batch`` to its end.
+
+        ``progress.partial_loss`` is the loss sum of the batches before ``progress.batch`` (a resume inside
+        an epoch), so the epoch's mean train loss is the same as without the interruption.
+        Returns ``{'train_loss', 'lr', 'skipped', 'overflows'}``. Raises :class:`Preempted` after
+        checkpointing when a stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under
+        ``--nonfinite stop``.
+        """
+        from tqdm import tqdm
+
+        args, info, progress, loader = self.args, self.info, self.progress, self.loaders.train
+        epoch, accum, num_batches, monitor = progress.epoch, args.grad_accum_steps, len(loader), self.noise_monitor
+        self.model.train()
+        loader.set_epoch(epoch)
+        total_loss = torch.tensor(progress.partial_loss, device=info.device)
+        skipped = updates = overflows = 0
+        batches = loader.batches(progress.batch)
+        bar = tqdm(total=num_batches, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
+                   dynamic_ncols=True, disable=not progress_bar)
+        last_log = time.time()
+        # a resume starts at an update boundary: each group of micro-batches is one update
+        for group_start in range(progress.batch, num_batches, accum):
+            group_size = min(accum, num_batches - group_start)  # the last update of an epoch may be smaller
+            end = group_start + group_size
+            # a skipped update must also undo what its forward passes did to the running statistics
+            buffers_before = [b.clone() for b in self.unwrapped.buffers()] if args.nonfinite == "skip" else []
+            if monitor is not None and monitor.due(progress.num_updates + 1):
+                monitor.arm()  # hooks for this update's first forward pass only (shared.noise_monitor)
+            images, losses = self.forward_backward(itertools.islice(batches, group_size), group_size)
+            for loss in losses:
+                total_loss += loss
+            bar.update(group_size)
+            finite, overflow = self.check_update(losses[-1])
+            if not finite:
+                where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
+                self.skip_update(buffers_before, where, images, losses[-1])
+                skipped += 1
+                log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
+            self.apply_update(finite)
+            updates, overflows = updates + 1, overflows + overflow
+            lr = self.optimizer.param_groups[0]["lr"]
+            if monitor is not None and monitor.armed:
+                self.logger.log(monitor.collect(progress.num_updates, epoch), step=progress.num_updates)
+            if (end // accum) % args.log_interval == 0 or end == num_batches:
+                step_loss = losses[-1].item()
+                self.logger.log({"train/loss": step_loss, "train/lr": lr, "epoch": epoch}, step=progress.num_updates)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
+                if not progress_bar and info.is_primary:
+                    rate = args.log_interval * accum * args.batch_size / max(time.time() - last_log, 1e-9)
+                    print(f"epoch {epoch} [{end:>5d}/{num_batches}] loss {step_loss:.4f} lr {lr:.4g} "
+                          f"{rate:.0f} img/s", flush=True)
+                last_log = time.time()
+            if distributed.any_process(bool(_stop_signal), info) and end < num_batches:
+                bar.close()
+                progress.batch, progress.partial_loss = end, total_loss.item()
+                self.save()
+                raise Preempted(f"epoch {epoch}, step {end}")
+        bar.close()
+        if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
+            raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and "
+                                 f"were skipped (--nonfinite skip): the model is not training")
+        sums = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
+                                                                                device=info.device)]), info)
+        return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
+
+    def epoch_row(self, epoch: int, train_metrics: dict, epoch_start: float) -> dict:
+        """The epoch's summary.csv row: train loss, evaluation (of the EMA model too), lr, time, counters."""
+        args, loader = self.args, self.loaders.eval
+        evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == self.num_epochs
+        metrics = {"eval_loss": None, "eval_top1": None, "eval_top5": None}
+        if evaluated:
+            sync_norm_statistics(self.model, self.ema, args.dist_bn, self.info)
+            metrics = evaluate(self.model, loader, self.info, self.autocast, args.channels_last)
+        row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
+               "time": time.time() - epoch_start}
+        if self.ema is not None and evaluated:
+            ema_metrics = evaluate(self.ema.module, loader, self.info, self.autocast, args.channels_last)
+            row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        if train_metrics["skipped"]:
+            row["skipped_updates"] = train_metrics["skipped"]
+        if self.scaler.is_enabled():
+            row["amp_overflow_steps"] = train_metrics["overflows"]
+        return row
+
+    def end_epoch(self, row: dict) -> None:
+        """Record the epoch's row: schedule, checkpoint (and its hard links), summary.csv, results.json, logs."""
+        args, progress, epoch = self.args, self.progress, row["epoch"]
+        progress.history.append(row)
+        # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
+        metric = row.get(ranking_column(args))
+        self.scheduler.step(epoch + 1, metric)
+        progress.best = best_epoch(progress.history, args)  # from the whole history: also after an old-version resume
+        progress.epoch, progress.batch, progress.partial_loss = epoch + 1, 0, 0.0
+        self.save(metric=metric)
+        if self.info.is_primary:
+            keep_extra_checkpoints(self.run_dir, self.last_path, epoch, progress.history, args)
+            run_files.write_summary(self.run_dir, progress.history)
+            run_files.write_results(self.run_dir, self.results("running"))
+        # wandb keys as before (eval/top1, eval/top5, eval/eval_loss): dashboards keep working
+        evaluation = {f"eval/{k.replace('eval_top', 'top')}": row[k] for k in ("eval_loss", "eval_top1", "eval_top5")
+                      if row[k] is not None}
+        self.logger.log(evaluation | {"epoch": epoch, "train/epoch_loss": row["train_loss"]},
+                        step=progress.num_updates)
+        text = (f"eval_loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
+                if row["eval_loss"] is not None else "not evaluated")
+        log(self.info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {text} ({row['time']:.1f} s)")
+
+    def save(self, metric: Optional[float] = None) -> None:
+        """last.pth.tar at ``progress``: every process's random state and partial loss; process 0 writes."""
+        progress = self.progress
+        gathered = distributed.gather_objects((capture_rng_state(self.noise_generator), progress.partial_loss),
+                                              self.info)
+        if not self.info.is_primary:
+            return
+        save_checkpoint({
+            # timm's keys (timm.models.load_checkpoint reads state_dict / state_dict_ema, arch, args)
+            "state_dict": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "arch": self.args.model,
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "metric": metric,
+            # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
+            "amp_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": progress.epoch, "batch": progress.batch, "num_updates": progress.num_updates,
+            "history": progress.history, "best": progress.best,
+            "rng": [rng for rng, _ in gathered], "partial_loss": [loss for _, loss in gathered],
+            "args": self.args_dict, "wall_time_s": progress.wall_before + time.time() - self.started,
+        }, self.last_path)
+
+    def results(self, status: str, message: str = "") -> dict:
+        """results.json: the status, the final and best epochs, counters and the run's facts."""
+        history = self.progress.history
+        return {"status": status, "epochs_done": len(history), "epochs": self.num_epochs,
+                "final": history[-1] if history else None, "best": self.progress.best,
+                "wall_time_s": self.progress.wall_before + time.time() - self.started, "message": message,
+                "num_updates": self.progress.num_updates, **self.run_facts,
+                "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
+
+    def train_epochs(self) -> str:
+        """The remaining epochs, each checkpointed; returns the status, ``finished`` or (``--stop-after``)
+        ``preempted``. Raises :class:`Preempted` when a stop signal arrives."""
+        args, info, progress, num_epochs = self.args, self.info, self.progress, self.num_epochs
+        progress_bar = info.is_primary and sys.stderr.isatty()
+        if progress.epoch >= num_epochs:
+            log(info, f"nothing to do: {progress.epoch} of {num_epochs} epochs are done")
+        while progress.epoch < num_epochs:
+            epoch, epoch_start = progress.epoch, time.time()
+            if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                self.mixup.mixup_enabled = False
+            train_metrics = self.train_one_epoch(progress_bar)
+            self.end_epoch(self.epoch_row(epoch, train_metrics, epoch_start))
+            if distributed.any_process(bool(_stop_signal), info) and epoch + 1 < num_epochs:
+                raise Preempted(f"end of epoch {epoch}")
+            if args.stop_after is not None and len(progress.history) >= args.stop_after and epoch + 1 < num_epochs:
+                log(info, f"--stop-after {args.stop_after}: stopping after epoch {epoch}; continue with --resume auto")
+                return "preempted"
+        return "finished"
+
+    def run(self) -> int:
+        """Train until done or stopped, then write results.json and close the logger; returns the exit code."""
+        info, last_path, history = self.info, self.last_path, self.progress.history
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _request_stop)
+        if info.is_primary and history:
+            # a kill between a checkpoint and the run files written after it leaves them an epoch behind: catch up
+            if self.progress.batch == 0:  # last.pth.tar is that epoch's own checkpoint
+                keep_extra_checkpoints(self.run_dir, last_path, history[-1]["epoch"], history, self.args)
+            run_files.write_summary(self.run_dir, history)
+        exit_code, failure = EXIT_OK, ""
+        try:
+            status = self.train_epochs()
+        except Preempted as where:
+            status, exit_code = (("interrupted", INTERRUPTED_EXIT_CODE) if signal.SIGINT in _stop_signal
+                                 else ("preempted", PREEMPTED_EXIT_CODE))
+            again = "requeue" if exit_code == PREEMPTED_EXIT_CODE else "continue"
+            log(info, f"{status} at {where}: checkpoint written to {last_path}; {again} with --resume auto "
+                      f"(exit {exit_code})")
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this moment, the last one stays
+            status, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
+            print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
+        except NonFiniteError as error:
+            status, exit_code, failure = "failed", EXIT_NONFINITE, str(error)
+            print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
+        except (CheckpointError, RunFileError) as error:
+            status, exit_code, failure = "failed", EXIT_FAILED, str(error)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if info.is_primary:
+            try:
+                run_files.write_results(self.run_dir, self.results(status, failure))
+            except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
+                if failure != str(error):
+                    print(f"error: {error}", file=sys.stderr, flush=True)
+                exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
+        if status == "finished":
+            final, best = history[-1], self.progress.best
+            self.logger.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
+            log(info, f"done: final top1 {final['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
                       f"(epoch {best['epoch']})")
+        self.logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1)
+        return exit_code
 
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files and the ranking of epochs
+# ----------------------------------------------------------------------------------------------
 
 def kept_checkpoint(last_path: Path) -> str:
     """What a stopped run leaves to continue from: promise a checkpoint only when one exists."""
@@ -910,26 +842,24 @@ def numbered_checkpoints(run_dir: Path) -> dict:
     return found
 
 
-def checkpoints_to_keep(run_dir: Path, history: list, args, epoch: int) -> set:
-    """Epochs of checkpoint-EPOCH files to keep after ``epoch``: the files present plus ``epoch``, ranked."""
-    by_epoch = {row["epoch"]: row.get(ranking_column(args)) for row in history}
-    present = set(numbered_checkpoints(run_dir))
-    candidates = {e: by_epoch.get(e) for e in present | {epoch}}
-    return set(rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist))
-
-
-def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, improved: bool, keep: set) -> None:
-    """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to this epoch's last.pth.tar.
+def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: list, args) -> None:
+    """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to ``epoch``'s last.pth.tar.
 
     (:func:`shared.run_files.atomic_link`: no copy, and each keeps the content it was made with.)
-    checkpoint-EPOCH files of epochs not in ``keep`` are removed, and this epoch's is made only if it is
-    in ``keep`` (see :func:`rank_checkpoints`).
+    model_best is made when ``epoch`` is the best (:func:`best_epoch`). The checkpoint-EPOCH files
+    present and this epoch's are ranked (:func:`rank_checkpoints`): the ``--checkpoint-hist`` first
+    are kept, the others removed, and this epoch's is made only if it is among them.
     """
-    if improved:
+    best = best_epoch(history, args)
+    if best is not None and best["epoch"] == epoch:
         run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
+    metrics = {row["epoch"]: row.get(ranking_column(args)) for row in history}
+    present = numbered_checkpoints(run_dir)
+    candidates = {e: metrics.get(e) for e in set(present) | {epoch}}
+    keep = rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist)
     if epoch in keep:
         run_files.atomic_link(last_path, run_dir / f"checkpoint-{epoch}.pth.tar")
-    for number, path in numbered_checkpoints(run_dir).items():
+    for number, path in present.items():
         if number not in keep:
             path.unlink(missing_ok=True)
 
@@ -944,24 +874,23 @@ def dry_loader(args, info) -> int:
         raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
     loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
     log(info, f"data: {loaders.description}")
-    done, images, epoch, started = 0, 0, 0, time.perf_counter()
-    while done < args.dry_loader:
-        loaders.train.set_epoch(epoch)
-        for batch, _ in loaders.train.batches(0):
-            done += 1
-            if done == 1:
-                synchronize(info.device)
-                started = time.perf_counter()
-            else:
-                images += batch.shape[0]
-            if done == args.dry_loader:
-                break
-        epoch += 1
+    batches = itertools.islice(every_epoch(loaders.train), args.dry_loader)
+    next(batches)  # not timed: it waits for the workers to start
+    synchronize(info.device)
+    started = time.perf_counter()
+    images = sum(batch.shape[0] for batch, _ in batches)
     synchronize(info.device)
     seconds = time.perf_counter() - started
     log(info, f"dry loader: {images} images in {seconds:.2f} s after the first batch: {images / seconds:.0f} img/s "
               f"per process ({args.workers} workers, batch {args.batch_size}, {loaders.train.kind} on {info.device})")
     return EXIT_OK
+
+
+def every_epoch(loader):
+    """The batches of epoch 0, 1, 2... of ``loader``, without end."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader.batches(0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -988,18 +917,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 if args.dry_loader:
                     return dry_loader(args, info)
-                trainer, progress = set_up(args, info, cleanup)
+                training = Training(args, info, cleanup)
             except (ValueError, CheckpointError) as error:  # bad input: config, spec, data, checkpoint
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 return EXIT_USAGE
-            return train(trainer, progress)  # past set-up a ValueError is a bug: it keeps its traceback
+            return training.run()  # past set-up a ValueError is a bug: it keeps its traceback
     except KeyboardInterrupt:  # Ctrl-C during set-up (no stop handler yet), or a second one after the loop
         print("\ninterrupted by Ctrl-C outside the training loop: nothing more was saved", file=sys.stderr,
               flush=True)
         return INTERRUPTED_EXIT_CODE
     finally:
         distributed.shutdown()
-        for signum, handler in handlers.items():  # train() installed _request_stop; put back the caller's
+        for signum, handler in handlers.items():  # Training.run installed _request_stop; put back the caller's
             if handler is not None:
                 signal.signal(signum, handler)
 
