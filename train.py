@@ -20,8 +20,6 @@ arguments and turns bad input into exit code 2. Exit codes:
 by another run, or holds results), 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1; checkpointed, requeue
 with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``--resume auto``).
 """
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import itertools
@@ -298,6 +296,8 @@ def first_nonfinite_site(model: nn.Module, images: torch.Tensor) -> str:
 # Set-up: run directory, resume decision, data, model; then the training run itself
 # ----------------------------------------------------------------------------------------------
 
+# (this file has no ``from __future__ import annotations``: a dataclass with string annotations needs its
+# module in sys.modules, and tests load train.py by file path)
 @dataclasses.dataclass
 class Progress:
     """Where training stands: saved in every checkpoint, so that a resume continues bit-identically."""
@@ -482,8 +482,9 @@ class Training:
         # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
         # on the raw model even with EMA: both are redone from the history
         history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
-        progress = Progress(checkpoint["epoch"], checkpoint["batch"], checkpoint["num_updates"], history,
-                            best_epoch(history, args), wall_before=checkpoint.get("wall_time_s", 0.0))
+        progress = Progress(epoch=checkpoint["epoch"], batch=checkpoint["batch"], num_updates=checkpoint["num_updates"],
+                            history=history, best=best_epoch(history, args),
+                            wall_before=checkpoint.get("wall_time_s", 0.0))
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank], self.noise_generator)
