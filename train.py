@@ -10,18 +10,21 @@ Flags keep timm's train.py names (``python train.py --help``); configuration is 
 ``args.yaml``, ``summary.csv``, ``results.json``, ``last.pth.tar``, ``model_best.pth.tar``,
 ``checkpoint-EPOCH.pth.tar`` and, with ``--log-wandb``, ``wandb/``.
 
-Read top to bottom: ``main`` parses and checks everything that can be checked before training, builds
-the data, model, optimizer and schedule from timm's factories, restores a checkpoint if resuming, and
-runs :func:`train_one_epoch` / :func:`evaluate` per epoch, checkpointing after each. Exit codes:
+Read top to bottom: the building blocks (argument checks, model, loss), then :class:`Training`, whose
+``__init__`` sets the run up (run directory and its lock, resume decision, data, model, optimizer and
+schedule from timm's factories, a restored checkpoint) and whose :meth:`Training.run` loops over epochs
+(:meth:`Training.train_one_epoch`, :func:`shared.validate.evaluate`), checkpointing after each
+(:meth:`Training.save`); last the checkpoint files and :func:`main`, which parses and checks the
+arguments and turns bad input into exit code 2. Exit codes:
 0 done, 1 crash (or a disk that cannot be written), 2 bad input (also: the run directory is in use
 by another run, or holds results), 3 non-finite loss, 75 preempted (SIGTERM/SIGUSR1; checkpointed, requeue
 with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``--resume auto``).
 """
-from __future__ import annotations
-
 import contextlib
+import dataclasses
+import itertools
 import math
-import os
+import random
 import signal
 import sys
 import time
@@ -30,12 +33,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from shared import config as config_module
-from shared import distributed, run_files, validate
-from shared.validate import set_norm_hyperparameters
+from shared import distributed, run_files
+from shared.validate import evaluate, set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from shared.config import (EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, INTERRUPTED_EXIT_CODE,
                            PREEMPTED_EXIT_CODE, ConfigError)
@@ -63,10 +67,8 @@ class Preempted(Exception):
 # (torchrun passes it on to its workers, which run in sessions of their own).
 # ----------------------------------------------------------------------------------------------
 
+# the signals received: a handler's only way to reach the loop (cleared by main)
 _stop_signal: list = []
-_training_started = False  # set once set-up is done: errors after it are not "bad input"
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -109,6 +111,15 @@ FLAG_RANGES = (
     ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("recount", lambda v: v >= 1, ">= 1"),
     ("img_size", lambda v: v >= 1, ">= 1"),
+    ("batch_size", lambda v: v >= 1, "a positive integer"),
+    ("epochs", lambda v: v >= 1, "a positive integer"),
+    ("grad_accum_steps", lambda v: v >= 1, "a positive integer"),
+    ("log_interval", lambda v: v >= 1, "a positive integer"),
+    ("eval_interval", lambda v: v >= 1, "a positive integer"),
+    ("validation_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("checkpoint_hist", lambda v: v >= 0, ">= 0"),
+    ("stop_after", lambda v: v >= 1, "a positive number of epochs"),
+    ("log_noise_every", lambda v: v >= 1, "a positive number of updates"),
 )
 
 
@@ -126,16 +137,8 @@ def check_args(args) -> None:
         value = getattr(args, dest, None)
         if value is not None and not valid(value):
             raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
-    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"):
-        value = getattr(args, name)
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.validation_batch_size is not None and args.validation_batch_size < 1:
-        raise UsageError(f"--validation-batch-size must be a positive integer, got {args.validation_batch_size}")
-    if args.checkpoint_hist < 0:
-        raise UsageError(f"--checkpoint-hist must be >= 0, got {args.checkpoint_hist}")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise UsageError(f"--stop-after must be a positive number of epochs, got {args.stop_after}")
+    if args.log_noise_every is not None and args.torchcompile:
+        raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
     if args.resume == "auto" and not args.experiment:
         raise UsageError("--resume auto needs a fixed --experiment name (the run directory to continue)")
     if args.experiment:
@@ -147,14 +150,10 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
 
     from shared import create_model
 
-    kwargs = dict(args.model_kwargs)
-    kwargs.setdefault("num_classes", num_classes)
-    if in_chans != 3:
-        kwargs.setdefault("in_chans", in_chans)
-    if args.drop:
-        kwargs.setdefault("drop_rate", args.drop)
-    if args.drop_path is not None:
-        kwargs.setdefault("drop_path_rate", args.drop_path)
+    # the flags' values where they differ from timm's defaults; --model-kwargs overrides them
+    flags = {"num_classes": num_classes, "in_chans": in_chans if in_chans != 3 else None,
+             "drop_rate": args.drop or None, "drop_path_rate": args.drop_path}
+    kwargs = {**{key: value for key, value in flags.items() if value is not None}, **args.model_kwargs}
     base_name = args.model.split(".", 1)[0]
     if not timm.is_model(base_name):
         import difflib
@@ -294,134 +293,100 @@ def first_nonfinite_site(model: nn.Module, images: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# One epoch of training, one evaluation
+# Set-up: run directory, resume decision, data, model; then the training run itself
 # ----------------------------------------------------------------------------------------------
 
-def train_one_epoch(epoch: int, start_batch: int, state: dict, args, info, progress_bar: bool) -> dict:
-    """Train from micro-batch ``start_batch`` of ``epoch`` to the end of the epoch.
+# (this file has no ``from __future__ import annotations``: a dataclass with string annotations needs its
+# module in sys.modules, and tests load train.py by file path)
+@dataclasses.dataclass
+class Progress:
+    """Where training stands: saved in every checkpoint, so that a resume continues bit-identically."""
+    epoch: int = 0  # the next epoch to run
+    batch: int = 0  # the next micro-batch of it
+    num_updates: int = 0
+    history: list = dataclasses.field(default_factory=list)  # the summary.csv rows
+    best: Optional[dict] = None  # results.json's "best" (see best_epoch)
+    partial_loss: float = 0.0  # this process's loss sum over the micro-batches before `batch`
+    wall_before: float = 0.0  # seconds trained by the runs this one continues
 
-    ``state`` holds model, optimizer, scheduler, loaders... and ``num_updates`` (updated in place);
-    ``state['partial_loss']`` is the loss sum of the batches before ``start_batch`` (a resume inside an
-    epoch), so the epoch's mean train loss is the same as without the interruption.
-    Returns ``{'train_loss', 'lr', 'skipped'}``. Raises :class:`Preempted` after checkpointing when a
-    stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under ``--nonfinite stop``.
+
+def open_run_dir(run_dir: Path, args, info, resume_path: Optional[Path]) -> run_files.RunLock:
+    """Create and lock ``run_dir`` (process 0), then refuse it if it holds results this run may not touch.
+
+    Results may be continued (resuming from its ``last.pth.tar``) or moved aside (``--start-fresh``),
+    never overwritten. Every process learns whether process 0 refused.
+
+    Raises:
+        RunDirError: in use by another run, not writable, or holding results (the message says what to do).
     """
-    model, optimizer, scheduler, loader = state["model"], state["optimizer"], state["scheduler"], state["train_loader"]
-    loss_fn, mixup, scaler, ema = state["loss_fn"], state["mixup"], state["scaler"], state["ema"]
-    accum = args.grad_accum_steps
-    num_batches = len(loader)
-    model.train()
-    loader.set_epoch(epoch)
-    total_loss = torch.tensor(state.pop("partial_loss", 0.0), device=info.device)
-    counted, skipped, updates, overflows = 0, 0, 0, 0
-    batches = loader.batches(start_batch)
-    bar = None
-    if progress_bar:
-        from tqdm import tqdm
+    lock, refusal = run_files.NO_LOCK, None
+    if info.is_primary:
+        try:
+            lock = run_files.prepare_run_dir(run_dir)
+            continues = resume_path is not None and resume_path.resolve() == (run_dir / "last.pth.tar").resolve()
+            if not args.start_fresh and not continues:
+                run_files.refuse_if_results(run_dir)
+        except run_files.RunDirError as error:
+            lock.release()
+            refusal = error
+    if distributed.any_process(refusal is not None, info):
+        raise refusal or run_files.RunDirError(f"process 0 refused {run_dir} (see its message)")
+    return lock
 
-        bar = tqdm(total=num_batches, initial=start_batch, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True)
-    last_log = time.time()
-    for position, (images, targets) in enumerate(batches, start=start_batch):
-        group_start = position - position % accum
-        group_size = min(accum, num_batches - group_start)  # the last update of an epoch may be smaller
-        last_of_group = position == group_start + group_size - 1
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        if args.nonfinite == "skip" and position == group_start:
-            # a skipped update must also undo what its forward passes did to the running statistics
-            buffers_before = [buffer.clone() for buffer in state["unwrapped"].buffers()]
-        # under DDP, gradients are synchronized only on the last micro-batch of an update
-        sync = state["ddp"] is None or last_of_group
-        monitor = state.get("noise_monitor")
-        if monitor is not None and position == group_start and monitor.due(state["num_updates"] + 1):
-            monitor.arm()  # hooks for this forward pass only (shared.noise_monitor)
-        with (nullcontext() if sync else state["ddp"].no_sync()), state["autocast"]():
-            output = model(images)
-            loss = loss_fn(output, targets)
-        scaled = loss / group_size
-        if scaler is not None:
-            scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
-        total_loss += loss.detach()
-        if bar is not None:
-            bar.update(1)
-        if not last_of_group:
-            continue
 
-        # an update: check, clip, step, schedule, EMA
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
-        checks = [loss.detach().float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                                                        for p in model.parameters() if p.grad is not None]
-        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
-        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
-        # float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and
-        # lowers its scale); counted, not a failure. A non-finite loss is a failure with or without it.
-        finite = not distributed.any_process(not loss_finite or (scaler is None and not grads_finite), info)
-        if finite and scaler is not None and not grads_finite:  # DDP: gradients are the same on every rank
-            overflows += 1
-        if not finite:
-            where = f"epoch {epoch}, step {position + 1} of {num_batches} (update {state['num_updates'] + 1})"
-            if args.nonfinite == "stop":
-                raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
-                                     f"site: {first_nonfinite_site(state['unwrapped'], images)}")
-            skipped += 1
-            with torch.no_grad():  # (a resume always starts at an update boundary: the snapshot exists)
-                for buffer, saved in zip(state["unwrapped"].buffers(), buffers_before):
-                    buffer.copy_(saved)
-            log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
-        if finite:
-            if args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
-                from timm.utils import dispatch_clip_grad
+def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) -> tuple:
+    """Lock the run directory (released by ``cleanup``) and read the checkpoint to resume from, if any.
 
-                dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-            if scaler is not None:
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
-        if scaler is not None:
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state["num_updates"] += 1
-        if ema is not None:
-            ema.update(state["unwrapped"], step=state["num_updates"])
-        scheduler.step_update(num_updates=state["num_updates"])
-        counted += group_size
-        updates += 1
-        lr = optimizer.param_groups[0]["lr"]
-        if monitor is not None and monitor.armed:
-            state["logger"].log(monitor.collect(state["num_updates"], epoch), step=state["num_updates"])
+    Returns ``(checkpoint or None, its path or None)``. Runs before any expensive work, so that a run
+    directory in use or a resume with changed arguments is refused at once.
+    """
+    last_path = run_dir / "last.pth.tar"
+    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
+        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
+                         f"fresh when none exists)")
+    resume_path = None
+    if args.resume == "auto" and not args.start_fresh:
+        resume_path = last_path if last_path.is_file() else None
+    elif args.resume and args.resume != "auto":
+        resume_path = Path(args.resume)
+    cleanup.callback(open_run_dir(run_dir, args, info, resume_path).release)
+    checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
+    if args.start_fresh and info.is_primary:  # after loading: --resume may name a checkpoint in there
+        aside = run_files.move_results_aside(run_dir)
+        if aside is not None:
+            log(info, f"--start-fresh: the earlier results of {run_dir} are now in {aside}")
+    if checkpoint is not None:
+        changes = run_files.changed_result_keys(checkpoint.get("args", {}), config_module.args_to_dict(args),
+                                                config_module.parser_defaults())
+        if changes and not args.resume_allow_changes:
+            raise UsageError(f"refusing to resume {resume_path}: these result-changing arguments differ from the "
+                             f"checkpoint's\n{run_files.format_changes(changes)}\npass the original values, "
+                             f"or --resume-allow-changes to resume anyway")
+    return checkpoint, resume_path
 
-        updates_done = (position + 1) // accum
-        if updates_done % args.log_interval == 0 or position + 1 == num_batches:
-            step_loss = loss.item()
-            state["logger"].log({"train/loss": step_loss, "train/lr": lr, "epoch": epoch}, step=state["num_updates"])
-            if bar is not None:
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
-            elif info.is_primary:
-                rate = args.log_interval * accum * args.batch_size / max(time.time() - last_log, 1e-9)
-                print(f"epoch {epoch} [{position + 1:>5d}/{num_batches}] loss {step_loss:.4f} lr {lr:.4g} "
-                      f"{rate:.0f} img/s", flush=True)
-            last_log = time.time()
 
-        if distributed.any_process(bool(_stop_signal), info) and position + 1 < num_batches:
-            if bar is not None:
-                bar.close()
-            state["save"](epoch, position + 1, partial_loss=total_loss.item())
-            raise Preempted(f"epoch {epoch}, step {position + 1}")
-    if bar is not None:
-        bar.close()
-    if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
-        raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and were "
-                             f"skipped (--nonfinite skip): the model is not training")
-    train_loss = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
-                                                                                    device=info.device)]), info)
-    return {"train_loss": (train_loss[0] / train_loss[1].clamp_min(1)).item(),
-            "lr": optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
+def build_model_and_data(args, info) -> tuple:
+    """Seeds, loaders, the model with its noise generator, ready for the optimizer.
+
+    Returns ``(loaders, model, noise_generator)``; sets ``args.num_classes``.
+    """
+    from shared import data, specs
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2 ** 32)
+    random.seed(args.seed)
+    loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
+    args.num_classes = loaders.config.num_classes
+    model = build_model(args, args.num_classes, loaders.config.input_size[0], info)
+    check_ghost_batches(model, args.batch_size)
+    noise_seed = (args.noise_seed if args.noise_seed is not None else args.seed) + info.rank
+    noise_generator = specs.attach_noise_generator(model, noise_seed, info.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn and info.distributed:
+        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
+        model = convert_sync_batchnorm(model)
+    return loaders, model, noise_generator
 
 
 def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
@@ -440,391 +405,394 @@ def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
             distribute_bn(module, info.world_size, reduce=mode == "reduce")
 
 
-def evaluate(model: nn.Module, loader, args, info, autocast) -> dict:
-    """Loss, top-1 and top-5 accuracy (%) over the whole evaluation split (:func:`shared.validate.evaluate`)."""
-    return validate.evaluate(model, loader, info, autocast, args.channels_last)
+class Training:
+    """One training run: :meth:`__init__` sets it up (where a ValueError is bad input), :meth:`run` trains
+    epoch after epoch, checkpointing after each (:meth:`save`), and writes the results."""
 
+    def __init__(self, args, info, cleanup: contextlib.ExitStack):
+        import nodo
+        import timm.optim
+        import timm.scheduler
+        import timm.utils
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
+        self.args, self.info = args, info
+        if not args.experiment:
+            args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
+        self.run_dir = Path(args.output) / args.experiment
+        self.last_path = self.run_dir / "last.pth.tar"
+        checkpoint, resume_path = open_checkpoint(args, info, self.run_dir, cleanup)
+        self.args_dict = config_module.args_to_dict(args)  # as asked for: what a resume compares
+        self.loaders, model, self.noise_generator = build_model_and_data(args, info)
+        self.unwrapped = model  # what is saved, averaged by EMA and inspected
+        global_batch = args.batch_size * args.grad_accum_steps * info.world_size
+        if args.lr is None:
+            scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
+            ratio = global_batch / args.lr_base_size
+            args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+        self.optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args),
+                                                        **args.opt_kwargs)
+        updates_per_epoch = -(-len(self.loaders.train) // args.grad_accum_steps)
+        self.scheduler, self.num_epochs = timm.scheduler.create_scheduler_v2(
+            self.optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+            updates_per_epoch=updates_per_epoch)
+        # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
+        nodo.set_total_steps(model, self.num_epochs * len(self.loaders.train))
+        self.loss_fn, self.mixup = build_loss(args)
+        # disabled (each call a no-op) unless float16 AMP
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp and args.amp_dtype != "bfloat16")
+        self.ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+            if args.model_ema else None
+        site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
+        # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
+        # out of args_dict, whose keys a resume compares with the checkpoint's)
+        self.run_facts = {"norm_sites": site_report.as_dict() if site_report is not None else None,
+                          "world_size": info.world_size, "per_process_batch": args.batch_size}
+        self.progress = self.restore(checkpoint, resume_path) if checkpoint is not None else Progress()
+        self.model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+        if info.distributed:  # (so: the model called is wrapped in DDP exactly when info.distributed)
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        self.noise_monitor = None
+        if args.log_noise_every is not None and info.is_primary:  # rank 0 measures its own batch
+            from shared.noise_monitor import CSV_NAME, NoiseMonitor
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    global _training_started
-    _training_started = False  # main() may be called more than once in one process (tests)
-    _stop_signal.clear()
-    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    # from the start: a preemption signal during set-up must not kill the process (SIGUSR1's default);
-    # it is acted on at the first update boundary (Ctrl-C during set-up stays a KeyboardInterrupt)
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, _request_stop)
-    try:
-        args = config_module.parse_args(argv)
-        check_args(args)
-    except (ConfigError, UsageError, run_files.RunDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    info = distributed.init_distributed(args.device)
-    try:
-        with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however run() ends
-            return dry_loader(args, info) if args.dry_loader else run(args, info, cleanup)
-    except KeyboardInterrupt:  # Ctrl-C during set-up (no stop handler yet), or a second one after the loop
-        print("\ninterrupted by Ctrl-C outside the training loop: nothing more was saved", file=sys.stderr,
-              flush=True)
-        return INTERRUPTED_EXIT_CODE
-    except (ValueError, CheckpointError) as error:
-        if _training_started:  # past set-up a ValueError is a bug: keep its traceback
-            raise
-        # bad input found while setting up: config, spec, data, checkpoint
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    finally:
-        distributed.shutdown()
-        for signum, handler in handlers.items():  # run() installed _request_stop; put back the caller's
-            if handler is not None:
-                signal.signal(signum, handler)
+            self.noise_monitor = NoiseMonitor(model, args.log_noise_every, self.run_dir / CSV_NAME,
+                                              self.progress.num_updates)
+            if not self.noise_monitor.sites:
+                log(info, "WARNING: --log-noise-every: the model has no ghost noise or ghost batch norm site")
+        self.logger = self.start_logging(global_batch, updates_per_epoch)
+        self.started = time.time()
 
-
-def dry_loader(args, info) -> int:
-    """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
-    device, normalization), timed after the first (which waits for the workers to start); prints
-    images/s per process. Training at about this rate means the loader is the bottleneck."""
-    from shared import data
-
-    if args.dry_loader < 2:
-        raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
-    loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
-    log(info, f"data: {loaders.description}")
-    done, images, epoch, started = 0, 0, 0, time.perf_counter()
-    while done < args.dry_loader:
-        loaders.train.set_epoch(epoch)
-        for batch, _ in loaders.train.batches(0):
-            done += 1
-            if done == 1:
-                synchronize(info.device)
-                started = time.perf_counter()
-            else:
-                images += batch.shape[0]
-            if done == args.dry_loader:
-                break
-        epoch += 1
-    synchronize(info.device)
-    seconds = time.perf_counter() - started
-    log(info, f"dry loader: {images} images in {seconds:.2f} s after the first batch: {images / seconds:.0f} img/s "
-              f"per process ({args.workers} workers, batch {args.batch_size}, {loaders.train.kind} on {info.device})")
-    return EXIT_OK
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def open_run_dir(run_dir: Path, args, info) -> run_files.RunLock:
-    """Create and lock ``run_dir`` (process 0), then refuse it if it holds results this run may not touch.
-
-    Results may be continued (``--resume auto`` with a ``last.pth.tar``, ``--resume`` of it) or moved
-    aside (``--start-fresh``), never overwritten. Every process learns whether process 0 refused.
-
-    Raises:
-        RunDirError: in use by another run, not writable, or holding results (the message says what to do).
-    """
-    lock, refusal = run_files.NO_LOCK, None
-    if info.is_primary:
+    def restore(self, checkpoint: dict, resume_path: Path) -> Progress:
+        """Load a checkpoint's weights, optimizer, schedule, EMA and random state; return its progress."""
+        args, info = self.args, self.info
         try:
-            lock = run_files.prepare_run_dir(run_dir)
-            continues = args.resume == "auto" or (args.resume and Path(args.resume).resolve() ==
-                                                  (run_dir / "last.pth.tar").resolve())
-            if not args.start_fresh and not (continues and (run_dir / "last.pth.tar").is_file()):
-                run_files.refuse_if_results(run_dir)
-        except run_files.RunDirError as error:
-            lock.release()
-            refusal = error
-    if distributed.any_process(refusal is not None, info):
-        raise refusal or run_files.RunDirError(f"process 0 refused {run_dir} (see its message)")
-    return lock
-
-
-def run(args, info, cleanup: contextlib.ExitStack) -> int:
-    import timm.optim
-    import timm.scheduler
-    import timm.utils
-
-    from shared import data, specs
-
-    # ---- run directory (locked before anything is written) and resume decision, before any expensive work
-    if not args.experiment:
-        args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
-    run_dir = Path(args.output) / args.experiment
-    last_path = run_dir / "last.pth.tar"
-    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
-                         f"fresh when none exists)")
-    cleanup.callback(open_run_dir(run_dir, args, info).release)
-    resume_path = None
-    if args.resume == "auto" and not args.start_fresh:
-        resume_path = last_path if last_path.is_file() else None
-    elif args.resume and args.resume != "auto":
-        resume_path = Path(args.resume)
-    checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
-    if args.start_fresh and info.is_primary:  # after loading: --resume may name a checkpoint in there
-        aside = run_files.move_results_aside(run_dir)
-        if aside is not None:
-            log(info, f"--start-fresh: the earlier results of {run_dir} are now in {aside}")
-    args_dict = config_module.args_to_dict(args)
-    if checkpoint is not None:
-        changes = run_files.changed_result_keys(checkpoint.get("args", {}), args_dict,
-                                                config_module.parser_defaults())
-        if changes and not args.resume_allow_changes:
-            raise UsageError(f"refusing to resume {resume_path}: these result-changing arguments differ from the "
-                             f"checkpoint's\n{run_files.format_changes(changes)}\npass the original values, "
-                             f"or --resume-allow-changes to resume anyway")
-
-    # ---- seeds, data, model
-    torch.manual_seed(args.seed)
-    import numpy as np
-    import random
-
-    np.random.seed(args.seed % 2 ** 32)
-    random.seed(args.seed)
-    loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
-    num_classes = loaders.config.num_classes
-    args.num_classes = num_classes
-    model = build_model(args, num_classes, loaders.config.input_size[0], info)
-    site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
-    norm_sites = site_report.as_dict() if site_report is not None else None
-    check_ghost_batches(model, args.batch_size)
-    noise_seed = (args.noise_seed if args.noise_seed is not None else args.seed) + info.rank
-    noise_generator = specs.attach_noise_generator(model, noise_seed, info.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.sync_bn and info.distributed:
-        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
-        model = convert_sync_batchnorm(model)
-    unwrapped = model
-
-    # ---- optimizer, schedule, loss, AMP, EMA (timm's factories)
-    global_batch = args.batch_size * args.grad_accum_steps * info.world_size
-    if args.lr is None:
-        scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
-        ratio = global_batch / args.lr_base_size
-        args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
-    optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    updates_per_epoch = -(-len(loaders.train) // args.grad_accum_steps)
-    scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
-        optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
-        updates_per_epoch=updates_per_epoch)
-    # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
-    import nodo
-    nodo.set_total_steps(unwrapped, num_epochs * len(loaders.train))
-    loss_fn, mixup = build_loss(args)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-
-    def autocast():
-        return torch.autocast(info.device.type, dtype=amp_dtype) if args.amp else nullcontext()
-
-    scaler = torch.amp.GradScaler(info.device.type) if args.amp and amp_dtype == torch.float16 else None
-    ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
-        if args.model_ema else None
-
-    # ---- resume state
-    start_epoch, start_batch, num_updates, history, best, partial_loss = 0, 0, 0, [], None, 0.0
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["state_dict"])
+            self.unwrapped.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as error:
             raise UsageError(f"checkpoint {resume_path} does not fit --model {args.model}: {error}") from None
         if args.no_resume_opt:  # timm's --no-resume-opt: weights, position and schedule only
             log(info, "--no-resume-opt: the optimizer and gradient scaler start afresh")
         else:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            if scaler is not None and checkpoint.get("amp_scaler") is not None:
-                scaler.load_state_dict(checkpoint["amp_scaler"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if ema is not None and checkpoint.get("state_dict_ema") is not None:
-            ema.module.load_state_dict(checkpoint["state_dict_ema"])
-        start_epoch, start_batch = checkpoint["epoch"], checkpoint["batch"]
-        num_updates = checkpoint["num_updates"]
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.scaler.is_enabled() and checkpoint.get("amp_scaler") is not None:
+                self.scaler.load_state_dict(checkpoint["amp_scaler"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.ema is not None and checkpoint.get("state_dict_ema") is not None:
+            self.ema.module.load_state_dict(checkpoint["state_dict_ema"])
         # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
         # on the raw model even with EMA: both are redone from the history
         history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
-        best = best_epoch(history, args)
+        progress = Progress(epoch=checkpoint["epoch"], batch=checkpoint["batch"], num_updates=checkpoint["num_updates"],
+                            history=history, best=best_epoch(history, args),
+                            wall_before=checkpoint.get("wall_time_s", 0.0))
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
-            restore_rng_state(rng_states[info.rank], noise_generator)
-            partial_loss = checkpoint["partial_loss"][info.rank]
+            restore_rng_state(rng_states[info.rank], self.noise_generator)
+            progress.partial_loss = checkpoint["partial_loss"][info.rank]
         else:
             log(info, f"WARNING: checkpoint has random state for {len(rng_states)} processes, this run has "
                       f"{info.world_size}: the random streams start afresh")
-        log(info, f"resumed {resume_path}: epoch {start_epoch}, step {start_batch}, update {num_updates}")
+        log(info, f"resumed {resume_path}: epoch {progress.epoch}, step {progress.batch}, "
+                  f"update {progress.num_updates}")
+        return progress
 
-    if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
-    ddp = None
-    if info.distributed:
-        ddp = model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    def start_logging(self, global_batch: int, updates_per_epoch: int):
+        """Write args.yaml, start the wandb logger, print what is about to run; returns the logger."""
+        from shared.logging_wandb import WandbLogger, derived_config
 
-    # ---- logging
-    from shared.logging_wandb import WandbLogger, derived_config
-
-    noise_monitor = None
-    if args.log_noise_every is not None:  # rank 0 measures its own batch (shared.noise_monitor)
-        from shared.noise_monitor import CSV_NAME, NoiseMonitor
-
-        if args.log_noise_every < 1:
-            raise UsageError(f"--log-noise-every must be a positive number of updates, got {args.log_noise_every}")
-        if args.torchcompile:
-            raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
+        args, info, model = self.args, self.info, self.unwrapped
         if info.is_primary:
-            noise_monitor = NoiseMonitor(unwrapped, args.log_noise_every, run_dir / CSV_NAME, num_updates)
-            if not noise_monitor.sites:
-                log(info, "WARNING: --log-noise-every: the model has no ghost noise or ghost batch norm site")
+            # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
+            run_files.write_run_file(self.run_dir / "args.yaml", config_module.yaml_text(args))
+        resolved = config_module.args_to_dict(args)
+        logger = WandbLogger(self.run_dir, args.experiment, {**resolved, **self.run_facts},
+                             project=args.wandb_project, tags=args.wandb_tags,
+                             display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
+                             derived=derived_config(model, info.world_size, args.batch_size, global_batch,
+                                                    resolved, site_report=self.run_facts["norm_sites"]))
+        log(info, f"run {self.run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        if getattr(model, "site_report", None) is not None:
+            log(info, str(model.site_report))
+        log(info, f"data: {self.loaders.description}")
+        log(info, f"schedule: {self.num_epochs} epochs x {updates_per_epoch} updates, global batch {global_batch}, "
+                  f"lr {args.lr:g}")
+        return logger
 
-    if info.is_primary:
-        # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
-        run_files.write_run_file(run_dir / "args.yaml", config_module.yaml_text(args))
-    # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
-    # out of args_dict, whose keys a resume compares with the checkpoint's)
-    launch_shape = {"world_size": info.world_size, "per_process_batch": args.batch_size}
-    # the wandb config holds the resolved arguments too (args_dict was taken before num_classes, lr... were set)
-    resolved = config_module.args_to_dict(args)
-    logger = WandbLogger(run_dir, args.experiment, {**resolved, "norm_sites": norm_sites, **launch_shape},
-                         project=args.wandb_project, tags=args.wandb_tags,
-                         display_name=args.wandb_name, enabled=args.log_wandb and info.is_primary,
-                         derived=derived_config(unwrapped, info.world_size, args.batch_size, global_batch,
-                                                resolved, site_report=norm_sites))
-    log(info, f"run {run_dir} on {info.device} x {info.world_size}: {args.model} norm={args.norm!r}, "
-              f"{sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters")
-    if site_report is not None:
-        log(info, str(site_report))
-    log(info, f"data: {loaders.description}")
-    log(info, f"schedule: {num_epochs} epochs x {updates_per_epoch} updates, global batch {global_batch}, lr {args.lr:g}")
+    def autocast(self):
+        """The forward passes' autocast context (``--amp``; disabled otherwise)."""
+        dtype = torch.bfloat16 if self.args.amp_dtype == "bfloat16" else torch.float16
+        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.args.amp)
 
-    started = time.time()
-    wall_before = checkpoint.get("wall_time_s", 0.0) if checkpoint is not None else 0.0
-    status = {"value": "running"}
+    # ---- the loop: updates, epochs, checkpoints
 
-    def results(final_status: str, message: str = "") -> dict:
-        final = history[-1] if history else None
-        return {"status": final_status, "epochs_done": len(history), "epochs": num_epochs, "final": final,
-                "best": best, "wall_time_s": wall_before + time.time() - started, "message": message,
-                "num_updates": state["num_updates"], "norm_sites": norm_sites, **launch_shape,
-                "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
+    def forward_backward(self, micro_batches, group_size: int) -> tuple:
+        """The forward and backward passes of one update: gradients of each loss / ``group_size``, summed.
 
-    def save(epoch: int, batch: int, partial_loss: float = 0.0, metric: Optional[float] = None) -> None:
-        """last.pth.tar at (epoch, next micro-batch): every rank's random state and partial loss, rank 0 writes."""
-        rng = distributed.gather_objects((capture_rng_state(noise_generator), partial_loss), info)
-        if not info.is_primary:
+        Returns ``(the last micro-batch's images, the losses)``.
+        """
+        losses = []
+        for index, (images, targets) in enumerate(micro_batches):
+            if self.args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            # under DDP, gradients are synchronized only on the last micro-batch of an update
+            sync = not self.info.distributed or index == group_size - 1
+            with (nullcontext() if sync else self.model.no_sync()), self.autocast():
+                loss = self.loss_fn(self.model(images), targets)
+            self.scaler.scale(loss / group_size).backward()
+            losses.append(loss.detach())
+        return images, losses
+
+    def check_update(self, loss: torch.Tensor) -> tuple:
+        """``(finite, overflow)``: whether the update may be applied, and whether float16's scaler skips it.
+
+        float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and lowers
+        its scale); counted, not a failure. A non-finite loss is a failure with or without it. Every process
+        agrees (under DDP, gradients are the same on every rank).
+        """
+        self.scaler.unscale_(self.optimizer)
+        # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
+        checks = [loss.float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                                              for p in self.model.parameters() if p.grad is not None]
+        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
+        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        amp = self.scaler.is_enabled()
+        finite = not distributed.any_process(not loss_finite or (not amp and not grads_finite), self.info)
+        return finite, finite and amp and not grads_finite
+
+    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, loss: torch.Tensor) -> None:
+        """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
+        forward passes did to the running statistics (``skip``)."""
+        if self.args.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
+                                 f"site: {first_nonfinite_site(self.unwrapped, images)}")
+        with torch.no_grad():
+            for buffer, saved in zip(self.unwrapped.buffers(), buffers_before):
+                buffer.copy_(saved)
+
+    def apply_update(self, finite: bool) -> None:
+        """Clip, step (unless the update is skipped), zero the gradients, count, EMA, schedule."""
+        if finite:
+            if self.args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
+                from timm.utils import dispatch_clip_grad
+
+                dispatch_clip_grad(self.model.parameters(), self.args.clip_grad, mode=self.args.clip_mode)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.num_updates += 1
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.progress.num_updates)
+        self.scheduler.step_update(num_updates=self.progress.num_updates)
+
+    def train_one_epoch(self, progress_bar: bool) -> dict:
+        """Train epoch ``progress.epoch`` from micro-batch ``progress.batch`` to its end.
+
+        ``progress.partial_loss`` is the loss sum of the batches before ``progress.batch`` (a resume inside
+        an epoch), so the epoch's mean train loss is the same as without the interruption.
+        Returns ``{'train_loss', 'lr', 'skipped', 'overflows'}``. Raises :class:`Preempted` after
+        checkpointing when a stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under
+        ``--nonfinite stop``.
+        """
+        from tqdm import tqdm
+
+        args, info, progress, loader = self.args, self.info, self.progress, self.loaders.train
+        epoch, accum, num_batches, monitor = progress.epoch, args.grad_accum_steps, len(loader), self.noise_monitor
+        self.model.train()
+        loader.set_epoch(epoch)
+        total_loss = torch.tensor(progress.partial_loss, device=info.device)
+        skipped = updates = overflows = 0
+        batches = loader.batches(progress.batch)
+        bar = tqdm(total=num_batches, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
+                   dynamic_ncols=True, disable=not progress_bar)
+        last_log = time.time()
+        # a resume starts at an update boundary: each group of micro-batches is one update
+        for group_start in range(progress.batch, num_batches, accum):
+            group_size = min(accum, num_batches - group_start)  # the last update of an epoch may be smaller
+            end = group_start + group_size
+            # a skipped update must also undo what its forward passes did to the running statistics
+            buffers_before = [b.clone() for b in self.unwrapped.buffers()] if args.nonfinite == "skip" else []
+            if monitor is not None and monitor.due(progress.num_updates + 1):
+                monitor.arm()  # hooks for this update's first forward pass only (shared.noise_monitor)
+            images, losses = self.forward_backward(itertools.islice(batches, group_size), group_size)
+            for loss in losses:
+                total_loss += loss
+            bar.update(group_size)
+            finite, overflow = self.check_update(losses[-1])
+            if not finite:
+                where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
+                self.skip_update(buffers_before, where, images, losses[-1])
+                skipped += 1
+                log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
+            self.apply_update(finite)
+            updates, overflows = updates + 1, overflows + overflow
+            lr = self.optimizer.param_groups[0]["lr"]
+            if monitor is not None and monitor.armed:
+                self.logger.log(monitor.collect(progress.num_updates, epoch), step=progress.num_updates)
+            if (end // accum) % args.log_interval == 0 or end == num_batches:
+                step_loss = losses[-1].item()
+                self.logger.log({"train/loss": step_loss, "train/lr": lr, "epoch": epoch}, step=progress.num_updates)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
+                if not progress_bar and info.is_primary:
+                    rate = args.log_interval * accum * args.batch_size / max(time.time() - last_log, 1e-9)
+                    print(f"epoch {epoch} [{end:>5d}/{num_batches}] loss {step_loss:.4f} lr {lr:.4g} "
+                          f"{rate:.0f} img/s", flush=True)
+                last_log = time.time()
+            if distributed.any_process(bool(_stop_signal), info) and end < num_batches:
+                bar.close()
+                progress.batch, progress.partial_loss = end, total_loss.item()
+                self.save()
+                raise Preempted(f"epoch {epoch}, step {end}")
+        bar.close()
+        if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
+            raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and "
+                                 f"were skipped (--nonfinite skip): the model is not training")
+        sums = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
+                                                                                device=info.device)]), info)
+        return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
+
+    def epoch_row(self, epoch: int, train_metrics: dict, epoch_start: float) -> dict:
+        """The epoch's summary.csv row: train loss, evaluation (of the EMA model too), lr, time, counters."""
+        args, loader = self.args, self.loaders.eval
+        evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == self.num_epochs
+        metrics = {"eval_loss": None, "eval_top1": None, "eval_top5": None}
+        if evaluated:
+            sync_norm_statistics(self.model, self.ema, args.dist_bn, self.info)
+            metrics = evaluate(self.model, loader, self.info, self.autocast, args.channels_last)
+        row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
+               "time": time.time() - epoch_start}
+        if self.ema is not None and evaluated:
+            ema_metrics = evaluate(self.ema.module, loader, self.info, self.autocast, args.channels_last)
+            row.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        if train_metrics["skipped"]:
+            row["skipped_updates"] = train_metrics["skipped"]
+        if self.scaler.is_enabled():
+            row["amp_overflow_steps"] = train_metrics["overflows"]
+        return row
+
+    def end_epoch(self, row: dict) -> None:
+        """Record the epoch's row: schedule, checkpoint (and its hard links), summary.csv, results.json, logs."""
+        args, progress, epoch = self.args, self.progress, row["epoch"]
+        progress.history.append(row)
+        # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
+        metric = row.get(ranking_column(args))
+        self.scheduler.step(epoch + 1, metric)
+        progress.best = best_epoch(progress.history, args)  # from the whole history: also after an old-version resume
+        progress.epoch, progress.batch, progress.partial_loss = epoch + 1, 0, 0.0
+        self.save(metric=metric)
+        if self.info.is_primary:
+            keep_extra_checkpoints(self.run_dir, self.last_path, epoch, progress.history, args)
+            run_files.write_summary(self.run_dir, progress.history)
+            run_files.write_results(self.run_dir, self.results("running"))
+        # wandb keys as before (eval/top1, eval/top5, eval/eval_loss): dashboards keep working
+        evaluation = {f"eval/{k.replace('eval_top', 'top')}": row[k] for k in ("eval_loss", "eval_top1", "eval_top5")
+                      if row[k] is not None}
+        self.logger.log(evaluation | {"epoch": epoch, "train/epoch_loss": row["train_loss"]},
+                        step=progress.num_updates)
+        text = (f"eval_loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
+                if row["eval_loss"] is not None else "not evaluated")
+        log(self.info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {text} ({row['time']:.1f} s)")
+
+    def save(self, metric: Optional[float] = None) -> None:
+        """last.pth.tar at ``progress``: every process's random state and partial loss; process 0 writes."""
+        progress = self.progress
+        gathered = distributed.gather_objects((capture_rng_state(self.noise_generator), progress.partial_loss),
+                                              self.info)
+        if not self.info.is_primary:
             return
         save_checkpoint({
             # timm's keys (timm.models.load_checkpoint reads state_dict / state_dict_ema, arch, args)
-            "state_dict": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "arch": args.model,
-            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
+            "state_dict": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "arch": self.args.model,
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
             "metric": metric,
             # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
-            "amp_scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "batch": batch, "num_updates": state["num_updates"], "history": history, "best": best,
-            "rng": [r for r, _ in rng], "partial_loss": [loss for _, loss in rng], "args": args_dict, "wall_time_s": wall_before + time.time() - started,
-        }, last_path)
+            "amp_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "epoch": progress.epoch, "batch": progress.batch, "num_updates": progress.num_updates,
+            "history": progress.history, "best": progress.best,
+            "rng": [rng for rng, _ in gathered], "partial_loss": [loss for _, loss in gathered],
+            "args": self.args_dict, "wall_time_s": progress.wall_before + time.time() - self.started,
+        }, self.last_path)
 
-    state = dict(model=model, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler, train_loader=loaders.train,
-                 loss_fn=loss_fn, mixup=mixup, scaler=scaler, ema=ema, ddp=ddp, autocast=autocast,
-                 num_updates=num_updates, logger=logger, save=save, partial_loss=partial_loss,
-                 noise_monitor=noise_monitor)
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _request_stop)
-    global _training_started
-    _training_started = True
-    progress_bar = info.is_primary and sys.stderr.isatty()
-    exit_code, failure = EXIT_OK, ""
-    if checkpoint is not None and info.is_primary and history:
-        # a kill between a checkpoint and the run files written after it leaves them an epoch behind: catch up
-        if start_batch == 0:  # last.pth.tar is that epoch's own checkpoint
-            finished = history[-1]["epoch"]
-            keep_extra_checkpoints(run_dir, last_path, finished, best is not None and best["epoch"] == finished,
-                                   checkpoints_to_keep(run_dir, history, args, finished))
-        run_files.write_summary(run_dir, history)
-    try:
-        if start_epoch >= num_epochs:
-            log(info, f"nothing to do: {start_epoch} of {num_epochs} epochs are done")
-        for epoch in range(start_epoch, num_epochs):
-            epoch_start = time.time()
-            if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                mixup.mixup_enabled = False
-            train_metrics = train_one_epoch(epoch, start_batch if epoch == start_epoch else 0, state, args, info,
-                                            progress_bar)
-            evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == num_epochs
-            if evaluated:
-                sync_norm_statistics(model, ema, args.dist_bn, info)
-            metrics = evaluate(model, loaders.eval, args, info, autocast) if evaluated else \
-                {"eval_loss": None, "eval_top1": None, "eval_top5": None}
-            row = {"epoch": epoch, "train_loss": train_metrics["train_loss"], **metrics, "lr": train_metrics["lr"],
-                   "time": time.time() - epoch_start}
-            if ema is not None and evaluated:
-                row.update({f"ema_{k}": v for k, v in evaluate(ema.module, loaders.eval, args, info, autocast).items()})
-            if train_metrics["skipped"]:
-                row["skipped_updates"] = train_metrics["skipped"]
-            if scaler is not None:
-                row["amp_overflow_steps"] = train_metrics["overflows"]
-            history.append(row)
-            # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
-            metric = row.get(ranking_column(args))
-            scheduler.step(epoch + 1, metric)
-            best = best_epoch(history, args)  # from the whole history: also right after an old-version resume
-            improved = evaluated and best is not None and best["epoch"] == epoch
-            save(epoch + 1, 0, metric=metric)
-            if info.is_primary:
-                keep_extra_checkpoints(run_dir, last_path, epoch, improved,
-                                       checkpoints_to_keep(run_dir, history, args, epoch))
-                run_files.write_summary(run_dir, history)
-                run_files.write_results(run_dir, results("running"))
-            # wandb keys as before (eval/top1, eval/top5, eval/eval_loss): dashboards keep working
-            logger.log({f"eval/{k.replace('eval_top', 'top')}": v for k, v in metrics.items() if v is not None} | {"epoch": epoch,
-                        "train/epoch_loss": row["train_loss"]}, step=state["num_updates"])
-            evaluation = (f"eval_loss {row['eval_loss']:.4f} top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}"
-                          if evaluated else "not evaluated")
-            log(info, f"epoch {epoch}: train_loss {row['train_loss']:.4f} {evaluation} ({row['time']:.1f} s)")
+    def results(self, status: str, message: str = "") -> dict:
+        """results.json: the status, the final and best epochs, counters and the run's facts."""
+        history = self.progress.history
+        return {"status": status, "epochs_done": len(history), "epochs": self.num_epochs,
+                "final": history[-1] if history else None, "best": self.progress.best,
+                "wall_time_s": self.progress.wall_before + time.time() - self.started, "message": message,
+                "num_updates": self.progress.num_updates, **self.run_facts,
+                "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
+
+    def train_epochs(self) -> str:
+        """The remaining epochs, each checkpointed; returns the status, ``finished`` or (``--stop-after``)
+        ``preempted``. Raises :class:`Preempted` when a stop signal arrives."""
+        args, info, progress, num_epochs = self.args, self.info, self.progress, self.num_epochs
+        progress_bar = info.is_primary and sys.stderr.isatty()
+        if progress.epoch >= num_epochs:
+            log(info, f"nothing to do: {progress.epoch} of {num_epochs} epochs are done")
+        while progress.epoch < num_epochs:
+            epoch, epoch_start = progress.epoch, time.time()
+            if self.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                self.mixup.mixup_enabled = False
+            train_metrics = self.train_one_epoch(progress_bar)
+            self.end_epoch(self.epoch_row(epoch, train_metrics, epoch_start))
             if distributed.any_process(bool(_stop_signal), info) and epoch + 1 < num_epochs:
                 raise Preempted(f"end of epoch {epoch}")
-            if args.stop_after is not None and len(history) >= args.stop_after and epoch + 1 < num_epochs:
-                status["value"] = "preempted"
+            if args.stop_after is not None and len(progress.history) >= args.stop_after and epoch + 1 < num_epochs:
                 log(info, f"--stop-after {args.stop_after}: stopping after epoch {epoch}; continue with --resume auto")
-                break
-        else:
-            status["value"] = "finished"
-    except Preempted as where:
-        status["value"], exit_code = (("interrupted", INTERRUPTED_EXIT_CODE) if signal.SIGINT in _stop_signal
-                                      else ("preempted", PREEMPTED_EXIT_CODE))
-        again = "requeue" if exit_code == PREEMPTED_EXIT_CODE else "continue"
-        log(info, f"{status['value']} at {where}: checkpoint written to {last_path}; {again} with --resume auto "
-                  f"(exit {exit_code})")
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this moment, the last one stays
-        status["value"], exit_code = "interrupted", INTERRUPTED_EXIT_CODE
-        print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-    except NonFiniteError as error:
-        status["value"], exit_code, failure = "failed", EXIT_NONFINITE, str(error)
-        print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-    except (CheckpointError, RunFileError) as error:
-        status["value"], exit_code, failure = "failed", EXIT_FAILED, str(error)
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    if info.is_primary:
-        try:
-            run_files.write_results(run_dir, results(status["value"], failure))
-        except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
-            if failure != str(error):
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
-    if status["value"] == "finished":
-        summary = {"final/" + k: v for k, v in (history[-1] if history else {}).items()}
-        summary |= {"best/" + k: v for k, v in (best or {}).items()}
-        logger.summary(summary)
-        log(info, f"done: final top1 {history[-1]['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
-                  f"(epoch {best['epoch']})")
-    logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1)
-    return exit_code
+                return "preempted"
+        return "finished"
 
+    def run(self) -> int:
+        """Train until done or stopped, then write results.json and close the logger; returns the exit code."""
+        info, last_path, history = self.info, self.last_path, self.progress.history
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _request_stop)
+        if info.is_primary and history:
+            # a kill between a checkpoint and the run files written after it leaves them an epoch behind: catch up
+            if self.progress.batch == 0:  # last.pth.tar is that epoch's own checkpoint
+                keep_extra_checkpoints(self.run_dir, last_path, history[-1]["epoch"], history, self.args)
+            run_files.write_summary(self.run_dir, history)
+        exit_code, failure = EXIT_OK, ""
+        try:
+            status = self.train_epochs()
+        except Preempted as where:
+            status, exit_code = (("interrupted", INTERRUPTED_EXIT_CODE) if signal.SIGINT in _stop_signal
+                                 else ("preempted", PREEMPTED_EXIT_CODE))
+            again = "requeue" if exit_code == PREEMPTED_EXIT_CODE else "continue"
+            log(info, f"{status} at {where}: checkpoint written to {last_path}; {again} with --resume auto "
+                      f"(exit {exit_code})")
+        except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this moment, the last one stays
+            status, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
+            print(f"\naborted by a second Ctrl-C: {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
+        except NonFiniteError as error:
+            status, exit_code, failure = "failed", EXIT_NONFINITE, str(error)
+            print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
+        except (CheckpointError, RunFileError) as error:
+            status, exit_code, failure = "failed", EXIT_FAILED, str(error)
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        if info.is_primary:
+            try:
+                run_files.write_results(self.run_dir, self.results(status, failure))
+            except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
+                if failure != str(error):
+                    print(f"error: {error}", file=sys.stderr, flush=True)
+                exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
+        if status == "finished":
+            final, best = history[-1], self.progress.best
+            self.logger.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
+            log(info, f"done: final top1 {final['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
+                      f"(epoch {best['epoch']})")
+        self.logger.finish(exit_code=0 if exit_code in (EXIT_OK, PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE) else 1)
+        return exit_code
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files and the ranking of epochs
+# ----------------------------------------------------------------------------------------------
 
 def kept_checkpoint(last_path: Path) -> str:
     """What a stopped run leaves to continue from: promise a checkpoint only when one exists."""
@@ -875,28 +843,95 @@ def numbered_checkpoints(run_dir: Path) -> dict:
     return found
 
 
-def checkpoints_to_keep(run_dir: Path, history: list, args, epoch: int) -> set:
-    """Epochs of checkpoint-EPOCH files to keep after ``epoch``: the files present plus ``epoch``, ranked."""
-    by_epoch = {row["epoch"]: row.get(ranking_column(args)) for row in history}
-    present = set(numbered_checkpoints(run_dir))
-    candidates = {e: by_epoch.get(e) for e in present | {epoch}}
-    return set(rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist))
-
-
-def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, improved: bool, keep: set) -> None:
-    """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to this epoch's last.pth.tar.
+def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: list, args) -> None:
+    """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to ``epoch``'s last.pth.tar.
 
     (:func:`shared.run_files.atomic_link`: no copy, and each keeps the content it was made with.)
-    checkpoint-EPOCH files of epochs not in ``keep`` are removed, and this epoch's is made only if it is
-    in ``keep`` (see :func:`rank_checkpoints`).
+    model_best is made when ``epoch`` is the best (:func:`best_epoch`). The checkpoint-EPOCH files
+    present and this epoch's are ranked (:func:`rank_checkpoints`): the ``--checkpoint-hist`` first
+    are kept, the others removed, and this epoch's is made only if it is among them.
     """
-    if improved:
+    best = best_epoch(history, args)
+    if best is not None and best["epoch"] == epoch:
         run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
+    metrics = {row["epoch"]: row.get(ranking_column(args)) for row in history}
+    present = numbered_checkpoints(run_dir)
+    candidates = {e: metrics.get(e) for e in set(present) | {epoch}}
+    keep = rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist)
     if epoch in keep:
         run_files.atomic_link(last_path, run_dir / f"checkpoint-{epoch}.pth.tar")
-    for number, path in numbered_checkpoints(run_dir).items():
+    for number, path in present.items():
         if number not in keep:
             path.unlink(missing_ok=True)
+
+
+def dry_loader(args, info) -> int:
+    """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
+    device, normalization), timed after the first (which waits for the workers to start); prints
+    images/s per process. Training at about this rate means the loader is the bottleneck."""
+    from shared import data
+
+    if args.dry_loader < 2:
+        raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
+    loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
+    log(info, f"data: {loaders.description}")
+    batches = itertools.islice(every_epoch(loaders.train), args.dry_loader)
+    next(batches)  # not timed: it waits for the workers to start
+    synchronize(info.device)
+    started = time.perf_counter()
+    images = sum(batch.shape[0] for batch, _ in batches)
+    synchronize(info.device)
+    seconds = time.perf_counter() - started
+    log(info, f"dry loader: {images} images in {seconds:.2f} s after the first batch: {images / seconds:.0f} img/s "
+              f"per process ({args.workers} workers, batch {args.batch_size}, {loaders.train.kind} on {info.device})")
+    return EXIT_OK
+
+
+def every_epoch(loader):
+    """The batches of epoch 0, 1, 2... of ``loader``, without end."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader.batches(0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    _stop_signal.clear()  # main() may be called more than once in one process (tests)
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    # from the start: a preemption signal during set-up must not kill the process (SIGUSR1's default);
+    # it is acted on at the first update boundary (Ctrl-C during set-up stays a KeyboardInterrupt)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, _request_stop)
+    try:
+        args = config_module.parse_args(argv)
+        check_args(args)
+    except (ConfigError, UsageError, run_files.RunDirError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    info = distributed.init_distributed(args.device)
+    try:
+        with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however the run ends
+            try:
+                if args.dry_loader:
+                    return dry_loader(args, info)
+                training = Training(args, info, cleanup)
+            except (ValueError, CheckpointError) as error:  # bad input: config, spec, data, checkpoint
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                return EXIT_USAGE
+            return training.run()  # past set-up a ValueError is a bug: it keeps its traceback
+    except KeyboardInterrupt:  # Ctrl-C during set-up (no stop handler yet), or a second one after the loop
+        print("\ninterrupted by Ctrl-C outside the training loop: nothing more was saved", file=sys.stderr,
+              flush=True)
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        distributed.shutdown()
+        for signum, handler in handlers.items():  # Training.run installed _request_stop; put back the caller's
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

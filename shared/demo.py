@@ -2,8 +2,8 @@
 
 The digits (scikit-learn's bundled 8x8 handwritten digits, 1,500 train / 297 test images, upsampled to
 16x16) ship inside a dependency, so this runs offline on any machine, in about a minute on 2 CPU
-cores. It calls train.py itself, twice, with the same seed (so the same initialization and data
-order), and prints the two results side by side. Both runs land in ``OUTPUT/demo-bn`` and
+cores. It runs ``python train.py`` twice, as a user would, with the same seed (so the same
+initialization and data order), and prints the two results side by side. Both runs land in ``OUTPUT/demo-bn`` and
 ``OUTPUT/demo-gni16``; a second ``make run`` starts them afresh.
 
     python -m shared.demo [--epochs 8] [--output output] [--seed 0]
@@ -11,23 +11,16 @@ order), and prints the two results side by side. Both runs land in ``OUTPUT/demo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
 NORMS = ("bn", "gni16")
-
-
-def _train_main():
-    spec = importlib.util.spec_from_file_location("ghost_noise_train", _REPO_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -36,18 +29,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", default="output")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
-    train = _train_main()
     results = {}
     for norm in NORMS:
         name = f"demo-{norm}"
         shutil.rmtree(Path(options.output) / name, ignore_errors=True)
         print(f"\n=== {name}: cifar_resnet20 with norm {norm} on digits, {options.epochs} epochs ===", flush=True)
         started = time.time()
-        code = train([
-            "--dataset", "digits", "--model", "cifar_resnet20", "--norm", norm, "-b", "64", "--lr", "0.1",
-            "--weight-decay", "5e-4", "--epochs", str(options.epochs), "--warmup-epochs", "1",
-            "--sched-on-updates", "--smoothing", "0", "--seed", str(options.seed), "--checkpoint-hist", "0",
-            "--log-interval", "1000", "--output", options.output, "--experiment", name])
+        # as a user runs it: its own process, printing to this terminal
+        code = subprocess.call([
+            sys.executable, str(TRAIN_PY), "--dataset", "digits", "--model", "cifar_resnet20", "--norm", norm,
+            "-b", "64", "--lr", "0.1", "--weight-decay", "5e-4", "--epochs", str(options.epochs),
+            "--warmup-epochs", "1", "--sched-on-updates", "--smoothing", "0", "--seed", str(options.seed),
+            "--checkpoint-hist", "0", "--log-interval", "1000", "--output", options.output, "--experiment", name])
         if code != 0:
             print(f"{name} failed with exit code {code}", file=sys.stderr)
             return code
