@@ -515,6 +515,40 @@ def dry_loader(args, info) -> int:
     return EXIT_OK
 
 
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(model)``; with static shapes where dynamo cannot recompile the fused GNI
+    layer with dynamic shapes (seen on torch 2.11: AssertionError in ``overwrite_tensor_vt_proxy``
+    after the graph break at the layer's ``torch.Generator``). A layer's shapes are fixed in
+    training, so static shapes only cost a recompile per shape there."""
+    import nodo
+
+    fused_gni = any(isinstance(module, nodo.GhostNoiseBatchNorm) for module in model.modules())
+    if fused_gni and not fused_gni_compiles_dynamic():
+        return torch.compile(model, backend=backend, dynamic=False)
+    return torch.compile(model, backend=backend)
+
+
+def fused_gni_compiles_dynamic() -> bool:
+    """Capability probe: does dynamo compile a tiny fused GNI layer drawing from a
+    ``torch.Generator``, with dynamic shapes, forward and backward? (It draws from its own
+    generator: the global random stream is not touched.)"""
+    import torch._dynamo
+
+    import nodo
+
+    generator = torch.Generator().manual_seed(0)
+    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2)
+    layer.generator = generator
+    probe = torch.rand(8, 4, 3, 3, generator=generator, requires_grad=True)
+    try:
+        torch.compile(layer, backend="eager", dynamic=True)(probe).sum().backward()
+        return True
+    except Exception:  # any failure of the probe: static shapes are the safe choice
+        return False
+    finally:
+        torch._dynamo.reset()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -659,7 +693,7 @@ def run(args, info, cleanup: contextlib.ExitStack) -> int:
         log(info, f"resumed {resume_path}: epoch {start_epoch}, step {start_batch}, update {num_updates}")
 
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        model = compile_model(model, args.torchcompile)
     ddp = None
     if info.distributed:
         ddp = model = nn.parallel.DistributedDataParallel(

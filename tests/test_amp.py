@@ -216,11 +216,7 @@ def _accumulation_runs(tmp_path: Path, common: list) -> tuple:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, norm, layers", [
-    pytest.param("gni4", "gni4", {"GhostNoiseBatchNorm2d"}, marks=pytest.mark.skipif(
-        tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14),
-        reason="torch < 2.14 (seen on 2.11): dynamo raises an AssertionError in higher_order_ops."
-               "overwrite_tensor_vt_proxy when it recompiles the fused GNI Function with dynamic shapes; "
-               "it fails loudly, never with wrong values (README: supported versions)")),
+    ("gni4", "gni4", {"GhostNoiseBatchNorm2d"}),
     ("gbn16-gnir4", '["gbn16", "gnir4"]', {"GhostBatchNorm2dThen", "GhostNoiseInjector"}),
     ("xbn16-nat4", '["xbn16", "nat4"]', {"ExclusiveBatchNorm2d", "NoisyAffine"}),
 ], ids=["gni4", "gbn16-gnir4", "xbn16-nat4"])
