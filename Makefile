@@ -35,14 +35,11 @@ gpu-check:
 	$(or $(PYTHON),python3) -m bench.gpu_check --data $(CIFAR10)
 
 # The oldest supported torch (requirements-compat.txt: torch 2.11, Python 3.12, no wandb) in its own
-# venv: every nodo test, the wandb-free training of every layer kind, and the train.py options.
+# venv: the whole suite, as `make test` runs it (the tests that need wandb skip there).
 # the first python3.12 that runs (a pyenv shim answers `command -v` even where 3.12 is not selected)
 COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) /usr/bin/python3.12; do "$$p" -c "" >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 COMPAT_VENV ?= build/compat-venv
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
-COMPAT_TESTS := tests/test_ghost_noise.py tests/test_ghost_noise_batch_norm.py tests/test_ghost_batch_norm.py \
-	tests/test_exclusive_batch_norm.py tests/test_eval_norm.py tests/test_noisy_affine.py tests/test_affine.py \
-	tests/test_dropout.py tests/test_weight_standardization.py tests/test_compat.py tests/test_amp.py
 
 $(COMPAT_STAMP): requirements-compat.txt
 	test -n "$(COMPAT_PYTHON)" || { echo "make test-compat needs python3.12 (or COMPAT_PYTHON=...)"; exit 2; }
@@ -51,7 +48,7 @@ $(COMPAT_STAMP): requirements-compat.txt
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
-	PYTHONPATH=$(CURDIR) WANDB_MODE=disabled $(COMPAT_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q $(COMPAT_TESTS)
+	PYTHONPATH=$(CURDIR) WANDB_MODE=disabled $(COMPAT_VENV)/bin/python -m pytest -n 2 --dist loadgroup -q tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

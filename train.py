@@ -448,7 +448,7 @@ class Training:
         self.run_facts = {"norm_sites": site_report.as_dict() if site_report is not None else None,
                           "world_size": info.world_size, "per_process_batch": args.batch_size}
         self.progress = self.restore(checkpoint, resume_path) if checkpoint is not None else Progress()
-        self.model = torch.compile(model, backend=args.torchcompile) if args.torchcompile else model
+        self.model = compile_model(model, args.torchcompile) if args.torchcompile else model
         if info.distributed:  # (so: the model called is wrapped in DDP exactly when info.distributed)
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
@@ -892,6 +892,40 @@ def every_epoch(loader):
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader.batches(0)
+
+
+def compile_model(model: nn.Module, backend: str) -> nn.Module:
+    """``torch.compile(model)``; with static shapes where dynamo cannot recompile the fused GNI
+    layer with dynamic shapes (seen on torch 2.11: AssertionError in ``overwrite_tensor_vt_proxy``
+    after the graph break at the layer's ``torch.Generator``). A layer's shapes are fixed in
+    training, so static shapes only cost a recompile per shape there."""
+    import nodo
+
+    fused_gni = any(isinstance(module, nodo.GhostNoiseBatchNorm) for module in model.modules())
+    if fused_gni and not fused_gni_compiles_dynamic():
+        return torch.compile(model, backend=backend, dynamic=False)
+    return torch.compile(model, backend=backend)
+
+
+def fused_gni_compiles_dynamic() -> bool:
+    """Capability probe: does dynamo compile a tiny fused GNI layer drawing from a
+    ``torch.Generator``, with dynamic shapes, forward and backward? (It draws from its own
+    generator: the global random stream is not touched.)"""
+    import torch._dynamo
+
+    import nodo
+
+    generator = torch.Generator().manual_seed(0)
+    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2)
+    layer.generator = generator
+    probe = torch.rand(8, 4, 3, 3, generator=generator, requires_grad=True)
+    try:
+        torch.compile(layer, backend="eager", dynamic=True)(probe).sum().backward()
+        return True
+    except Exception:  # any failure of the probe: static shapes are the safe choice
+        return False
+    finally:
+        torch._dynamo.reset()
 
 
 def synchronize(device: torch.device) -> None:

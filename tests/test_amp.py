@@ -216,11 +216,7 @@ def _accumulation_runs(tmp_path: Path, common: list) -> tuple:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, norm, layers", [
-    pytest.param("gni4", "gni4", {"GhostNoiseBatchNorm2d"}, marks=pytest.mark.skipif(
-        tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14),
-        reason="torch < 2.14 (seen on 2.11): dynamo raises an AssertionError in higher_order_ops."
-               "overwrite_tensor_vt_proxy when it recompiles the fused GNI Function with dynamic shapes; "
-               "it fails loudly, never with wrong values (README: supported versions)")),
+    ("gni4", "gni4", {"GhostNoiseBatchNorm2d"}),
     ("gbn16-gnir4", '["gbn16", "gnir4"]', {"GhostBatchNorm2dThen", "GhostNoiseInjector"}),
     ("xbn16-nat4", '["xbn16", "nat4"]', {"ExclusiveBatchNorm2d", "NoisyAffine"}),
 ], ids=["gni4", "gbn16-gnir4", "xbn16-nat4"])
@@ -247,3 +243,27 @@ def test_torchcompile_trains_with_every_noise_layer(tmp_path, monkeypatch, name,
     assert results(run_dir)["status"] == "finished" and checkpoint(run_dir)["num_updates"] == 4
     weights = checkpoint(run_dir)["state_dict"]
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("probe_result, expected", [(True, {}), (False, {"dynamic": False})])
+def test_fused_gni_compiles_statically_where_the_probe_fails(monkeypatch, probe_result, expected):
+    """The probe decides for a model with fused GNI; one without compiles as before, unprobed."""
+    import nodo
+
+    calls = []
+    monkeypatch.setattr(train, "fused_gni_compiles_dynamic",
+                        lambda: calls.append("probe") or probe_result)
+    monkeypatch.setattr(torch, "compile", lambda model, backend, **kwargs: kwargs)
+    gni = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                              nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2))
+    assert train.compile_model(gni, "eager") == expected and calls == ["probe"]
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert train.compile_model(bn, "eager") == {} and calls == ["probe"]
+
+
+@pytest.mark.slow
+def test_the_compile_probe_leaves_the_global_random_stream_alone():
+    """A compiled GNI run draws the same initialization and data order as an eager one."""
+    before = torch.random.get_rng_state()
+    assert isinstance(train.fused_gni_compiles_dynamic(), bool)
+    assert torch.equal(torch.random.get_rng_state(), before)
