@@ -210,10 +210,12 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor
     """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
-    CPU tensors in the statistics dtype, both contiguous or both channels_last: one fused read of
-    both (:func:`nodo.functional.kernels.sample_sums`, the difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
-    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits). The third
-    value is that tensor when it has the input's dtype (scratch for :func:`input_gradient`), else ``None``.
+    CPU tensors in the statistics dtype, both contiguous: one fused read of both
+    (:func:`nodo.functional.kernels.sample_sums`); both channels_last: slice by slice
+    (:func:`_sliced_sums`); the difference is formed element by element in both. Otherwise
+    ``u * dy`` is formed in a new tensor, in float32 for reduced-precision inputs (``E - mean * D``
+    cancels badly in 8 bits). The third value is that tensor when it has the input's dtype (scratch
+    for :func:`input_gradient`), else ``None``.
     """
     dtype = shift.dtype
     channels_last = _channels_last_rows(input, grad_output)
