@@ -36,6 +36,7 @@ __all__ = [
     "statistics_dtype",
     "channel_map",
     "sample_channel_shape",
+    "apply_sample_noise",
     "values_per_sample",
     "channel_shift",
     "ShiftedSums",
@@ -73,6 +74,22 @@ def sample_channel_shape(input: Tensor, channel_dim: int) -> list:
     shape = [1] * input.dim()
     shape[0], shape[channel_dim] = input.shape[0], input.shape[channel_dim]
     return shape
+
+
+def apply_sample_noise(input: Tensor, shift: Tensor, scale: Tensor, channel_dim: int) -> Tensor:
+    """``(input - shift) / scale`` with ``(B, C)`` noise held constant (no gradient through it).
+
+    Computed as ``input * multiplier + offset`` with ``multiplier = 1 / scale`` and
+    ``offset = -shift / scale``: both are O(1), so rounding them to a reduced-precision input dtype
+    costs no more than rounding the output itself, and the activation is never promoted to float32.
+    """
+    with torch.no_grad():
+        multiplier = scale.reciprocal()
+        offset = -shift * multiplier
+        shape = sample_channel_shape(input, channel_dim)
+        multiplier = multiplier.to(input.dtype).view(shape)
+        offset = offset.to(input.dtype).view(shape)
+    return torch.addcmul(offset, input, multiplier)
 
 
 def values_per_sample(input: Tensor) -> int:
@@ -174,6 +191,12 @@ class ShiftedSums(NamedTuple):
     sum: Tensor
     sum_sq: Tensor
     centered: Tensor
+
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Per-sample mean of ``u`` and biased variance, ``S1 / L`` and ``S2 / L - (S1 / L)^2`` (clamped at 0)."""
+        values = values_per_sample(self.centered)
+        mean_u = self.sum / values
+        return mean_u, torch.addcmul(self.sum_sq / values, mean_u, mean_u, value=-1.0).clamp_min_(0.0)
 
 
 def shifted_sums(input: Tensor) -> ShiftedSums:
