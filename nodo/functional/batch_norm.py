@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nodo._checks import check_int, check_positive_float
-from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift, grad_sums,
-                                        input_gradient, scale_shift_, shifted_sums, statistics_dtype,
-                                        update_running_stats, values_per_sample)
+from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift,
+                                        grad_sums, input_gradient, scale_shift_, shifted_sums,
+                                        statistics_dtype, update_running_stats, values_per_sample)
 
 __all__ = [
     "ghost_batch_partition",
@@ -158,7 +158,8 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         channels, values = input.shape[1], values_per_sample(input)
         sums = shifted_sums(input)
         shift, output = sums.shift, sums.centered
-        moments = _mix(torch.cat([sums.sum, sums.sum_sq], dim=1), sizes, exclusive, scale=1.0 / values)
+        per_sample_sums = torch.cat([sums.sum, sums.sum_sq], dim=1)
+        moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / values)
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
@@ -307,9 +308,10 @@ def ghost_batch_norm(input: Tensor, ghost_batch_size: int, running_mean: Optiona
 
 
 def exclusive_batch_norm(input: Tensor, ghost_batch_size: Optional[int] = None,
-                         running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                         training: bool = True, momentum: Momentum = 0.1, eps: float = 1e-5) -> Tensor:
+                         running_mean: Optional[Tensor] = None,
+                         running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, training: bool = True,
+                         momentum: Momentum = 0.1, eps: float = 1e-5) -> Tensor:
     r"""Exclusive batch normalization (XBN) of a ``(B, C, H, W)`` tensor.
 
     In training each sample ``i`` of a ghost batch ``g`` of ``n`` samples is normalized with the
@@ -357,7 +359,8 @@ def exclusive_batch_norm(input: Tensor, ghost_batch_size: Optional[int] = None,
 
 def eval_norm(input: Tensor, ghost_batch_size: int, running_mean: Tensor, running_var: Tensor,
               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = True,
-              momentum: Momentum = 0.1, eps: float = 1e-5, blend_weight: Optional[float] = None) -> Tensor:
+              momentum: Momentum = 0.1, eps: float = 1e-5,
+              blend_weight: Optional[float] = None) -> Tensor:
     r"""EvalNorm: ghost batch norm in training; at evaluation, running statistics blended with
     each sample's own statistics.
 

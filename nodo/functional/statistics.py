@@ -134,7 +134,7 @@ def _out_allowed(out: Tensor) -> bool:
 
 
 # Bytes of one slice of samples in the channels_last sums: the slice's product is written and summed
-# while it is still in a core's cache (2 MiB was fastest on this project's CPU of 1, 2, 4 and 8 MiB).
+# while it is still in a core's cache (2 MiB was fastest on this project's CPU of 1, 2, 4, 8 MiB).
 _SLICE_BYTES = 1 << 21
 
 
@@ -151,8 +151,8 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     eager mode (the sliced sums below); ``None`` when any of them is not such a tensor."""
     if torch.compiler.is_compiling():
         return None
-    rows = [_channel_rows(t) if t.device.type == "cpu" and t.dtype == statistics_dtype(t.dtype) else None
-            for t in tensors]
+    rows = [_channel_rows(t) if t.device.type == "cpu" and t.dtype == statistics_dtype(t.dtype)
+            else None for t in tensors]
     return None if any(r is None for r in rows) else rows
 
 
@@ -193,10 +193,12 @@ class ShiftedSums(NamedTuple):
     centered: Tensor
 
     def moments(self) -> tuple[Tensor, Tensor]:
-        """Per-sample mean of ``u`` and biased variance, ``S1 / L`` and ``S2 / L - (S1 / L)^2`` (clamped at 0)."""
+        """Per-sample mean of ``u`` and biased variance: ``S1 / L`` and ``S2 / L - (S1 / L)^2``,
+        clamped at 0."""
         values = values_per_sample(self.centered)
         mean_u = self.sum / values
-        return mean_u, torch.addcmul(self.sum_sq / values, mean_u, mean_u, value=-1.0).clamp_min_(0.0)
+        variance = torch.addcmul(self.sum_sq / values, mean_u, mean_u, value=-1.0)
+        return mean_u, variance.clamp_min_(0.0)
 
 
 def shifted_sums(input: Tensor) -> ShiftedSums:
