@@ -134,7 +134,7 @@ def _out_allowed(out: Tensor) -> bool:
 
 
 # Bytes of one slice of samples in the channels_last sums: the slice's product is written and summed
-# while it is still in a core's cache (2 MiB was fastest on this project's CPU of 1, 2, 4, 8 MiB).
+# while it is still in the core's cache (2 MiB was the fastest here of 1, 2, 4 and 8 MiB).
 _SLICE_BYTES = 1 << 21
 
 
@@ -148,8 +148,15 @@ def _channel_rows(input: Tensor) -> Optional[Tensor]:
 
 def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
-    eager mode (the sliced sums below); ``None`` when any of them is not such a tensor."""
-    if torch.compiler.is_compiling():
+    eager mode on one intra-op thread (the sliced sums below); ``None`` when any of them is not such
+    a tensor, or with several threads.
+
+    Every op on a slice is a fork-join of the intra-op threads. On one thread that costs nothing and
+    the slices save ~20% of BatchNorm2d's time; on two threads of this project's shared 2-core CPU
+    the 64 fork-joins per pass waited on descheduled threads (BatchNorm2d x2-4 instead of x1.4), so
+    several threads keep the few full-size passes of the plain path.
+    """
+    if torch.compiler.is_compiling() or torch.get_num_threads() > 1:
         return None
     rows = [_channel_rows(t) if t.device.type == "cpu" and t.dtype == statistics_dtype(t.dtype)
             else None for t in tensors]
