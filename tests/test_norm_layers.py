@@ -302,3 +302,51 @@ def test_compiles_whole_on_other_layouts_and_ranks(name):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     assert_compiles_like_eager(lambda: build().to(DEVICE), x, atol=1e-5, rtol=1e-5)
+
+
+# --- the channels_last sums, slice by slice of the batch ---------------------------------------
+
+def _sliced_layer(family, dims):
+    kwargs = dict(generator=torch.Generator(DEVICE).manual_seed(0)) if family == "gni" else {}
+    layer = VARIANTS[family][dims](3, 4, device=DEVICE, dtype=torch.float64, **kwargs)
+    layer = randomize_affine(layer)
+    # EvalNorm trains as GBN: its evaluation instead
+    return layer.eval() if family == "en" else layer
+
+
+@pytest.mark.parametrize("dims", [4, 5])
+@pytest.mark.parametrize("family", list(VARIANTS))
+def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypatch):
+    """channels_last (2d and 3d) input summed in slices of 3 samples (3 + 3 + 3 + 1 of a batch of
+    10): forward and backward equal the contiguous layout's, in float64 (only the summation order
+    differs). EvalNorm is checked at evaluation (in training it is GBN), forward only: its fused
+    evaluation runs without gradient."""
+    x = make_input(spatial_shape(dims, 10, 3))
+    upstream = make_input(spatial_shape(dims, 10, 3), seed=1, mean=0.0, std=1.0)
+    monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * x[0].numel() * x.element_size())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the sliced path runs on one thread
+    calls = []
+    sliced_sums = NF.statistics._sliced_sums
+    def counted_sliced_sums(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sliced_sums(*args, **kwargs)
+
+    monkeypatch.setattr(NF.statistics, "_sliced_sums", counted_sliced_sums)
+    memory_format = torch.channels_last if dims == 4 else torch.channels_last_3d
+    results = []
+    for layout in (torch.contiguous_format, memory_format):
+        layer = _sliced_layer(family, dims)
+        differentiable = family != "en"
+        inputs = [x.contiguous(memory_format=layout).requires_grad_(differentiable)]
+        inputs += list(layer.parameters())
+        with torch.set_grad_enabled(differentiable):
+            output = layer(inputs[0])
+        assert output.is_contiguous(memory_format=layout)
+        gradients = ()
+        if differentiable:
+            gradients = torch.autograd.grad(output, inputs, upstream.contiguous(memory_format=layout))
+        results.append((output,) + gradients)
+    if DEVICE.type == "cpu":
+        assert calls, "the channels_last input did not take the sliced sums"
+    for contiguous, channels_last in zip(*results):
+        torch.testing.assert_close(channels_last, contiguous, **F64)

@@ -33,20 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nodo._checks import check_int, check_positive_float
-from nodo.functional.statistics import (
-    affine_coefficients,
-    Momentum,
-    centered_input,
-    channel_map,
-    channel_shift,
-    grad_sums,
-    input_gradient,
-    scale_shift_,
-    shifted_sums,
-    statistics_dtype,
-    update_running_stats,
-    values_per_sample,
-)
+from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift,
+                                        grad_sums, input_gradient, scale_shift_, shifted_sums,
+                                        statistics_dtype, update_running_stats, values_per_sample)
 
 __all__ = [
     "ghost_batch_partition",
@@ -166,10 +155,11 @@ class _MixedStatisticsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
-        dtype = statistics_dtype(input.dtype)
         channels, values = input.shape[1], values_per_sample(input)
-        shift, sum_u, sum_sq, output = shifted_sums(input)
-        moments = _mix(torch.cat([sum_u, sum_sq], dim=1), sizes, exclusive, scale=1.0 / values)
+        sums = shifted_sums(input)
+        shift, output = sums.shift, sums.centered
+        per_sample_sums = torch.cat([sums.sum, sums.sum_sq], dim=1)
+        moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / values)
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
@@ -178,8 +168,8 @@ class _MixedStatisticsNorm(torch.autograd.Function):
         ctx.save_for_backward(input, weight, shift, mean_u, rstd, raw_var)
         ctx.sizes, ctx.exclusive = sizes, exclusive
         ctx.bias_dtype = None if bias is None else bias.dtype
-        sample_mean = sum_u / values
-        batch_var = _batch_variance(sample_mean, torch.addcmul(sum_sq / values, sample_mean, sample_mean, value=-1.0))
+        sample_mean, sample_var = sums.moments()
+        batch_var = _batch_variance(sample_mean, sample_var)
         sample_mean = sample_mean + shift
         ctx.mark_non_differentiable(sample_mean, raw_var, batch_var)
         return output, sample_mean, raw_var, batch_var
@@ -271,17 +261,10 @@ def _check_common(name: str, input: Tensor, eps: float) -> None:
     check_positive_float("eps", eps)
 
 
-def ghost_batch_norm(
-    input: Tensor,
-    ghost_batch_size: int,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    training: bool = True,
-    momentum: Momentum = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
+def ghost_batch_norm(input: Tensor, ghost_batch_size: int, running_mean: Optional[Tensor] = None,
+                     running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, training: bool = True, momentum: Momentum = 0.1,
+                     eps: float = 1e-5) -> Tensor:
     r"""Ghost batch normalization of a ``(B, C, H, W)`` tensor.
 
     In training (``training=True``) the batch is split by :func:`ghost_batch_partition` into
@@ -324,17 +307,11 @@ def ghost_batch_norm(
     return output
 
 
-def exclusive_batch_norm(
-    input: Tensor,
-    ghost_batch_size: Optional[int] = None,
-    running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    training: bool = True,
-    momentum: Momentum = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
+def exclusive_batch_norm(input: Tensor, ghost_batch_size: Optional[int] = None,
+                         running_mean: Optional[Tensor] = None,
+                         running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, training: bool = True,
+                         momentum: Momentum = 0.1, eps: float = 1e-5) -> Tensor:
     r"""Exclusive batch normalization (XBN) of a ``(B, C, H, W)`` tensor.
 
     In training each sample ``i`` of a ghost batch ``g`` of ``n`` samples is normalized with the
@@ -380,18 +357,10 @@ def exclusive_batch_norm(
     return output
 
 
-def eval_norm(
-    input: Tensor,
-    ghost_batch_size: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    training: bool = True,
-    momentum: Momentum = 0.1,
-    eps: float = 1e-5,
-    blend_weight: Optional[float] = None,
-) -> Tensor:
+def eval_norm(input: Tensor, ghost_batch_size: int, running_mean: Tensor, running_var: Tensor,
+              weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = True,
+              momentum: Momentum = 0.1, eps: float = 1e-5,
+              blend_weight: Optional[float] = None) -> Tensor:
     r"""EvalNorm: ghost batch norm in training; at evaluation, running statistics blended with
     each sample's own statistics.
 
@@ -442,10 +411,9 @@ def _blended_eval(input: Tensor, running_mean: Tensor, running_var: Tensor, weig
         else:
             own_var, own_mean = torch.zeros_like(centered), centered
     else:
-        shift, sum_u, sum_sq, buffer = shifted_sums(input)
-        values = values_per_sample(input)
-        own_mean = sum_u / values
-        own_var = torch.addcmul(sum_sq / values, own_mean, own_mean, value=-1.0).clamp_min_(0.0)
+        sums = shifted_sums(input)
+        shift, buffer = sums.shift, sums.centered
+        own_mean, own_var = sums.moments()
     run_mean = running_mean.to(dtype) - shift
     mean = torch.lerp(run_mean.expand_as(own_mean), own_mean, alpha)
     var = torch.lerp(running_var.to(dtype).expand_as(own_var), own_var, alpha)

@@ -44,19 +44,9 @@ from torch import Tensor
 
 from nodo._checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
 from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
-from nodo.functional.statistics import (
-    affine_coefficients,
-    Momentum,
-    channel_map,
-    grad_sums,
-    input_gradient,
-    sample_channel_shape,
-    scale_shift_,
-    shifted_sums,
-    statistics_dtype,
-    update_running_stats,
-    values_per_sample,
-)
+from nodo.functional.statistics import (affine_coefficients, apply_sample_noise, grad_sums,
+                                        input_gradient, scale_shift_, shifted_sums,
+                                        statistics_dtype, update_running_stats)
 
 __all__ = [
     "NoiseGenerator",
@@ -181,11 +171,9 @@ def sample_moments(input: Tensor, channel_dim: int = 1) -> Tuple[Tensor, Tensor]
     """
     channels_first = input.movedim(resolve_channel_dim(input, channel_dim, "sample_moments"), 1)
     with torch.no_grad():
-        shift, sum_u, sum_sq, _ = shifted_sums(channels_first)
-        values = values_per_sample(channels_first)
-        mean_u = sum_u / values
-        var = torch.addcmul(sum_sq / values, mean_u, mean_u, value=-1.0).clamp_min_(0.0)
-        return mean_u + shift, var
+        sums = shifted_sums(channels_first)
+        mean_u, var = sums.moments()
+        return mean_u + sums.shift, var
 
 
 def ghost_noise_from_moments(
@@ -312,15 +300,7 @@ def ghost_noise_injection(
             shift_noise, scale_noise = ghost_noise_from_moments(mean, var, weights, eps, shift, scale)
         else:
             shift_noise, scale_noise = _check_noise(noise, batch_size, num_channels)
-        # y = x * multiplier + offset with multiplier = 1 / scale, offset = -shift / scale; both
-        # are O(1), so rounding them to a reduced-precision input dtype costs no more than
-        # rounding y itself, and the activation is never promoted to float32.
-        multiplier = scale_noise.reciprocal()
-        offset = -shift_noise * multiplier
-        shape = sample_channel_shape(input, channel_dim)
-        multiplier = multiplier.to(input.dtype).view(shape)
-        offset = offset.to(input.dtype).view(shape)
-    return torch.addcmul(offset, input, multiplier)
+    return apply_sample_noise(input, shift_noise, scale_noise, channel_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,10 +333,9 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, ghost_weights, noise_shift, noise_scale, eps, noise_eps, shift, scale):
-        channel_shift, sum_u, sum_sq, output = shifted_sums(input)
-        values = values_per_sample(input)
-        sample_mean = sum_u / values
-        sample_var = torch.addcmul(sum_sq / values, sample_mean, sample_mean, value=-1.0).clamp_min_(0.0)
+        sums = shifted_sums(input)
+        channel_shift, output = sums.shift, sums.centered
+        sample_mean, sample_var = sums.moments()
         dtype = sample_mean.dtype
         batch_mean = sample_mean.mean(0)
         centered = sample_mean - batch_mean

@@ -79,7 +79,7 @@ def sample_sums(grad: Tensor, input: Tensor, center: Tensor) -> Optional[Tuple[T
     (:func:`portable_kernels`), off the CPU, for other dtypes, or unless both tensors are contiguous
     with a dimension after the channels. (channels_last was tried with one call per sample: fast on
     one thread, but B small parallel regions per pass were 7x slower than BatchNorm2d on two busy
-    cores, so it takes the portable path.)
+    cores; it has its own public-op path, ``nodo.functional.statistics._sliced_sums``.)
     """
     if _forced_portable or not _FAST_ROW_SUMS:
         return None

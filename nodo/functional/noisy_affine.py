@@ -18,7 +18,7 @@ from torch import Tensor
 
 from nodo._checks import check_bool, check_int, resolve_channel_dim
 from nodo.functional.noise_generator import check_generator, draw_rand, draw_randn
-from nodo.functional.statistics import sample_channel_shape
+from nodo.functional.statistics import apply_sample_noise
 
 __all__ = ["noisy_affine", "sample_noisy_affine_noise", "check_noisy_affine_ghost_batch_size"]
 
@@ -141,9 +141,4 @@ def noisy_affine(
         shift_noise, scale_noise = sample_noisy_affine_noise(
             input.shape[0], input.shape[channel_dim], ghost_batch_size, shift, scale,
             device=input.device, generator=generator)
-        multiplier = scale_noise.reciprocal()
-        offset = -shift_noise * multiplier
-        shape = sample_channel_shape(input, channel_dim)
-        multiplier = multiplier.to(input.dtype).view(shape)
-        offset = offset.to(input.dtype).view(shape)
-    return torch.addcmul(offset, input, multiplier)
+    return apply_sample_noise(input, shift_noise, scale_noise, channel_dim)

@@ -36,6 +36,7 @@ __all__ = [
     "statistics_dtype",
     "channel_map",
     "sample_channel_shape",
+    "apply_sample_noise",
     "values_per_sample",
     "channel_shift",
     "ShiftedSums",
@@ -73,6 +74,22 @@ def sample_channel_shape(input: Tensor, channel_dim: int) -> list:
     shape = [1] * input.dim()
     shape[0], shape[channel_dim] = input.shape[0], input.shape[channel_dim]
     return shape
+
+
+def apply_sample_noise(input: Tensor, shift: Tensor, scale: Tensor, channel_dim: int) -> Tensor:
+    """``(input - shift) / scale`` with ``(B, C)`` noise held constant (no gradient through it).
+
+    Computed as ``input * multiplier + offset`` with ``multiplier = 1 / scale`` and
+    ``offset = -shift / scale``: both are O(1), so rounding them to a reduced-precision input dtype
+    costs no more than rounding the output itself, and the activation is never promoted to float32.
+    """
+    with torch.no_grad():
+        multiplier = scale.reciprocal()
+        offset = -shift * multiplier
+        shape = sample_channel_shape(input, channel_dim)
+        multiplier = multiplier.to(input.dtype).view(shape)
+        offset = offset.to(input.dtype).view(shape)
+    return torch.addcmul(offset, input, multiplier)
 
 
 def values_per_sample(input: Tensor) -> int:
@@ -116,6 +133,63 @@ def _out_allowed(out: Tensor) -> bool:
     return out.is_contiguous() or not torch.compiler.is_compiling()
 
 
+# Bytes of one slice of samples in the channels_last sums: the slice's product is written and summed
+# while it is still in the core's cache (2 MiB was the fastest here of 1, 2, 4 and 8 MiB).
+_SLICE_BYTES = 1 << 21
+
+
+def _channel_rows(input: Tensor) -> Optional[Tensor]:
+    # (B, C, *) with the channels innermost in memory (channels_last) -> its (B, L, C) view
+    rows = input.movedim(1, -1)
+    if input.dim() < 3 or input.is_contiguous() or not rows.is_contiguous():
+        return None
+    return rows.view(input.shape[0], -1, input.shape[1])
+
+
+def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
+    """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
+    eager mode on one intra-op thread (the sliced sums below); ``None`` when any of them is not such
+    a tensor, or with several threads.
+
+    Every op on a slice is a fork-join of the intra-op threads. On one thread that costs nothing and
+    the slices save ~20% of BatchNorm2d's time; on two threads of this project's shared 2-core CPU
+    the 64 fork-joins per pass waited on descheduled threads (BatchNorm2d x2-4 instead of x1.4), so
+    several threads keep the few full-size passes of the plain path.
+    """
+    if torch.compiler.is_compiling() or torch.get_num_threads() > 1:
+        return None
+    rows = [_channel_rows(t) if t.device.type == "cpu" and t.dtype == statistics_dtype(t.dtype)
+            else None for t in tensors]
+    return None if any(r is None for r in rows) else rows
+
+
+def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor] = None,
+                 centered_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) sums over ``L`` of ``(B, L, C)`` rows, ``u = input - center``:
+    ``(sum grad * u, sum grad)``, or ``(sum u^2, sum u)`` without ``grad_rows``.
+
+    With ``centered_rows`` ``u`` is also written there. Reducing a channels_last activation over its
+    spatial dimensions reads it with a stride of ``C`` values, and a product of the activation's
+    size goes to fresh memory and back; done a slice of samples at a time, every pass after the
+    first reads data still in cache, and the product's buffer is one slice.
+    """
+    batch_size, values, channels = input_rows.shape
+    rows = max(1, _SLICE_BYTES // max(1, values * channels * input_rows.element_size()))
+    product = input_rows.new_empty((min(rows, batch_size), values, channels))
+    dot = input_rows.new_empty((batch_size, channels))
+    total = input_rows.new_empty((batch_size, channels))
+    for start in range(0, batch_size, rows):
+        samples = slice(start, start + rows)
+        slice_product = product[:len(input_rows[samples])]
+        out = slice_product if centered_rows is None else centered_rows[samples]
+        centered = torch.sub(input_rows[samples], center, out=out)
+        grad = centered if grad_rows is None else grad_rows[samples]
+        torch.mul(centered, grad, out=slice_product)
+        torch.sum(slice_product, 1, out=dot[samples])
+        torch.sum(grad, 1, out=total[samples])
+    return dot, total
+
+
 class ShiftedSums(NamedTuple):
     """``shift`` ``(C,)``; ``sum`` and ``sum_sq`` ``(B, C)``: per-sample sums of ``u`` and ``u^2``;
     ``centered``: ``u = x - shift`` itself, an activation-sized buffer the caller may overwrite."""
@@ -125,17 +199,31 @@ class ShiftedSums(NamedTuple):
     sum_sq: Tensor
     centered: Tensor
 
+    def moments(self) -> tuple[Tensor, Tensor]:
+        """Per-sample mean of ``u`` and biased variance: ``S1 / L`` and ``S2 / L - (S1 / L)^2``,
+        clamped at 0."""
+        values = values_per_sample(self.centered)
+        mean_u = self.sum / values
+        variance = torch.addcmul(self.sum_sq / values, mean_u, mean_u, value=-1.0)
+        return mean_u, variance.clamp_min_(0.0)
+
 
 def shifted_sums(input: Tensor) -> ShiftedSums:
     """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
 
-    One write of ``u`` into a fresh ``empty_like(input)`` buffer, then one read of it (CPU
-    float32/float64, contiguous or channels_last: ATen's fused reduction,
-    :func:`nodo.functional.kernels.sample_sums`; elsewhere a sum and a ``vector_norm`` that upcasts
-    element by element, with no float32 copy of the input).
+    One write of ``u`` into a fresh ``empty_like(input)`` buffer and, on the CPU in float32/float64,
+    one read: contiguous, ATen's fused reduction (:func:`nodo.functional.kernels.sample_sums`);
+    channels_last, the sums taken slice by slice as ``u`` is written (:func:`_sliced_sums`).
+    Elsewhere a sum and a ``vector_norm`` that upcasts element by element, with no float32 copy of
+    the input.
     """
     dtype = statistics_dtype(input.dtype)
     shift = channel_shift(input)
+    channels_last = _channels_last_rows(input)
+    if channels_last is not None:
+        centered = torch.empty_like(input)
+        sum_sq, total = _sliced_sums(channels_last[0], shift, centered_rows=_channel_rows(centered))
+        return ShiftedSums(shift, total, sum_sq, centered)
     centered = centered_input(input, shift)
     if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
         values = centered.to(dtype, copy=True)
@@ -154,12 +242,19 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor
     """Per-sample ``sum dy`` and ``sum dy * u`` with ``u = x - shift``, each ``(B, C)`` in ``shift``'s dtype.
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
-    CPU tensors in the statistics dtype, both contiguous or both channels_last: one fused read of
-    both (:func:`nodo.functional.kernels.sample_sums`, the difference formed element by element). Otherwise ``u * dy`` is formed in a new tensor, in
-    float32 for reduced-precision inputs (``E - mean * D`` cancels badly in 8 bits). The third
-    value is that tensor when it has the input's dtype (scratch for :func:`input_gradient`), else ``None``.
+    CPU tensors in the statistics dtype, both contiguous: one fused read of both
+    (:func:`nodo.functional.kernels.sample_sums`); both channels_last: slice by slice
+    (:func:`_sliced_sums`); the difference is formed element by element in both. Otherwise
+    ``u * dy`` is formed in a new tensor, in float32 for reduced-precision inputs (``E - mean * D``
+    cancels badly in 8 bits). The third value is that tensor when it has the input's dtype (scratch
+    for :func:`input_gradient`), else ``None``.
     """
     dtype = shift.dtype
+    channels_last = _channels_last_rows(input, grad_output)
+    if channels_last is not None:
+        input_rows, grad_rows = channels_last
+        dot, total = _sliced_sums(input_rows, shift, grad_rows)
+        return total, dot, None
     fused = kernels.sample_sums(grad_output, input, shift)
     if fused is not None:
         dot, total = fused
