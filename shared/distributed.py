@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import time
 from typing import Any, Optional
 
 import torch
@@ -71,9 +72,21 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
+# How long shutdown() lets gloo's worker threads finish before the process group is destroyed.
+GLOO_DRAIN_S = 0.2
+
+
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        # A gloo worker thread frees a finished collective's tensors after waking the waiter, and
+        # freeing a tensor that Python also knew needs the GIL. On torch 2.11 the process group's
+        # destructor joins those threads while holding the GIL: a worker still freeing deadlocks the
+        # exit (seen in a 2-process CPU test: results written, one rank never exited). Sleeping
+        # releases the GIL so the workers finish first.
+        time.sleep(GLOO_DRAIN_S)
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

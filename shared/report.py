@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -113,10 +114,15 @@ class Run:
 
     @property
     def setup_args(self) -> dict:
-        """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json."""
+        """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json.
+
+        A flag that an older run's ``args.yaml`` lacks counts as today's default: flags are added
+        with the earlier behaviour as their default, so such a run is grouped with today's runs of
+        the same setup instead of being told apart by every flag added since.
+        """
         world_size = self.results.get("world_size")
         per_process_batch = self.results.get("per_process_batch")
-        return {**self.args, "world_size": world_size if world_size is not None else 1,
+        return {**flag_defaults(), **self.args, "world_size": world_size if world_size is not None else 1,
                 "per_process_batch": per_process_batch if per_process_batch is not None
                 else self.args.get("batch_size")}
 
@@ -124,6 +130,14 @@ class Run:
         """A metric of a finished run (``METRICS``), or None when results.json does not have it."""
         metric = METRICS[name]
         return metric_value(self.results.get(metric.section), metric.key)
+
+
+@functools.lru_cache(maxsize=1)
+def flag_defaults() -> dict:
+    """``{dest: default}`` of train.py's flags (:func:`shared.config.actions_by_dest`)."""
+    from shared.config import actions_by_dest
+
+    return {dest: action.default for dest, action in actions_by_dest().items()}
 
 
 def metric_value(values: Any, name: str) -> Optional[float]:

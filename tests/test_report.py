@@ -105,6 +105,21 @@ def test_non_result_keys_are_train_flags_and_runs_differing_only_in_them_are_one
     assert sorted(row["n"] for row in rows) == [1, 2]
 
 
+def test_a_flag_an_older_run_lacks_counts_as_its_default(tmp_path):
+    """A run written before a flag existed (its args.yaml lacks the key) is a seed of the same setup
+    as today's run with that flag at its default, and still apart from one with another value."""
+    from shared import config
+
+    default_recount = config.create_parser().parse_args([]).recount
+    root = tmp_path / "runs"
+    make_run(root, "old-s1", final_top1=60.0, norm="bn", seed=1)
+    make_run(root, "new-s2", final_top1=62.0, norm="bn", seed=2, recount=default_recount)
+    make_run(root, "other-s3", final_top1=64.0, norm="bn", seed=3, recount=default_recount + 1)
+    result = report.write_report(root, tmp_path / "out", plots=False)
+    assert sorted(row["n"] for row in result["rows"]) == [1, 2]
+    assert "recount" in (tmp_path / "out" / "results.md").read_text()  # the column that tells them apart
+
+
 def test_single_run_has_no_std(tmp_path):
     make_run(tmp_path / "runs", "one-s1", final_top1=60.0, norm="bn", seed=1)
     result = report.write_report(tmp_path / "runs", tmp_path / "out", plots=False)
