@@ -89,6 +89,22 @@ def test_wandb_sweep_over_cases_of_plain_flags_uses_the_index(tmp_path):
     assert yaml.safe_load(target.read_text())["parameters"] == {"index": {"values": [0, 1, 2]}}
 
 
+def test_wandb_sweep_repeats_only_and_set_in_the_agent_command(tmp_path):
+    """With --only / --set the agent must run the same selected, changed runs: an index grid whose
+    command carries both, and an index I that names the I-th selected run."""
+    target = tmp_path / "sweep.yaml"
+    assert sweep.main(["configs/c10_rn20/test_all.yaml", "--only", "*gni16-*", "--set", "epochs=3",
+                       "--wandb-sweep", str(target)]) == 0
+    spec = yaml.safe_load(target.read_text())
+    assert spec["parameters"] == {"index": {"values": [0, 1, 2]}}
+    assert spec["command"][2:] == ["-m", "shared.sweep", "configs/c10_rn20/test_all.yaml", "--only=*gni16-*",
+                                   "--set=epochs=3", "${args}"]
+    agent_args = sweep._build_parser().parse_args(spec["command"][4:-1] + ["--index=1"])
+    selected = sweep.expand(agent_args.config, sweep._parse_set(agent_args.set), agent_args.only)
+    assert selected[int(agent_args.index)].name.startswith("c10-rn20-gni16-")
+    assert all("--epochs" in run.args and run.args[run.args.index("--epochs") + 1] == "3" for run in selected)
+
+
 def test_only_renumbers(capsys):
     runs = sweep.expand("configs/c100_rn18/sweep_gni.yaml", only="*gni16-*")
     assert [r.name for r in runs] == [f"c100-rn18-val-gni16-s{s}" for s in range(20, 25)]
