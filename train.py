@@ -911,8 +911,6 @@ def fused_gni_compiles_dynamic() -> bool:
     """Capability probe: does dynamo compile a tiny fused GNI layer drawing from a
     ``torch.Generator``, with dynamic shapes, forward and backward? (It draws from its own
     generator: the global random stream is not touched.)"""
-    import torch._dynamo
-
     import nodo
 
     generator = torch.Generator().manual_seed(0)
@@ -925,7 +923,7 @@ def fused_gni_compiles_dynamic() -> bool:
     except Exception:  # any failure of the probe: static shapes are the safe choice
         return False
     finally:
-        torch._dynamo.reset()
+        torch.compiler.reset()
 
 
 def synchronize(device: torch.device) -> None:

@@ -61,6 +61,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+from shared.config import actions_by_dest
 from shared.logging_wandb import experiment_family
 from shared.run_files import (
     OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write_bytes, atomic_write_text, csv_text,
@@ -135,8 +136,6 @@ class Run:
 @functools.lru_cache(maxsize=1)
 def flag_defaults() -> dict:
     """``{dest: default}`` of train.py's flags (:func:`shared.config.actions_by_dest`)."""
-    from shared.config import actions_by_dest
-
     return {dest: action.default for dest, action in actions_by_dest().items()}
 
 
