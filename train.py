@@ -545,18 +545,18 @@ class Training:
             losses.append(loss.detach())
         return images, losses
 
-    def check_update(self, loss: torch.Tensor) -> tuple:
+    def check_update(self, losses: list) -> tuple:
         """``(finite, overflow)``: whether the update may be applied, and whether float16's scaler skips it.
 
         float16's scaler expects inf gradients now and then: an "overflow step", which it skips (and lowers
-        its scale); counted, not a failure. A non-finite loss is a failure with or without it. Every process
-        agrees (under DDP, gradients are the same on every rank).
+        its scale); counted, not a failure. A non-finite loss of any micro-batch of the update is a failure
+        with or without it. Every process agrees (under DDP, gradients are the same on every rank).
         """
         self.scaler.unscale_(self.optimizer)
-        # one device-to-host sync per update for the loss and every gradient: their norms, stacked.
-        checks = [loss.float().reshape(1)] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                                              for p in self.model.parameters() if p.grad is not None]
-        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([1, len(checks) - 1])
+        # one device-to-host sync per update for the losses and every gradient: their norms, stacked.
+        checks = [torch.stack(losses).float()] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
+                                                  for p in self.model.parameters() if p.grad is not None]
+        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([len(losses), len(checks) - 1])
         loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
         amp = self.scaler.is_enabled()
         finite = not distributed.any_process(not loss_finite or (not amp and not grads_finite), self.info)
@@ -620,10 +620,11 @@ class Training:
             for loss in losses:
                 total_loss += loss
             bar.update(group_size)
-            finite, overflow = self.check_update(losses[-1])
+            finite, overflow = self.check_update(losses)
             if not finite:
                 where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
-                self.skip_update(buffers_before, where, images, losses[-1])
+                bad_loss = next((loss for loss in losses if not torch.isfinite(loss)), losses[-1])
+                self.skip_update(buffers_before, where, images, bad_loss)
                 skipped += 1
                 log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
             self.apply_update(finite)

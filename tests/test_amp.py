@@ -103,6 +103,18 @@ def test_fp16_real_nan_still_stops_the_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_fp16_nan_in_an_earlier_micro_batch_stops_the_run(tmp_path, monkeypatch):
+    """With accumulation the NaN loss of the first micro-batch of an update (forward pass 3 of 6, the
+    second update's first) is a failure too, not an overflow step: its gradients are NaN, the last
+    micro-batch's loss is finite."""
+    poison_output(monkeypatch, "layer2.0.conv1", {3})
+    code, out, err, run_dir = run(tmp_path, "nan-accum", "--norm", "bn", *FP16, "--grad-accum-steps", "2")
+    assert code == 3, err
+    assert f"epoch 0, step 4 of {FP16_UPDATES}" in err and "non-finite loss (nan)" in err
+    assert results(run_dir)["status"] == "failed"
+
+
+@pytest.mark.slow
 def test_fp16_nonfinite_skip_and_the_scaler_skip_the_same_updates(tmp_path, monkeypatch, big_scale):
     """A NaN loss under --nonfinite skip: our skip (counted as skipped) and the scaler's (its scale
     halves) hit the same update; overflow steps stay the scaler's alone (not counted as skipped)."""
