@@ -41,10 +41,11 @@ COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard $(HOME)/.pyenv/versions/
 COMPAT_VENV ?= build/compat-venv
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 
+# --no-cache-dir: pip's cache would keep a second copy of the 3 GB of CUDA wheels.
 $(COMPAT_STAMP): requirements-compat.txt
 	test -n "$(COMPAT_PYTHON)" || { echo "make test-compat needs python3.12 (or COMPAT_PYTHON=...)"; exit 2; }
 	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install -q -r requirements-compat.txt
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-cache-dir -r requirements-compat.txt
 	touch $(COMPAT_STAMP)
 
 test-compat: $(COMPAT_STAMP)
