@@ -65,6 +65,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import random
@@ -83,10 +84,11 @@ from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8
                                 stream_seed, unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-# Over all 1,797 digits at 16x16 (pixel values v * 255 / 16, rounded).
-DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
+# (mean, std) per dataset, 0-1 units (an ImageFolder copy of CIFAR keeps CIFAR's; other folders: ImageNet's).
+# digits: over all 1,797 images at 16x16 (pixel values v * 255 / 16, rounded).
+NORMALIZATION = {"torch/cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                 "torch/cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                 "digits": ((0.3053,), (0.3759,))}
 # The largest decoded dataset (uint8 bytes) the fast loader takes by itself: CIFAR is 150 MB.
 FAST_LOADER_MAX_BYTES = 2 ** 30
 
@@ -199,17 +201,16 @@ class DigitsDataset(Dataset):
     """scikit-learn's bundled handwritten digits as a torchvision-style dataset of 1x16x16 images.
 
     The 8x8 images with values 0-16 are scaled to 0-255 and upsampled 2x (nearest), returned as PIL
-    'L' images (``transform`` applies, as in torchvision). The train/test split is fixed: a permutation
+    'L' images (raw: shared.augment's transforms apply later). The train/test split is fixed: a permutation
     drawn with seed 0 gives the first 297 images to ``test`` and the other 1,500 to ``train``.
 
     Args:
         split: ``train`` or ``test``.
-        transform: applied to each PIL image.
     """
 
     NUM_TEST = 297
 
-    def __init__(self, split: str = "train", transform=None):
+    def __init__(self, split: str = "train"):
         from sklearn.datasets import load_digits  # (scikit-learn loads slowly: only for digits)
 
         if split not in ("train", "test"):
@@ -222,17 +223,12 @@ class DigitsDataset(Dataset):
         self.data = np.ascontiguousarray(pixels[chosen])
         self.targets = [int(t) for t in digits.target[chosen]]
         self.classes = [str(c) for c in range(10)]
-        self.split = split
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
-        image = Image.fromarray(self.data[index], mode="L")
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
+        return Image.fromarray(self.data[index], mode="L"), self.targets[index]
 
 
 def dataset_kind(args) -> str:
@@ -271,16 +267,14 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
     """The raw dataset (PIL images, no transform) of one named split."""
     if kind == "digits":
         return DigitsDataset("test" if split in _TEST_ALIASES else split)
-    if kind in ("torch/cifar10", "torch/cifar100"):
+    if kind in _TORCHVISION_FOLDERS:
         if split not in ("train",) + _TEST_ALIASES:
             raise DataError(f"{kind} has splits 'train' and 'test' (also called validation/val), got {split!r}")
         if not args.data_dir:
             raise DataError(f"{kind} needs --data-dir: the folder that holds (or, with --dataset-download, "
                             f"will hold) the torchvision files")
-        # looked up at the call: tests stand a fake class in torchvision.datasets
-        cls = torchvision.datasets.CIFAR10
-        if kind == "torch/cifar100":
-            cls = torchvision.datasets.CIFAR100
+        # torch/cifar10 -> CIFAR10; looked up at the call: tests stand a fake class in torchvision.datasets
+        cls = getattr(torchvision.datasets, kind.removeprefix("torch/").upper())
         try:
             if not args.dataset_download:
                 return cls(args.data_dir, train=split == "train")
@@ -423,13 +417,7 @@ def resolve_data_config(args, kind: str, train_dataset: Dataset, num_classes: in
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     native = _native_size(train_dataset)
-    defaults = {
-        "torch/cifar10": (CIFAR10_MEAN, CIFAR10_STD),
-        "torch/cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-        "digits": (DIGITS_MEAN, DIGITS_STD),
-    }
-    # an ImageFolder copy of CIFAR keeps CIFAR's statistics
-    mean, std = defaults.get(kind, defaults.get(args.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)))
+    mean, std = NORMALIZATION.get(kind, NORMALIZATION.get(args.dataset, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)))
     img_size = getattr(args, "img_size", None)
     if img_size is not None and img_size <= 0:
         raise DataError(f"--img-size must be a positive integer, got {img_size}")
@@ -545,7 +533,7 @@ class AugmentedDataset(Dataset):
     """A raw dataset plus a seeded transform (shared.augment): item ``(epoch, i)`` is sample ``i`` as a
     uint8 ``(C, H, W)`` tensor, augmented with ``random.Random(hash(seed, epoch, i))``.
 
-    The key carries the epoch (see :class:`EpochKeys`), so persistent worker processes need no message
+    The key carries the epoch (see :class:`EpochSampler`), so persistent worker processes need no message
     when an epoch starts; a plain index ``i`` means ``(0, i)``. The sample is the same in every worker
     process and after every resume, and no global random generator is read or reseeded.
     """
@@ -569,6 +557,10 @@ class EpochSampler(torch.utils.data.Sampler):
     of its first ``world_size * (N // world_size)`` entries, so all processes run the same number of
     steps. Eval: chunk ``rank`` of ``world_size`` near-equal contiguous chunks, nothing repeated.
     ``start`` skips the first positions of the epoch (a resume inside an epoch).
+
+    It yields :class:`AugmentedDataset`'s keys ``(epoch, index)``, the epoch read when iteration starts:
+    the sampler runs in the training process, so ``set_epoch`` reaches the persistent workers through
+    the keys it hands out.
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
@@ -585,8 +577,9 @@ class EpochSampler(torch.utils.data.Sampler):
             generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch))
         return shard_positions(self.num_samples, self.rank, self.world_size, generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start:])
+    def __iter__(self) -> Iterator[tuple]:
+        epoch = self.epoch
+        return ((epoch, index) for index in self.indices()[self.start:])
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start)
@@ -595,24 +588,6 @@ class EpochSampler(torch.utils.data.Sampler):
 # ----------------------------------------------------------------------------------------------
 # Loaders with one interface: len(), set_epoch(e), batches(start) -> (images, targets) on device
 # ----------------------------------------------------------------------------------------------
-
-class EpochKeys(torch.utils.data.Sampler):
-    """The keys ``(epoch, index)`` of an :class:`EpochSampler`'s current epoch (read when iteration starts).
-
-    The sampler runs in the training process, so ``set_epoch`` reaches the persistent workers through
-    the keys it hands out.
-    """
-
-    def __init__(self, sampler: "EpochSampler"):
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[tuple]:
-        epoch = self.sampler.epoch
-        return ((epoch, index) for index in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
 
 class TorchBatches:
     """A torch DataLoader over an :class:`AugmentedDataset`: uint8 ``(B, C, H, W)`` batches from persistent
@@ -626,7 +601,7 @@ class TorchBatches:
         # the workers start at the first epoch and stay. Its own generator: every epoch's iterator draws a
         # base seed for the workers' torch RNG (unused here), which would otherwise advance the training
         # process's global generator
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=EpochKeys(sampler),
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                  num_workers=workers, persistent_workers=workers > 0,
                                  pin_memory=pin_memory and device.type == "cuda",
                                  drop_last=drop_last,
@@ -695,13 +670,14 @@ def _link_problem(path: str, first_seen: dict) -> Optional[str]:
     return None
 
 
-def _decoded_size(path: str) -> Optional[tuple]:
-    """``(H, W)`` of the image at ``path``, fully decoded (a truncated file has a valid header)."""
+def _decoding_problem(path: str, size_hw: tuple) -> Optional[str]:
+    """Why the image at ``path``, fully decoded (a truncated file has a valid header), is no sample of
+    height x width ``size_hw`` (None: it is one)."""
     try:
         width, height = read_image(path).size
     except DataError:
-        return None
-    return height, width
+        return "unreadable"
+    return None if (height, width) == tuple(size_hw) else "other size"
 
 
 def _file_problems(paths: Sequence[str], size_hw: tuple, first_seen: dict) -> list:
@@ -711,11 +687,8 @@ def _file_problems(paths: Sequence[str], size_hw: tuple, first_seen: dict) -> li
     problems = [_link_problem(path, first_seen) for path in paths]
     readable = [path for path, problem in zip(paths, problems) if problem is None]
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        sizes = dict(zip(readable, pool.map(_decoded_size, readable, chunksize=64)))
-    for position, path in enumerate(paths):
-        if problems[position] is None and sizes[path] != tuple(size_hw):
-            problems[position] = "unreadable" if sizes[path] is None else "other size"
-    return problems
+        decoded = pool.map(_decoding_problem, readable, itertools.repeat(size_hw))  # in the order of readable
+        return [problem or next(decoded) for problem in problems]
 
 
 def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bool) -> tuple:
@@ -798,8 +771,6 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
     if key not in bases:
         bases[key] = _base_dataset(kind, spec.base, args)
     base = bases[key]
-    if len(base) == 0:
-        raise DataError(f"split {spec.base!r} of {kind} has no samples")
     if not spec.is_subset:
         return key, base, range(len(base))
     chosen = split_indices(spec, len(base), text)
@@ -852,10 +823,8 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
         strict = bool(getattr(args, "data_strict", False))
         (train_raw, eval_raw), left_out = screen_folder_images((train_raw, eval_raw),
                                                                tuple(config.input_size[1:]), strict)
-    for name, dataset in (("train", train_raw), ("eval", eval_raw)):
-        if len(dataset) < world_size:
-            raise DataError(f"the {name} split has {len(dataset)} usable samples, fewer than the "
-                            f"{world_size} processes")
+    if len(eval_raw) < world_size:
+        raise DataError(f"the eval split has {len(eval_raw)} usable samples, fewer than the {world_size} processes")
     if len(train_raw) // world_size < args.batch_size:
         raise DataError(f"the training split has {len(train_raw)} usable samples "
                         f"({len(train_raw) // world_size} per process), fewer than one batch of "
@@ -894,10 +863,6 @@ def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, a
                   world_size=world_size)
     train_images, train_labels = decode_to_uint8(train_raw)
     eval_images, eval_labels = decode_to_uint8(eval_raw)
-    for name, labels in (("train", train_labels), ("eval", eval_labels)):
-        if labels.numel() and int(labels.max()) >= config.num_classes:
-            raise DataError(f"the {name} split has label {int(labels.max())}, beyond --num-classes "
-                            f"{config.num_classes}")
     train = DeviceImageLoader(train_images, train_labels, args.batch_size, train=True,
                               crop_padding=config.crop_padding, hflip=config.hflip > 0,
                               drop_last=True, **common)

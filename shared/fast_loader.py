@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import os
+import itertools
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torchvision.datasets
 from torch import Tensor
 
+from nodo._checks import check_bool, check_int
 from shared.augment import pil_to_uint8
 
 
@@ -66,20 +66,6 @@ def shard_positions(num_samples: int, rank: int, world_size: int,
         return torch.tensor_split(torch.arange(num_samples), world_size)[rank]
     permutation = torch.randperm(num_samples, generator=generator)
     return permutation[rank:world_size * (num_samples // world_size):world_size]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
-    return value
 
 
 def _check_tensor(name: str, value: Any, dim: int, dtype: torch.dtype, expected: str) -> None:
@@ -184,14 +170,14 @@ class DeviceImageLoader:
         num_samples, num_channels, height, width = images.shape
         if labels.numel() != num_samples:
             raise ValueError(f"labels must have one entry per image: {labels.numel()} labels for {num_samples} images")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.train = _check_bool("train", train)
-        self.crop_padding = _check_int("crop_padding", crop_padding, 0)
-        self.hflip = _check_bool("hflip", hflip)
-        self.drop_last = _check_bool("drop_last", drop_last)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.train = check_bool("train", train)
+        self.crop_padding = check_int("crop_padding", crop_padding, 0)
+        self.hflip = check_bool("hflip", hflip)
+        self.drop_last = check_bool("drop_last", drop_last)
+        self.seed = check_int("seed", seed, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if not train and drop_last:
@@ -242,28 +228,20 @@ class DeviceImageLoader:
     # sizes and epochs
     # ------------------------------------------------------------------------------------------
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank visits per epoch (before ``drop_last``)."""
-        if self.train:
-            return self.num_samples // self.world_size
-        return len(shard_positions(self.num_samples, self.rank, self.world_size))
-
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        if self.drop_last:
-            return self.samples_per_epoch // self.batch_size
-        return -(-self.samples_per_epoch // self.batch_size)
+        """Batches per epoch for this rank: of ``N // world_size`` samples in training, of its chunk in eval."""
+        samples = len(self.epoch_indices()) if not self.train else self.num_samples // self.world_size
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
 
     def epoch_indices(self, epoch: Optional[int] = None) -> Tensor:
         """This rank's sample indices for ``epoch`` (default: the current one), in visiting order (CPU)."""
         if not self.train:
             return shard_positions(self.num_samples, self.rank, self.world_size)
-        epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         generator = _cpu_generator(self.seed, epoch, _PERMUTATION_STREAM)
         return shard_positions(self.num_samples, self.rank, self.world_size, generator)
 
@@ -274,7 +252,7 @@ class DeviceImageLoader:
         ``{0, ..., 2 * crop_padding}`` (torchvision's ``RandomCrop.get_params``); ``flips`` is a
         bool mask, each entry ``True`` with probability 0.5. Only meaningful in training mode.
         """
-        epoch = self.epoch if epoch is None else _check_int("epoch", epoch, 0)
+        epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         count = self.num_samples // self.world_size
         generator = _cpu_generator(self.seed, epoch, self.rank, _AUGMENTATION_STREAM)
         offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, count), generator=generator)
@@ -310,9 +288,7 @@ class DeviceImageLoader:
     def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
         # A batch depends only on (seed, epoch, its position): skipping by iterating keeps the rest.
-        for position, batch in enumerate(self):
-            if position >= start:
-                yield batch
+        return itertools.islice(self, start, None)
 
     def _eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Contiguous slices of the stored dataset: no gather, no copy before the float conversion.
@@ -326,12 +302,6 @@ class DeviceImageLoader:
     def _normalize(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b``."""
         return images.float().mul_(self._scale).add_(self._shift)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(samples={self.num_samples}, image_shape={self.image_shape}, "
-                f"batch_size={self.batch_size}, train={self.train}, crop_padding={self.crop_padding}, "
-                f"hflip={self.hflip}, drop_last={self.drop_last}, device={self.device}, seed={self.seed}, "
-                f"rank={self.rank}, world_size={self.world_size})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,17 +349,6 @@ def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
     return pil_to_uint8(image)
 
 
-def _stack(images: list[Tensor], what: str) -> Tensor:
-    if not images:
-        raise ValueError(f"{what} has no samples")
-    shape = images[0].shape
-    for position, image in enumerate(images):
-        if image.shape != shape:
-            raise ValueError(f"{what}: all images must have the same (C, H, W) shape to live in one tensor; "
-                             f"sample 0 is {tuple(shape)}, sample {position} is {tuple(image.shape)}")
-    return torch.stack(images)
-
-
 def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Decode a torchvision-style dataset once into ``(images, labels)`` for :class:`DeviceImageLoader`.
 
@@ -397,25 +356,21 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
 
     - torchvision ``CIFAR10`` / ``CIFAR100`` and shared.data's digits: their in-memory ``data``
       array is used directly (:func:`array_images`, no per-sample work);
-    - ``ImageFolder`` / ``DatasetFolder``: every file is decoded with the dataset's own ``loader``
-      on a thread pool (PIL releases the GIL while decoding); a file that cannot be decoded raises
-      the loader's error (files a run cannot use are left out before, by shared.data's screen);
-    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA):
-      decoded sample by sample.
+    - any other dataset whose ``dataset[i]`` is ``(PIL image, target)`` (mode L, RGB or RGBA), such
+      as ``ImageFolder``: every sample is read on a thread pool (PIL releases the GIL while decoding);
+      a file that cannot be decoded raises the dataset loader's error (files a run cannot use are left
+      out before, by shared.data's screen). Images of different sizes are torch.stack's error.
 
     The dataset must be raw: its ``transform`` and ``target_transform`` must be ``None`` (the loader
     does crop, flip and normalization itself; a ``ToTensor`` output would be float, not pixels).
 
     Args:
         dataset: the dataset to decode.
-        num_workers: decoding threads for folder datasets. Default: ``os.cpu_count()``.
+        num_workers: decoding threads (at least 1). Default: ``ThreadPoolExecutor``'s.
 
     Returns:
         ``images``: ``(N, C, H, W)`` uint8; ``labels``: ``(N,)`` int64. Both on the CPU.
     """
-    if num_workers is None:
-        num_workers = os.cpu_count() or 1
-    _check_int("num_workers", num_workers, 1)
     base, indices = unwrap_subsets(dataset)
     _check_raw(base)
     positions = range(len(base)) if indices is None else indices
@@ -424,16 +379,8 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
         selection = torch.as_tensor(positions, dtype=torch.int64)
         labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
         return images[selection].contiguous(), labels
-    if isinstance(base, torchvision.datasets.DatasetFolder):
-        samples = [base.samples[position] for position in positions]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-            decoded = pool.map(base.loader, [path for path, _ in samples], chunksize=256)
-            images = [_image_to_chw_uint8(image, path)
-                      for image, (path, _) in zip(decoded, samples)]
-        labels = [target for _, target in samples]
-    else:
-        pairs = [base[position] for position in positions]
-        images = [_image_to_chw_uint8(image, f"{type(base).__name__}[{position}]")
-                  for position, (image, _) in zip(positions, pairs)]
-        labels = [int(target) for _, target in pairs]
-    return _stack(images, type(base).__name__), torch.tensor(labels, dtype=torch.int64)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
+        pairs = list(pool.map(base.__getitem__, positions))
+    images = [_image_to_chw_uint8(image, f"{type(base).__name__}[{position}]")
+              for position, (image, _) in zip(positions, pairs)]
+    return torch.stack(images), torch.tensor([int(target) for _, target in pairs], dtype=torch.int64)

@@ -326,7 +326,7 @@ def test_digits_config_and_flags():
     kind, train, _, classes = data.create_datasets(args)
     config = data.resolve_data_config(args, kind, train, classes)
     assert config.input_size == (1, 16, 16) and config.crop_padding == 2 and config.hflip == 0.0
-    assert config.mean == data.DIGITS_MEAN
+    assert (config.mean, config.std) == data.NORMALIZATION["digits"] == ((0.3053,), (0.3759,))
     no_aug = make_args("--dataset", "digits", "--no-aug")
     config = data.resolve_data_config(no_aug, kind, train, classes)
     assert config.crop_padding == 0 and config.hflip == 0.0
@@ -354,13 +354,18 @@ def test_augmented_dataset_is_seeded_per_sample():
 
 
 def test_epoch_sampler_sharding():
+    def indices(sampler, epoch=0):
+        keys = list(sampler)  # AugmentedDataset's keys: (epoch, index)
+        assert {key_epoch for key_epoch, _ in keys} == {epoch}
+        return [index for _, index in keys]
+
     samplers = [data.EpochSampler(103, shuffle=True, seed=2, rank=r, world_size=4) for r in range(4)]
-    shards = [list(s) for s in samplers]
+    shards = [indices(s) for s in samplers]
     assert all(len(s) == 25 for s in shards)
     assert len(set().union(*map(set, shards))) == 100
     samplers[0].set_epoch(1)
-    assert list(samplers[0]) != shards[0]
-    chunks = [list(data.EpochSampler(103, shuffle=False, seed=2, rank=r, world_size=4)) for r in range(4)]
+    assert indices(samplers[0], epoch=1) != shards[0]
+    chunks = [indices(data.EpochSampler(103, shuffle=False, seed=2, rank=r, world_size=4)) for r in range(4)]
     assert sum(chunks, []) == list(range(103)) and [len(c) for c in chunks] == [26, 26, 26, 25]
 
 
@@ -427,8 +432,7 @@ def test_torchvision_cifar(tmp_path, no_md5, hundred):
     assert images[:, 0, 0, 0].tolist() == [i % 256 for i in train.indices]
     assert labels.tolist() == [base.targets[i] for i in train.indices]
     config = data.resolve_data_config(args, kind, train, classes)
-    expected_mean = data.CIFAR100_MEAN if hundred else data.CIFAR10_MEAN
-    assert config.mean == expected_mean and config.recipe == "cifar" and config.crop_padding == 4
+    assert (config.mean, config.std) == data.NORMALIZATION[name] and config.recipe == "cifar" and config.crop_padding == 4
     loaders = data.create_loaders(args, torch.device("cpu"))
     assert loaders.train.kind == "DeviceImageLoader" and len(loaders.train) == 90 // 8
     # The test split under its aliases.

@@ -331,10 +331,12 @@ def test_decode_refuses_transformed_and_mixed_datasets():
     with pytest.raises(ValueError, match="transform"):
         decode_to_uint8(dataset)
     mixed = PilDataset([np.zeros((4, 4, 3), np.uint8), np.zeros((5, 4, 3), np.uint8)])
-    with pytest.raises(ValueError, match="sample 1"):
-        decode_to_uint8(mixed)
-    with pytest.raises(ValueError, match="no samples"):
+    with pytest.raises(RuntimeError, match=r"\[3, 4, 4\] at entry 0 and \[3, 5, 4\] at entry 1"):
+        decode_to_uint8(mixed)  # torch.stack names the samples whose sizes differ
+    with pytest.raises(RuntimeError, match="non-empty"):
         decode_to_uint8(PilDataset([]))
+    with pytest.raises(ValueError, match="max_workers"):
+        decode_to_uint8(PilDataset([np.zeros((4, 4, 3), np.uint8)]), num_workers=0)
 
 
 def write_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=32):
