@@ -44,14 +44,6 @@ def pil_resample(name: str) -> int:
     return getattr(Image.Resampling, name.upper())
 
 
-def pil_to_uint8(image) -> torch.Tensor:
-    """A PIL image as a ``(C, H, W)`` uint8 tensor (a 1-channel image gets ``C = 1``); values unchanged."""
-    pixels = np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy shares it
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
 def sample_resized_crop(rng: random.Random, width: int, height: int, scale: Sequence[float],
                         ratio: Sequence[float]) -> tuple[int, int, int, int]:
     """``(left, top, crop_width, crop_height)`` of a random resized crop (torchvision's algorithm).
@@ -78,17 +70,6 @@ def sample_resized_crop(rng: random.Random, width: int, height: int, scale: Sequ
     return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
-def resize_uint8(pixels: torch.Tensor, size: Sequence[int], name: str) -> torch.Tensor:
-    """``(C, H, W)`` uint8 -> ``(C, size[0], size[1])`` uint8, antialiased bilinear or bicubic resize.
-
-    torch's uint8 kernel (also torchvision's tensor Resize): about 3x faster than PIL's on a 3-channel
-    image whose channels are its fastest axis (the layout :func:`pil_to_uint8` gives); values within a
-    few levels of PIL's (the same filter, other fixed-point rounding).
-    """
-    return torch.nn.functional.interpolate(pixels.unsqueeze(0), size=tuple(size), mode=name, antialias=True,
-                                           align_corners=False)[0]
-
-
 def _color_jitter(pixels: torch.Tensor, rng: random.Random, strength: float) -> torch.Tensor:
     """Brightness, contrast and saturation, each by a factor ``U(max(0, 1 - s), 1 + s)``, in random order."""
     adjusters = [functional.adjust_brightness, functional.adjust_contrast, functional.adjust_saturation]
@@ -106,7 +87,7 @@ class PadCropFlip:
     hflip: float
 
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
-        pixels = pil_to_uint8(image)
+        pixels = functional.pil_to_tensor(image)
         if self.padding:
             _, height, width = pixels.shape
             top, left = rng.randint(0, 2 * self.padding), rng.randint(0, 2 * self.padding)
@@ -132,11 +113,15 @@ class ResizedCropFlip:
                                                                  self.ratio)
         name = rng.choice(_RANDOM_INTERPOLATIONS) if self.interpolation == "random" else self.interpolation
         if name in _TORCH_INTERPOLATIONS:
-            crop = pil_to_uint8(image)[:, top:top + crop_height, left:left + crop_width]
-            pixels = resize_uint8(crop, self.size, name)
+            # torch's antialiased uint8 kernel (also torchvision's tensor Resize): about 3x faster than PIL's
+            # on a 3-channel image whose channels are its fastest axis (the layout pil_to_tensor gives);
+            # values within a few levels of PIL's (the same filter, other fixed-point rounding)
+            crop = functional.pil_to_tensor(image)[None, :, top:top + crop_height, left:left + crop_width]
+            pixels = torch.nn.functional.interpolate(crop, size=self.size, mode=name, antialias=True,
+                                                     align_corners=False)[0]
         else:  # filters torch lacks: PIL crops and resizes in one call
             box = (left, top, left + crop_width, top + crop_height)
-            pixels = pil_to_uint8(image.resize((self.size[1], self.size[0]), pil_resample(name), box=box))
+            pixels = functional.pil_to_tensor(image.resize((self.size[1], self.size[0]), pil_resample(name), box=box))
         # no draw at probability 0, so that turning the flip off leaves the jitter's draws where they were
         if self.hflip > 0 and rng.random() < self.hflip:
             pixels = pixels.flip(-1)
@@ -154,7 +139,7 @@ class ResizeCenterCrop:
 
     def __call__(self, image, rng: Optional[random.Random] = None) -> torch.Tensor:
         image = functional.resize(image, self.resize, interpolation=functional.InterpolationMode(self.interpolation))
-        return pil_to_uint8(functional.center_crop(image, list(self.size)))
+        return functional.pil_to_tensor(functional.center_crop(image, list(self.size)))
 
 
 class AutoAugment:
@@ -170,8 +155,7 @@ class AutoAugment:
 
     def __call__(self, image, rng: random.Random) -> torch.Tensor:
         pixels = self.base(image, rng)
-        channels = pixels.permute(1, 2, 0).numpy()
-        picture = Image.fromarray(channels[:, :, 0] if channels.shape[2] == 1 else channels)
+        picture = functional.to_pil_image(pixels)
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             random.seed(rng.getrandbits(64))
@@ -180,7 +164,7 @@ class AutoAugment:
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-        return pil_to_uint8(picture)
+        return functional.pil_to_tensor(picture)
 
 
 class RandomErasing:

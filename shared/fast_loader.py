@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from nodo._checks import check_bool, check_int
-from shared.augment import pil_to_uint8
+from torchvision.transforms.functional import pil_to_tensor
 
 
 def stream_seed(*parts: int) -> int:
@@ -66,27 +66,6 @@ def shard_positions(num_samples: int, rank: int, world_size: int,
         return torch.tensor_split(torch.arange(num_samples), world_size)[rank]
     permutation = torch.randperm(num_samples, generator=generator)
     return permutation[rank:world_size * (num_samples // world_size):world_size]
-
-
-def _check_tensor(name: str, value: Any, dim: int, dtype: torch.dtype, expected: str) -> None:
-    if not isinstance(value, Tensor) or value.dim() != dim or value.dtype != dtype:
-        got = type(value).__name__
-        if isinstance(value, Tensor):
-            got = f"{value.dim()}-D {value.dtype} tensor"
-        raise TypeError(f"{name} must be a {expected} tensor, got a {got}")
-
-
-def _channel_vector(name: str, values: Sequence[float], num_channels: int, positive: bool) -> Tensor:
-    try:
-        vector = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of {num_channels} numbers, got {values!r}") from None
-    if vector.numel() != num_channels:
-        raise ValueError(f"{name} must have one value per channel ({num_channels}), got {len(vector)}: {values!r}")
-    if not torch.isfinite(vector).all() or (positive and not (vector > 0).all()):
-        kind = "positive finite" if positive else "finite"
-        raise ValueError(f"{name} must hold {kind} numbers, got {values!r}")
-    return vector
 
 
 class DeviceImageLoader:
@@ -165,11 +144,11 @@ class DeviceImageLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        _check_tensor("images", images, 4, torch.uint8, "4-D (N, C, H, W) uint8")
-        _check_tensor("labels", labels, 1, torch.int64, "1-D int64")
+        if (images.dtype != torch.uint8 or images.dim() != 4 or labels.dtype != torch.int64
+                or labels.shape != images.shape[:1]):
+            raise TypeError(f"images must be (N, C, H, W) uint8 and labels (N,) int64 (one entry per image), got "
+                            f"{tuple(images.shape)} {images.dtype} and {tuple(labels.shape)} {labels.dtype}")
         num_samples, num_channels, height, width = images.shape
-        if labels.numel() != num_samples:
-            raise ValueError(f"labels must have one entry per image: {labels.numel()} labels for {num_samples} images")
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.train = check_bool("train", train)
         self.crop_padding = check_int("crop_padding", crop_padding, 0)
@@ -194,8 +173,9 @@ class DeviceImageLoader:
 
     def _set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         num_channels, height, width = self.image_shape
-        mean = _channel_vector("mean", mean, num_channels, positive=False).double()
-        std = _channel_vector("std", std, num_channels, positive=True).double()
+        # C values each, std positive: shared.data checks --mean/--std. Held in float32, as DevicePrefetcher's.
+        mean = torch.tensor(mean, dtype=torch.float32).double()
+        std = torch.tensor(std, dtype=torch.float32).double()
         # (x / 255 - mean) / std as one multiply-add; the factors are rounded to float32 once, from
         # float64. They are stored expanded to a full (1, C, H, W) image, so that the in-place ops
         # see a dense inner dimension and vectorize.
@@ -346,7 +326,7 @@ def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
         got = f"PIL mode {image.mode!r}" if hasattr(image, "mode") else type(image).__name__
         raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, "
                         f"not ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
-    return pil_to_uint8(image)
+    return pil_to_tensor(image)
 
 
 def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple[Tensor, Tensor]:

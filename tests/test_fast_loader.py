@@ -266,10 +266,10 @@ def test_single_channel_and_non_square_images():
 
 
 @pytest.mark.parametrize("change,error,words", [
-    (dict(images=torch.zeros(4, 3, 8, 8)), TypeError, "uint8"),
-    (dict(images=torch.zeros(4, 8, 8, dtype=torch.uint8)), TypeError, "4-D"),
-    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "int64"),
-    (dict(labels=torch.zeros(5, dtype=torch.int64)), ValueError, "one entry per image"),
+    (dict(images=torch.zeros(4, 3, 8, 8)), TypeError, r"got \(4, 3, 8, 8\) torch.float32"),
+    (dict(images=torch.zeros(4, 8, 8, dtype=torch.uint8)), TypeError, r"got \(4, 8, 8\) torch.uint8"),
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, r"\(4,\) torch.int32"),
+    (dict(labels=torch.zeros(5, dtype=torch.int64)), TypeError, r"one entry per image.*\(5,\) torch.int64"),
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(batch_size=2.0), TypeError, "batch_size"),
     (dict(seed=-1), ValueError, "seed"),
@@ -277,13 +277,11 @@ def test_single_channel_and_non_square_images():
     (dict(rank=2, world_size=2), ValueError, "rank"),
     (dict(world_size=5), ValueError, "world_size=5"),
     (dict(train=False, drop_last=True), ValueError, "drop_last"),
-    (dict(mean=(0.5, 0.5)), ValueError, "mean"),
-    (dict(std=(0.2, 0.0, 0.2)), ValueError, "positive"),
-    (dict(std=("a", 1, 1)), TypeError, "std"),
     (dict(crop_padding=-1), ValueError, "crop_padding"),
     (dict(hflip=1), TypeError, "hflip"),
 ])
 def test_bad_arguments(change, error, words):
+    # (mean and std come from shared.data, which checks --mean/--std: tests/test_data.py)
     options = dict(images=random_images(4, size=8), labels=torch.zeros(4, dtype=torch.int64))
     options.update(change)
     with pytest.raises(error, match=words):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms.functional import pil_to_tensor
 
 from shared import augment, data
 from shared.config import create_parser
@@ -232,7 +233,7 @@ def test_resized_crop_flip_cuts_the_sampled_box(seed):
     # scale 1/3 of 64x48 at ratio 1 is a 32x32 crop: nearest resize to 32x32 copies it
     crop = augment.ResizedCropFlip((32, 32), scale=(1 / 3, 1 / 3), ratio=(1, 1), hflip=0.0, interpolation="nearest")
     left, top, width, height = augment.sample_resized_crop(random.Random(seed), 64, 48, (1 / 3, 1 / 3), (1, 1))
-    expected = augment.pil_to_uint8(image.crop((left, top, left + width, top + height)))
+    expected = pil_to_tensor(image.crop((left, top, left + width, top + height)))
     assert torch.equal(crop(image, random.Random(seed)), expected)
     flipped = augment.ResizedCropFlip((32, 32), scale=(1 / 3, 1 / 3), ratio=(1, 1), hflip=1.0, interpolation="nearest")
     assert torch.equal(flipped(image, random.Random(seed)), expected.flip(-1))
@@ -252,7 +253,7 @@ def test_torch_resize_of_the_crop_is_within_a_few_levels_of_pil(interpolation):
                                                                (3 / 4, 4 / 3))
         reference = image.crop((left, top, left + width, top + height)).resize((48, 56), augment.pil_resample(
             interpolation))
-        difference = (transform(image, random.Random(seed)).int() - augment.pil_to_uint8(reference).int()).abs()
+        difference = (transform(image, random.Random(seed)).int() - pil_to_tensor(reference).int()).abs()
         assert difference.max() <= 4 and difference.float().mean() < 0.5
 
 
@@ -263,7 +264,7 @@ def test_pad_crop_flip_equals_torchvision_pad_then_crop(seed):
     image = _gradient_image(16, 12)
     draws = random.Random(seed)  # the transform's draws, in its order: top, left, flip
     top, left, flip = draws.randint(0, 6), draws.randint(0, 6), draws.random() < 0.5
-    expected = augment.pil_to_uint8(functional.crop(functional.pad(image, 3), top, left, 12, 16))
+    expected = pil_to_tensor(functional.crop(functional.pad(image, 3), top, left, 12, 16))
     expected = expected.flip(-1) if flip else expected
     assert torch.equal(augment.PadCropFlip(3, 0.5)(image, random.Random(seed)), expected)
 
