@@ -375,13 +375,11 @@ class DataConfig:
     crop_pct: float = 0.875
 
 
-def _native_size(dataset: Dataset) -> Optional[tuple]:
-    """``(C, H, W)`` of the first image of a raw dataset (None if it cannot be read)."""
+def _native_size(dataset: Dataset) -> tuple:
+    """``(C, H, W)`` of the images of a raw dataset (never empty: an empty split is refused before)."""
     images = array_images(unwrap_subsets(dataset)[0])
     if images is not None:  # torchvision CIFAR, digits
         return tuple(images.shape[1:])
-    if len(dataset) == 0:
-        return None
     # The most common size of the first 64 readable images (the first one on a tie): one odd file that
     # sorts first must not change the recipe of all. Unreadable ones are left out (or refused) later.
     first_error, sizes = None, []
@@ -399,9 +397,7 @@ def _native_size(dataset: Dataset) -> Optional[tuple]:
 
 
 def _channels(name: str, values: Optional[Sequence[float]], channels: int, default: tuple) -> tuple:
-    if values is None:
-        values = default
-    values = tuple(float(v) for v in values)
+    values = tuple(float(v) for v in (default if values is None else values))
     if len(values) == 1 and channels > 1:
         values = values * channels
     if len(values) != channels:
@@ -426,14 +422,14 @@ def resolve_data_config(args, kind: str, train_dataset: Dataset, num_classes: in
         if any(v <= 0 for v in input_size):
             raise DataError(f"--input-size must be three positive integers C H W, got {list(input_size)}")
     elif img_size is not None:  # timm: --img-size sets H = W, the channels stay the data's
-        input_size = ((native[0] if native is not None else 3), img_size, img_size)
-    elif kind != "imagefolder" or (native is not None and max(native[1:]) <= 64):
+        input_size = (native[0], img_size, img_size)
+    elif kind != "imagefolder" or max(native[1:]) <= 64:
         input_size = native  # CIFAR-sized data trains at its own size
     else:
         input_size = (3, 224, 224)
-    if native is not None and input_size[0] != native[0]:
+    if input_size[0] != native[0]:
         raise DataError(f"--input-size has {input_size[0]} channels, the images have {native[0]}")
-    recipe = "cifar" if native is not None and tuple(native[1:]) == tuple(input_size[1:]) else "imagenet"
+    recipe = "cifar" if tuple(native[1:]) == tuple(input_size[1:]) else "imagenet"
     hflip = args.hflip if args.hflip is not None else (0.0 if kind == "digits" else 0.5)
     if not 0.0 <= hflip <= 1.0:
         raise DataError(f"--hflip is a probability in [0, 1], got {hflip}")
@@ -728,10 +724,8 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
 
 def _first_names(names: list) -> str:
     """The first ten of ``names`` for a message, and how many more there are."""
-    if not names:
-        return "none"
     more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-    return ", ".join(repr(name) for name in names[:10]) + more
+    return ", ".join(repr(name) for name in names[:10]) + more if names else "none"
 
 
 def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
@@ -767,7 +761,9 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
     spec = parse_split(text)
     if spec.is_subset and spec.seed is None:  # a fixed seed; a whole split keeps its order
         spec = dataclasses.replace(spec, seed=DEFAULT_SUBSET_SEED)
-    key = _canonical_split(kind, spec.base, args)
+    key = "test" if spec.base in _TEST_ALIASES else spec.base  # the test aliases of CIFAR and digits are one split
+    if kind == "imagefolder":  # a folder by its path
+        key = os.path.realpath(_folder_path(args.data_dir, spec.base))
     if key not in bases:
         bases[key] = _base_dataset(kind, spec.base, args)
     base = bases[key]
@@ -775,13 +771,6 @@ def open_split(kind: str, text: str, args, bases: Optional[dict] = None) -> tupl
         return key, base, range(len(base))
     chosen = split_indices(spec, len(base), text)
     return key, Subset(base, chosen), chosen
-
-
-def _canonical_split(kind: str, base: str, args) -> str:
-    """The dataset a split name selects: test aliases of CIFAR/digits are one; folders by their path."""
-    if kind == "imagefolder":
-        return os.path.realpath(_folder_path(args.data_dir, base))
-    return "test" if base in _TEST_ALIASES else base
 
 
 def _fast_loader_reason(config: DataConfig, args, train_dataset: Dataset) -> Optional[str]:
@@ -820,9 +809,8 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     use_fast = args.fast_loader == "on" or (args.fast_loader == "auto" and reason is None)
     left_out = ""
     if config.recipe == "cifar":  # native size, nothing resized: both loaders use the same screened files
-        strict = bool(getattr(args, "data_strict", False))
-        (train_raw, eval_raw), left_out = screen_folder_images((train_raw, eval_raw),
-                                                               tuple(config.input_size[1:]), strict)
+        (train_raw, eval_raw), left_out = screen_folder_images((train_raw, eval_raw), tuple(config.input_size[1:]),
+                                                               args.data_strict)
     if len(eval_raw) < world_size:
         raise DataError(f"the eval split has {len(eval_raw)} usable samples, fewer than the {world_size} processes")
     if len(train_raw) // world_size < args.batch_size:

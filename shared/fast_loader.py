@@ -45,10 +45,6 @@ def stream_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _cpu_generator(*parts: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(stream_seed(*parts))
-
-
 # Stream identifiers, so that the permutation and the augmentation draws never share a generator.
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
 
@@ -222,7 +218,7 @@ class DeviceImageLoader:
         if not self.train:
             return shard_positions(self.num_samples, self.rank, self.world_size)
         epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
-        generator = _cpu_generator(self.seed, epoch, _PERMUTATION_STREAM)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, epoch, _PERMUTATION_STREAM))
         return shard_positions(self.num_samples, self.rank, self.world_size, generator)
 
     def epoch_augmentation(self, epoch: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,7 +230,7 @@ class DeviceImageLoader:
         """
         epoch = self.epoch if epoch is None else check_int("epoch", epoch, 0)
         count = self.num_samples // self.world_size
-        generator = _cpu_generator(self.seed, epoch, self.rank, _AUGMENTATION_STREAM)
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, epoch, self.rank, _AUGMENTATION_STREAM))
         offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, count), generator=generator)
         flips = torch.randint(0, 2, (count,), generator=generator).bool()
         if not self.hflip:
