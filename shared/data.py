@@ -18,8 +18,8 @@ Seeded subsets (any dataset): ``NAME[START:STOP]-SEED`` shuffles split ``NAME`` 
 positions ``START`` to ``STOP``. Bounds with a decimal point are fractions (``train[:0.9]-20``,
 ``train[0.9:]-20``), bounds without are sample counts (``train[:500]``); without ``-SEED`` train.py draws
 the subset with :data:`DEFAULT_SUBSET_SEED`, whatever ``--seed``, and says so in the loader description
-(:func:`split_indices` itself keeps the dataset's order for an unseeded spec). A fraction ``f`` of ``n`` samples is cut at ``floor(f * n)`` computed exactly from the
-decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
+(:func:`split_indices` itself keeps the dataset's order for an unseeded spec). A fraction ``f`` of
+``n`` samples is cut at ``floor(f * n)`` computed exactly from the decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
 and together hold every sample exactly once.
 
 Image files (ImageFolder). Both splits must hold the same class folders (labels are indices in
@@ -298,7 +298,7 @@ def _base_dataset(kind: str, split: str, args) -> Dataset:
         raise DataError(f"ImageFolder {path!r}: {error}") from None
 
 
-def _to_8_bit(image, path: str):
+def _to_8_bit(image):
     """A 16-bit grayscale image (PIL modes I;16*, or I holding 0..65535) as 8-bit L: round(v / 257).
 
     PIL's own ``convert`` clips such values at 255 (a 16-bit PNG turns white); 8-bit modes pass
@@ -340,7 +340,7 @@ def read_image(path: str):
     """
     try:
         with Image.open(path) as image:
-            return _to_8_bit(image, path).convert("RGB")
+            return _to_8_bit(image).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         detail = str(error).replace(repr(path), "the file").replace(path, "the file")  # named once
         raise DataError(f"unreadable or corrupt image {path!r}: {type(error).__name__}: {detail}") from None
@@ -649,9 +649,8 @@ def create_datasets(args) -> tuple:
             raise DataError(f"--train-split {args.train_split!r} and --val-split {args.val_split!r} overlap "
                             f"({len(shared)} shared samples); use complementary subsets with one seed, "
                             f"e.g. train[:0.9]-S and train[0.9:]-S")
-    classes = getattr(bases[train_key], "classes", None)
-    check_same_classes(classes, getattr(bases[eval_key], "classes", None), args)
-    return kind, train_raw, eval_raw, len(classes) if classes else 0
+    check_same_classes(bases[train_key].classes, bases[eval_key].classes, args)
+    return kind, train_raw, eval_raw, len(bases[train_key].classes)
 
 
 def _link_problem(path: str, first_seen: dict) -> Optional[str]:
@@ -728,13 +727,13 @@ def _first_names(names: list) -> str:
     return ", ".join(repr(name) for name in names[:10]) + more if names else "none"
 
 
-def check_same_classes(train_classes: Optional[Sequence], eval_classes: Optional[Sequence], args) -> None:
+def check_same_classes(train_classes: Sequence, eval_classes: Sequence, args) -> None:
     """Refuse splits whose class lists differ: label i would name a different class in each.
 
     ImageFolder numbers classes by their sorted folder names, so a class folder missing from one split
     (or named differently) shifts every later label. Raises :class:`DataError` naming the differences.
     """
-    if train_classes is None or eval_classes is None or list(train_classes) == list(eval_classes):
+    if list(train_classes) == list(eval_classes):
         return
     only_train = _first_names(sorted(set(train_classes) - set(eval_classes)))
     only_eval = _first_names(sorted(set(eval_classes) - set(train_classes)))
@@ -798,7 +797,7 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
     """
     kind, train_raw, eval_raw, num_classes = create_datasets(args)
     if args.num_classes is not None:
-        if num_classes and args.num_classes < num_classes:
+        if args.num_classes < num_classes:
             raise DataError(f"--num-classes {args.num_classes} is smaller than the dataset's "
                             f"{num_classes} classes")
         num_classes = args.num_classes
@@ -849,14 +848,12 @@ def _device_loaders(train_raw: Dataset, eval_raw: Dataset, config: DataConfig, a
     """``(train, eval)`` :class:`~shared.fast_loader.DeviceImageLoader` of two screened datasets."""
     common = dict(mean=config.mean, std=config.std, device=device, seed=args.seed, rank=rank,
                   world_size=world_size)
-    train_images, train_labels = decode_to_uint8(train_raw)
-    eval_images, eval_labels = decode_to_uint8(eval_raw)
-    train = DeviceImageLoader(train_images, train_labels, args.batch_size, train=True,
+    # decode_to_uint8 gives the (images, labels) pair DeviceImageLoader starts with
+    train = DeviceImageLoader(*decode_to_uint8(train_raw), args.batch_size, train=True,
                               crop_padding=config.crop_padding, hflip=config.hflip > 0,
                               drop_last=True, **common)
-    eval_batch_size = args.validation_batch_size or args.batch_size
-    evaluation = DeviceImageLoader(eval_images, eval_labels, eval_batch_size, train=False,
-                                   crop_padding=0, hflip=False, drop_last=False, **common)
+    evaluation = DeviceImageLoader(*decode_to_uint8(eval_raw), args.validation_batch_size or args.batch_size,
+                                   train=False, crop_padding=0, hflip=False, drop_last=False, **common)
     return train, evaluation
 
 
@@ -879,7 +876,6 @@ def create_eval_loader(args, device: torch.device) -> tuple:
     """
     kind = dataset_kind(args)
     _, raw, _ = open_split(kind, args.val_split, args)
-    classes = getattr(unwrap_subsets(raw)[0], "classes", None)
-    num_classes = args.num_classes or (len(classes) if classes else 0)
+    num_classes = args.num_classes or len(unwrap_subsets(raw)[0].classes)
     config = resolve_data_config(args, kind, raw, num_classes)
     return _torch_loader(raw, config, args, device, train=False), config
