@@ -19,8 +19,9 @@ positions ``START`` to ``STOP``. Bounds with a decimal point are fractions (``tr
 ``train[0.9:]-20``), bounds without are sample counts (``train[:500]``); without ``-SEED`` train.py draws
 the subset with :data:`DEFAULT_SUBSET_SEED`, whatever ``--seed``, and says so in the loader description
 (:func:`split_indices` itself keeps the dataset's order for an unseeded spec). A fraction ``f`` of
-``n`` samples is cut at ``floor(f * n)`` computed exactly from the decimal text, and both halves of a 90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint
-and together hold every sample exactly once.
+``n`` samples is cut at ``floor(f * n)`` computed exactly from the decimal text, and both halves of a
+90/10 split use the same cut, so ``[:f]`` and ``[f:]`` are disjoint and together hold every sample
+exactly once.
 
 Image files (ImageFolder). Both splits must hold the same class folders (labels are indices in
 sorted folder order; a missing or renamed class would shift them): otherwise a DataError names the
@@ -182,11 +183,9 @@ def split_indices(spec: SplitSpec, num_samples: int, text: str = "") -> list:
     text = text or spec.base
     start = _position(spec.start, num_samples, 0, text)
     stop = _position(spec.stop, num_samples, num_samples, text)
+    order = list(range(num_samples))  # an unseeded spec keeps the dataset's order
     if spec.seed is not None:
-        generator = torch.Generator().manual_seed(spec.seed)
-        order = torch.randperm(num_samples, generator=generator).tolist()
-    else:
-        order = list(range(num_samples))
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(spec.seed)).tolist()
     indices = order[start:stop]
     if not indices:
         raise DataError(f"split {text!r} is empty: positions {start}:{stop} of {num_samples} samples")

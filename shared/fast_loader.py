@@ -23,6 +23,7 @@ a resumed run only needs ``set_epoch(e)``.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 from typing import Any, Iterator, Optional, Sequence
@@ -30,9 +31,9 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor
 
 from nodo._checks import check_bool, check_int
-from torchvision.transforms.functional import pil_to_tensor
 
 
 def stream_seed(*parts: int) -> int:
@@ -315,14 +316,16 @@ def _check_raw(dataset: Any) -> None:
                 f"set it to None: DeviceImageLoader does the crop, flip and normalization itself")
 
 
-def _image_to_chw_uint8(image: Any, where: str) -> Tensor:
-    """One PIL image of mode L, RGB or RGBA -> ``(C, H, W)`` uint8 tensor."""
+def _decoded_sample(dataset: Any, position: int) -> tuple[Tensor, int]:
+    """``dataset[position]``, a PIL image of mode L, RGB or RGBA and its target -> ``((C, H, W) uint8, int)``."""
+    image, target = dataset[position]
+    where = f"{type(dataset).__name__}[{position}]"
     if getattr(image, "mode", None) not in ("L", "RGB", "RGBA"):
         # Palette, 1-bit and 16/32-bit modes would need their own conversion to match ToTensor.
         got = f"PIL mode {image.mode!r}" if hasattr(image, "mode") else type(image).__name__
         raise TypeError(f"{where}: expected a PIL image of mode 'L', 'RGB' or 'RGBA' (raw images, "
                         f"not ToTensor output; an ImageFolder loader converts to 'RGB'), got {got}")
-    return pil_to_tensor(image)
+    return pil_to_tensor(image), int(target)
 
 
 def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -356,7 +359,6 @@ def decode_to_uint8(dataset: Any, *, num_workers: Optional[int] = None) -> tuple
         labels = torch.as_tensor(base.targets, dtype=torch.int64)[selection]
         return images[selection].contiguous(), labels
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-        pairs = list(pool.map(base.__getitem__, positions))
-    images = [_image_to_chw_uint8(image, f"{type(base).__name__}[{position}]")
-              for position, (image, _) in zip(positions, pairs)]
-    return torch.stack(images), torch.tensor([int(target) for _, target in pairs], dtype=torch.int64)
+        samples = list(pool.map(functools.partial(_decoded_sample, base), positions))
+    labels = torch.tensor([target for _, target in samples], dtype=torch.int64)
+    return torch.stack([image for image, _ in samples]), labels
