@@ -40,16 +40,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer
+from timm.layers import get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
-from shared.models.base import (
-    CIFAR10_MEAN, CIFAR10_STD, NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg,
-)
+from shared.models.base import NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg
 from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory
 
-__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck", "CIFAR10_MEAN",
-           "CIFAR10_STD"]
+__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck"]
 
 Spec = Union[str, dict, list, Callable[..., nn.Module]]
 PREACT_SHORTCUTS = ("norm", "preact")
@@ -219,11 +216,8 @@ def _make_stem(input_block: str, pre_activation: bool, in_chans: int, stem_chs: 
                conv_layer: Callable, norm_layer: Callable, act_layer: Callable,
                dd: dict) -> nn.Sequential:
     """The stem conv (3x3, or 7x7/2 + max-pool for 'imagenet'); norm + act if post-activation."""
-    stem = OrderedDict()
-    if input_block == "cifar":
-        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
-    else:
-        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 7, stride=2, **dd)
+    kernel_size, stride = (3, 1) if input_block == "cifar" else (7, 2)
+    stem = OrderedDict(conv=_conv(conv_layer, in_chans, stem_chs, kernel_size, stride, **dd))
     if not pre_activation:
         stem["bn"] = norm_layer(stem_chs, **dd)
         stem["act"] = act_layer(inplace=True)
@@ -261,6 +255,7 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         zero_init_residual: zero the last affine weight of each residual branch.
         global_pool: timm pool type of the head ('avg', 'max', ...).
     """
+    stage_prefix = "layer"
 
     def __init__(self, stage_depths: Sequence[int] = (2, 2, 2, 2), block: str = "basic",
                  pre_activation: bool = True, input_block: str = "cifar", base_channels: int = 64,
@@ -272,9 +267,8 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if isinstance(block, str) and block.lower() in _BLOCKS:
-            block_cls = _BLOCKS[block.lower()]
-        else:
+        block_cls = _BLOCKS.get(str(block).lower())
+        if block_cls is None:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         if input_block not in ("cifar", "imagenet"):
             raise ValueError(f"input_block must be 'cifar' or 'imagenet', got {input_block!r}")
@@ -286,9 +280,7 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         conv_layer = create_conv_factory(conv)
         dropout_layer = _block_dropout_factory(block_dropout, ic_dropout)
         act_layer = get_act_layer(act_layer)
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
         self.pre_activation = pre_activation
 
         stem_chs = stem_channels or base_channels
@@ -311,16 +303,12 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
                 in_chs = planes * block_cls.expansion
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{index + 1}"))
-        self.num_features = self.head_hidden_size = in_chs
-        if pre_activation:  # pre-activation blocks leave the last residual sum un-normalized
-            self.final_norm = norm_layer(in_chs, **dd)
-            self.final_act = act_layer(inplace=True)
+        # pre-activation blocks leave the last residual sum un-normalized
+        self.final_norm = norm_layer(in_chs, **dd) if pre_activation else nn.Identity()
+        self.final_act = act_layer(inplace=True) if pre_activation else nn.Identity()
+        if pre_activation:
             self.feature_info[-1]["module"] = "final_act"
-        else:
-            self.final_norm = nn.Identity()
-            self.final_act = nn.Identity()
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
         self.init_weights(zero_init_residual)
 
     @torch.no_grad()
@@ -333,14 +321,6 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
             for module in self.modules():
                 if isinstance(module, ResidualBlock):
                     module.zero_init_last()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return "fc" if name_only else self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

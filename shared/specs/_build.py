@@ -296,24 +296,3 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
         if current is None or isinstance(current, _GENERATOR_TYPES):
             module.generator = generator
     return generator
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference model keywords
-# ----------------------------------------------------------------------------------------------
-
-def rename_reference_kwargs(kwargs: dict, renames: Mapping[str, str], model: str) -> dict:
-    """Rename the reference implementation's model keywords in place (``norm_cfg`` -> ``norm``...).
-
-    Lets the paper's launch commands (``--model-kwargs norm_cfg=...``) run unchanged.
-
-    Raises:
-        TypeError: both the old and the new name are given.
-    """
-    for old, new in renames.items():
-        if old in kwargs:
-            if new in kwargs:
-                raise TypeError(f"{model}: got both {old!r} (the reference implementation's name) and {new!r}; "
-                                f"give only {new!r}")
-            kwargs[new] = kwargs.pop(old)
-    return kwargs
