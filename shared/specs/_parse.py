@@ -8,11 +8,12 @@ so a typo fails here, with close matches, instead of being dropped.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import json
 import re
 from typing import Any, Mapping, Optional, Sequence
+
+import yaml
 
 from shared.specs._table import (
     CHANNELS_FIRST, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
@@ -26,6 +27,16 @@ from shared.specs._table import (
 
 _SHORT = re.compile(r"^(?P<name>[a-z][a-z_]*?)(?P<number>\d+)?(?:-(?P<variant>[a-z]+))?$")
 _VARIANTS = {"shift": (True, False), "scale": (False, True)}  # shift-only / scale-only noise
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """A SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
 
 
 def _caret(text: str, line: int, column: int) -> str:
@@ -54,9 +65,8 @@ def _load_text(text: str) -> Any:
         if '"' in text:
             json_error = SpecError(f"malformed spec {text!r}: JSON error at line {err.lineno}, column {err.colno}: "
                                    f"{err.msg}" + _caret(text, err.lineno - 1, err.colno - 1))
-    import yaml
     try:
-        loaded = yaml.load(text, Loader=_yaml_loader())
+        loaded = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as err:
         if json_error is not None:
             raise json_error from None
@@ -65,34 +75,10 @@ def _load_text(text: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         caret = _caret(text, mark.line, mark.column) if mark else ""
         raise SpecError(f"malformed spec {text!r}: YAML error{where}: {problem}{caret}") from None
-    if json_error is not None and _has_quoted_string(loaded):
+    # repr quotes strings with ' unless they contain one, so a '"' in it comes from inside a string
+    if json_error is not None and '"' in repr(loaded):
         raise json_error
     return loaded
-
-
-def _has_quoted_string(value: Any) -> bool:
-    if isinstance(value, str):
-        return '"' in value
-    if isinstance(value, Mapping):
-        return any(_has_quoted_string(k) or _has_quoted_string(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_has_quoted_string(v) for v in value)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _yaml_loader():
-    """A SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``); yaml imported on use."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-        list("-+0123456789."))
-    return Loader
 
 
 def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[PartType]:
@@ -170,13 +156,9 @@ def _parse_short(token: str, site: str, where: str) -> list:
     text = token.strip().lower()
     # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
     row = _find(text, None, site, where) if text not in PRESETS else None
-    if row is not None:
-        return [_make_part(row, {}, where, site)]
     match = _SHORT.match(text)
-    if match is None or (match["number"] is None and match["variant"] is None):
-        if text in PRESETS:
-            return preset_parts(text, None, True, True)  # raises: a preset needs its number
-        _lookup(text, None, site, where)  # raises with the close matches
+    if row is not None or match is None:  # (an unknown name that is no short string raises here)
+        return [_make_part(row or _lookup(text, None, site, where), {}, where, site)]
     name, number, variant = match["name"], match["number"], match["variant"]
     shift, scale = True, True
     if variant is not None:
