@@ -109,7 +109,7 @@ def _norm_act_children(act_layer=None, apply_act: bool = True, act_kwargs: Optio
     return {"drop": drop, "act": act if act is not None else nn.Identity()}
 
 
-def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+def first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
     """The first parameter of ``module``, else its first buffer, else None."""
     return next(itertools.chain(module.parameters(), module.buffers()), None)
 
@@ -120,7 +120,7 @@ def _assemble(modules: list, parts: tuple) -> nn.Module:
     :class:`NormSequence`."""
     if len(modules) == 1:
         return modules[0]
-    if parts[0].kind == "norm" and all(_first_tensor(m) is None for m in modules[1:]):
+    if parts[0].kind == "norm" and all(first_tensor(m) is None for m in modules[1:]):
         names: dict = {}
         for module, part in zip(modules[1:], parts[1:]):
             base = _AFTER_NAMES.get(part.kind, part.kind)
@@ -285,7 +285,7 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
     if device is None:
-        tensor = _first_tensor(model)
+        tensor = first_tensor(model)
         device = tensor.device if tensor is not None else torch.device("cpu")
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed)

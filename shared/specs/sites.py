@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 from typing import Any, Callable, Optional
 
 import timm.layers
+import yaml
 from torch import nn
 
 import nodo
 from nodo.convert import append_after, carry_over, detach_after, replace_modules
-from shared.specs._build import NormSequence, create_norm_factory
+from shared.specs._build import NormSequence, create_norm_factory, first_tensor
 from shared.specs._parse import parse_spec
 from shared.specs._table import CHANNELS_FIRST, CHANNELS_LAST, NormSpec, SpecError, accepted_arguments, row_of
 
@@ -42,8 +42,6 @@ _TIMM_CHANNELS_FIRST = ("LayerNorm2d", "LayerNormAct2d", "LayerNorm2dFp32", "Lay
                         "GroupNorm1", "GroupNormAct", "GroupNorm1Act", "BatchNormAct2d", "SyncBatchNormAct")
 _TIMM_CHANNELS_LAST = ("LayerNorm", "LayerNormAct", "LayerNormFp32", "LayerNormActFp32", "RmsNorm", "RmsNormAct",
                        "RmsNormFp32", "RmsNormActFp32", "SimpleNorm", "SimpleNormFp32")
-# Norm families: a site's eps / momentum carry over to a spec norm of the same family only
-_FAMILIES = {"batch": ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d"), "layer": ("ln",), "group": ("gn",)}
 _NOISE_TYPES = (nodo.GhostNoiseInjector, nodo.NoisyAffine, nodo.GhostNoiseBatchNorm2d, nodo.FlexibleDropout)
 _NOT_ACTIVATIONS = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
 # What to say when a model's token sites refuse a channels-first spec, by model class name
@@ -62,6 +60,9 @@ _CHANNELS_FIRST_NORMS = (_BATCH_NORMS + (nn.GroupNorm, nn.InstanceNorm2d)
                          + _timm_classes(_TIMM_CHANNELS_FIRST))
 _CHANNELS_LAST_NORMS = ((nn.LayerNorm,) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c)
                         + _timm_classes(_TIMM_CHANNELS_LAST))
+# Norm families (site classes, spec norms): a site's eps / momentum carry over to a spec norm of its family only
+_FAMILIES = ((_BATCH_NORMS, ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")), (nn.LayerNorm, ("ln",)),
+             (nn.GroupNorm, ("gn",)))
 
 
 def site_layout(module: nn.Module) -> Optional[str]:
@@ -73,14 +74,6 @@ def site_layout(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm1d/3d, InstanceNorm1d/3d
         return "unsupported"
     return None
-
-
-def _family(module: nn.Module) -> Optional[str]:
-    if isinstance(module, _BATCH_NORMS):
-        return "batch"
-    if isinstance(module, nn.LayerNorm):
-        return "layer"
-    return "group" if isinstance(module, nn.GroupNorm) else None
 
 
 def _num_features(name: str, module: nn.Module) -> int:
@@ -97,11 +90,9 @@ def _num_features(name: str, module: nn.Module) -> int:
 
 def count_activations(model: nn.Module) -> int:
     """Activation modules in ``model`` (torch's ``nn.ReLU``, ``nn.GELU``... and timm's activation classes)."""
-    def is_activation(module: nn.Module) -> bool:
-        cls = type(module)
-        return (cls.__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
-                and cls.__name__ not in _NOT_ACTIVATIONS)
-    return sum(is_activation(m) for m in model.modules())
+    classes = [type(module) for module in model.modules()]
+    return sum(cls.__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
+               and cls.__name__ not in _NOT_ACTIVATIONS for cls in classes)
 
 
 def _top_sites(model: nn.Module) -> dict:
@@ -175,7 +166,6 @@ def _spec_text(spec: Any) -> str:
     if isinstance(spec, str):
         return spec
     if isinstance(spec, (list, tuple, dict)):
-        import yaml
         try:
             return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10 ** 6).strip()
         except yaml.YAMLError:
@@ -193,8 +183,8 @@ def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
     if spec is None:  # a plain factory: it gets only (num_features, device, dtype)
         return {}
     norm = next((p for p in spec.parts if p.kind == "norm"), None)
-    family = _family(site)
-    if norm is None or family is None or norm.subtype not in _FAMILIES.get(family, ()):
+    if norm is None or not any(isinstance(site, classes) and norm.subtype in subtypes
+                               for classes, subtypes in _FAMILIES):
         return {}
     accepted = accepted_arguments(row_of(norm))[0]
     kwargs = {}
@@ -223,7 +213,7 @@ def _needs_2d(spec: Any) -> str:
 
 
 def _device_dtype(module: nn.Module) -> tuple:
-    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    tensor = first_tensor(module)
     return (tensor.device, tensor.dtype) if tensor is not None and tensor.is_floating_point() else (None, None)
 
 
