@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import create_act_layer, create_norm_act
 
 import nodo
 from nodo.convert import NORM_ACT_CHILDREN, append_after
@@ -60,15 +61,12 @@ def _fused_gni(parts: tuple) -> Optional[PartSpec]:
                                                  ("bias", "bias")]:
         return None
     norm, noise, gain, bias = (p.options for p in parts)
-    if norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:]):
+    if (norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:])
+            or (set(gain) | set(bias)) - {"channel_dim"}):
         return None
-    if set(gain) - {"channel_dim"} or set(bias) - {"channel_dim"}:
-        return None
-    noise.pop("channel_dim", None)
-    fused = dict(norm)
-    if "eps" in noise:
-        fused["noise_eps"] = noise.pop("eps")
-    fused.update(noise)
+    # the fused layer's own eps is the norm's: the noise's eps is its noise_eps
+    fused = {**norm, **{"noise_eps" if key == "eps" else key: value for key, value in noise.items()}}
+    fused.pop("channel_dim", None)
     accepted, _ = accepted_arguments(TABLE["norm"]["gnbn2d"])
     if not set(fused) <= set(accepted):
         return None
@@ -102,7 +100,6 @@ def _norm_act_children(act_layer=None, apply_act: bool = True, act_kwargs: Optio
 
     ``act_layer=None`` or ``apply_act=False`` gives an ``nn.Identity`` activation, as in timm.
     """
-    from timm.layers import create_act_layer
     act_kwargs = {"inplace": inplace, **(act_kwargs or {})}  # a copy: timm's setdefault mutates the caller's dict
     act = create_act_layer(act_layer, **act_kwargs) if apply_act else None
     drop = drop_layer() if drop_layer is not None else nn.Identity()
@@ -166,21 +163,13 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
     return module
 
 
-def _register_with_timm() -> None:
-    """Make timm's ``get_norm_act_layer`` pass ``act_layer`` to our factories.
-
-    timm (1.0.x) passes a model's activation to a norm+act factory only if the factory's class or function
-    is in its ``_NORM_ACT_REQUIRES_ARG`` set; for any other function it drops the activation, and the model
-    would silently lose it (efficientnet, regnet, resnetv2, mobilenetv3 build their norm+act layers so). If a
-    timm version lacks that set, :func:`_build_site_module` refuses such calls instead of dropping the act.
-    """
-    from timm.layers import create_norm_act
-    requires_act = getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None)
-    if isinstance(requires_act, set):
-        requires_act.add(_build_site_module)
-
-
-_register_with_timm()
+# Make timm's ``get_norm_act_layer`` pass ``act_layer`` to our factories. timm (1.0.x) passes a model's activation
+# to a norm+act factory only if the factory's class or function is in its ``_NORM_ACT_REQUIRES_ARG`` set; for any
+# other function it drops the activation, and the model would silently lose it (efficientnet, regnet, resnetv2,
+# mobilenetv3 build their norm+act layers so). If a timm version lacks that set, :func:`_build_site_module`
+# refuses such calls instead of dropping the act.
+if isinstance(getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None), set):
+    create_norm_act._NORM_ACT_REQUIRES_ARG.add(_build_site_module)
 
 
 def _is_factory(spec: Any) -> bool:
