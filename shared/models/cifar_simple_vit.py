@@ -190,8 +190,7 @@ class CifarSimpleViT(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         depth = len(self.blocks)
-        if indices is None:
-            indices = depth
+        indices = depth if indices is None else indices
         take = [depth - indices + i for i in range(indices)] if isinstance(indices, int) else \
             [i if i >= 0 else depth + i for i in indices]
         if not take or any(not 0 <= i < depth for i in take):

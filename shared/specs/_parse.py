@@ -81,8 +81,9 @@ def _load_text(text: str) -> Any:
     return loaded
 
 
-def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[PartType]:
-    """The table row for a (possibly aliased) name, or None.
+def _lookup(name: str, kind: Optional[str], site: str, where: str, required: bool = True) -> Optional[PartType]:
+    """The table row for a (possibly aliased) name; an unknown name is a SpecError with the close matches
+    (None if not ``required``).
 
     With ``kind`` None the tables the site accepts are searched; a name found in several of them
     (``standard`` is a gain, a bias, a conv...) needs an explicit ``type``. Then timm's norm and
@@ -93,20 +94,11 @@ def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[Par
     if len(rows) > 1:
         raise SpecError(f"{where}: {name!r} is ambiguous without a type: it names a "
                         f"{' / '.join(r.kind for r in rows)} part; add e.g. \"type\": \"{rows[0].kind}\"")
-    if rows:
-        return rows[0]
-    row = timm_row("norm", name) if "norm" in kinds else None
-    if row is None and "activation" in kinds:
-        row = timm_row("activation", name)
-    return row
-
-
-def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
-    """Like :func:`_find`, but an unknown name is a SpecError with the close matches."""
-    row = _find(name, kind, site, where)
-    if row is not None:
-        return row
-    kinds = (kind,) if kind else SITES[site]
+    if not rows:
+        timm_rows = (timm_row(k, name) for k in ("norm", "activation") if k in kinds)
+        rows = [row for row in timm_rows if row is not None]
+    if rows or not required:
+        return rows[0] if rows else None
     known = [n for k in kinds for n in TABLE[k]]
     canonical = [row.name for row in PART_TYPES if row.kind in kinds]
     if "norm" in kinds:
@@ -155,17 +147,15 @@ def _parse_short(token: str, site: str, where: str) -> list:
     """``gbn16`` / ``gni16-shift`` / ``ln`` / a timm norm name -> parts."""
     text = token.strip().lower()
     # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
-    row = _find(text, None, site, where) if text not in PRESETS else None
+    row = _lookup(text, None, site, where, required=False) if text not in PRESETS else None
     match = _SHORT.match(text)
     if row is not None or match is None:  # (an unknown name that is no short string raises here)
         return [_make_part(row or _lookup(text, None, site, where), {}, where, site)]
     name, number, variant = match["name"], match["number"], match["variant"]
-    shift, scale = True, True
-    if variant is not None:
-        if variant not in _VARIANTS:
-            raise SpecError(f"{where}: unknown variant '-{variant}' in {token!r}{suggest(variant, _VARIANTS)}; "
-                            f"valid: -shift (shift noise only), -scale (scale noise only)")
-        shift, scale = _VARIANTS[variant]
+    if variant is not None and variant not in _VARIANTS:
+        raise SpecError(f"{where}: unknown variant '-{variant}' in {token!r}{suggest(variant, _VARIANTS)}; "
+                        f"valid: -shift (shift noise only), -scale (scale noise only)")
+    shift, scale = _VARIANTS.get(variant, (True, True))
     number = int(number) if number is not None else None
     if name in PRESETS:
         return preset_parts(name, number, shift, scale)
@@ -189,11 +179,10 @@ def _parse_mapping(mapping: Mapping, site: str, where: str) -> list:
     subtype = flat.pop("subtype", None)
     if subtype is None:
         raise SpecError(f"{where}: a mapping part needs a 'subtype' key, got keys {sorted(map(str, mapping))}")
-    if not isinstance(subtype, str):
-        raise SpecError(f"{where}: subtype must be a string, got {subtype!r}")
+    for key, value in (("subtype", subtype), ("type", kind)):
+        if value is not None and not isinstance(value, str):
+            raise SpecError(f"{where}: {key} must be a string, got {value!r}")
     if kind is not None:
-        if not isinstance(kind, str):
-            raise SpecError(f"{where}: type must be a string, got {kind!r}")
         kind = KIND_ALIASES.get(kind, kind)
         if kind not in KINDS:
             raise SpecError(f"{where}: unknown part type {kind!r}{suggest(kind, KINDS)}; valid: {', '.join(KINDS)}")

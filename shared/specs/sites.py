@@ -187,12 +187,8 @@ def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
                                for classes, subtypes in _FAMILIES):
         return {}
     accepted = accepted_arguments(row_of(norm))[0]
-    kwargs = {}
-    for name in ("eps", "momentum"):
-        value = getattr(site, name, None)
-        if name in accepted and name not in norm.options and isinstance(value, float):
-            kwargs[name] = value
-    return kwargs
+    return {name: getattr(site, name) for name in ("eps", "momentum")
+            if name in accepted and name not in norm.options and isinstance(getattr(site, name, None), float)}
 
 
 def _bad_fit(name: str, site: nn.Module, spec: Any, layout: str, error: Exception, model: nn.Module) -> SpecError:
