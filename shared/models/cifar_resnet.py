@@ -289,18 +289,19 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         reduction = 1 if input_block == "cifar" else 4
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="stem")]
 
+        block_args = dict(pre_activation=pre_activation, preact_shortcut=preact_shortcut, norm_layer=norm_layer,
+                          conv_layer=conv_layer, act_layer=act_layer, dropout_layer=dropout_layer,
+                          ic=ic_dropout is not None, **dd)
         in_chs = stem_chs
         for index, depth in enumerate(stage_depths):
             stride = 1 if index == 0 else 2
             reduction *= stride
             planes = base_channels * 2 ** index
-            blocks = []
-            for block_index in range(depth):
-                blocks.append(block_cls(
-                    in_chs, planes, stride=stride if block_index == 0 else 1, pre_activation=pre_activation,
-                    preact_shortcut=preact_shortcut, norm_layer=norm_layer, conv_layer=conv_layer,
-                    act_layer=act_layer, dropout_layer=dropout_layer, ic=ic_dropout is not None, **dd))
-                in_chs = planes * block_cls.expansion
+            out_chs = planes * block_cls.expansion
+            # the first block of a stage changes the width and (after the first stage) the resolution
+            blocks = [block_cls(out_chs if i else in_chs, planes, stride=1 if i else stride, **block_args)
+                      for i in range(depth)]
+            in_chs = out_chs
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{index + 1}"))
         # pre-activation blocks leave the last residual sum un-normalized
@@ -381,7 +382,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> CifarResNet:
-    """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args``, then timm's builder."""
+    """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args`` (over CifarResNet's
+    defaults: basic blocks, pre-activation, CIFAR stem), then timm's builder."""
     num_stages = len(kwargs.get("stage_depths", model_args.get("stage_depths", (2, 2, 2, 2))))
     feature_cfg = dict(out_indices=tuple(range(num_stages + 1)))
     return build_model(CifarResNet, variant, pretrained, kwargs, _REFERENCE_KWARGS, feature_cfg,
@@ -401,30 +403,26 @@ def cifar_resnet(pretrained: bool = False, name: Optional[str] = None, **kwargs:
 @register_model
 def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """Pre-activation ResNet-18 for 32x32 inputs: 3x3 stem to 64, [2, 2, 2, 2] basic blocks, 64-512."""
-    model_args = dict(stage_depths=(2, 2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=64, preact_shortcut="norm")
+    model_args = dict(stage_depths=(2, 2, 2, 2), base_channels=64, preact_shortcut="norm")
     return _create_cifar_resnet("cifar_resnet18", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """Post-activation ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks at 16-32-64."""
-    model_args = dict(stage_depths=(3, 3, 3), block="basic", pre_activation=False, input_block="cifar",
-                      base_channels=16)
+    model_args = dict(stage_depths=(3, 3, 3), pre_activation=False, base_channels=16)
     return _create_cifar_resnet("cifar_resnet20", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_wide_resnet16_4(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """WRN-16-4: pre-activation, 2 blocks per stage at 64-128-256, stem conv to 16."""
-    model_args = dict(stage_depths=(2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=64, stem_channels=16, preact_shortcut="preact")
+    model_args = dict(stage_depths=(2, 2, 2), base_channels=64, stem_channels=16, preact_shortcut="preact")
     return _create_cifar_resnet("cifar_wide_resnet16_4", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_wide_resnet28_10(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """WRN-28-10: pre-activation, 4 blocks per stage at 160-320-640, stem conv to 16."""
-    model_args = dict(stage_depths=(4, 4, 4), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=160, stem_channels=16, preact_shortcut="preact")
+    model_args = dict(stage_depths=(4, 4, 4), base_channels=160, stem_channels=16, preact_shortcut="preact")
     return _create_cifar_resnet("cifar_wide_resnet28_10", pretrained, model_args, kwargs)
