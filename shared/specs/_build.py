@@ -49,37 +49,35 @@ class NormSequence(nn.Sequential):
         return self._last_parameter("bias")
 
 
-def _fused_gni(parts: tuple) -> Optional[PartSpec]:
-    """The reference's GNI composite ``[bn2d(affine=False), gnir(...), gain, bias]`` as one fused part.
+def _fuse_gni(parts: tuple, layout: str) -> tuple:
+    """``parts``, or the reference's GNI composite ``[bn2d(affine=False), gnir(...), gain, bias]`` at a
+    channels_first site as one fused part.
 
     nodo.GhostNoiseBatchNorm2d computes exactly BN(affine=False) -> GhostNoiseInjector -> Gain -> Bias
     (the same statistics, the same ghost-index draws from the generator, then the per-channel affine), in
-    fewer passes over the activation. Returns None if the parts are anything else (other norm, extra
+    fewer passes over the activation. Returns ``parts`` unchanged if they are anything else (other norm, extra
     keywords the fused layer does not have, a channels_last noise part...).
     """
-    if [(p.kind, p.subtype) for p in parts] != [("norm", "bn2d"), ("noise", "gnir"), ("gain", "gain"),
-                                                 ("bias", "bias")]:
-        return None
+    gni = [("norm", "bn2d"), ("noise", "gnir"), ("gain", "gain"), ("bias", "bias")]
+    if layout != CHANNELS_FIRST or [(p.kind, p.subtype) for p in parts] != gni:
+        return parts
     norm, noise, gain, bias = (p.options for p in parts)
     if (norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:])
             or (set(gain) | set(bias)) - {"channel_dim"}):
-        return None
+        return parts
     # the fused layer's own eps is the norm's: the noise's eps is its noise_eps
     fused = {**norm, **{"noise_eps" if key == "eps" else key: value for key, value in noise.items()}}
     fused.pop("channel_dim", None)
     accepted, _ = accepted_arguments(TABLE["norm"]["gnbn2d"])
-    if not set(fused) <= set(accepted):
-        return None
-    return make_part("norm", "gnbn2d", **fused)
+    return (make_part("norm", "gnbn2d", **fused),) if set(fused) <= set(accepted) else parts
 
 
 def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, site_kwargs: dict) -> nn.Module:
     row = row_of(part)
     names = {p.name for p in parameters_of(row)}
-    kwargs = {**part.options, **site_kwargs}
-    if "channel_dim" in names and "channel_dim" not in kwargs:
-        kwargs["channel_dim"] = 1 if layout == CHANNELS_FIRST else -1
-    kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
+    site_args = dict(device=device, dtype=dtype, layout=layout, channel_dim=1 if layout == CHANNELS_FIRST else -1)
+    # the spec's keywords (a channel_dim it sets) and the model's override the site's defaults
+    kwargs = {**{k: v for k, v in site_args.items() if k in names}, **part.options, **site_kwargs}
     args = (num_features,) if part.kind in TAKES_FEATURES else ()
     try:
         return row.target(*args, **kwargs)
@@ -142,10 +140,7 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
         raise SpecError(f"spec {spec}: the model called its norm layer as a norm+activation layer "
                         f"({', '.join(sorted(norm_act))}) without an act_layer, so the activation is unknown; "
                         f"timm's get_norm_act_layer passes it for factories from shared.specs (is shared imported?)")
-    parts = spec.parts
-    fused = _fused_gni(parts) if spec.layout == CHANNELS_FIRST else None
-    if fused is not None:
-        parts = (fused,)
+    parts = _fuse_gni(spec.parts, spec.layout)
     norm_index = next((i for i, p in enumerate(parts) if p.kind == "norm"), None)
     if norm_index is not None and parts[norm_index].subtype == "identity":
         site_kwargs = {}  # no normalization: nothing to pass an eps or momentum to
