@@ -51,22 +51,20 @@ class PooledClassifierMixin:
     index (``layer`` for ``layer1``, ``layer2``...), for ``group_matcher``."""
     stage_prefix: str
 
-    def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float, **dd) -> None:
-        """Set ``num_features``, ``num_classes``, ``drop_rate`` and build the head's modules."""
-        self.num_features, self.num_classes, self.drop_rate = num_features, num_classes, drop_rate
-        self._build_classifier(global_pool, dd)
+    def init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        """Set ``num_features``, ``num_classes``, ``drop_rate`` and build the head's modules (on the device and
+        dtype of the model's parameters)."""
+        self.num_features, self.drop_rate = num_features, drop_rate
+        self.reset_classifier(num_classes, global_pool)
         self.head_drop = nn.Dropout(drop_rate)
-
-    def _build_classifier(self, global_pool: str, dd: dict) -> None:
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes,
-                                                      pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        self._build_classifier(global_pool, get_device_dtype(self))
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool,
+                                                      **get_device_dtype(self))
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 

@@ -309,7 +309,7 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         self.final_act = act_layer(inplace=True) if pre_activation else nn.Identity()
         if pre_activation:
             self.feature_info[-1]["module"] = "final_act"
-        self.init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
+        self.init_head(in_chs, num_classes, global_pool, drop_rate)
         self.init_weights(zero_init_residual)
 
     @torch.no_grad()

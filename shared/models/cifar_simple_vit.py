@@ -124,14 +124,10 @@ class CifarSimpleViT(nn.Module):
         height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if height % patch_size or width % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         norm_layer = create_norm_factory(norm, layout="channels_last")
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.grid_size = (height // patch_size, width // patch_size)
-        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         patch_dim = in_chans * patch_size * patch_size
         self.patch_norm = norm_layer(patch_dim, **dd)
@@ -143,7 +139,7 @@ class CifarSimpleViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, dim_head, mlp_dim, norm_layer, **dd) for _ in range(depth)])
         self.norm = norm_layer(dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)  # the head (on the device and dtype of the parameters)
         self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

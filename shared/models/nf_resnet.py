@@ -169,7 +169,7 @@ class NFResNet(PooledClassifierMixin, nn.Module):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{index}"))
         self.stages = nn.Sequential(*stages)
         self.final_act = _noisy_act(act_layer, noise_layer, in_chs, dd)
-        self.init_head(in_chs, num_classes, global_pool, drop_rate, **dd)
+        self.init_head(in_chs, num_classes, global_pool, drop_rate)
         self.init_weights()
 
     @torch.no_grad()
