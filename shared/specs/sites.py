@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import timm.layers
 import yaml
@@ -222,14 +222,6 @@ class _SiteBuilder:
         self.factories: dict = {}
         self.replaced: collections.Counter = collections.Counter()
 
-    def factory(self, name: str, site: nn.Module, layout: str) -> Callable[..., nn.Module]:
-        if layout not in self.factories:
-            try:
-                self.factories[layout] = create_norm_factory(self.spec, layout=layout)
-            except SpecError as err:  # the first site of this layout: the replacement stops here
-                raise _bad_fit(name, site, self.spec, layout, err, self.model) from err
-        return self.factories[layout]
-
     def __call__(self, name: str, site: nn.Module) -> Optional[nn.Module]:
         if isinstance(site, NormSequence):
             return site  # already a composite site: left as it is, not entered
@@ -242,15 +234,17 @@ class _SiteBuilder:
         if self.forced_layout is not None and self.forced_layout != layout:
             raise SpecError(f"norm site {name} ({type(site).__name__}) is {layout}, but norm_layout="
                             f"{self.forced_layout!r} was given; leave norm_layout out (it is detected per site)")
-        factory = self.factory(name, site, layout)
         try:
             after = detach_after(name, site)
         except ValueError as err:
             raise SpecError(str(err)) from None
-        device, dtype = _device_dtype(site)
-        spec = getattr(factory, "keywords", {}).get("spec")
-        try:
-            new = factory(_num_features(name, site), device=device, dtype=dtype, **_site_kwargs(site, spec))
+        num_features, (device, dtype) = _num_features(name, site), _device_dtype(site)
+        try:  # parsed at the first site of each layout: a spec that does not fit stops the replacement there
+            if layout not in self.factories:
+                self.factories[layout] = create_norm_factory(self.spec, layout=layout)
+            factory = self.factories[layout]
+            spec = getattr(factory, "keywords", {}).get("spec")
+            new = factory(num_features, device=device, dtype=dtype, **_site_kwargs(site, spec))
         except SpecError as err:
             raise _bad_fit(name, site, self.spec, layout, err, self.model) from err
         carry_over(site, new)
