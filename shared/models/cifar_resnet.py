@@ -62,10 +62,8 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
     A weight-standardized conv without gain is left alone: its standardized weight cannot be zero (and
     nodo's ``scaling="init"`` would record a zero scale for good).
     """
-    if hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module):  # a WS conv: gain Parameter or None
-        weight = layer.gain
-    else:
-        weight = getattr(layer, "weight", None)
+    is_ws_conv = hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module)  # gain: a Parameter or None
+    weight = layer.gain if is_ws_conv else getattr(layer, "weight", None)
     if weight is None:
         warnings.warn(f"zero_init_residual: {where} ({type(layer).__name__}) has no weight or gain to zero; "
                       f"left as initialized")

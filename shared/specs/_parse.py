@@ -123,9 +123,8 @@ def _make_part(row: PartType, given: Mapping[str, Any], where: str, site: str) -
             if value != alias.value:
                 raise SpecError(alias.message.format(given=value))
             continue
-        if isinstance(alias, tuple):
-            target_key, convert = alias
-            value = convert(value)
+        if isinstance(alias, tuple):  # (our name, converter of the value)
+            target_key, value = alias[0], alias[1](value)
         elif isinstance(alias, str):
             target_key = alias
         if target_key not in accepted and not varkw:
@@ -249,8 +248,7 @@ def parse_spec(spec: Any, site: str = "norm", layout: str = CHANNELS_FIRST) -> N
     for part in parts:
         if part.kind not in SITES[site]:
             raise SpecError(f"spec {spec!r}: a '{part.kind}' part ({part}) cannot be used at a {site} site")
-        row = row_of(part)
-        if layout not in row.layouts:
+        if layout not in row_of(part).layouts:
             raise SpecError(f"spec {spec!r}: '{part.subtype}' needs channels_first (N, C, H, W) input, but this "
                             f"site is channels_last (N, ..., C); use e.g. 'ln' there")
     return NormSpec(tuple(parts), layout)

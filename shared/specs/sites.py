@@ -99,9 +99,8 @@ def _top_sites(model: nn.Module) -> dict:
     """``{name: module}`` of the outermost norm sites (a norm inside a composite site is part of that site)."""
     sites: dict = {}
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in sites):
-            continue
-        if site_layout(module) is not None or isinstance(module, NormSequence):
+        is_site = site_layout(module) is not None or isinstance(module, NormSequence)
+        if is_site and not any(name.startswith(f"{outer}.") for outer in sites):
             sites[name] = module
     return sites
 
