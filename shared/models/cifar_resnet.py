@@ -353,10 +353,9 @@ def _name_defaults(name: str) -> dict:
         raise ValueError(f"name must look like cifar_rn20, cifar_pre_rn56, cifar_wrn28_10 or i1k_rn50, got {name!r}")
     defaults: dict = dict(pre_activation=bool(match["pre"]))
     if match["data"] == "cifar":
-        if match["depth"] is not None:
-            depth, width, fixed = int(match["depth"]), 1, 2
-        else:
-            depth, width, fixed = int(match["wdepth"]), int(match["width"]), 4
+        # depth: 2 + 6n layers for rnD, 4 + 6n for wrnD_W (n blocks per stage)
+        depth, width, fixed = ((int(match["depth"]), 1, 2) if match["depth"] is not None
+                               else (int(match["wdepth"]), int(match["width"]), 4))
         if depth < fixed + 6 or (depth - fixed) % 6:
             raise ValueError(f"name {name!r}: depth must be {fixed} + 6n for n >= 1, got {depth}")
         defaults.update(input_block="cifar", block="basic", stage_depths=[(depth - fixed) // 6] * 3,

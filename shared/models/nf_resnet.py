@@ -161,9 +161,8 @@ class NFResNet(PooledClassifierMixin, nn.Module):
                 blocks.append(NFBlock(in_chs, out_chs, stride if block_index == 0 else 1, alpha,
                                       1.0 / math.sqrt(expected_var), bottle_ratio, conv_layer, act_layer,
                                       noise_layer, skipinit, **dd))
-                if block_index == 0:
-                    expected_var = 1.0  # the transition shortcut sees the rescaled (unit variance) input
-                expected_var += alpha ** 2
+                # after the transition block: its shortcut saw the rescaled (unit variance) input
+                expected_var = (1.0 if block_index == 0 else expected_var) + alpha ** 2
                 in_chs = out_chs
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{index}"))
