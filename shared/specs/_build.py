@@ -271,8 +271,7 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     if device is None:
         tensor = first_tensor(model)
         device = tensor.device if tensor is not None else torch.device("cpu")
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
     for module in model.modules():
         # noise layers keep ``generator`` as None or a generator; anything else called "generator" (a
         # GAN's submodule...) is not ours to replace
