@@ -114,6 +114,7 @@ class CifarSimpleViT(nn.Module):
         global_pool: 'avg' (mean over tokens) or '' (``forward_head`` returns the tokens).
         drop_rate: dropout before the classifier (0 in the original).
     """
+    global_pool = "avg"  # what global_pool=None keeps (timm.create_model drops None arguments likewise)
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 32, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 10, dim: int = 512, depth: int = 6, heads: int = 16, dim_head: int = 64,
