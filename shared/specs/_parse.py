@@ -148,7 +148,7 @@ def _parse_short(token: str, site: str, where: str) -> list:
     # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
     row = _lookup(text, None, site, where, required=False) if text not in PRESETS else None
     match = _SHORT.match(text)
-    if row is not None or match is None:  # (an unknown name that is no short string raises here)
+    if row is not None or match is None:  # a whole name, or no short string: _lookup raises with close matches
         return [_make_part(row or _lookup(text, None, site, where), {}, where, site)]
     name, number, variant = match["name"], match["number"], match["variant"]
     if variant is not None and variant not in _VARIANTS:
