@@ -15,7 +15,7 @@ from shared.models.cifar_resnet import CifarResNet
 from shared.models.cifar_simple_vit import CifarSimpleViT
 from shared.models.convmixer import ConvMixerCifar
 from shared.models.nf_resnet import NFResNet
-from shared.specs.sites import SiteReport, census, compare, replace_norm_sites
+from shared.specs.sites import census, compare, replace_norm_sites
 
 __all__ = ["MODEL_NAMES", "create_model", "CifarResNet", "CifarSimpleViT", "ConvMixerCifar", "NFResNet"]
 
@@ -51,6 +51,7 @@ def create_model(model_name: str, norm: Any = None, pretrained: bool = False,
         SpecError: the spec is malformed, matches no norm site, or does not fit a site (named).
     """
     import timm
+    import torch
 
     base_name = model_name.split(".", 1)[0]  # drop a pretrained tag such as ".in1k"
     norm_layer = kwargs.pop("norm_layer", None)
@@ -58,32 +59,19 @@ def create_model(model_name: str, norm: Any = None, pretrained: bool = False,
         if norm is not None:
             raise TypeError(f"create_model({model_name!r}): give the spec as norm= or norm_layer=, not both")
         norm = norm_layer
-    if base_name not in MODEL_NAMES:
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-        report = None
-        if norm is not None:
-            model, report = replace_norm_sites(model, norm, layout=norm_layout)
-    else:
-        if norm_layout is not None:
-            raise TypeError(f"create_model({model_name!r}): norm_layout is for stock timm models; "
-                            f"{base_name} knows the layout of its norm sites")
-        if norm is not None:
-            kwargs["norm"] = norm
-        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-        report = _own_model_report(model_name, norm, kwargs, model)
+    own_model = base_name in MODEL_NAMES
+    if own_model and norm_layout is not None:
+        raise TypeError(f"create_model({model_name!r}): norm_layout is for stock timm models; "
+                        f"{base_name} knows the layout of its norm sites")
+    # our models apply the spec themselves; a stock model gets it at its norm sites once built
+    own_norm = {"norm": norm} if own_model and norm is not None else {}
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs, **own_norm)
+    report = None
+    if own_norm:  # compared with the model built with its default norm (on the meta device: no allocation)
+        with torch.device("meta"):
+            plain = timm.create_model(model_name, **kwargs)
+        report = compare(norm, census(plain), census(model))
+    elif norm is not None:
+        model, report = replace_norm_sites(model, norm, layout=norm_layout)
     model.site_report = report
     return model
-
-
-def _own_model_report(model_name: str, norm: Any, kwargs: dict, model: nn.Module) -> Optional[SiteReport]:
-    """Our models apply the spec themselves: compare with the model built with its default norm (on the
-    meta device, so nothing is allocated)."""
-    import timm
-    import torch
-
-    if norm is None:
-        return None
-    plain_kwargs = {k: v for k, v in kwargs.items() if k != "norm"}
-    with torch.device("meta"):
-        plain = timm.create_model(model_name, **plain_kwargs)
-    return compare(norm, census(plain), census(model))

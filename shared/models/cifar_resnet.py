@@ -40,16 +40,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import create_classifier, get_act_layer
+from timm.layers import get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
-from shared.models.base import (
-    CIFAR10_MEAN, CIFAR10_STD, NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg,
-)
+from shared.models.base import NORM_RENAMES, PooledClassifierMixin, build_model, cifar_cfg
 from shared.specs import create_conv_factory, create_noise_factory, create_norm_factory
 
-__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck", "CIFAR10_MEAN",
-           "CIFAR10_STD"]
+__all__ = ["CifarResNet", "ResidualBlock", "BasicBlock", "Bottleneck"]
 
 Spec = Union[str, dict, list, Callable[..., nn.Module]]
 PREACT_SHORTCUTS = ("norm", "preact")
@@ -65,10 +62,8 @@ def _zero_init_(layer: nn.Module, where: str) -> None:
     A weight-standardized conv without gain is left alone: its standardized weight cannot be zero (and
     nodo's ``scaling="init"`` would record a zero scale for good).
     """
-    if hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module):  # a WS conv: gain Parameter or None
-        weight = layer.gain
-    else:
-        weight = getattr(layer, "weight", None)
+    is_ws_conv = hasattr(layer, "gain") and not isinstance(layer.gain, nn.Module)  # gain: a Parameter or None
+    weight = layer.gain if is_ws_conv else getattr(layer, "weight", None)
     if weight is None:
         warnings.warn(f"zero_init_residual: {where} ({type(layer).__name__}) has no weight or gain to zero; "
                       f"left as initialized")
@@ -219,11 +214,8 @@ def _make_stem(input_block: str, pre_activation: bool, in_chans: int, stem_chs: 
                conv_layer: Callable, norm_layer: Callable, act_layer: Callable,
                dd: dict) -> nn.Sequential:
     """The stem conv (3x3, or 7x7/2 + max-pool for 'imagenet'); norm + act if post-activation."""
-    stem = OrderedDict()
-    if input_block == "cifar":
-        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 3, **dd)
-    else:
-        stem["conv"] = _conv(conv_layer, in_chans, stem_chs, 7, stride=2, **dd)
+    kernel_size, stride = (3, 1) if input_block == "cifar" else (7, 2)
+    stem = OrderedDict(conv=_conv(conv_layer, in_chans, stem_chs, kernel_size, stride, **dd))
     if not pre_activation:
         stem["bn"] = norm_layer(stem_chs, **dd)
         stem["act"] = act_layer(inplace=True)
@@ -261,6 +253,7 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         zero_init_residual: zero the last affine weight of each residual branch.
         global_pool: timm pool type of the head ('avg', 'max', ...).
     """
+    stage_prefix = "layer"
 
     def __init__(self, stage_depths: Sequence[int] = (2, 2, 2, 2), block: str = "basic",
                  pre_activation: bool = True, input_block: str = "cifar", base_channels: int = 64,
@@ -272,9 +265,8 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        if isinstance(block, str) and block.lower() in _BLOCKS:
-            block_cls = _BLOCKS[block.lower()]
-        else:
+        block_cls = _BLOCKS.get(str(block).lower())
+        if block_cls is None:
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
         if input_block not in ("cifar", "imagenet"):
             raise ValueError(f"input_block must be 'cifar' or 'imagenet', got {input_block!r}")
@@ -286,9 +278,7 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         conv_layer = create_conv_factory(conv)
         dropout_layer = _block_dropout_factory(block_dropout, ic_dropout)
         act_layer = get_act_layer(act_layer)
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
         self.pre_activation = pre_activation
 
         stem_chs = stem_channels or base_channels
@@ -297,30 +287,27 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
         reduction = 1 if input_block == "cifar" else 4
         self.feature_info = [dict(num_chs=stem_chs, reduction=reduction, module="stem")]
 
+        block_args = dict(pre_activation=pre_activation, preact_shortcut=preact_shortcut, norm_layer=norm_layer,
+                          conv_layer=conv_layer, act_layer=act_layer, dropout_layer=dropout_layer,
+                          ic=ic_dropout is not None, **dd)
         in_chs = stem_chs
         for index, depth in enumerate(stage_depths):
             stride = 1 if index == 0 else 2
             reduction *= stride
             planes = base_channels * 2 ** index
-            blocks = []
-            for block_index in range(depth):
-                blocks.append(block_cls(
-                    in_chs, planes, stride=stride if block_index == 0 else 1, pre_activation=pre_activation,
-                    preact_shortcut=preact_shortcut, norm_layer=norm_layer, conv_layer=conv_layer,
-                    act_layer=act_layer, dropout_layer=dropout_layer, ic=ic_dropout is not None, **dd))
-                in_chs = planes * block_cls.expansion
+            out_chs = planes * block_cls.expansion
+            # the first block of a stage changes the width and (after the first stage) the resolution
+            blocks = [block_cls(out_chs if i else in_chs, planes, stride=1 if i else stride, **block_args)
+                      for i in range(depth)]
+            in_chs = out_chs
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=f"layer{index + 1}"))
-        self.num_features = self.head_hidden_size = in_chs
-        if pre_activation:  # pre-activation blocks leave the last residual sum un-normalized
-            self.final_norm = norm_layer(in_chs, **dd)
-            self.final_act = act_layer(inplace=True)
+        # pre-activation blocks leave the last residual sum un-normalized
+        self.final_norm = norm_layer(in_chs, **dd) if pre_activation else nn.Identity()
+        self.final_act = act_layer(inplace=True) if pre_activation else nn.Identity()
+        if pre_activation:
             self.feature_info[-1]["module"] = "final_act"
-        else:
-            self.final_norm = nn.Identity()
-            self.final_act = nn.Identity()
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.init_head(in_chs, num_classes, global_pool, drop_rate)
         self.init_weights(zero_init_residual)
 
     @torch.no_grad()
@@ -333,14 +320,6 @@ class CifarResNet(PooledClassifierMixin, nn.Module):
             for module in self.modules():
                 if isinstance(module, ResidualBlock):
                     module.zero_init_last()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return "fc" if name_only else self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -374,10 +353,9 @@ def _name_defaults(name: str) -> dict:
         raise ValueError(f"name must look like cifar_rn20, cifar_pre_rn56, cifar_wrn28_10 or i1k_rn50, got {name!r}")
     defaults: dict = dict(pre_activation=bool(match["pre"]))
     if match["data"] == "cifar":
-        if match["depth"] is not None:
-            depth, width, fixed = int(match["depth"]), 1, 2
-        else:
-            depth, width, fixed = int(match["wdepth"]), int(match["width"]), 4
+        # depth: 2 + 6n layers for rnD, 4 + 6n for wrnD_W (n blocks per stage)
+        depth, width, fixed = ((int(match["depth"]), 1, 2) if match["depth"] is not None
+                               else (int(match["wdepth"]), int(match["width"]), 4))
         if depth < fixed + 6 or (depth - fixed) % 6:
             raise ValueError(f"name {name!r}: depth must be {fixed} + 6n for n >= 1, got {depth}")
         defaults.update(input_block="cifar", block="basic", stage_depths=[(depth - fixed) // 6] * 3,
@@ -401,7 +379,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> CifarResNet:
-    """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args``, then timm's builder."""
+    """Reference keyword names -> ours, then ``kwargs`` over the variant's ``model_args`` (over CifarResNet's
+    defaults: basic blocks, pre-activation, CIFAR stem), then timm's builder."""
     num_stages = len(kwargs.get("stage_depths", model_args.get("stage_depths", (2, 2, 2, 2))))
     feature_cfg = dict(out_indices=tuple(range(num_stages + 1)))
     return build_model(CifarResNet, variant, pretrained, kwargs, _REFERENCE_KWARGS, feature_cfg,
@@ -421,30 +400,26 @@ def cifar_resnet(pretrained: bool = False, name: Optional[str] = None, **kwargs:
 @register_model
 def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """Pre-activation ResNet-18 for 32x32 inputs: 3x3 stem to 64, [2, 2, 2, 2] basic blocks, 64-512."""
-    model_args = dict(stage_depths=(2, 2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=64, preact_shortcut="norm")
+    model_args = dict(stage_depths=(2, 2, 2, 2), base_channels=64, preact_shortcut="norm")
     return _create_cifar_resnet("cifar_resnet18", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """Post-activation ResNet-20 (He et al. 2016): 3 stages of 3 basic blocks at 16-32-64."""
-    model_args = dict(stage_depths=(3, 3, 3), block="basic", pre_activation=False, input_block="cifar",
-                      base_channels=16)
+    model_args = dict(stage_depths=(3, 3, 3), pre_activation=False, base_channels=16)
     return _create_cifar_resnet("cifar_resnet20", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_wide_resnet16_4(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """WRN-16-4: pre-activation, 2 blocks per stage at 64-128-256, stem conv to 16."""
-    model_args = dict(stage_depths=(2, 2, 2), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=64, stem_channels=16, preact_shortcut="preact")
+    model_args = dict(stage_depths=(2, 2, 2), base_channels=64, stem_channels=16, preact_shortcut="preact")
     return _create_cifar_resnet("cifar_wide_resnet16_4", pretrained, model_args, kwargs)
 
 
 @register_model
 def cifar_wide_resnet28_10(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """WRN-28-10: pre-activation, 4 blocks per stage at 160-320-640, stem conv to 16."""
-    model_args = dict(stage_depths=(4, 4, 4), block="basic", pre_activation=True, input_block="cifar",
-                      base_channels=160, stem_channels=16, preact_shortcut="preact")
+    model_args = dict(stage_depths=(4, 4, 4), base_channels=160, stem_channels=16, preact_shortcut="preact")
     return _create_cifar_resnet("cifar_wide_resnet28_10", pretrained, model_args, kwargs)

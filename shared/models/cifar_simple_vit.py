@@ -114,6 +114,7 @@ class CifarSimpleViT(nn.Module):
         global_pool: 'avg' (mean over tokens) or '' (``forward_head`` returns the tokens).
         drop_rate: dropout before the classifier (0 in the original).
     """
+    global_pool = "avg"  # what global_pool=None keeps (timm.create_model drops None arguments likewise)
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 32, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 10, dim: int = 512, depth: int = 6, heads: int = 16, dim_head: int = 64,
@@ -124,14 +125,10 @@ class CifarSimpleViT(nn.Module):
         height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if height % patch_size or width % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         norm_layer = create_norm_factory(norm, layout="channels_last")
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.grid_size = (height // patch_size, width // patch_size)
-        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = dim
         patch_dim = in_chans * patch_size * patch_size
         self.patch_norm = norm_layer(patch_dim, **dd)
@@ -143,7 +140,7 @@ class CifarSimpleViT(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, dim_head, mlp_dim, norm_layer, **dd) for _ in range(depth)])
         self.norm = norm_layer(dim, **dd)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.reset_classifier(num_classes, global_pool)  # the head (on the device and dtype of the parameters)
         self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,12 +166,12 @@ class CifarSimpleViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
+        dd = get_device_dtype(self)
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
@@ -190,8 +187,7 @@ class CifarSimpleViT(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         depth = len(self.blocks)
-        if indices is None:
-            indices = depth
+        indices = depth if indices is None else indices
         take = [depth - indices + i for i in range(indices)] if isinstance(indices, int) else \
             [i if i >= 0 else depth + i for i in indices]
         if not take or any(not 0 <= i < depth for i in take):

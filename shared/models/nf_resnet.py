@@ -28,7 +28,6 @@ shortcut, as in the reference implementation.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections import OrderedDict
 from functools import partial
@@ -36,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ScaledStdConv2d, create_classifier, get_act_layer, make_divisible
+from timm.layers import ScaledStdConv2d, create_act_layer, get_act_layer, make_divisible
 from timm.models import generate_default_cfgs, register_model
 
 from shared.models.base import PooledClassifierMixin, build_model, cifar_cfg
@@ -118,6 +117,7 @@ class NFResNet(PooledClassifierMixin, nn.Module):
         std_conv_eps: eps of the weight standardization.
         num_classes, in_chans, global_pool, drop_rate: as in timm.
     """
+    stage_prefix = r"stages\."
 
     def __init__(self, depths: Sequence[int] = (2, 2, 2, 2), channels: Sequence[int] = (256, 512, 1024, 2048),
                  stem_channels: int = 64, stem_type: str = "cifar", bottle_ratio: float = 0.25, alpha: float = 0.2,
@@ -132,16 +132,15 @@ class NFResNet(PooledClassifierMixin, nn.Module):
         if stem_type not in ("cifar", "imagenet"):
             raise ValueError(f"stem_type must be 'cifar' or 'imagenet', got {stem_type!r}")
         act_cls = get_act_layer(act_layer)
-        act_layer = partial(act_cls, inplace=False) if "inplace" in _init_params(act_cls) else act_cls
+        # timm's create_act_layer drops inplace for a class without it
+        act_layer = partial(create_act_layer, act_cls, inplace=False)
         noise_layer = create_noise_factory(noise) if noise is not None else None
         if act_gain is not None and (isinstance(act_gain, bool) or not isinstance(act_gain, (int, float))
                                      or not 0 < act_gain < float("inf")):
             raise ValueError(f"act_gain must be a positive number or None, got {act_gain!r}")
         gamma = nonlinearity_gain(act_cls) if act_gain is None else float(act_gain)
         conv_layer = partial(ScaledStdConv2d, gamma=gamma, eps=std_conv_eps)
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
 
         if stem_type == "cifar":
             self.stem = conv_layer(in_chans, stem_channels, 3, **dd)
@@ -162,17 +161,14 @@ class NFResNet(PooledClassifierMixin, nn.Module):
                 blocks.append(NFBlock(in_chs, out_chs, stride if block_index == 0 else 1, alpha,
                                       1.0 / math.sqrt(expected_var), bottle_ratio, conv_layer, act_layer,
                                       noise_layer, skipinit, **dd))
-                if block_index == 0:
-                    expected_var = 1.0  # the transition shortcut sees the rescaled (unit variance) input
-                expected_var += alpha ** 2
+                # after the transition block: its shortcut saw the rescaled (unit variance) input
+                expected_var = (1.0 if block_index == 0 else expected_var) + alpha ** 2
                 in_chs = out_chs
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{index}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = in_chs
         self.final_act = _noisy_act(act_layer, noise_layer, in_chs, dd)
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.init_head(in_chs, num_classes, global_pool, drop_rate)
         self.init_weights()
 
     @torch.no_grad()
@@ -187,23 +183,8 @@ class NFResNet(PooledClassifierMixin, nn.Module):
             nn.init.normal_(self.fc.weight, 0.0, 0.01)
             nn.init.zeros_(self.fc.bias)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.stages(self.stem(x)))
-
-
-def _init_params(cls) -> tuple:
-    try:
-        return tuple(inspect.signature(cls).parameters)
-    except (TypeError, ValueError):
-        return ()
 
 
 default_cfgs = generate_default_cfgs({

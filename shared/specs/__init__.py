@@ -94,7 +94,7 @@ its own norm sites) sets the default ``channel_dim`` of noise / gain / bias / dr
 """
 from shared.specs._build import (
     NormSequence, attach_noise_generator, create_conv_factory, create_linear_factory,
-    create_noise_factory, create_norm_factory, rename_reference_kwargs,
+    create_noise_factory, create_norm_factory,
 )
 from shared.specs._parse import parse_spec
 from shared.specs._table import KINDS, LAYOUTS, NormSpec, PartSpec, SpecError
@@ -103,6 +103,6 @@ from shared.specs.sites import SiteReport, census, replace_norm_sites
 __all__ = [
     "SpecError", "PartSpec", "NormSpec", "NormSequence", "parse_spec",
     "create_norm_factory", "create_noise_factory", "create_conv_factory", "create_linear_factory",
-    "attach_noise_generator", "rename_reference_kwargs", "KINDS", "LAYOUTS",
+    "attach_noise_generator", "KINDS", "LAYOUTS",
     "SiteReport", "census", "replace_norm_sites",
 ]

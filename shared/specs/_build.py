@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from timm.layers import create_act_layer, create_norm_act
 
 import nodo
 from nodo.convert import NORM_ACT_CHILDREN, append_after
@@ -48,40 +49,35 @@ class NormSequence(nn.Sequential):
         return self._last_parameter("bias")
 
 
-def _fused_gni(parts: tuple) -> Optional[PartSpec]:
-    """The reference's GNI composite ``[bn2d(affine=False), gnir(...), gain, bias]`` as one fused part.
+def _fuse_gni(parts: tuple, layout: str) -> tuple:
+    """``parts``, or the reference's GNI composite ``[bn2d(affine=False), gnir(...), gain, bias]`` at a
+    channels_first site as one fused part.
 
     nodo.GhostNoiseBatchNorm2d computes exactly BN(affine=False) -> GhostNoiseInjector -> Gain -> Bias
     (the same statistics, the same ghost-index draws from the generator, then the per-channel affine), in
-    fewer passes over the activation. Returns None if the parts are anything else (other norm, extra
+    fewer passes over the activation. Returns ``parts`` unchanged if they are anything else (other norm, extra
     keywords the fused layer does not have, a channels_last noise part...).
     """
-    if [(p.kind, p.subtype) for p in parts] != [("norm", "bn2d"), ("noise", "gnir"), ("gain", "gain"),
-                                                 ("bias", "bias")]:
-        return None
+    gni = [("norm", "bn2d"), ("noise", "gnir"), ("gain", "gain"), ("bias", "bias")]
+    if layout != CHANNELS_FIRST or [(p.kind, p.subtype) for p in parts] != gni:
+        return parts
     norm, noise, gain, bias = (p.options for p in parts)
-    if norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:]):
-        return None
-    if set(gain) - {"channel_dim"} or set(bias) - {"channel_dim"}:
-        return None
-    noise.pop("channel_dim", None)
-    fused = dict(norm)
-    if "eps" in noise:
-        fused["noise_eps"] = noise.pop("eps")
-    fused.update(noise)
+    if (norm.pop("affine", True) is not False or any(p.options.get("channel_dim", 1) != 1 for p in parts[1:])
+            or (set(gain) | set(bias)) - {"channel_dim"}):
+        return parts
+    # the fused layer's own eps is the norm's: the noise's eps is its noise_eps
+    fused = {**norm, **{"noise_eps" if key == "eps" else key: value for key, value in noise.items()}}
+    fused.pop("channel_dim", None)
     accepted, _ = accepted_arguments(TABLE["norm"]["gnbn2d"])
-    if not set(fused) <= set(accepted):
-        return None
-    return make_part("norm", "gnbn2d", **fused)
+    return (make_part("norm", "gnbn2d", **fused),) if set(fused) <= set(accepted) else parts
 
 
 def _build_part(part: PartSpec, num_features: int, layout: str, device, dtype, site_kwargs: dict) -> nn.Module:
     row = row_of(part)
     names = {p.name for p in parameters_of(row)}
-    kwargs = {**part.options, **site_kwargs}
-    if "channel_dim" in names and "channel_dim" not in kwargs:
-        kwargs["channel_dim"] = 1 if layout == CHANNELS_FIRST else -1
-    kwargs.update({k: v for k, v in (("device", device), ("dtype", dtype), ("layout", layout)) if k in names})
+    site_args = dict(device=device, dtype=dtype, layout=layout, channel_dim=1 if layout == CHANNELS_FIRST else -1)
+    # the spec's keywords (a channel_dim it sets) and the model's override the site's defaults
+    kwargs = {**{k: v for k, v in site_args.items() if k in names}, **part.options, **site_kwargs}
     args = (num_features,) if part.kind in TAKES_FEATURES else ()
     try:
         return row.target(*args, **kwargs)
@@ -102,14 +98,13 @@ def _norm_act_children(act_layer=None, apply_act: bool = True, act_kwargs: Optio
 
     ``act_layer=None`` or ``apply_act=False`` gives an ``nn.Identity`` activation, as in timm.
     """
-    from timm.layers import create_act_layer
     act_kwargs = {"inplace": inplace, **(act_kwargs or {})}  # a copy: timm's setdefault mutates the caller's dict
     act = create_act_layer(act_layer, **act_kwargs) if apply_act else None
     drop = drop_layer() if drop_layer is not None else nn.Identity()
     return {"drop": drop, "act": act if act is not None else nn.Identity()}
 
 
-def _first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
+def first_tensor(module: nn.Module) -> Optional[torch.Tensor]:
     """The first parameter of ``module``, else its first buffer, else None."""
     return next(itertools.chain(module.parameters(), module.buffers()), None)
 
@@ -120,7 +115,7 @@ def _assemble(modules: list, parts: tuple) -> nn.Module:
     :class:`NormSequence`."""
     if len(modules) == 1:
         return modules[0]
-    if parts[0].kind == "norm" and all(_first_tensor(m) is None for m in modules[1:]):
+    if parts[0].kind == "norm" and all(first_tensor(m) is None for m in modules[1:]):
         names: dict = {}
         for module, part in zip(modules[1:], parts[1:]):
             base = _AFTER_NAMES.get(part.kind, part.kind)
@@ -145,10 +140,7 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
         raise SpecError(f"spec {spec}: the model called its norm layer as a norm+activation layer "
                         f"({', '.join(sorted(norm_act))}) without an act_layer, so the activation is unknown; "
                         f"timm's get_norm_act_layer passes it for factories from shared.specs (is shared imported?)")
-    parts = spec.parts
-    fused = _fused_gni(parts) if spec.layout == CHANNELS_FIRST else None
-    if fused is not None:
-        parts = (fused,)
+    parts = _fuse_gni(spec.parts, spec.layout)
     norm_index = next((i for i, p in enumerate(parts) if p.kind == "norm"), None)
     if norm_index is not None and parts[norm_index].subtype == "identity":
         site_kwargs = {}  # no normalization: nothing to pass an eps or momentum to
@@ -166,21 +158,13 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
     return module
 
 
-def _register_with_timm() -> None:
-    """Make timm's ``get_norm_act_layer`` pass ``act_layer`` to our factories.
-
-    timm (1.0.x) passes a model's activation to a norm+act factory only if the factory's class or function
-    is in its ``_NORM_ACT_REQUIRES_ARG`` set; for any other function it drops the activation, and the model
-    would silently lose it (efficientnet, regnet, resnetv2, mobilenetv3 build their norm+act layers so). If a
-    timm version lacks that set, :func:`_build_site_module` refuses such calls instead of dropping the act.
-    """
-    from timm.layers import create_norm_act
-    requires_act = getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None)
-    if isinstance(requires_act, set):
-        requires_act.add(_build_site_module)
-
-
-_register_with_timm()
+# Make timm's ``get_norm_act_layer`` pass ``act_layer`` to our factories. timm (1.0.x) passes a model's activation
+# to a norm+act factory only if the factory's class or function is in its ``_NORM_ACT_REQUIRES_ARG`` set; for any
+# other function it drops the activation, and the model would silently lose it (efficientnet, regnet, resnetv2,
+# mobilenetv3 build their norm+act layers so). If a timm version lacks that set, :func:`_build_site_module`
+# refuses such calls instead of dropping the act.
+if isinstance(getattr(create_norm_act, "_NORM_ACT_REQUIRES_ARG", None), set):
+    create_norm_act._NORM_ACT_REQUIRES_ARG.add(_build_site_module)
 
 
 def _is_factory(spec: Any) -> bool:
@@ -267,8 +251,8 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     """Give every noise module of ``model`` one dedicated ``torch.Generator`` seeded with ``seed``.
 
     Every submodule whose ``generator`` attribute is None or a generator (nodo's GhostNoiseInjector,
-    GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same ``torch.Generator`` object. The noise then no longer draws from
-    torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
+    GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same ``torch.Generator`` object. The noise
+    then no longer draws from torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
     run with the same seed, and the noise itself is reproducible from ``seed``. Checkpoint the returned
     generator's ``get_state()`` to resume the noise stream exactly.
 
@@ -285,10 +269,9 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r} of type {type(seed).__name__}")
     if device is None:
-        tensor = _first_tensor(model)
+        tensor = first_tensor(model)
         device = tensor.device if tensor is not None else torch.device("cpu")
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
     for module in model.modules():
         # noise layers keep ``generator`` as None or a generator; anything else called "generator" (a
         # GAN's submodule...) is not ours to replace
@@ -296,24 +279,3 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
         if current is None or isinstance(current, _GENERATOR_TYPES):
             module.generator = generator
     return generator
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference model keywords
-# ----------------------------------------------------------------------------------------------
-
-def rename_reference_kwargs(kwargs: dict, renames: Mapping[str, str], model: str) -> dict:
-    """Rename the reference implementation's model keywords in place (``norm_cfg`` -> ``norm``...).
-
-    Lets the paper's launch commands (``--model-kwargs norm_cfg=...``) run unchanged.
-
-    Raises:
-        TypeError: both the old and the new name are given.
-    """
-    for old, new in renames.items():
-        if old in kwargs:
-            if new in kwargs:
-                raise TypeError(f"{model}: got both {old!r} (the reference implementation's name) and {new!r}; "
-                                f"give only {new!r}")
-            kwargs[new] = kwargs.pop(old)
-    return kwargs

@@ -8,11 +8,12 @@ so a typo fails here, with close matches, instead of being dropped.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect
 import json
 import re
 from typing import Any, Mapping, Optional, Sequence
+
+import yaml
 
 from shared.specs._table import (
     CHANNELS_FIRST, KIND_ALIASES, KINDS, LAYOUTS, PART_TYPES, PRESETS, SITE_ARGS, SITES, TABLE,
@@ -26,6 +27,16 @@ from shared.specs._table import (
 
 _SHORT = re.compile(r"^(?P<name>[a-z][a-z_]*?)(?P<number>\d+)?(?:-(?P<variant>[a-z]+))?$")
 _VARIANTS = {"shift": (True, False), "scale": (False, True)}  # shift-only / scale-only noise
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """A SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
 
 
 def _caret(text: str, line: int, column: int) -> str:
@@ -54,9 +65,8 @@ def _load_text(text: str) -> Any:
         if '"' in text:
             json_error = SpecError(f"malformed spec {text!r}: JSON error at line {err.lineno}, column {err.colno}: "
                                    f"{err.msg}" + _caret(text, err.lineno - 1, err.colno - 1))
-    import yaml
     try:
-        loaded = yaml.load(text, Loader=_yaml_loader())
+        loaded = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as err:
         if json_error is not None:
             raise json_error from None
@@ -65,38 +75,15 @@ def _load_text(text: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         caret = _caret(text, mark.line, mark.column) if mark else ""
         raise SpecError(f"malformed spec {text!r}: YAML error{where}: {problem}{caret}") from None
-    if json_error is not None and _has_quoted_string(loaded):
+    # repr quotes strings with ' unless they contain one, so a '"' in it comes from inside a string
+    if json_error is not None and '"' in repr(loaded):
         raise json_error
     return loaded
 
 
-def _has_quoted_string(value: Any) -> bool:
-    if isinstance(value, str):
-        return '"' in value
-    if isinstance(value, Mapping):
-        return any(_has_quoted_string(k) or _has_quoted_string(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_has_quoted_string(v) for v in value)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _yaml_loader():
-    """A SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``); yaml imported on use."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-        list("-+0123456789."))
-    return Loader
-
-
-def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[PartType]:
-    """The table row for a (possibly aliased) name, or None.
+def _lookup(name: str, kind: Optional[str], site: str, where: str, required: bool = True) -> Optional[PartType]:
+    """The table row for a (possibly aliased) name; an unknown name is a SpecError with the close matches
+    (None if not ``required``).
 
     With ``kind`` None the tables the site accepts are searched; a name found in several of them
     (``standard`` is a gain, a bias, a conv...) needs an explicit ``type``. Then timm's norm and
@@ -107,20 +94,11 @@ def _find(name: str, kind: Optional[str], site: str, where: str) -> Optional[Par
     if len(rows) > 1:
         raise SpecError(f"{where}: {name!r} is ambiguous without a type: it names a "
                         f"{' / '.join(r.kind for r in rows)} part; add e.g. \"type\": \"{rows[0].kind}\"")
-    if rows:
-        return rows[0]
-    row = timm_row("norm", name) if "norm" in kinds else None
-    if row is None and "activation" in kinds:
-        row = timm_row("activation", name)
-    return row
-
-
-def _lookup(name: str, kind: Optional[str], site: str, where: str) -> PartType:
-    """Like :func:`_find`, but an unknown name is a SpecError with the close matches."""
-    row = _find(name, kind, site, where)
-    if row is not None:
-        return row
-    kinds = (kind,) if kind else SITES[site]
+    if not rows:
+        timm_rows = (timm_row(k, name) for k in ("norm", "activation") if k in kinds)
+        rows = [row for row in timm_rows if row is not None]
+    if rows or not required:
+        return rows[0] if rows else None
     known = [n for k in kinds for n in TABLE[k]]
     canonical = [row.name for row in PART_TYPES if row.kind in kinds]
     if "norm" in kinds:
@@ -145,9 +123,8 @@ def _make_part(row: PartType, given: Mapping[str, Any], where: str, site: str) -
             if value != alias.value:
                 raise SpecError(alias.message.format(given=value))
             continue
-        if isinstance(alias, tuple):
-            target_key, convert = alias
-            value = convert(value)
+        if isinstance(alias, tuple):  # (our name, converter of the value)
+            target_key, value = alias[0], alias[1](value)
         elif isinstance(alias, str):
             target_key = alias
         if target_key not in accepted and not varkw:
@@ -169,21 +146,15 @@ def _parse_short(token: str, site: str, where: str) -> list:
     """``gbn16`` / ``gni16-shift`` / ``ln`` / a timm norm name -> parts."""
     text = token.strip().lower()
     # whole names first: 'bn2d' or timm's 'layernormfp32' end in digits that are not a number argument
-    row = _find(text, None, site, where) if text not in PRESETS else None
-    if row is not None:
-        return [_make_part(row, {}, where, site)]
+    row = _lookup(text, None, site, where, required=False) if text not in PRESETS else None
     match = _SHORT.match(text)
-    if match is None or (match["number"] is None and match["variant"] is None):
-        if text in PRESETS:
-            return preset_parts(text, None, True, True)  # raises: a preset needs its number
-        _lookup(text, None, site, where)  # raises with the close matches
+    if row is not None or match is None:  # a whole name, or no short string: _lookup raises with close matches
+        return [_make_part(row or _lookup(text, None, site, where), {}, where, site)]
     name, number, variant = match["name"], match["number"], match["variant"]
-    shift, scale = True, True
-    if variant is not None:
-        if variant not in _VARIANTS:
-            raise SpecError(f"{where}: unknown variant '-{variant}' in {token!r}{suggest(variant, _VARIANTS)}; "
-                            f"valid: -shift (shift noise only), -scale (scale noise only)")
-        shift, scale = _VARIANTS[variant]
+    if variant is not None and variant not in _VARIANTS:
+        raise SpecError(f"{where}: unknown variant '-{variant}' in {token!r}{suggest(variant, _VARIANTS)}; "
+                        f"valid: -shift (shift noise only), -scale (scale noise only)")
+    shift, scale = _VARIANTS.get(variant, (True, True))
     number = int(number) if number is not None else None
     if name in PRESETS:
         return preset_parts(name, number, shift, scale)
@@ -207,11 +178,10 @@ def _parse_mapping(mapping: Mapping, site: str, where: str) -> list:
     subtype = flat.pop("subtype", None)
     if subtype is None:
         raise SpecError(f"{where}: a mapping part needs a 'subtype' key, got keys {sorted(map(str, mapping))}")
-    if not isinstance(subtype, str):
-        raise SpecError(f"{where}: subtype must be a string, got {subtype!r}")
+    for key, value in (("subtype", subtype), ("type", kind)):
+        if value is not None and not isinstance(value, str):
+            raise SpecError(f"{where}: {key} must be a string, got {value!r}")
     if kind is not None:
-        if not isinstance(kind, str):
-            raise SpecError(f"{where}: type must be a string, got {kind!r}")
         kind = KIND_ALIASES.get(kind, kind)
         if kind not in KINDS:
             raise SpecError(f"{where}: unknown part type {kind!r}{suggest(kind, KINDS)}; valid: {', '.join(KINDS)}")
@@ -278,8 +248,7 @@ def parse_spec(spec: Any, site: str = "norm", layout: str = CHANNELS_FIRST) -> N
     for part in parts:
         if part.kind not in SITES[site]:
             raise SpecError(f"spec {spec!r}: a '{part.kind}' part ({part}) cannot be used at a {site} site")
-        row = row_of(part)
-        if layout not in row.layouts:
+        if layout not in row_of(part).layouts:
             raise SpecError(f"spec {spec!r}: '{part.subtype}' needs channels_first (N, C, H, W) input, but this "
                             f"site is channels_last (N, ..., C); use e.g. 'ln' there")
     return NormSpec(tuple(parts), layout)

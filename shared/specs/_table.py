@@ -77,19 +77,9 @@ class OnlyValue:
     message: str
 
 
-def _channel_dim(channel_last: bool) -> int:
-    """The reference's ``channel_last`` flag -> nodo's ``channel_dim``."""
-    return -1 if channel_last else 1
-
-
-def _reference_noise_type(noise_type):
-    """The reference's ``noise_type`` -> nodo's ``kind``: its Gaussian noise has std p/(1-p)."""
-    return "gaussian_reference" if noise_type == "gaussian" else noise_type
-
-
 _REF_GHOST = {"batch_size": "ghost_batch_size"}
 _REF_NOISE = {**_REF_GHOST, "shift_noise": "shift", "scale_noise": "scale",
-              "channel_last": ("channel_dim", _channel_dim)}
+              "channel_last": ("channel_dim", lambda channel_last: -1 if channel_last else 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +94,6 @@ class PartType:
     number_arg: Optional[str] = None  # what the N of a short string ``gbn16`` sets
     layouts: tuple = LAYOUTS
     has_shift_scale: bool = False  # accepts the short string variants -shift / -scale
-
-    @property
-    def names(self) -> tuple:
-        return (self.name,) + tuple(self.aliases)
 
 
 _CF_ONLY = (CHANNELS_FIRST,)
@@ -141,7 +127,8 @@ PART_TYPES = (
     PartType("noise", "dropout", nn.Dropout, keyword_aliases={"drop_probability": "p"}),
     PartType("noise", "flexible_dropout", nodo.FlexibleDropout, keyword_aliases={
         # the reference's noise_type='gaussian' is its std p/(1-p): nodo's kind 'gaussian_reference'
-        "drop_probability": "p", "noise_type": ("kind", _reference_noise_type),
+        "drop_probability": "p",
+        "noise_type": ("kind", lambda noise_type: "gaussian_reference" if noise_type == "gaussian" else noise_type),
         "scaling_type": OnlyValue("mean", "flexible_dropout: scaling_type={given!r} is not "
                                           "implemented; nodo's FlexibleDropout always keeps the "
                                           "mean (scaling_type='mean')"),
@@ -166,7 +153,8 @@ PART_TYPES = (
 )
 KINDS = ("norm", "noise", "gain", "bias", "activation", "conv", "linear")
 KIND_ALIASES = {"dropout": "noise", "act": "activation"}  # the reference filed dropout under "noise"
-TABLE = {kind: {n: row for row in PART_TYPES if row.kind == kind for n in row.names} for kind in KINDS}
+TABLE = {kind: {n: row for row in PART_TYPES if row.kind == kind for n in (row.name, *row.aliases)}
+         for kind in KINDS}
 
 # Which part kinds each kind of site accepts, and where a mapping without ``type`` is looked up first.
 SITES = {

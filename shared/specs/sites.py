@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import timm.layers
+import yaml
 from torch import nn
 
 import nodo
 from nodo.convert import append_after, carry_over, detach_after, replace_modules
-from shared.specs._build import NormSequence, create_norm_factory
+from shared.specs._build import NormSequence, create_norm_factory, first_tensor
 from shared.specs._parse import parse_spec
 from shared.specs._table import CHANNELS_FIRST, CHANNELS_LAST, NormSpec, SpecError, accepted_arguments, row_of
 
@@ -42,8 +42,6 @@ _TIMM_CHANNELS_FIRST = ("LayerNorm2d", "LayerNormAct2d", "LayerNorm2dFp32", "Lay
                         "GroupNorm1", "GroupNormAct", "GroupNorm1Act", "BatchNormAct2d", "SyncBatchNormAct")
 _TIMM_CHANNELS_LAST = ("LayerNorm", "LayerNormAct", "LayerNormFp32", "LayerNormActFp32", "RmsNorm", "RmsNormAct",
                        "RmsNormFp32", "RmsNormActFp32", "SimpleNorm", "SimpleNormFp32")
-# Norm families: a site's eps / momentum carry over to a spec norm of the same family only
-_FAMILIES = {"batch": ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d"), "layer": ("ln",), "group": ("gn",)}
 _NOISE_TYPES = (nodo.GhostNoiseInjector, nodo.NoisyAffine, nodo.GhostNoiseBatchNorm2d, nodo.FlexibleDropout)
 _NOT_ACTIVATIONS = ("MultiheadAttention", "Softmax", "Softmin", "LogSoftmax", "Softmax2d")
 # What to say when a model's token sites refuse a channels-first spec, by model class name
@@ -62,6 +60,9 @@ _CHANNELS_FIRST_NORMS = (_BATCH_NORMS + (nn.GroupNorm, nn.InstanceNorm2d)
                          + _timm_classes(_TIMM_CHANNELS_FIRST))
 _CHANNELS_LAST_NORMS = ((nn.LayerNorm,) + tuple(c for c in (getattr(nn, "RMSNorm", None),) if c)
                         + _timm_classes(_TIMM_CHANNELS_LAST))
+# Norm families (site classes, spec norms): a site's eps / momentum carry over to a spec norm of its family only
+_FAMILIES = ((_BATCH_NORMS, ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")), (nn.LayerNorm, ("ln",)),
+             (nn.GroupNorm, ("gn",)))
 
 
 def site_layout(module: nn.Module) -> Optional[str]:
@@ -73,14 +74,6 @@ def site_layout(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm1d/3d, InstanceNorm1d/3d
         return "unsupported"
     return None
-
-
-def _family(module: nn.Module) -> Optional[str]:
-    if isinstance(module, _BATCH_NORMS):
-        return "batch"
-    if isinstance(module, nn.LayerNorm):
-        return "layer"
-    return "group" if isinstance(module, nn.GroupNorm) else None
 
 
 def _num_features(name: str, module: nn.Module) -> int:
@@ -97,20 +90,17 @@ def _num_features(name: str, module: nn.Module) -> int:
 
 def count_activations(model: nn.Module) -> int:
     """Activation modules in ``model`` (torch's ``nn.ReLU``, ``nn.GELU``... and timm's activation classes)."""
-    def is_activation(module: nn.Module) -> bool:
-        cls = type(module)
-        return (cls.__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
-                and cls.__name__ not in _NOT_ACTIVATIONS)
-    return sum(is_activation(m) for m in model.modules())
+    classes = [type(module) for module in model.modules()]
+    return sum(cls.__module__.startswith(("torch.nn.modules.activation", "timm.layers.activations"))
+               and cls.__name__ not in _NOT_ACTIVATIONS for cls in classes)
 
 
 def _top_sites(model: nn.Module) -> dict:
     """``{name: module}`` of the outermost norm sites (a norm inside a composite site is part of that site)."""
     sites: dict = {}
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in sites):
-            continue
-        if site_layout(module) is not None or isinstance(module, NormSequence):
+        is_site = site_layout(module) is not None or isinstance(module, NormSequence)
+        if is_site and not any(name.startswith(f"{outer}.") for outer in sites):
             sites[name] = module
     return sites
 
@@ -175,7 +165,6 @@ def _spec_text(spec: Any) -> str:
     if isinstance(spec, str):
         return spec
     if isinstance(spec, (list, tuple, dict)):
-        import yaml
         try:
             return yaml.safe_dump(spec, default_flow_style=True, sort_keys=False, width=10 ** 6).strip()
         except yaml.YAMLError:
@@ -193,16 +182,12 @@ def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
     if spec is None:  # a plain factory: it gets only (num_features, device, dtype)
         return {}
     norm = next((p for p in spec.parts if p.kind == "norm"), None)
-    family = _family(site)
-    if norm is None or family is None or norm.subtype not in _FAMILIES.get(family, ()):
+    if norm is None or not any(isinstance(site, classes) and norm.subtype in subtypes
+                               for classes, subtypes in _FAMILIES):
         return {}
     accepted = accepted_arguments(row_of(norm))[0]
-    kwargs = {}
-    for name in ("eps", "momentum"):
-        value = getattr(site, name, None)
-        if name in accepted and name not in norm.options and isinstance(value, float):
-            kwargs[name] = value
-    return kwargs
+    return {name: getattr(site, name) for name in ("eps", "momentum")
+            if name in accepted and name not in norm.options and isinstance(getattr(site, name, None), float)}
 
 
 def _bad_fit(name: str, site: nn.Module, spec: Any, layout: str, error: Exception, model: nn.Module) -> SpecError:
@@ -223,7 +208,7 @@ def _needs_2d(spec: Any) -> str:
 
 
 def _device_dtype(module: nn.Module) -> tuple:
-    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    tensor = first_tensor(module)
     return (tensor.device, tensor.dtype) if tensor is not None and tensor.is_floating_point() else (None, None)
 
 
@@ -235,14 +220,6 @@ class _SiteBuilder:
         self.model, self.spec, self.forced_layout = model, spec, layout
         self.factories: dict = {}
         self.replaced: collections.Counter = collections.Counter()
-
-    def factory(self, name: str, site: nn.Module, layout: str) -> Callable[..., nn.Module]:
-        if layout not in self.factories:
-            try:
-                self.factories[layout] = create_norm_factory(self.spec, layout=layout)
-            except SpecError as err:  # the first site of this layout: the replacement stops here
-                raise _bad_fit(name, site, self.spec, layout, err, self.model) from err
-        return self.factories[layout]
 
     def __call__(self, name: str, site: nn.Module) -> Optional[nn.Module]:
         if isinstance(site, NormSequence):
@@ -256,15 +233,17 @@ class _SiteBuilder:
         if self.forced_layout is not None and self.forced_layout != layout:
             raise SpecError(f"norm site {name} ({type(site).__name__}) is {layout}, but norm_layout="
                             f"{self.forced_layout!r} was given; leave norm_layout out (it is detected per site)")
-        factory = self.factory(name, site, layout)
         try:
             after = detach_after(name, site)
         except ValueError as err:
             raise SpecError(str(err)) from None
-        device, dtype = _device_dtype(site)
-        spec = getattr(factory, "keywords", {}).get("spec")
-        try:
-            new = factory(_num_features(name, site), device=device, dtype=dtype, **_site_kwargs(site, spec))
+        num_features, (device, dtype) = _num_features(name, site), _device_dtype(site)
+        try:  # parsed at the first site of each layout: a spec that does not fit stops the replacement there
+            if layout not in self.factories:
+                self.factories[layout] = create_norm_factory(self.spec, layout=layout)
+            factory = self.factories[layout]
+            spec = getattr(factory, "keywords", {}).get("spec")
+            new = factory(num_features, device=device, dtype=dtype, **_site_kwargs(site, spec))
         except SpecError as err:
             raise _bad_fit(name, site, self.spec, layout, err, self.model) from err
         carry_over(site, new)
