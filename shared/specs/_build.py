@@ -251,9 +251,10 @@ def attach_noise_generator(model: nn.Module, seed: int, device: Union[str, torch
     """Give every noise module of ``model`` one dedicated ``torch.Generator`` seeded with ``seed``.
 
     Every submodule whose ``generator`` attribute is None or a generator (nodo's GhostNoiseInjector,
-    GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same ``torch.Generator`` object. The noise
-    then no longer draws from torch's global RNG, so a GNI run sees the same data order, augmentation and initialization as the BN
-    run with the same seed, and the noise itself is reproducible from ``seed``. Checkpoint the returned
+    GhostNoiseBatchNorm2d, NoisyAffine, FlexibleDropout) gets the same ``torch.Generator`` object. The
+    noise then no longer draws from torch's global RNG, so a GNI run sees the same data order,
+    augmentation and initialization as the BN run with the same seed, and the noise itself is
+    reproducible from ``seed``. Checkpoint the returned
     generator's ``get_state()`` to resume the noise stream exactly.
 
     Args:
