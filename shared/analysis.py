@@ -68,6 +68,7 @@ import torch.nn as nn
 
 import nodo
 from nodo import functional as NF
+from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.report import pyplot, save_png
 from shared.run_files import atomic_write_text, csv_text, read_args
 from shared.specs import NormSequence
@@ -105,24 +106,22 @@ def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
             composite GNI spec is measured at its input, once).
 
     Raises:
-        ValueError: an unknown module name (with close matches), or a model without norm sites.
+        ValueError: an unknown module name (the first, with close matches), or a model without norm sites.
     """
     modules = dict(model.named_modules())
+    for site in sites or ():
+        if not site or site not in modules:
+            hint = difflib.get_close_matches(site, [name for name in modules if name], n=3)
+            raise ValueError(f"sites: no module named {site!r} in {type(model).__name__}"
+                             + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
     if sites:
-        unknown = [s for s in sites if s not in modules or s == ""]
-        if unknown:
-            hints = {s: difflib.get_close_matches(s, [n for n in modules if n], n=3) for s in unknown}
-            text = "; ".join(f"{s!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
-                             for s, h in hints.items())
-            raise ValueError(f"sites: no module named {text} in {type(model).__name__}")
-        return {s: modules[s] for s in sites}
+        return {site: modules[site] for site in sites}
     chosen: dict = {}
     for name, module in modules.items():
-        if not name or not isinstance(module, _SITE_TYPES):
-            continue
-        if any(name.startswith(parent + ".") for parent in chosen):
-            continue  # inside a site already chosen (e.g. the BN part of a composite GNI spec)
-        chosen[name] = module
+        # a module inside a site already chosen (e.g. the BN part of a composite GNI spec) is part of it
+        inside = any(name.startswith(parent + ".") for parent in chosen)
+        if name and isinstance(module, _SITE_TYPES) and not inside:
+            chosen[name] = module
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no norm sites (batch/group/layer norm or ghost noise "
                          f"layers); name the modules to measure with sites=")
@@ -214,7 +213,8 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     Args:
         model: the network (its weights are not changed; BN running statistics are, in train mode).
         batches: input tensors ``(B, ...)`` on the model's device.
-        ghost_batch_size: ``N``.
+        ghost_batch_size: ``N >= 2`` (the analytic scale has ``N - 1`` degrees of freedom; the command
+            checks it).
         sites: module names, or None for :func:`norm_sites`'s default.
         eps: see :func:`ghost_noise_samples`.
         seed: seeds the generator of the ghost batch draws.
@@ -224,9 +224,6 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     Returns:
         ``{site: {"gbn": {"shift": array, "scale": array}, "gni": {...}, "shape": [C, *spatial]}}``.
     """
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 2:
-        raise ValueError(f"ghost_batch_size must be an int >= 2 (the analytic scale needs N - 1 >= 1 degrees "
-                         f"of freedom), got {ghost_batch_size!r}")
     chosen = norm_sites(model, sites)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -275,16 +272,6 @@ def analytic_distribution(noise: str, ghost_batch_size: int):
     return stats.chi(ghost_batch_size - 1, scale=1.0 / math.sqrt(ghost_batch_size))
 
 
-def analytic_cdf(noise: str, ghost_batch_size: int) -> Callable:
-    """CDF of the analytic shift or scale noise (:func:`analytic_distribution`)."""
-    return analytic_distribution(noise, ghost_batch_size).cdf
-
-
-def analytic_pdf(noise: str, ghost_batch_size: int) -> Callable:
-    """Density of the analytic shift or scale noise (:func:`analytic_distribution`)."""
-    return analytic_distribution(noise, ghost_batch_size).pdf
-
-
 def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
     """The columns of :func:`summarize_samples` for the analytic law (``n`` infinite)."""
     law = analytic_distribution(noise, ghost_batch_size)
@@ -326,7 +313,7 @@ def ks_distances(site: dict, ghost_batch_size: int) -> dict:
     result = {}
     for noise in NOISES:
         gbn, gni = site["gbn"][noise], site["gni"][noise]
-        cdf = analytic_cdf(noise, ghost_batch_size)
+        cdf = analytic_distribution(noise, ghost_batch_size).cdf
         result[noise] = {
             "gbn_vs_gni": float(stats.ks_2samp(gbn, gni).statistic),
             "gbn_vs_analytic": float(stats.kstest(gbn, cdf).statistic),
@@ -374,7 +361,7 @@ def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) ->
             ax.hist(np.clip(site[source][noise], low, high), bins=bins, density=True, histtype="step",
                     linestyle=style, linewidth=1.3, label=f"{source.upper()} (measured)")
         grid = np.linspace(low, high, 400)
-        ax.plot(grid, analytic_pdf(noise, ghost_batch_size)(grid), color="black", linewidth=1,
+        ax.plot(grid, analytic_distribution(noise, ghost_batch_size).pdf(grid), color="black", linewidth=1,
                 label="analytic " + ("Normal(0, 1/N)" if noise == "shift" else "sqrt(chi2(N-1)/N)"))
         ax.set_xlabel("shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma")
         ax.set_ylabel("density")
@@ -460,21 +447,6 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def _load_state_dict(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupt?): "
-                         f"{type(error).__name__}: {error}") from None
-    if isinstance(checkpoint, dict):
-        for key in ("state_dict", "model"):  # train.py / timm checkpoints, then other common layouts
-            if isinstance(checkpoint.get(key), dict):
-                return checkpoint[key]
-        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return checkpoint
-    raise ValueError(f"checkpoint {str(path)!r} holds no model state dict (expected a 'state_dict' entry)")
-
-
 def _parse_kwargs(items: Sequence[str]) -> dict:
     import yaml
     kwargs = {}
@@ -487,13 +459,6 @@ def _parse_kwargs(items: Sequence[str]) -> dict:
         except yaml.YAMLError as error:
             raise ValueError(f"--model-kwargs {item!r}: not a YAML value ({error})") from None
     return kwargs
-
-
-def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: int, seed: int,
-                       device: torch.device) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(num_batches):
-        yield torch.randn(batch_size, *input_size, generator=generator).to(device)
 
 
 def _dataset(options: argparse.Namespace, input_size: Optional[Sequence[int]] = None) -> tuple:
@@ -561,7 +526,6 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("train", "eval"), default="train",
                         help="model mode while measuring (default train: activations as in training)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", required=True, help="output directory")
@@ -577,8 +541,6 @@ def _check_options(options: argparse.Namespace) -> None:
                          f"partition the batch)")
     if options.num_batches < 1:
         raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
-    if options.checkpoint and not Path(options.checkpoint).is_file():
-        raise ValueError(f"--checkpoint {options.checkpoint!r} does not exist")
 
 
 def _load_model(options: argparse.Namespace) -> tuple:
@@ -588,10 +550,11 @@ def _load_model(options: argparse.Namespace) -> tuple:
 
     import shared
 
-    checkpoint = Path(options.checkpoint) if options.checkpoint else None
-    run_args = {}  # the arguments of the run that wrote the checkpoint, from args.yaml beside it
-    if checkpoint is not None and (checkpoint.parent / "args.yaml").is_file():
-        run_args = read_args(checkpoint.parent)
+    state, run_args = None, {}  # run_args: of the run that wrote the checkpoint, from args.yaml beside it
+    if options.checkpoint:
+        state = load_checkpoint(options.checkpoint)["state_dict"]  # CheckpointError: missing, unreadable
+        if (Path(options.checkpoint).parent / "args.yaml").is_file():
+            run_args = read_args(Path(options.checkpoint).parent)
     model_name = options.model or run_args.get("model")
     if not model_name:
         raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")
@@ -610,11 +573,11 @@ def _load_model(options: argparse.Namespace) -> tuple:
         raise ValueError(f"--model {model_name!r} is not a timm model "
                          f"(`timm.list_models()` lists them)")
     model = shared.create_model(model_name, norm=norm, **model_kwargs)
-    if checkpoint is not None:
+    if state is not None:
         try:
-            model.load_state_dict(_load_state_dict(checkpoint))
+            model.load_state_dict(state)
         except RuntimeError as error:  # missing/unexpected keys, shape mismatches
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
+            raise ValueError(f"checkpoint {options.checkpoint!r} does not fit --model {model_name} "
                              f"(norm {norm!r}): {error}") from None
     default_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32))
     input_size = input_size or list(default_size)
@@ -632,14 +595,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check_options(options)
         model, input_size, setup = _load_model(options)
         device = torch.device(options.device)
-        if options.synthetic:
-            batches = _synthetic_batches(options.batch_size, input_size, options.num_batches, options.seed, device)
+        if options.synthetic:  # standard-normal images, drawn on the CPU (the same on every device)
+            generator = torch.Generator().manual_seed(options.seed)
+            batches = (torch.randn(options.batch_size, *input_size, generator=generator).to(device)
+                       for _ in range(options.num_batches))
         else:
             batches = _dataset_batches(options, input_size, device)
         sites = None if options.sites in ("all", "") else [s.strip() for s in options.sites.split(",") if s.strip()]
         measured = measure(model, batches, options.ghost_batch_size, sites, options.eps, options.seed,
                            train_mode=options.mode == "train")
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RecursionError:  # a spec nested (or aliased into itself) without end

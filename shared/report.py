@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import io
 import json
 import math
 import os
@@ -61,11 +60,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from shared.config import actions_by_dest
+from shared.config import parser_defaults
 from shared.logging_wandb import experiment_family
 from shared.run_files import (
-    OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write_bytes, atomic_write_text, csv_text,
-    read_args, results_with_timm_names, timm_metric_names,
+    OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write, atomic_write_text, csv_text, read_args, read_results,
+    timm_metric_names,
 )
 from shared.specs import parse_spec
 
@@ -76,23 +75,15 @@ NON_SETUP_KEYS = OPERATIONAL_KEYS | {"seed"}
 SEMANTIC_KEYS = ("world_size", "per_process_batch")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """Where a metric is in results.json (``section``, ``key``), and how figures and tables name it."""
-    section: str
-    key: str
-    label: str
-
-
+# --metric name -> (results.json section, key in it, how figures and tables name it)
 METRICS = {
-    "top1": Metric("final", "eval_top1", "final top-1 (%)"),
-    "top5": Metric("final", "eval_top5", "final top-5 (%)"),
-    "best_top1": Metric("best", "eval_top1", "best top-1 (%)"),
-    "best_top5": Metric("best", "eval_top5", "best top-5 (%)"),
-    "eval_loss": Metric("final", "eval_loss", "final eval loss"),
-    "train_loss": Metric("final", "train_loss", "final train loss"),
+    "top1": ("final", "eval_top1", "final top-1 (%)"),
+    "top5": ("final", "eval_top5", "final top-5 (%)"),
+    "best_top1": ("best", "eval_top1", "best top-1 (%)"),
+    "best_top5": ("best", "eval_top5", "best top-5 (%)"),
+    "eval_loss": ("final", "eval_loss", "final eval loss"),
+    "train_loss": ("final", "train_loss", "final train loss"),
 }
-_FINISHED = "finished"
 
 
 @dataclass
@@ -113,30 +104,22 @@ class Run:
     def seed(self) -> Any:
         return self.args.get("seed")
 
-    @property
+    @functools.cached_property
     def setup_args(self) -> dict:
         """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json.
 
         A flag that an older run's ``args.yaml`` lacks counts as today's default: flags are added
         with the earlier behaviour as their default, so such a run is grouped with today's runs of
-        the same setup instead of being told apart by every flag added since.
+        the same setup instead of being told apart by every flag added since. Without results.json's
+        semantics the run had one process with the whole ``batch_size``.
         """
-        world_size = self.results.get("world_size")
-        per_process_batch = self.results.get("per_process_batch")
-        return {**flag_defaults(), **self.args, "world_size": world_size if world_size is not None else 1,
-                "per_process_batch": per_process_batch if per_process_batch is not None
-                else self.args.get("batch_size")}
+        return {**parser_defaults(), **self.args, "world_size": self.results.get("world_size") or 1,
+                "per_process_batch": self.results.get("per_process_batch") or self.args.get("batch_size")}
 
     def metric(self, name: str) -> Optional[float]:
         """A metric of a finished run (``METRICS``), or None when results.json does not have it."""
-        metric = METRICS[name]
-        return metric_value(self.results.get(metric.section), metric.key)
-
-
-@functools.lru_cache(maxsize=1)
-def flag_defaults() -> dict:
-    """``{dest: default}`` of train.py's flags (:func:`shared.config.actions_by_dest`)."""
-    return {dest: action.default for dest, action in actions_by_dest().items()}
+        section, key, _label = METRICS[name]
+        return metric_value(self.results.get(section), key)
 
 
 def metric_value(values: Any, name: str) -> Optional[float]:
@@ -155,7 +138,7 @@ def metric_value(values: Any, name: str) -> Optional[float]:
 
 def metric_label(name: str) -> str:
     """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
-    return METRICS[name].label
+    return METRICS[name][2]
 
 
 @dataclass
@@ -190,22 +173,17 @@ def _read_summary(path: Path) -> list:
 
 
 def _read_run(directory: Path) -> Run:
-    """One run directory. Raises OSError, ValueError, csv.Error when it cannot be read."""
-    args = read_args(directory)
-    results: dict = {}
-    results_path = directory / "results.json"
-    if results_path.is_file():
-        try:
-            results = results_with_timm_names(json.loads(results_path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as error:
-            results = {"status": f"unreadable results.json ({error.msg})"}
-        if not isinstance(results, dict):
-            results = {"status": f"unreadable results.json (a {type(results).__name__}, not a mapping)"}
-    curve = _read_summary(directory / "summary.csv")
-    status = str(results.get("status") or ("no results.json" if not results_path.is_file() else "unknown"))
-    epochs_done = results.get("epochs_done")
-    if epochs_done is None and curve:
-        epochs_done = len(curve)
+    """One run directory. Raises OSError, ValueError, csv.Error when args.yaml or summary.csv cannot be
+    read; a run without a readable results.json is a run with that status."""
+    args, curve = read_args(directory), _read_summary(directory / "summary.csv")
+    try:
+        results = read_results(directory)
+        status = str(results.get("status") or "unknown")
+    except FileNotFoundError:
+        results, status = {}, "no results.json"
+    except (OSError, ValueError) as error:
+        results, status = {}, f"unreadable results.json ({error})"
+    epochs_done = results.get("epochs_done", len(curve) if curve else None)
     return Run(directory, args, status, epochs_done, results, curve)
 
 
@@ -408,10 +386,8 @@ def _format_value(value: Any) -> str:
     """A table cell: scalars as they are, structures in compact YAML flow style."""
     if value is None:
         return ""
-    if isinstance(value, (dict, list, tuple)):
-        text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True,
-                              sort_keys=False, width=10**6)
-        return text.strip()
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
     return str(value)
 
 
@@ -431,8 +407,8 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
     """
     rows, unfinished = [], []
     for group in groups:
-        finished = [r for r in group.runs if r.status == _FINISHED]
-        unfinished += [r for r in group.runs if r.status != _FINISHED]
+        finished = [r for r in group.runs if r.status == "finished"]
+        unfinished += [r for r in group.runs if r.status != "finished"]
         if not finished:
             continue
         row = {c: _format_value(group.args.get(c)) for c in columns}
@@ -525,11 +501,9 @@ def pyplot():
 
 
 def save_png(fig, path: Path) -> Path:
-    """PNG through memory and an atomic write; the bounding box grows to hold legends outside the axes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    """PNG, written atomically; the bounding box grows to hold legends outside the axes."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120, bbox_inches="tight"))
     pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -839,10 +813,6 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
         ``{"markdown": text, "rows": rows, "unfinished": runs, "unreadable": [(dir, reason)],
         "figures": [Figure], "files": [paths written]}``.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if band not in ("std", "sem"):
-        raise ValueError(f"band must be 'std' or 'sem', got {band!r}")
     runs, unreadable = load_runs(runs_dir)
     if not runs:
         found = f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
