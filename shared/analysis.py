@@ -60,7 +60,7 @@ import re
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,19 +227,15 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     chosen = norm_sites(model, sites)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
-    collected = {name: {s: {n: [] for n in NOISES} for s in SOURCES} for name in chosen}
+    samples = {name: [] for name in chosen}  # per site: ghost_noise_samples of each batch
     shapes: dict = {}
 
-    def make_hook(name: str) -> Callable:
-        def hook(_module, inputs):
-            x = inputs[0]
-            shapes[name] = list(x.shape[1:])
-            for source, (shift, scale) in ghost_noise_samples(x, ghost_batch_size, eps, generator).items():
-                collected[name][source]["shift"].append(shift)
-                collected[name][source]["scale"].append(scale)
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        shapes[name] = list(x.shape[1:])
+        samples[name].append(ghost_noise_samples(x, ghost_batch_size, eps, generator))
 
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in chosen.items()]
+    handles = [module.register_forward_pre_hook(lambda _module, inputs, name=name: record(name, inputs[0]))
+               for name, module in chosen.items()]
     was_training = model.training
     model.train(train_mode)
     try:
@@ -253,9 +249,10 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return {name: {**{s: {n: np.concatenate(values[s][n]) for n in NOISES} for s in SOURCES},
+    return {name: {**{source: {noise: np.concatenate([batch[source][i] for batch in found])
+                               for i, noise in enumerate(NOISES)} for source in SOURCES},
                    "shape": shapes.get(name)}
-            for name, values in collected.items()}
+            for name, found in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,18 +483,13 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
     transform = data.create_transform(config, False, args)  # uint8; evaluation transforms draw nothing random
     normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
 
-    def sample(index: int) -> torch.Tensor:
-        return transform(dataset[index][0], random.Random(0))
-
-    images = [sample(i) for i in range(len(dataset))] if len(dataset) <= 4096 else None
-    generator = torch.Generator().manual_seed(options.seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
     for index in range(options.num_batches):
         chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
         if len(chosen) < options.batch_size:
             break
-        batch = [images[i] if images is not None else sample(i) for i in chosen]
-        yield normalize(torch.stack(batch).to(device))
+        images = [transform(dataset[i][0], random.Random(0)) for i in chosen]  # each image once: a permutation
+        yield normalize(torch.stack(images).to(device))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -570,8 +562,7 @@ def _load_model(options: argparse.Namespace) -> tuple:
     if input_size and input_size[0] != 3:
         model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
     if not timm.is_model(model_name.split(".", 1)[0]):
-        raise ValueError(f"--model {model_name!r} is not a timm model "
-                         f"(`timm.list_models()` lists them)")
+        raise ValueError(f"--model {model_name!r} is not a timm model (`timm.list_models()` lists them)")
     model = shared.create_model(model_name, norm=norm, **model_kwargs)
     if state is not None:
         try:
@@ -579,13 +570,10 @@ def _load_model(options: argparse.Namespace) -> tuple:
         except RuntimeError as error:  # missing/unexpected keys, shape mismatches
             raise ValueError(f"checkpoint {options.checkpoint!r} does not fit --model {model_name} "
                              f"(norm {norm!r}): {error}") from None
-    default_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32))
-    input_size = input_size or list(default_size)
-    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs,
-             "checkpoint": options.checkpoint,
+    input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
+    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
              "source": "synthetic" if options.synthetic else options.dataset,
-             "batch_size": options.batch_size, "num_batches": options.num_batches,
-             "eps": options.eps, "mode": options.mode, "seed": options.seed}
+             **{key: getattr(options, key) for key in ("batch_size", "num_batches", "eps", "mode", "seed")}}
     return model.to(torch.device(options.device)), input_size, setup
 
 

@@ -95,10 +95,9 @@ def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        hosts = netrc.netrc().hosts
-    except (OSError, netrc.NetrcParseError):
+        return any("wandb" in host for host in netrc.netrc().hosts)
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one that is not readable
         return False
-    return any("wandb" in host for host in hosts)
 
 
 def _run_id(run_dir: Path, name: str) -> str:
@@ -106,10 +105,9 @@ def _run_id(run_dir: Path, name: str) -> str:
     random one, stored for the resumes. Random, not the run name: two run directories with the same
     experiment name (another --output) are two wandb runs, not one merged run."""
     path = run_dir / RUN_ID_FILE
-    if path.is_file():
-        stored = path.read_text().strip()
-        if stored:
-            return stored
+    stored = path.read_text().strip() if path.is_file() else ""
+    if stored:
+        return stored
     run_id = uuid.uuid4().hex[:16]
     atomic_write_text(path, run_id + "\n")  # a kill mid-write must not leave an empty id
     return run_id
@@ -125,14 +123,14 @@ class WandbLogger:
         project, tags, display_name: ``--wandb-project``, ``--wandb-tags``, ``--wandb-name``.
         enabled: ``--log-wandb`` on this process (rank 0 only).
         derived: values derived from the arguments (:func:`derived_config`), logged as ``derived``.
-        group, job_type: wandb's; default :func:`setup_group` of ``name`` and ``config['seed']``, and
-            :func:`experiment_family` of ``config``.
+
+    wandb's group is :func:`setup_group` of ``name`` and ``config['seed']``, its job type
+    :func:`experiment_family` of ``config``.
     """
 
     def __init__(self, run_dir: Path, name: str, config: dict, project: Optional[str] = None,
                  tags: Sequence[str] = (), display_name: Optional[str] = None, enabled: bool = True,
-                 derived: Optional[Mapping[str, Any]] = None, group: Optional[str] = None,
-                 job_type: Optional[str] = None):
+                 derived: Optional[Mapping[str, Any]] = None):
         self.run = None
         self.offline = False
         if not enabled:
@@ -150,8 +148,8 @@ class WandbLogger:
             self.run = wandb.init(
                 mode=mode, project=project or "ghost-noise", name=display_name or name, id=_run_id(run_dir, name),
                 resume="allow", dir=str(run_dir), config={**config, "derived": dict(derived or {})},
-                tags=list(tags) or None, group=group or setup_group(name, config.get("seed")),
-                job_type=job_type or experiment_family(config), settings=wandb.Settings(init_timeout=120))
+                tags=list(tags) or None, group=setup_group(name, config.get("seed")),
+                job_type=experiment_family(config), settings=wandb.Settings(init_timeout=120))
             for key, summary in HEADLINE_METRICS.items():  # plotted against the epoch by default
                 self.run.define_metric(key, step_metric="epoch", summary=summary)
         except Exception as error:  # wandb raises many types (UsageError, CommError, timeouts...)

@@ -429,10 +429,9 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
 # ----------------------------------------------------------------------------------------------
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in body]
-    return "\n".join(lines)
+    def line(cells: Sequence) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(row) for row in body])
 
 
 def _table_metrics(metric: str) -> list:
@@ -538,21 +537,17 @@ def _fill_band(ax, xs: Sequence[float], means: Sequence[float], widths: Sequence
                         linewidth=0)
 
 
-def _context_label(group: Group, context_keys: Sequence[str]) -> str:
-    parts = [f"{k}={_format_value(group.args.get(k))}" for k in context_keys]
-    return (" [" + ", ".join(parts) + "]") if parts else ""
-
-
 def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
     """The columns whose value differs between ``groups``."""
     return [c for c in columns if len({_canonical(g.args.get(c)) for g in groups}) > 1]
 
 
-def _context_keys(rows: Sequence[dict], columns: Sequence[str]) -> list:
-    """Keys other than the norm and the dropout that still vary between the setups of ``rows``: they
-    split lines (e.g. two learning rates)."""
-    varying = _varying([r["_group"] for r in rows], columns)
-    return [c for c in varying if c not in ("norm", "model_kwargs")]
+def _context_labels(rows: Sequence[dict], columns: Sequence[str]) -> list:
+    """Per row, the keys other than the norm and the dropout that still vary between the setups of
+    ``rows`` (they split lines, e.g. two learning rates) as a label part: `` [lr=0.1]``, or ``""``."""
+    keys = [c for c in _varying([r["_group"] for r in rows], columns) if c not in ("norm", "model_kwargs")]
+    labels = [", ".join(f"{k}={_format_value(r['_group'].args.get(k))}" for k in keys) for r in rows]
+    return [f" [{label}]" if keys else "" for label in labels]
 
 
 def _n_label(counts: Iterable[int]) -> str:
@@ -566,17 +561,12 @@ def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str
     n). A line is a method (the norm spec without N) or a block-dropout kind."""
     plotted = [row for row in rows
                if axis_of(row["_group"].args)[0] == kind and math.isfinite(row[f"{metric}_mean"])]
-    context = _context_keys(plotted, columns)
     lines: dict = {}
-    for row in plotted:
+    for row, context in zip(plotted, _context_labels(plotted, columns)):
         args = row["_group"].args
-        if kind == "ghost_batch_size":
-            method = describe_norm(args.get("norm"))[0]
-        else:
-            method = dropout_of(args)[0]
+        method = describe_norm(args.get("norm"))[0] if kind == "ghost_batch_size" else dropout_of(args)[0]
         width = _band_width(row[f"{metric}_std"], row["n"], band)
-        lines.setdefault(method + _context_label(row["_group"], context), []).append(
-            (axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
+        lines.setdefault(method + context, []).append((axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
@@ -600,12 +590,11 @@ def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metr
     references = [row for row in rows
                   if _is_plain_batch_norm(row["_group"].args)
                   and math.isfinite(row[f"{metric}_mean"])]
-    context = _context_keys(references, columns)
-    for row in references:
+    for row, context in zip(references, _context_labels(references, columns)):
         mean, width = row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band)
         method = describe_norm(row["_group"].args.get("norm"))[0]
         line = ax.axhline(mean, linestyle="--", linewidth=1, color="0.3",
-                          label=f"{method} (reference)" + _context_label(row["_group"], context) + _n_label([row["n"]]))
+                          label=f"{method} (reference){context}{_n_label([row['n']])}")
         if width:
             ax.axhspan(mean - width, mean + width, color=line.get_color(), alpha=0.1)
 
@@ -623,17 +612,14 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
         return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
                       if has_kind else f"no finished setup of this family has {noun}")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
     _draw_reference_lines(ax, rows, columns, metric, band)
     xs = sorted({x for points in lines.values() for x, *_ in points})
     if kind == "ghost_batch_size":
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
-    else:
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel(_AXIS_TITLES[kind])
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
@@ -652,8 +638,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
         return Figure(title, reason=f"every finished setup of this family is on a ghost batch size or dropout axis "
                                     f"(or has no {metric_label(metric)})")
     shown = _varying([r["_group"] for r in chosen], columns) or ["norm"]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
     positions = list(range(len(chosen)))
     ax.errorbar(positions, [r[f"{metric}_mean"] for r in chosen], fmt="o", markersize=5, capsize=4,
                 yerr=[_band_width(r[f"{metric}_std"], r["n"], band) for r in chosen])
@@ -700,14 +685,6 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
     return ", ".join(parts) or "all runs"
 
 
-def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
-    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns
-    the line."""
-    (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
-    _fill_band(ax, epochs, means, widths, line.get_color(), floor)
-    return line
-
-
 def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
     ax.set_title(title, fontsize=10)
     if not drawn:  # say why instead of an empty frame with meaningless ticks
@@ -724,8 +701,7 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
 
 def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
-    plt = pyplot()
-    fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
+    fig, (ax_top1, ax_loss) = pyplot().subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     curves = {(id(group), column): _curve_statistics(group.runs, column, band)
               for group in chunk for column in ("top1", "train_loss", "eval_loss")}
     losses = [m for (_, column), (_, means, _) in curves.items() if column != "top1" for m in means]
@@ -737,8 +713,10 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
             epochs, means, widths = curves[id(group), column]
             if epochs:
                 floor = min(losses) / 2 if log_loss and ax is ax_loss else -math.inf
-                color = lines[0].get_color() if lines else None
-                lines.append(_draw_curve(ax, epochs, means, widths, style, color, floor))
+                color = lines[0].get_color() if lines else None  # one color per setup
+                # markers: a 1-epoch curve is a visible point
+                lines += ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
+                _fill_band(ax, epochs, means, widths, lines[-1].get_color(), floor)
         if lines:
             entries.append((lines[0], _short_label(group.args, shown) + f" (n={len(group.runs)})"))
     _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
@@ -785,13 +763,6 @@ def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], c
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def _by_family(groups: Sequence[Group]) -> dict:
-    families: dict = {}
-    for group in groups:
-        families.setdefault(experiment_family(group.args), []).append(group)
-    return families
-
-
 def _figures_markdown(family: str, figures: Sequence[Figure], out_dir: Path) -> str:
     text = f"\n## Figures: {family}\n"
     for figure in figures:
@@ -830,8 +801,11 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
     markdown = (f"# Results\n\n{len(runs)} runs below `{runs_dir}` in {len(groups)} setups. Figures: "
                 f"{metric_label(metric)}, mean over the finished seeds of each setup, {_band_name(band)}.\n\n")
     markdown += render_tables(rows, unfinished, columns, metric, unreadable)
+    families: dict = {}
+    for group in groups:
+        families.setdefault(experiment_family(group.args), []).append(group)
     if plots:
-        for family, family_groups in _by_family(groups).items():
+        for family, family_groups in families.items():
             family_rows = [row for row in rows if row["_group"] in family_groups]
             drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
             markdown += _figures_markdown(family, drawn, out)
