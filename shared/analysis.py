@@ -56,7 +56,6 @@ import difflib
 import json
 import math
 import os
-import re
 import random
 import sys
 from pathlib import Path
@@ -69,7 +68,7 @@ import torch.nn as nn
 import nodo
 from nodo import functional as NF
 from shared.checkpoint import CheckpointError, load_checkpoint
-from shared.report import pyplot, save_png
+from shared.report import file_name_part, pyplot, save_png
 from shared.run_files import atomic_write_text, csv_text, read_args
 from shared.specs import NormSequence
 
@@ -339,10 +338,6 @@ def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
 # Output
 # ----------------------------------------------------------------------------------------------
 
-def _safe_name(site: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", site)
-
-
 def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, noise in zip(axes, NOISES):
@@ -411,7 +406,7 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
     atomic_write_text(out / "analysis.json", json.dumps(document, indent=1, default=str) + "\n")
     if plots:
         for name, site in measured.items():
-            _plot_site(name, site, ghost_batch_size, out / f"hist_{_safe_name(name)}.png")
+            _plot_site(name, site, ghost_batch_size, out / f"hist_{file_name_part(name)}.png")
         _plot_ks(reports, out / "ks_by_site.png")
     return {"reports": reports, "out": out}
 

@@ -286,9 +286,7 @@ def _spec_parts(spec: Any, site: str = "norm") -> Optional[tuple]:
 
 
 def _ghost_batch_size(parts: Sequence) -> Optional[int]:
-    sizes = [part.options["ghost_batch_size"] for part in parts
-             if "ghost_batch_size" in part.options]
-    return sizes[0] if sizes else None
+    return next((part.options["ghost_batch_size"] for part in parts if "ghost_batch_size" in part.options), None)
 
 
 def _noise_variant(options: dict) -> str:
@@ -461,22 +459,17 @@ def render_tables(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequ
     return text + "\n"
 
 
-def _csv_text(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
-    """CSV with empty cells for the NaN of a missing mean or std."""
-    blank_nan = (["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells]
-                 for cells in body)
-    return csv_text(header, blank_nan)
-
-
 def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> str:
+    """results.csv: a row per setup; the NaN of a missing mean or std is an empty cell."""
     fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in _table_metrics(metric)
                                                          for s in ("mean", "std")]
-    return _csv_text(fields, ([row.get(f, "") for f in fields] for row in rows))
+    cells = ([row.get(f, "") for f in fields] for row in rows)
+    return csv_text(fields, (["" if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in cells))
 
 
 def _unfinished_csv(unfinished: Sequence[Run]) -> str:
-    return _csv_text(["run", "status", "epochs_done", "epochs", "path"],
-                     ([r.name, r.status, r.epochs_done, r.args.get("epochs"), r.path] for r in unfinished))
+    return csv_text(["run", "status", "epochs_done", "epochs", "path"],  # csv writes None as an empty cell
+                    ([r.name, r.status, r.epochs_done, r.args.get("epochs"), r.path] for r in unfinished))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,9 +653,9 @@ def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
             if epoch is not None and value is not None:
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    means, stds = zip(*(_mean_std(by_epoch[e]) for e in epochs)) if epochs else ((), ())
-    widths = [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
-    return epochs, list(means), widths
+    moments = [_mean_std(by_epoch[e]) for e in epochs]
+    return (epochs, [mean for mean, _ in moments],
+            [_band_width(std, len(by_epoch[e]), band) for e, (_, std) in zip(epochs, moments)])
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -670,17 +663,15 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
     parts = []
     for column in columns:
         value = args.get(column)
+        # of the model keywords, only what tells setups apart here: the block dropout, if any
+        dropout = dropout_of(args) if column == "model_kwargs" else None
         if column == "norm":
             method, ghost = describe_norm(value)
             parts.append(value if isinstance(value, str) and len(value) <= 24 else
                          method + (f" N={ghost}" if ghost is not None else ""))
-        elif column == "model_kwargs":  # only what tells setups apart here: the block dropout, if any
-            dropout = dropout_of(args)
-            if dropout is not None:
-                parts.append(f"{dropout[0]} p={dropout[1]:g}")
-            elif args.get(column):
-                parts.append(f"{column}={_format_value(args.get(column))}")
-        else:
+        elif dropout is not None:
+            parts.append(f"{dropout[0]} p={dropout[1]:g}")
+        elif column != "model_kwargs" or value:
             parts.append(f"{column}={_format_value(value)}")
     return ", ".join(parts) or "all runs"
 
@@ -740,19 +731,21 @@ def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, ba
         chunk = with_curves[start:start + per_file]
         shown = _varying(chunk, columns) or [c for c in columns if c in ("model", "norm")]
         number = start // per_file + 1
-        path = _curves_figure(chunk, shown, family, band, out_dir / f"{_file_part(family)}_curves_{number}.png")
+        path = _curves_figure(chunk, shown, family, band, out_dir / f"{file_name_part(family)}_curves_{number}.png")
         figures.append(Figure(f"training curves ({number})" if len(with_curves) > per_file else "training curves", path))
     return figures
 
 
-def _file_part(text: str) -> str:
+def file_name_part(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``._-`` as one ``_`` (a file
+    name part, also for :mod:`shared.analysis`)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "runs"
 
 
 def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], columns: Sequence[str],
                    metric: str, band: str, out_dir: Path) -> list:
     """Every figure of one family: the two axes, the setups without an axis, the training curves."""
-    prefix = f"{_file_part(family)}_{metric}"
+    prefix = f"{file_name_part(family)}_{metric}"
     figures = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
                for kind in ("ghost_batch_size", "dropout_p")]
     figures.append(plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"))

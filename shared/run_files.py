@@ -226,9 +226,7 @@ def changed_result_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
     """
     changed = []
     defaults = defaults or {}
-    for key in sorted(set(saved) | set(current)):
-        if key in OPERATIONAL_KEYS:
-            continue
+    for key in sorted((set(saved) | set(current)) - OPERATIONAL_KEYS):
         old, new = saved.get(key, defaults.get(key, "<absent>")), current.get(key, "<absent>")
         if old != new:
             changed.append((key, old, new))
