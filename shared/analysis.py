@@ -75,6 +75,7 @@ from shared.specs import NormSequence
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 NOISES = ("shift", "scale")
 SOURCES = ("gbn", "gni")
+KS_COLUMNS = ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic")  # ks.csv: which samples each distance compares
 # A channel whose batch variance is below this (relative to float32 resolution) carries no signal
 # (e.g. a channel that is exactly zero); its noise is undefined and it is left out.
 _MIN_VARIANCE = 1e-12
@@ -310,11 +311,8 @@ def ks_distances(site: dict, ghost_batch_size: int) -> dict:
     for noise in NOISES:
         gbn, gni = site["gbn"][noise], site["gni"][noise]
         cdf = analytic_distribution(noise, ghost_batch_size).cdf
-        result[noise] = {
-            "gbn_vs_gni": float(stats.ks_2samp(gbn, gni).statistic),
-            "gbn_vs_analytic": float(stats.kstest(gbn, cdf).statistic),
-            "gni_vs_analytic": float(stats.kstest(gni, cdf).statistic),
-        }
+        distances = (stats.ks_2samp(gbn, gni), stats.kstest(gbn, cdf), stats.kstest(gni, cdf))
+        result[noise] = {column: float(test.statistic) for column, test in zip(KS_COLUMNS, distances)}
     return result
 
 
@@ -369,7 +367,7 @@ def _plot_ks(reports: Sequence[dict], path: Path) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4), sharey=True)
     positions = np.arange(len(reports))
     for ax, noise in zip(axes, NOISES):
-        for key in ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"):
+        for key in KS_COLUMNS:
             ax.plot(positions, [r["ks"][noise][key] for r in reports], marker="o", markersize=3,
                     label=key.replace("_", " "))
         ax.set_title(f"{noise} noise")
@@ -398,9 +396,8 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
             stat_rows.append([report["site"], source, noise] + cells + [extreme])
     stat_header = ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"]
     atomic_write_text(out / "noise_stats.csv", csv_text(stat_header, stat_rows))
-    ks_columns = ["gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"]
-    atomic_write_text(out / "ks.csv", csv_text(["site", "noise"] + ks_columns, (
-        [report["site"], noise] + [report["ks"][noise][column] for column in ks_columns]
+    atomic_write_text(out / "ks.csv", csv_text(["site", "noise", *KS_COLUMNS], (
+        [report["site"], noise] + [report["ks"][noise][column] for column in KS_COLUMNS]
         for report in reports for noise in NOISES)))
     document = {"setup": setup or {}, "ghost_batch_size": ghost_batch_size, "sites": reports}
     atomic_write_text(out / "analysis.json", json.dumps(document, indent=1, default=str) + "\n")
@@ -423,15 +420,13 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
     for r in reports:
         st, ks, ex = r["stats"], r["ks"], r["extremes"]
         shape = "x".join(str(d) for d in r["shape"] or [])
-        lines.append(
-            f"{r['site'][:28]:<28s} {shape:<12s} "
-            f"{st['gbn/shift']['std']:7.4f}/{st['gni/shift']['std']:<8.4f} "
-            f"{st['gbn/scale']['std']:7.4f}/{st['gni/scale']['std']:<8.4f} "
-            f"{ks['shift']['gbn_vs_gni']:8.3f}/{ks['shift']['gbn_vs_analytic']:.3f}/{ks['shift']['gni_vs_analytic']:<8.3f} "
-            f"{ks['scale']['gbn_vs_gni']:8.3f}/{ks['scale']['gbn_vs_analytic']:.3f}/{ks['scale']['gni_vs_analytic']:<8.3f} "
-            f"{max(ex['gbn']['max_abs_shift'], ex['gni']['max_abs_shift']):7.3f} "
-            f"{min(ex['gbn']['min_scale'], ex['gni']['min_scale']):7.4f} "
-            f"{ex['gni']['effective_n_shift']:9.1f}")
+        stds = [f"{st[f'gbn/{noise}']['std']:7.4f}/{st[f'gni/{noise}']['std']:<8.4f}" for noise in NOISES]
+        distances = [f"{ks[noise]['gbn_vs_gni']:8.3f}/{ks[noise]['gbn_vs_analytic']:.3f}/"
+                     f"{ks[noise]['gni_vs_analytic']:<8.3f}" for noise in NOISES]
+        lines.append(f"{r['site'][:28]:<28s} {shape:<12s} {' '.join(stds)} {' '.join(distances)} "
+                     f"{max(ex['gbn']['max_abs_shift'], ex['gni']['max_abs_shift']):7.3f} "
+                     f"{min(ex['gbn']['min_scale'], ex['gni']['min_scale']):7.4f} "
+                     f"{ex['gni']['effective_n_shift']:9.1f}")
     return "\n".join(lines)
 
 
