@@ -392,8 +392,7 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
             source, noise = key.split("/")
             extremes = report["extremes"].get(source, {})  # none for the analytic law
             extreme = extremes.get("max_abs_shift" if noise == "shift" else "max_inverse_scale", "")
-            cells = [row[field] for field in stat_fields]
-            stat_rows.append([report["site"], source, noise] + cells + [extreme])
+            stat_rows.append([report["site"], source, noise, *(row[field] for field in stat_fields), extreme])
     stat_header = ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"]
     atomic_write_text(out / "noise_stats.csv", csv_text(stat_header, stat_rows))
     atomic_write_text(out / "ks.csv", csv_text(["site", "noise", *KS_COLUMNS], (

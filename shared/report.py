@@ -344,14 +344,13 @@ def dropout_of(args: dict) -> Optional[tuple]:
     return (f"{options.get('kind', 'bernoulli')} {where}", float(p) if p is not None else math.nan)
 
 
-AXIS_KINDS = ("ghost_batch_size", "dropout_p", "none")
 # Norms whose batch statistics the ghost batch size changes: a spec built on one of them (or
 # starting with a noise part) is plotted against N.
 _BATCH_NORMS = ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")
 
 
 def axis_of(args: dict) -> tuple:
-    """``(x-axis kind, x)`` a setup is plotted on (:data:`AXIS_KINDS`).
+    """``(x-axis kind, x)`` a setup is plotted on: ``ghost_batch_size``, ``dropout_p`` or ``none``.
 
     ``dropout_p``: block dropout with a probability p. ``ghost_batch_size``: a norm spec with a ghost
     batch size N whose base is batch norm or a ghost batch norm (``gbn16``, ``gni16``, ``nat8-scale``,
@@ -409,15 +408,12 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
         unfinished += [r for r in group.runs if r.status != "finished"]
         if not finished:
             continue
+        seeds = [str(r.seed) for r in finished]
         row = {c: _format_value(group.args.get(c)) for c in columns}
-        seeds = [r.seed for r in finished]
-        row["n"] = len(finished)
-        row["seeds"] = ",".join(str(s) for s in seeds)
-        row["duplicate_seeds"] = len(set(map(str, seeds))) < len(seeds)
-        row["epochs"] = ",".join(sorted({str(r.epochs_done) for r in finished}))
+        row.update(n=len(finished), seeds=",".join(seeds), duplicate_seeds=len(set(seeds)) < len(seeds),
+                   epochs=",".join(sorted({str(r.epochs_done) for r in finished})), _group=group)
         for name in _table_metrics(metric):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r.metric(name) for r in finished])
-        row["_group"] = group
         rows.append(row)
     return rows, unfinished
 
@@ -795,19 +791,18 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
                 f"{metric_label(metric)}, mean over the finished seeds of each setup, {_band_name(band)}.\n\n")
     markdown += render_tables(rows, unfinished, columns, metric, unreadable)
     families: dict = {}
-    for group in groups:
+    for group in groups if plots else ():  # no figures: no families to draw
         families.setdefault(experiment_family(group.args), []).append(group)
-    if plots:
-        for family, family_groups in families.items():
-            family_rows = [row for row in rows if row["_group"] in family_groups]
-            drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
-            markdown += _figures_markdown(family, drawn, out)
-            figures += drawn
-    files = [out / "results.csv", out / "unfinished.csv", out / "results.md"]
-    atomic_write_text(files[0], _results_csv(rows, columns, metric))
-    atomic_write_text(files[1], _unfinished_csv(unfinished))
-    atomic_write_text(files[2], markdown)
-    files += [figure.path for figure in figures if figure.path is not None]
+    for family, family_groups in families.items():
+        family_rows = [row for row in rows if row["_group"] in family_groups]
+        drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
+        markdown += _figures_markdown(family, drawn, out)
+        figures += drawn
+    texts = {"results.csv": _results_csv(rows, columns, metric), "unfinished.csv": _unfinished_csv(unfinished),
+             "results.md": markdown}
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+    files = [out / name for name in texts] + [figure.path for figure in figures if figure.path is not None]
     return {"markdown": markdown, "rows": rows, "unfinished": unfinished, "unreadable": unreadable,
             "figures": figures, "files": files}
 

@@ -137,15 +137,6 @@ def timm_metric_names(row: Mapping[str, Any]) -> dict:
     return {PREVIOUS_METRIC_NAMES.get(key, key): value for key, value in row.items()}
 
 
-def results_with_timm_names(results: Mapping[str, Any]) -> dict:
-    """results.json's content with the metric names of ``final`` and ``best`` in timm's names."""
-    renamed = dict(results)
-    for section in ("final", "best"):
-        if isinstance(renamed.get(section), Mapping):
-            renamed[section] = timm_metric_names(renamed[section])
-    return renamed
-
-
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """``header`` and ``rows`` as CSV text (``\\n`` line ends), for an atomic write."""
     buffer = io.StringIO()
@@ -207,7 +198,8 @@ def read_args(run_dir: Path) -> dict:
 
 
 def read_results(run_dir: Path) -> dict:
-    """results.json (metric names in timm's form, also for a run of the previous version).
+    """results.json, the metric names of ``final`` and ``best`` in timm's form (also for a run of the
+    previous version: :func:`timm_metric_names`).
 
     Raises:
         OSError: it cannot be read. ValueError: it is not JSON or not a mapping (the message says which).
@@ -215,7 +207,10 @@ def read_results(run_dir: Path) -> dict:
     results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
     if not isinstance(results, dict):
         raise ValueError(f"a {type(results).__name__}, not a mapping")
-    return results_with_timm_names(results)
+    for section in ("final", "best"):
+        if isinstance(results.get(section), Mapping):
+            results[section] = timm_metric_names(results[section])
+    return results
 
 
 def changed_result_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
