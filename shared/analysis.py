@@ -353,8 +353,8 @@ def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) ->
         grid = np.linspace(low, high, 400)
         ax.plot(grid, analytic_distribution(noise, ghost_batch_size).pdf(grid), color="black", linewidth=1,
                 label="analytic " + ("Normal(0, 1/N)" if noise == "shift" else "sqrt(chi2(N-1)/N)"))
-        ax.set_xlabel("shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma")
-        ax.set_ylabel("density")
+        ax.set(xlabel="shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma",
+               ylabel="density")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     shape = "x".join(str(d) for d in site.get("shape") or [])
@@ -370,9 +370,8 @@ def _plot_ks(reports: Sequence[dict], path: Path) -> None:
         for key in KS_COLUMNS:
             ax.plot(positions, [r["ks"][noise][key] for r in reports], marker="o", markersize=3,
                     label=key.replace("_", " "))
-        ax.set_title(f"{noise} noise")
+        ax.set(title=f"{noise} noise", ylabel="KS distance")
         ax.set_xticks(positions, [r["site"] for r in reports], rotation=90, fontsize=6)
-        ax.set_ylabel("KS distance")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

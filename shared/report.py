@@ -609,8 +609,7 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel(_AXIS_TITLES[kind])
-    ax.set_ylabel(metric_label(metric))
+    ax.set(xlabel=_AXIS_TITLES[kind], ylabel=metric_label(metric))
     ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(ax, *ax.get_legend_handles_labels())
@@ -633,8 +632,7 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
                 yerr=[_band_width(r[f"{metric}_std"], r["n"], band) for r in chosen])
     ax.set_xticks(positions, [_wrap(_short_label(r["_group"].args, shown) + f" (n={r['n']})", 18) for r in chosen],
                   fontsize=8)
-    ax.set_xlim(-0.6, len(chosen) - 0.4)
-    ax.set_ylabel(metric_label(metric))
+    ax.set(xlim=(-0.6, len(chosen) - 0.4), ylabel=metric_label(metric))
     ax.set_title(f"{family}: {metric_label(metric)} by setup\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return Figure(title, save_png(fig, path))
@@ -677,11 +675,9 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
     if not drawn:  # say why instead of an empty frame with meaningless ticks
         ax.text(0.5, 0.5, f"nothing to draw:\nno {title} values in these runs' summary.csv", ha="center",
                 va="center", transform=ax.transAxes, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         return
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
 
@@ -756,10 +752,8 @@ def _figures_markdown(family: str, figures: Sequence[Figure], out_dir: Path) -> 
     text = f"\n## Figures: {family}\n"
     for figure in figures:
         text += f"\n### {figure.title}\n\n"
-        if figure.path is not None:
-            text += f"![{family}: {figure.title}]({os.path.relpath(figure.path, out_dir)})\n"
-        else:
-            text += f"Not drawn: {figure.reason}.\n"
+        text += (f"![{family}: {figure.title}]({os.path.relpath(figure.path, out_dir)})\n" if figure.path is not None
+                 else f"Not drawn: {figure.reason}.\n")
     return text
 
 

@@ -146,12 +146,11 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
+def _cell(value: Any) -> Any:
+    """A float in at most 6 decimals (6 significant digits below 1e-3); other values as csv writes them."""
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) < 1e-3 and value != 0 else f"{value:.6f}".rstrip("0").rstrip(".")
-    return str(value)
+    return value
 
 
 class RunFileError(RuntimeError):
@@ -319,8 +318,7 @@ def refuse_if_results(run_dir: Path) -> None:
     if not found:
         return
     names = ", ".join(path.name for path in found[:6]) + (", ..." if len(found) > 6 else "")
-    resumable = (run_dir / "last.pth.tar").is_file()
-    how = ("continue it with --resume auto, " if resumable else
+    how = ("continue it with --resume auto, " if (run_dir / "last.pth.tar").is_file() else
            "it has no last.pth.tar to continue from (--resume auto cannot continue it); ")
     raise RunDirError(f"{run_dir} already holds a run ({names}): {how}pass --start-fresh to move its results "
                       f"into {run_dir}/superseded-TIMESTAMP/ and start anew, or choose another --experiment")
