@@ -452,11 +452,9 @@ def _dataset(options: argparse.Namespace, input_size: Optional[Sequence[int]] = 
     size the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
     from shared import config, data
     args = config.create_parser().parse_args([])
-    args.dataset, args.data_dir = options.dataset, options.data_dir
-    args.dataset_download = options.dataset_download
-    args.train_split = args.val_split = options.split
-    args.mean, args.std = options.mean, options.std
-    args.input_size = list(input_size) if input_size else None
+    vars(args).update(dataset=options.dataset, data_dir=options.data_dir, dataset_download=options.dataset_download,
+                      train_split=options.split, val_split=options.split, mean=options.mean, std=options.std,
+                      input_size=list(input_size) if input_size else None)
     kind, dataset, _eval, num_classes = data.create_datasets(args)
     return args, dataset, data.resolve_data_config(args, kind, dataset, num_classes)
 

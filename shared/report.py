@@ -131,9 +131,8 @@ def metric_value(values: Any, name: str) -> Optional[float]:
     if not isinstance(values, dict):
         return None
     value = timm_metric_names(values).get(PREVIOUS_METRIC_NAMES.get(name, name))
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number and math.isfinite(value) else None
 
 
 def metric_label(name: str) -> str:
@@ -559,11 +558,10 @@ def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
-def _draw_lines(ax, lines: dict, log_x: bool) -> None:
+def _draw_lines(ax, lines: dict, xs_all: Sequence[float], log_x: bool) -> None:
     """Each line: means with error bars, joined, and a band between them. Lines are spread a little
     sideways (a factor of 2^0.05 per line on a log axis, 1% of the x range on a linear one) so that
-    methods measured at the same x keep their error bars apart."""
-    xs_all = sorted({x for points in lines.values() for x, *_ in points})
+    methods measured at the same x keep their error bars apart. ``xs_all``: every line's x, sorted."""
     step = 0.05 if log_x else 0.01 * ((xs_all[-1] - xs_all[0]) or 1.0)
     for number, (label, points) in enumerate(sorted(lines.items())):
         xs, ys, bands, _counts = zip(*points)
@@ -602,9 +600,9 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
                       if has_kind else f"no finished setup of this family has {noun}")
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
-    _draw_reference_lines(ax, rows, columns, metric, band)
     xs = sorted({x for points in lines.values() for x, *_ in points})
+    _draw_lines(ax, lines, xs, log_x=kind == "ghost_batch_size")
+    _draw_reference_lines(ax, rows, columns, metric, band)
     if kind == "ghost_batch_size":
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
@@ -738,10 +736,10 @@ def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], c
                    metric: str, band: str, out_dir: Path) -> list:
     """Every figure of one family: the two axes, the setups without an axis, the training curves."""
     prefix = f"{file_name_part(family)}_{metric}"
-    figures = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
-               for kind in ("ghost_batch_size", "dropout_p")]
-    figures.append(plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"))
-    return figures + plot_curves(groups, columns, family, band, out_dir)
+    axes = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
+            for kind in ("ghost_batch_size", "dropout_p")]
+    return [*axes, plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"),
+            *plot_curves(groups, columns, family, band, out_dir)]
 
 
 # ----------------------------------------------------------------------------------------------
