@@ -239,16 +239,15 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     was_training = model.training
     model.train(train_mode)
     try:
-        batch_count = 0
         with torch.no_grad():
-            for batch_count, batch in enumerate(batches, 1):
+            for batch in batches:
                 model(batch)
-        if batch_count == 0:
-            raise ValueError("no batches: the batch source was empty")
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if not any(samples.values()):  # every site records every batch
+        raise ValueError("no batches: the batch source was empty")
     return {name: {**{source: {noise: np.concatenate([batch[source][i] for batch in found])
                                for i, noise in enumerate(NOISES)} for source in SOURCES},
                    "shape": shapes.get(name)}
@@ -269,22 +268,22 @@ def analytic_distribution(noise: str, ghost_batch_size: int):
     return stats.chi(ghost_batch_size - 1, scale=1.0 / math.sqrt(ghost_batch_size))
 
 
+def _summary_row(n: float, mean: float, std: float, low: float, high: float, quantiles: Sequence[float]) -> dict:
+    """A row of noise_stats.csv: n, mean, std, min, max and the :data:`QUANTILES`."""
+    return {"n": n, "mean": float(mean), "std": float(std), "min": float(low), "max": float(high),
+            **{f"q{q:g}": float(value) for q, value in zip(QUANTILES, quantiles)}}
+
+
 def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
-    """The columns of :func:`summarize_samples` for the analytic law (``n`` infinite)."""
+    """:func:`summarize_samples`' columns for the analytic law (``n`` infinite, min and max its support)."""
     law = analytic_distribution(noise, ghost_batch_size)
-    low, high = law.support()
-    row = {"n": math.inf, "mean": float(law.mean()), "std": float(law.std()), "min": float(low),
-           "max": float(high)}
-    row.update({f"q{q:g}": float(law.ppf(q)) for q in QUANTILES})
-    return row
+    return _summary_row(math.inf, law.mean(), law.std(), *law.support(), [law.ppf(q) for q in QUANTILES])
 
 
 def summarize_samples(values: np.ndarray) -> dict:
     """n, mean, std, min, max and :data:`QUANTILES` of a sample."""
-    row = {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
-           "min": float(values.min()), "max": float(values.max())}
-    row.update({f"q{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))})
-    return row
+    return _summary_row(int(values.size), values.mean(), values.std(), values.min(), values.max(),
+                        np.quantile(values, QUANTILES))
 
 
 def noise_statistics(shift: np.ndarray, scale: np.ndarray, small_scale: float = SMALL_SCALE) -> dict:

@@ -100,10 +100,6 @@ class Run:
     def name(self) -> str:
         return str(self.args.get("experiment") or self.path.name)
 
-    @property
-    def seed(self) -> Any:
-        return self.args.get("seed")
-
     @functools.cached_property
     def setup_args(self) -> dict:
         """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json.
@@ -216,7 +212,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _setup_value(key: str, value: Any, seed: Any) -> Any:
+def _setup_value(value: Any, seed: Any) -> Any:
     # ``train[:0.9]-20`` for seed 20 is the seeded split template, not a different setup.
     if isinstance(value, str) and seed is not None and value.endswith(f"-{seed}") and "[" in value:
         return value[: -len(str(seed))] + "{seed}"
@@ -232,8 +228,8 @@ def setup_key(run: Run, group_by: Optional[Sequence[str]] = None, seeded_splits:
     args = run.setup_args
     keys = list(group_by) if group_by is not None else sorted(k for k in args if k not in NON_SETUP_KEYS)
     keys += [k for k in SEMANTIC_KEYS if k not in keys]  # never average different ghost-batch semantics
-    return tuple((k, _canonical(_setup_value(k, args.get(k), run.seed) if seeded_splits else args.get(k)))
-                 for k in keys)
+    seed = run.args.get("seed") if seeded_splits else None  # None: split strings compared as they are
+    return tuple((k, _canonical(_setup_value(args.get(k), seed))) for k in keys)
 
 
 def group_runs(runs: Iterable[Run], group_by: Optional[Sequence[str]] = None) -> list:
@@ -407,7 +403,7 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
         unfinished += [r for r in group.runs if r.status != "finished"]
         if not finished:
             continue
-        seeds = [str(r.seed) for r in finished]
+        seeds = [str(r.args.get("seed")) for r in finished]
         row = {c: _format_value(group.args.get(c)) for c in columns}
         row.update(n=len(finished), seeds=",".join(seeds), duplicate_seeds=len(set(seeds)) < len(seeds),
                    epochs=",".join(sorted({str(r.epochs_done) for r in finished})), _group=group)
