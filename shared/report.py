@@ -40,7 +40,7 @@ Every point is a mean with an error bar (and every line a band) of +-1 sample st
 (``--band sem``: the standard error); a setup with one seed has none, and its legend entry says n=1.
 Axis labels and file names follow ``--metric``. A figure with nothing to draw is not written; the page
 says why. Everything is written atomically (temporary file, fsync, rename: see
-:func:`shared.run_files.atomic_write_bytes`), so an interrupted report leaves the previous complete files.
+:func:`shared.run_files.atomic_write`), so an interrupted report leaves the previous complete files.
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def distinguishing_keys(groups: Sequence[Group], group_by: Optional[Sequence[str
                if len({dict(g.key).get(key) for g in groups}) > 1]
     if all(g.args.get("per_process_batch") == g.args.get("batch_size") for g in groups):
         varying = [key for key in varying if key != "per_process_batch"]
-    first = list(group_by) if group_by is not None else [k for k in ("model", "norm") if any(k in g.args for g in groups)]
+    first = list(group_by) if group_by is not None else ["model", "norm"]  # every setup has both (flag defaults)
     extra = [k for k in varying if k in SEMANTIC_KEYS] if group_by is not None else varying
     return first + [k for k in extra if k not in first]
 
@@ -454,8 +454,9 @@ def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> s
     """results.csv: a row per setup; the NaN of a missing mean or std is an empty cell."""
     fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in _table_metrics(metric)
                                                          for s in ("mean", "std")]
-    cells = ([row.get(f, "") for f in fields] for row in rows)
-    return csv_text(fields, (["" if isinstance(v, float) and not math.isfinite(v) else v for v in row] for row in cells))
+    cells = ((row.get(f, "") for f in fields) for row in rows)
+    return csv_text(fields, (["" if isinstance(value, float) and not math.isfinite(value) else value for value in row]
+                             for row in cells))
 
 
 def _unfinished_csv(unfinished: Sequence[Run]) -> str:
@@ -718,7 +719,8 @@ def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, ba
         shown = _varying(chunk, columns) or [c for c in columns if c in ("model", "norm")]
         number = start // per_file + 1
         path = _curves_figure(chunk, shown, family, band, out_dir / f"{file_name_part(family)}_curves_{number}.png")
-        figures.append(Figure(f"training curves ({number})" if len(with_curves) > per_file else "training curves", path))
+        title = f"training curves ({number})" if len(with_curves) > per_file else "training curves"
+        figures.append(Figure(title, path))
     return figures
 
 
