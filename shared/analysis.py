@@ -469,10 +469,9 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
     normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
 
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
-    for index in range(options.num_batches):
+    full_batches = min(options.num_batches, len(order) // options.batch_size)  # a partial batch is left out
+    for index in range(full_batches):
         chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
-        if len(chosen) < options.batch_size:
-            break
         images = [transform(dataset[i][0], random.Random(0)) for i in chosen]  # each image once: a permutation
         yield normalize(torch.stack(images).to(device))
 

@@ -149,7 +149,8 @@ class NoiseMonitor:
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as handle:
                 kept = [row for row in csv.DictReader(handle) if int(row["update"]) <= start_update]
-        atomic_write_text(self.csv_path, csv_text(CSV_COLUMNS, ([row.get(c) for c in CSV_COLUMNS] for row in kept)))
+        kept_cells = ([row.get(column) for column in CSV_COLUMNS] for row in kept)
+        atomic_write_text(self.csv_path, csv_text(CSV_COLUMNS, kept_cells))
 
     def due(self, update: int) -> bool:
         """Whether optimizer update number ``update`` (1-based) is measured."""
