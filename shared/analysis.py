@@ -56,11 +56,10 @@ import difflib
 import json
 import math
 import os
-import re
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,13 +67,15 @@ import torch.nn as nn
 
 import nodo
 from nodo import functional as NF
-from shared.report import pyplot, save_png
+from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.report import file_name_part, pyplot, save_png
 from shared.run_files import atomic_write_text, csv_text, read_args
 from shared.specs import NormSequence
 
 QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 NOISES = ("shift", "scale")
 SOURCES = ("gbn", "gni")
+KS_COLUMNS = ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic")  # ks.csv: which samples each distance compares
 # A channel whose batch variance is below this (relative to float32 resolution) carries no signal
 # (e.g. a channel that is exactly zero); its noise is undefined and it is left out.
 _MIN_VARIANCE = 1e-12
@@ -105,24 +106,22 @@ def norm_sites(model: nn.Module, sites: Optional[Sequence[str]] = None) -> dict:
             composite GNI spec is measured at its input, once).
 
     Raises:
-        ValueError: an unknown module name (with close matches), or a model without norm sites.
+        ValueError: an unknown module name (the first, with close matches), or a model without norm sites.
     """
     modules = dict(model.named_modules())
+    for site in sites or ():
+        if not site or site not in modules:
+            hint = difflib.get_close_matches(site, [name for name in modules if name], n=3)
+            raise ValueError(f"sites: no module named {site!r} in {type(model).__name__}"
+                             + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""))
     if sites:
-        unknown = [s for s in sites if s not in modules or s == ""]
-        if unknown:
-            hints = {s: difflib.get_close_matches(s, [n for n in modules if n], n=3) for s in unknown}
-            text = "; ".join(f"{s!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
-                             for s, h in hints.items())
-            raise ValueError(f"sites: no module named {text} in {type(model).__name__}")
-        return {s: modules[s] for s in sites}
+        return {site: modules[site] for site in sites}
     chosen: dict = {}
     for name, module in modules.items():
-        if not name or not isinstance(module, _SITE_TYPES):
-            continue
-        if any(name.startswith(parent + ".") for parent in chosen):
-            continue  # inside a site already chosen (e.g. the BN part of a composite GNI spec)
-        chosen[name] = module
+        # a module inside a site already chosen (e.g. the BN part of a composite GNI spec) is part of it
+        inside = any(name.startswith(parent + ".") for parent in chosen)
+        if name and isinstance(module, _SITE_TYPES) and not inside:
+            chosen[name] = module
     if not chosen:
         raise ValueError(f"{type(model).__name__} has no norm sites (batch/group/layer norm or ghost noise "
                          f"layers); name the modules to measure with sites=")
@@ -214,7 +213,8 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     Args:
         model: the network (its weights are not changed; BN running statistics are, in train mode).
         batches: input tensors ``(B, ...)`` on the model's device.
-        ghost_batch_size: ``N``.
+        ghost_batch_size: ``N >= 2`` (the analytic scale has ``N - 1`` degrees of freedom; the command
+            checks it).
         sites: module names, or None for :func:`norm_sites`'s default.
         eps: see :func:`ghost_noise_samples`.
         seed: seeds the generator of the ghost batch draws.
@@ -224,41 +224,34 @@ def measure(model: nn.Module, batches: Iterable[torch.Tensor], ghost_batch_size:
     Returns:
         ``{site: {"gbn": {"shift": array, "scale": array}, "gni": {...}, "shape": [C, *spatial]}}``.
     """
-    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 2:
-        raise ValueError(f"ghost_batch_size must be an int >= 2 (the analytic scale needs N - 1 >= 1 degrees "
-                         f"of freedom), got {ghost_batch_size!r}")
     chosen = norm_sites(model, sites)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     generator = torch.Generator(device=device).manual_seed(seed)
-    collected = {name: {s: {n: [] for n in NOISES} for s in SOURCES} for name in chosen}
+    samples = {name: [] for name in chosen}  # per site: ghost_noise_samples of each batch
     shapes: dict = {}
 
-    def make_hook(name: str) -> Callable:
-        def hook(_module, inputs):
-            x = inputs[0]
-            shapes[name] = list(x.shape[1:])
-            for source, (shift, scale) in ghost_noise_samples(x, ghost_batch_size, eps, generator).items():
-                collected[name][source]["shift"].append(shift)
-                collected[name][source]["scale"].append(scale)
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        shapes[name] = list(x.shape[1:])
+        samples[name].append(ghost_noise_samples(x, ghost_batch_size, eps, generator))
 
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in chosen.items()]
+    handles = [module.register_forward_pre_hook(lambda _module, inputs, name=name: record(name, inputs[0]))
+               for name, module in chosen.items()]
     was_training = model.training
     model.train(train_mode)
     try:
-        batch_count = 0
         with torch.no_grad():
-            for batch_count, batch in enumerate(batches, 1):
+            for batch in batches:
                 model(batch)
-        if batch_count == 0:
-            raise ValueError("no batches: the batch source was empty")
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return {name: {**{s: {n: np.concatenate(values[s][n]) for n in NOISES} for s in SOURCES},
+    if not any(samples.values()):  # every site records every batch
+        raise ValueError("no batches: the batch source was empty")
+    return {name: {**{source: {noise: np.concatenate([batch[source][i] for batch in found])
+                               for i, noise in enumerate(NOISES)} for source in SOURCES},
                    "shape": shapes.get(name)}
-            for name, values in collected.items()}
+            for name, found in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,32 +268,22 @@ def analytic_distribution(noise: str, ghost_batch_size: int):
     return stats.chi(ghost_batch_size - 1, scale=1.0 / math.sqrt(ghost_batch_size))
 
 
-def analytic_cdf(noise: str, ghost_batch_size: int) -> Callable:
-    """CDF of the analytic shift or scale noise (:func:`analytic_distribution`)."""
-    return analytic_distribution(noise, ghost_batch_size).cdf
-
-
-def analytic_pdf(noise: str, ghost_batch_size: int) -> Callable:
-    """Density of the analytic shift or scale noise (:func:`analytic_distribution`)."""
-    return analytic_distribution(noise, ghost_batch_size).pdf
+def _summary_row(n: float, mean: float, std: float, low: float, high: float, quantiles: Sequence[float]) -> dict:
+    """A row of noise_stats.csv: n, mean, std, min, max and the :data:`QUANTILES`."""
+    return {"n": n, "mean": float(mean), "std": float(std), "min": float(low), "max": float(high),
+            **{f"q{q:g}": float(value) for q, value in zip(QUANTILES, quantiles)}}
 
 
 def _analytic_summary(noise: str, ghost_batch_size: int) -> dict:
-    """The columns of :func:`summarize_samples` for the analytic law (``n`` infinite)."""
+    """:func:`summarize_samples`' columns for the analytic law (``n`` infinite, min and max its support)."""
     law = analytic_distribution(noise, ghost_batch_size)
-    low, high = law.support()
-    row = {"n": math.inf, "mean": float(law.mean()), "std": float(law.std()), "min": float(low),
-           "max": float(high)}
-    row.update({f"q{q:g}": float(law.ppf(q)) for q in QUANTILES})
-    return row
+    return _summary_row(math.inf, law.mean(), law.std(), *law.support(), [law.ppf(q) for q in QUANTILES])
 
 
 def summarize_samples(values: np.ndarray) -> dict:
     """n, mean, std, min, max and :data:`QUANTILES` of a sample."""
-    row = {"n": int(values.size), "mean": float(values.mean()), "std": float(values.std()),
-           "min": float(values.min()), "max": float(values.max())}
-    row.update({f"q{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))})
-    return row
+    return _summary_row(int(values.size), values.mean(), values.std(), values.min(), values.max(),
+                        np.quantile(values, QUANTILES))
 
 
 def noise_statistics(shift: np.ndarray, scale: np.ndarray, small_scale: float = SMALL_SCALE) -> dict:
@@ -326,12 +309,9 @@ def ks_distances(site: dict, ghost_batch_size: int) -> dict:
     result = {}
     for noise in NOISES:
         gbn, gni = site["gbn"][noise], site["gni"][noise]
-        cdf = analytic_cdf(noise, ghost_batch_size)
-        result[noise] = {
-            "gbn_vs_gni": float(stats.ks_2samp(gbn, gni).statistic),
-            "gbn_vs_analytic": float(stats.kstest(gbn, cdf).statistic),
-            "gni_vs_analytic": float(stats.kstest(gni, cdf).statistic),
-        }
+        cdf = analytic_distribution(noise, ghost_batch_size).cdf
+        distances = (stats.ks_2samp(gbn, gni), stats.kstest(gbn, cdf), stats.kstest(gni, cdf))
+        result[noise] = {column: float(test.statistic) for column, test in zip(KS_COLUMNS, distances)}
     return result
 
 
@@ -355,10 +335,6 @@ def site_report(name: str, site: dict, ghost_batch_size: int) -> dict:
 # Output
 # ----------------------------------------------------------------------------------------------
 
-def _safe_name(site: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", site)
-
-
 def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for ax, noise in zip(axes, NOISES):
@@ -374,10 +350,10 @@ def _plot_site(site_name: str, site: dict, ghost_batch_size: int, path: Path) ->
             ax.hist(np.clip(site[source][noise], low, high), bins=bins, density=True, histtype="step",
                     linestyle=style, linewidth=1.3, label=f"{source.upper()} (measured)")
         grid = np.linspace(low, high, 400)
-        ax.plot(grid, analytic_pdf(noise, ghost_batch_size)(grid), color="black", linewidth=1,
+        ax.plot(grid, analytic_distribution(noise, ghost_batch_size).pdf(grid), color="black", linewidth=1,
                 label="analytic " + ("Normal(0, 1/N)" if noise == "shift" else "sqrt(chi2(N-1)/N)"))
-        ax.set_xlabel("shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma")
-        ax.set_ylabel("density")
+        ax.set(xlabel="shift m = (mu_g - mu) / sigma" if noise == "shift" else "scale s = sigma_g / sigma",
+               ylabel="density")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     shape = "x".join(str(d) for d in site.get("shape") or [])
@@ -390,12 +366,11 @@ def _plot_ks(reports: Sequence[dict], path: Path) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4), sharey=True)
     positions = np.arange(len(reports))
     for ax, noise in zip(axes, NOISES):
-        for key in ("gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"):
+        for key in KS_COLUMNS:
             ax.plot(positions, [r["ks"][noise][key] for r in reports], marker="o", markersize=3,
                     label=key.replace("_", " "))
-        ax.set_title(f"{noise} noise")
+        ax.set(title=f"{noise} noise", ylabel="KS distance")
         ax.set_xticks(positions, [r["site"] for r in reports], rotation=90, fontsize=6)
-        ax.set_ylabel("KS distance")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -415,19 +390,17 @@ def write_outputs(measured: dict, ghost_batch_size: int, out_dir: os.PathLike, s
             source, noise = key.split("/")
             extremes = report["extremes"].get(source, {})  # none for the analytic law
             extreme = extremes.get("max_abs_shift" if noise == "shift" else "max_inverse_scale", "")
-            cells = [row[field] for field in stat_fields]
-            stat_rows.append([report["site"], source, noise] + cells + [extreme])
+            stat_rows.append([report["site"], source, noise, *(row[field] for field in stat_fields), extreme])
     stat_header = ["site", "source", "noise"] + stat_fields + ["max_abs_shift_or_max_inverse_scale"]
     atomic_write_text(out / "noise_stats.csv", csv_text(stat_header, stat_rows))
-    ks_columns = ["gbn_vs_gni", "gbn_vs_analytic", "gni_vs_analytic"]
-    atomic_write_text(out / "ks.csv", csv_text(["site", "noise"] + ks_columns, (
-        [report["site"], noise] + [report["ks"][noise][column] for column in ks_columns]
+    atomic_write_text(out / "ks.csv", csv_text(["site", "noise", *KS_COLUMNS], (
+        [report["site"], noise] + [report["ks"][noise][column] for column in KS_COLUMNS]
         for report in reports for noise in NOISES)))
     document = {"setup": setup or {}, "ghost_batch_size": ghost_batch_size, "sites": reports}
     atomic_write_text(out / "analysis.json", json.dumps(document, indent=1, default=str) + "\n")
     if plots:
         for name, site in measured.items():
-            _plot_site(name, site, ghost_batch_size, out / f"hist_{_safe_name(name)}.png")
+            _plot_site(name, site, ghost_batch_size, out / f"hist_{file_name_part(name)}.png")
         _plot_ks(reports, out / "ks_by_site.png")
     return {"reports": reports, "out": out}
 
@@ -444,36 +417,19 @@ def format_table(reports: Sequence[dict], ghost_batch_size: int) -> str:
     for r in reports:
         st, ks, ex = r["stats"], r["ks"], r["extremes"]
         shape = "x".join(str(d) for d in r["shape"] or [])
-        lines.append(
-            f"{r['site'][:28]:<28s} {shape:<12s} "
-            f"{st['gbn/shift']['std']:7.4f}/{st['gni/shift']['std']:<8.4f} "
-            f"{st['gbn/scale']['std']:7.4f}/{st['gni/scale']['std']:<8.4f} "
-            f"{ks['shift']['gbn_vs_gni']:8.3f}/{ks['shift']['gbn_vs_analytic']:.3f}/{ks['shift']['gni_vs_analytic']:<8.3f} "
-            f"{ks['scale']['gbn_vs_gni']:8.3f}/{ks['scale']['gbn_vs_analytic']:.3f}/{ks['scale']['gni_vs_analytic']:<8.3f} "
-            f"{max(ex['gbn']['max_abs_shift'], ex['gni']['max_abs_shift']):7.3f} "
-            f"{min(ex['gbn']['min_scale'], ex['gni']['min_scale']):7.4f} "
-            f"{ex['gni']['effective_n_shift']:9.1f}")
+        stds = [f"{st[f'gbn/{noise}']['std']:7.4f}/{st[f'gni/{noise}']['std']:<8.4f}" for noise in NOISES]
+        distances = [f"{ks[noise]['gbn_vs_gni']:8.3f}/{ks[noise]['gbn_vs_analytic']:.3f}/"
+                     f"{ks[noise]['gni_vs_analytic']:<8.3f}" for noise in NOISES]
+        lines.append(f"{r['site'][:28]:<28s} {shape:<12s} {' '.join(stds)} {' '.join(distances)} "
+                     f"{max(ex['gbn']['max_abs_shift'], ex['gni']['max_abs_shift']):7.3f} "
+                     f"{min(ex['gbn']['min_scale'], ex['gni']['min_scale']):7.4f} "
+                     f"{ex['gni']['effective_n_shift']:9.1f}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-def _load_state_dict(path: Path) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read (truncated or corrupt?): "
-                         f"{type(error).__name__}: {error}") from None
-    if isinstance(checkpoint, dict):
-        for key in ("state_dict", "model"):  # train.py / timm checkpoints, then other common layouts
-            if isinstance(checkpoint.get(key), dict):
-                return checkpoint[key]
-        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return checkpoint
-    raise ValueError(f"checkpoint {str(path)!r} holds no model state dict (expected a 'state_dict' entry)")
-
 
 def _parse_kwargs(items: Sequence[str]) -> dict:
     import yaml
@@ -489,24 +445,15 @@ def _parse_kwargs(items: Sequence[str]) -> dict:
     return kwargs
 
 
-def _synthetic_batches(batch_size: int, input_size: Sequence[int], num_batches: int, seed: int,
-                       device: torch.device) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(num_batches):
-        yield torch.randn(batch_size, *input_size, generator=generator).to(device)
-
-
 def _dataset(options: argparse.Namespace, input_size: Optional[Sequence[int]] = None) -> tuple:
     """``(args, dataset, data config)`` of ``--split`` of ``--dataset`` through the harness's data
     code, ``args`` train.py's defaults with this command's dataset options; ``input_size`` None: the
     size the harness trains this dataset at (e.g. digits: 1 x 16 x 16)."""
     from shared import config, data
     args = config.create_parser().parse_args([])
-    args.dataset, args.data_dir = options.dataset, options.data_dir
-    args.dataset_download = options.dataset_download
-    args.train_split = args.val_split = options.split
-    args.mean, args.std = options.mean, options.std
-    args.input_size = list(input_size) if input_size else None
+    vars(args).update(dataset=options.dataset, data_dir=options.data_dir, dataset_download=options.dataset_download,
+                      train_split=options.split, val_split=options.split, mean=options.mean, std=options.std,
+                      input_size=list(input_size) if input_size else None)
     kind, dataset, _eval, num_classes = data.create_datasets(args)
     return args, dataset, data.resolve_data_config(args, kind, dataset, num_classes)
 
@@ -521,18 +468,12 @@ def _dataset_batches(options: argparse.Namespace, input_size: Sequence[int], dev
     transform = data.create_transform(config, False, args)  # uint8; evaluation transforms draw nothing random
     normalize = DevicePrefetcher(config.mean, config.std, device).normalize  # as training batches are
 
-    def sample(index: int) -> torch.Tensor:
-        return transform(dataset[index][0], random.Random(0))
-
-    images = [sample(i) for i in range(len(dataset))] if len(dataset) <= 4096 else None
-    generator = torch.Generator().manual_seed(options.seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    for index in range(options.num_batches):
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(options.seed)).tolist()
+    full_batches = min(options.num_batches, len(order) // options.batch_size)  # a partial batch is left out
+    for index in range(full_batches):
         chosen = order[index * options.batch_size:(index + 1) * options.batch_size]
-        if len(chosen) < options.batch_size:
-            break
-        batch = [images[i] if images is not None else sample(i) for i in chosen]
-        yield normalize(torch.stack(batch).to(device))
+        images = [transform(dataset[i][0], random.Random(0)) for i in chosen]  # each image once: a permutation
+        yield normalize(torch.stack(images).to(device))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -561,7 +502,6 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("train", "eval"), default="train",
                         help="model mode while measuring (default train: activations as in training)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", required=True, help="output directory")
@@ -577,8 +517,6 @@ def _check_options(options: argparse.Namespace) -> None:
                          f"partition the batch)")
     if options.num_batches < 1:
         raise ValueError(f"--num-batches must be >= 1, got {options.num_batches}")
-    if options.checkpoint and not Path(options.checkpoint).is_file():
-        raise ValueError(f"--checkpoint {options.checkpoint!r} does not exist")
 
 
 def _load_model(options: argparse.Namespace) -> tuple:
@@ -588,10 +526,11 @@ def _load_model(options: argparse.Namespace) -> tuple:
 
     import shared
 
-    checkpoint = Path(options.checkpoint) if options.checkpoint else None
-    run_args = {}  # the arguments of the run that wrote the checkpoint, from args.yaml beside it
-    if checkpoint is not None and (checkpoint.parent / "args.yaml").is_file():
-        run_args = read_args(checkpoint.parent)
+    state, run_args = None, {}  # run_args: of the run that wrote the checkpoint, from args.yaml beside it
+    if options.checkpoint:
+        state = load_checkpoint(options.checkpoint)["state_dict"]  # CheckpointError: missing, unreadable
+        if (Path(options.checkpoint).parent / "args.yaml").is_file():
+            run_args = read_args(Path(options.checkpoint).parent)
     model_name = options.model or run_args.get("model")
     if not model_name:
         raise ValueError("--model is required (no args.yaml beside the checkpoint to read it from)")
@@ -607,22 +546,18 @@ def _load_model(options: argparse.Namespace) -> tuple:
     if input_size and input_size[0] != 3:
         model_kwargs.setdefault("in_chans", input_size[0])  # as train.py builds the model
     if not timm.is_model(model_name.split(".", 1)[0]):
-        raise ValueError(f"--model {model_name!r} is not a timm model "
-                         f"(`timm.list_models()` lists them)")
+        raise ValueError(f"--model {model_name!r} is not a timm model (`timm.list_models()` lists them)")
     model = shared.create_model(model_name, norm=norm, **model_kwargs)
-    if checkpoint is not None:
+    if state is not None:
         try:
-            model.load_state_dict(_load_state_dict(checkpoint))
+            model.load_state_dict(state)
         except RuntimeError as error:  # missing/unexpected keys, shape mismatches
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit --model {model_name} "
+            raise ValueError(f"checkpoint {options.checkpoint!r} does not fit --model {model_name} "
                              f"(norm {norm!r}): {error}") from None
-    default_size = getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32))
-    input_size = input_size or list(default_size)
-    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs,
-             "checkpoint": options.checkpoint,
+    input_size = input_size or list(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 32, 32)))
+    setup = {"model": model_name, "norm": norm, "model_kwargs": model_kwargs, "checkpoint": options.checkpoint,
              "source": "synthetic" if options.synthetic else options.dataset,
-             "batch_size": options.batch_size, "num_batches": options.num_batches,
-             "eps": options.eps, "mode": options.mode, "seed": options.seed}
+             **{key: getattr(options, key) for key in ("batch_size", "num_batches", "eps", "mode", "seed")}}
     return model.to(torch.device(options.device)), input_size, setup
 
 
@@ -632,14 +567,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _check_options(options)
         model, input_size, setup = _load_model(options)
         device = torch.device(options.device)
-        if options.synthetic:
-            batches = _synthetic_batches(options.batch_size, input_size, options.num_batches, options.seed, device)
+        if options.synthetic:  # standard-normal images, drawn on the CPU (the same on every device)
+            generator = torch.Generator().manual_seed(options.seed)
+            batches = (torch.randn(options.batch_size, *input_size, generator=generator).to(device)
+                       for _ in range(options.num_batches))
         else:
             batches = _dataset_batches(options, input_size, device)
         sites = None if options.sites in ("all", "") else [s.strip() for s in options.sites.split(",") if s.strip()]
         measured = measure(model, batches, options.ghost_batch_size, sites, options.eps, options.seed,
                            train_mode=options.mode == "train")
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RecursionError:  # a spec nested (or aliased into itself) without end

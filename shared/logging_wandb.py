@@ -22,23 +22,16 @@ import re
 import sys
 import uuid
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from shared.run_files import atomic_write_text
 
 RUN_ID_FILE = "wandb_run_id.txt"
 _SEPARATORS = "-_.=+"
-# Logged key -> summary aggregations wandb keeps for it. Both spellings of the eval metrics are declared
-# (this harness logs eval/top1; timm's summary names are eval_top1), so either one gets its headline
-# summary; a declared key that is never logged costs nothing.
-HEADLINE_METRICS = {
-    "eval/top1": "max,last", "eval/eval_top1": "max,last",
-    "eval/top5": "max,last", "eval/eval_top5": "max,last",
-    "eval/eval_loss": "min,last", "eval/loss": "min,last",
-    "train/epoch_loss": "min,last",
-}
+# Logged key (the names train.py logs each epoch) -> summary aggregations wandb keeps for it.
+HEADLINE_METRICS = {"eval/top1": "max,last", "eval/top5": "max,last", "eval/eval_loss": "min,last",
+                    "train/epoch_loss": "min,last"}
 
 
 def setup_group(name: str, seed: Any) -> str:
@@ -73,32 +66,26 @@ def experiment_family(args: Mapping[str, Any]) -> str:
     return f"{dataset or 'data'}-{args.get('model') or 'model'}"
 
 
-def derived_config(model, world_size: int, per_process_batch: int, global_batch: int,
-                   args: Optional[Mapping[str, Any]] = None, site_report: Optional[Mapping[str, Any]] = None) -> dict:
+def derived_config(model, world_size: int, per_process_batch: int, global_batch: int, args: Mapping[str, Any],
+                   site_report: Optional[Mapping[str, Any]] = None) -> dict:
     """Values train.py derives from the arguments, for the wandb config's ``derived`` entry.
 
-    ``norm_sites`` counts the model's norm sites by module type (:func:`shared.analysis.norm_sites`:
-    what the ``--norm`` spec put in place). With ``args``: ``method`` (the norm spec without its ghost
+    ``norm_sites`` counts the model's norm sites by module type (:func:`shared.specs.census`:
+    what the ``--norm`` spec put in place); ``method`` (the norm spec without its ghost
     batch size, :func:`shared.report.describe_norm`), and the x-axis the paper plots the setup on
     (:func:`shared.report.axis_of`): ``x_axis`` with ``ghost_batch_size`` or ``dropout_p``, numbers a
     wandb scatter plot can use. ``site_report`` (e.g. the noise sites a model family reports) is logged
     as given under ``sites``.
     """
-    # imported here: shared.report (which shared.analysis imports) imports this module
-    from shared.analysis import norm_sites
-    from shared.report import axis_of, describe_norm
+    from shared.report import axis_of, describe_norm  # imported here: shared.report imports this module
+    from shared.specs import census
 
-    try:
-        counts = dict(Counter(type(module).__name__ for module in norm_sites(model).values()))
-    except ValueError:  # a model without norm sites
-        counts = {}
+    kind, x = axis_of(dict(args))
     derived = {"world_size": int(world_size), "per_process_batch": int(per_process_batch),
-               "global_batch": int(global_batch), "norm_sites": counts}
-    if args is not None:
-        kind, x = axis_of(dict(args))
-        derived.update({"method": describe_norm(args.get("norm"))[0], "x_axis": kind,
-                        "ghost_batch_size": x if kind == "ghost_batch_size" else None,
-                        "dropout_p": x if kind == "dropout_p" else None})
+               "global_batch": int(global_batch), "norm_sites": census(model)["norm_sites"],
+               "method": describe_norm(args.get("norm"))[0], "x_axis": kind,
+               "ghost_batch_size": x if kind == "ghost_batch_size" else None,
+               "dropout_p": x if kind == "dropout_p" else None}
     if site_report:
         derived["sites"] = dict(site_report)
     return derived
@@ -108,10 +95,9 @@ def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        hosts = netrc.netrc().hosts
-    except (OSError, netrc.NetrcParseError):
+        return any("wandb" in host for host in netrc.netrc().hosts)
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one that is not readable
         return False
-    return any("wandb" in host for host in hosts)
 
 
 def _run_id(run_dir: Path, name: str) -> str:
@@ -119,10 +105,9 @@ def _run_id(run_dir: Path, name: str) -> str:
     random one, stored for the resumes. Random, not the run name: two run directories with the same
     experiment name (another --output) are two wandb runs, not one merged run."""
     path = run_dir / RUN_ID_FILE
-    if path.is_file():
-        stored = path.read_text().strip()
-        if stored:
-            return stored
+    stored = path.read_text().strip() if path.is_file() else ""
+    if stored:
+        return stored
     run_id = uuid.uuid4().hex[:16]
     atomic_write_text(path, run_id + "\n")  # a kill mid-write must not leave an empty id
     return run_id
@@ -138,14 +123,14 @@ class WandbLogger:
         project, tags, display_name: ``--wandb-project``, ``--wandb-tags``, ``--wandb-name``.
         enabled: ``--log-wandb`` on this process (rank 0 only).
         derived: values derived from the arguments (:func:`derived_config`), logged as ``derived``.
-        group, job_type: wandb's; default :func:`setup_group` of ``name`` and ``config['seed']``, and
-            :func:`experiment_family` of ``config``.
+
+    wandb's group is :func:`setup_group` of ``name`` and ``config['seed']``, its job type
+    :func:`experiment_family` of ``config``.
     """
 
     def __init__(self, run_dir: Path, name: str, config: dict, project: Optional[str] = None,
                  tags: Sequence[str] = (), display_name: Optional[str] = None, enabled: bool = True,
-                 derived: Optional[Mapping[str, Any]] = None, group: Optional[str] = None,
-                 job_type: Optional[str] = None):
+                 derived: Optional[Mapping[str, Any]] = None):
         self.run = None
         self.offline = False
         if not enabled:
@@ -163,8 +148,8 @@ class WandbLogger:
             self.run = wandb.init(
                 mode=mode, project=project or "ghost-noise", name=display_name or name, id=_run_id(run_dir, name),
                 resume="allow", dir=str(run_dir), config={**config, "derived": dict(derived or {})},
-                tags=list(tags) or None, group=group or setup_group(name, config.get("seed")),
-                job_type=job_type or experiment_family(config), settings=wandb.Settings(init_timeout=120))
+                tags=list(tags) or None, group=setup_group(name, config.get("seed")),
+                job_type=experiment_family(config), settings=wandb.Settings(init_timeout=120))
             for key, summary in HEADLINE_METRICS.items():  # plotted against the epoch by default
                 self.run.define_metric(key, step_metric="epoch", summary=summary)
         except Exception as error:  # wandb raises many types (UsageError, CommError, timeouts...)
@@ -177,31 +162,30 @@ class WandbLogger:
               file=sys.stderr, flush=True)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _call(self, what: str, function, *args, **kwargs) -> None:
+    def _call(self, what: str, function: Callable) -> None:
+        """``function(self.run)``, a no-op without a run; a failure is warned about and ends the wandb run."""
         if self.run is None:
             return
         try:
-            function(*args, **kwargs)
+            function(self.run)
         except Exception as error:
             self._warn(f"wandb {what} failed: {type(error).__name__}: {error}")
             self.run = None
 
     def log(self, metrics: dict, step: int) -> None:
         """Log metrics at optimizer update ``step``."""
-        if self.run is not None:
-            self._call("log", self.run.log, metrics, step=step)
+        self._call("log", lambda run: run.log(metrics, step=step))
 
     def summary(self, values: dict) -> None:
         """Set the run's summary (final and best metrics)."""
-        if self.run is not None:
-            self._call("summary", self.run.summary.update, values)
+        self._call("summary", lambda run: run.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run; offline runs print how to upload them."""
         if self.run is None:
             return
         directory = getattr(self.run, "dir", None)
-        self._call("finish", self.run.finish, exit_code=exit_code)
+        self._call("finish", lambda run: run.finish(exit_code=exit_code))
         if self.offline and directory:
             print(f"wandb: offline run saved; upload it with: wandb sync {Path(directory).parent}", flush=True)
         self.run = None

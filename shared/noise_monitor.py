@@ -95,13 +95,10 @@ def _noisy_affine_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 def _gbn_induced_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """Ghost batch norm's consecutive ghost batches (ghost_batch_partition) as index rows."""
     sizes = ghost_batch_partition(x.shape[0], module.ghost_batch_size)
-    rows, first = [], 0
-    for size in sizes:
-        members = torch.arange(first, first + size, device=x.device)
-        padded = torch.cat([members, members.new_full((max(sizes) - size,), -1)])
-        rows += [padded] * size
-        first += size
-    return relative_ghost_noise(x, torch.stack(rows), module.eps)
+    ghost_batches = torch.arange(x.shape[0], device=x.device).split(sizes)
+    members = nn.utils.rnn.pad_sequence(ghost_batches, batch_first=True, padding_value=-1)  # (G, max size)
+    rows = members.repeat_interleave(torch.tensor(sizes, device=x.device), dim=0)  # a row per sample
+    return relative_ghost_noise(x, rows, module.eps)
 
 
 def site_noise(module: nn.Module, x: torch.Tensor) -> tuple:
@@ -109,8 +106,6 @@ def site_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 
     For a noise layer this draws from the layer's generator and puts it back (see the module docstring).
     """
-    if type(module) not in _SITE_TYPES:
-        raise TypeError(f"{type(module).__name__} is not a noise site (see noise_sites)")
     with torch.no_grad():
         return _SITE_TYPES[type(module)][1](module, x.detach())
 
@@ -135,15 +130,13 @@ class NoiseMonitor:
 
     Args:
         model: the unwrapped model (not the DDP wrapper).
-        every: ``K``, updates between measurements (the K-th, 2K-th... update is measured).
+        every: ``K >= 1`` (train.py checks it), updates between measurements (the K-th, 2K-th... update).
         csv_path: where rows go; rows of updates after ``start_update`` (left by a run that was
             interrupted after them) are dropped, so a resumed run's file holds each update once.
         start_update: the number of updates already done (a resumed run's).
     """
 
     def __init__(self, model: nn.Module, every: int, csv_path: Path, start_update: int = 0):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"--log-noise-every must be a positive number of updates, got {every!r}")
         self.sites = noise_sites(model)
         self.every = every
         self.csv_path = Path(csv_path)

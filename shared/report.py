@@ -40,14 +40,13 @@ Every point is a mean with an error bar (and every line a band) of +-1 sample st
 (``--band sem``: the standard error); a setup with one seed has none, and its legend entry says n=1.
 Axis labels and file names follow ``--metric``. A figure with nothing to draw is not written; the page
 says why. Everything is written atomically (temporary file, fsync, rename: see
-:func:`shared.run_files.atomic_write_bytes`), so an interrupted report leaves the previous complete files.
+:func:`shared.run_files.atomic_write`), so an interrupted report leaves the previous complete files.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import functools
-import io
 import json
 import math
 import os
@@ -61,11 +60,11 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
-from shared.config import actions_by_dest
+from shared.config import parser_defaults
 from shared.logging_wandb import experiment_family
 from shared.run_files import (
-    OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write_bytes, atomic_write_text, csv_text,
-    read_args, results_with_timm_names, timm_metric_names,
+    OPERATIONAL_KEYS, PREVIOUS_METRIC_NAMES, atomic_write, atomic_write_text, csv_text, read_args, read_results,
+    timm_metric_names,
 )
 from shared.specs import parse_spec
 
@@ -76,23 +75,15 @@ NON_SETUP_KEYS = OPERATIONAL_KEYS | {"seed"}
 SEMANTIC_KEYS = ("world_size", "per_process_batch")
 
 
-@dataclass(frozen=True)
-class Metric:
-    """Where a metric is in results.json (``section``, ``key``), and how figures and tables name it."""
-    section: str
-    key: str
-    label: str
-
-
+# --metric name -> (results.json section, key in it, how figures and tables name it)
 METRICS = {
-    "top1": Metric("final", "eval_top1", "final top-1 (%)"),
-    "top5": Metric("final", "eval_top5", "final top-5 (%)"),
-    "best_top1": Metric("best", "eval_top1", "best top-1 (%)"),
-    "best_top5": Metric("best", "eval_top5", "best top-5 (%)"),
-    "eval_loss": Metric("final", "eval_loss", "final eval loss"),
-    "train_loss": Metric("final", "train_loss", "final train loss"),
+    "top1": ("final", "eval_top1", "final top-1 (%)"),
+    "top5": ("final", "eval_top5", "final top-5 (%)"),
+    "best_top1": ("best", "eval_top1", "best top-1 (%)"),
+    "best_top5": ("best", "eval_top5", "best top-5 (%)"),
+    "eval_loss": ("final", "eval_loss", "final eval loss"),
+    "train_loss": ("final", "train_loss", "final train loss"),
 }
-_FINISHED = "finished"
 
 
 @dataclass
@@ -109,34 +100,22 @@ class Run:
     def name(self) -> str:
         return str(self.args.get("experiment") or self.path.name)
 
-    @property
-    def seed(self) -> Any:
-        return self.args.get("seed")
-
-    @property
+    @functools.cached_property
     def setup_args(self) -> dict:
         """The arguments plus the ghost-batch semantics (:data:`SEMANTIC_KEYS`) from results.json.
 
         A flag that an older run's ``args.yaml`` lacks counts as today's default: flags are added
         with the earlier behaviour as their default, so such a run is grouped with today's runs of
-        the same setup instead of being told apart by every flag added since.
+        the same setup instead of being told apart by every flag added since. Without results.json's
+        semantics the run had one process with the whole ``batch_size``.
         """
-        world_size = self.results.get("world_size")
-        per_process_batch = self.results.get("per_process_batch")
-        return {**flag_defaults(), **self.args, "world_size": world_size if world_size is not None else 1,
-                "per_process_batch": per_process_batch if per_process_batch is not None
-                else self.args.get("batch_size")}
+        return {**parser_defaults(), **self.args, "world_size": self.results.get("world_size") or 1,
+                "per_process_batch": self.results.get("per_process_batch") or self.args.get("batch_size")}
 
     def metric(self, name: str) -> Optional[float]:
         """A metric of a finished run (``METRICS``), or None when results.json does not have it."""
-        metric = METRICS[name]
-        return metric_value(self.results.get(metric.section), metric.key)
-
-
-@functools.lru_cache(maxsize=1)
-def flag_defaults() -> dict:
-    """``{dest: default}`` of train.py's flags (:func:`shared.config.actions_by_dest`)."""
-    return {dest: action.default for dest, action in actions_by_dest().items()}
+        section, key, _label = METRICS[name]
+        return metric_value(self.results.get(section), key)
 
 
 def metric_value(values: Any, name: str) -> Optional[float]:
@@ -148,14 +127,13 @@ def metric_value(values: Any, name: str) -> Optional[float]:
     if not isinstance(values, dict):
         return None
     value = timm_metric_names(values).get(PREVIOUS_METRIC_NAMES.get(name, name))
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number and math.isfinite(value) else None
 
 
 def metric_label(name: str) -> str:
     """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
-    return METRICS[name].label
+    return METRICS[name][2]
 
 
 @dataclass
@@ -190,22 +168,17 @@ def _read_summary(path: Path) -> list:
 
 
 def _read_run(directory: Path) -> Run:
-    """One run directory. Raises OSError, ValueError, csv.Error when it cannot be read."""
-    args = read_args(directory)
-    results: dict = {}
-    results_path = directory / "results.json"
-    if results_path.is_file():
-        try:
-            results = results_with_timm_names(json.loads(results_path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as error:
-            results = {"status": f"unreadable results.json ({error.msg})"}
-        if not isinstance(results, dict):
-            results = {"status": f"unreadable results.json (a {type(results).__name__}, not a mapping)"}
-    curve = _read_summary(directory / "summary.csv")
-    status = str(results.get("status") or ("no results.json" if not results_path.is_file() else "unknown"))
-    epochs_done = results.get("epochs_done")
-    if epochs_done is None and curve:
-        epochs_done = len(curve)
+    """One run directory. Raises OSError, ValueError, csv.Error when args.yaml or summary.csv cannot be
+    read; a run without a readable results.json is a run with that status."""
+    args, curve = read_args(directory), _read_summary(directory / "summary.csv")
+    try:
+        results = read_results(directory)
+        status = str(results.get("status") or "unknown")
+    except FileNotFoundError:
+        results, status = {}, "no results.json"
+    except (OSError, ValueError) as error:
+        results, status = {}, f"unreadable results.json ({error})"
+    epochs_done = results.get("epochs_done", len(curve) if curve else None)
     return Run(directory, args, status, epochs_done, results, curve)
 
 
@@ -239,7 +212,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _setup_value(key: str, value: Any, seed: Any) -> Any:
+def _setup_value(value: Any, seed: Any) -> Any:
     # ``train[:0.9]-20`` for seed 20 is the seeded split template, not a different setup.
     if isinstance(value, str) and seed is not None and value.endswith(f"-{seed}") and "[" in value:
         return value[: -len(str(seed))] + "{seed}"
@@ -255,8 +228,8 @@ def setup_key(run: Run, group_by: Optional[Sequence[str]] = None, seeded_splits:
     args = run.setup_args
     keys = list(group_by) if group_by is not None else sorted(k for k in args if k not in NON_SETUP_KEYS)
     keys += [k for k in SEMANTIC_KEYS if k not in keys]  # never average different ghost-batch semantics
-    return tuple((k, _canonical(_setup_value(k, args.get(k), run.seed) if seeded_splits else args.get(k)))
-                 for k in keys)
+    seed = run.args.get("seed") if seeded_splits else None  # None: split strings compared as they are
+    return tuple((k, _canonical(_setup_value(args.get(k), seed))) for k in keys)
 
 
 def group_runs(runs: Iterable[Run], group_by: Optional[Sequence[str]] = None) -> list:
@@ -282,7 +255,7 @@ def distinguishing_keys(groups: Sequence[Group], group_by: Optional[Sequence[str
                if len({dict(g.key).get(key) for g in groups}) > 1]
     if all(g.args.get("per_process_batch") == g.args.get("batch_size") for g in groups):
         varying = [key for key in varying if key != "per_process_batch"]
-    first = list(group_by) if group_by is not None else [k for k in ("model", "norm") if any(k in g.args for g in groups)]
+    first = list(group_by) if group_by is not None else ["model", "norm"]  # every setup has both (flag defaults)
     extra = [k for k in varying if k in SEMANTIC_KEYS] if group_by is not None else varying
     return first + [k for k in extra if k not in first]
 
@@ -308,9 +281,7 @@ def _spec_parts(spec: Any, site: str = "norm") -> Optional[tuple]:
 
 
 def _ghost_batch_size(parts: Sequence) -> Optional[int]:
-    sizes = [part.options["ghost_batch_size"] for part in parts
-             if "ghost_batch_size" in part.options]
-    return sizes[0] if sizes else None
+    return next((part.options["ghost_batch_size"] for part in parts if "ghost_batch_size" in part.options), None)
 
 
 def _noise_variant(options: dict) -> str:
@@ -368,14 +339,13 @@ def dropout_of(args: dict) -> Optional[tuple]:
     return (f"{options.get('kind', 'bernoulli')} {where}", float(p) if p is not None else math.nan)
 
 
-AXIS_KINDS = ("ghost_batch_size", "dropout_p", "none")
 # Norms whose batch statistics the ghost batch size changes: a spec built on one of them (or
 # starting with a noise part) is plotted against N.
 _BATCH_NORMS = ("bn2d", "gbn2d", "en2d", "xbn2d", "gnbn2d")
 
 
 def axis_of(args: dict) -> tuple:
-    """``(x-axis kind, x)`` a setup is plotted on (:data:`AXIS_KINDS`).
+    """``(x-axis kind, x)`` a setup is plotted on: ``ghost_batch_size``, ``dropout_p`` or ``none``.
 
     ``dropout_p``: block dropout with a probability p. ``ghost_batch_size``: a norm spec with a ghost
     batch size N whose base is batch norm or a ghost batch norm (``gbn16``, ``gni16``, ``nat8-scale``,
@@ -408,10 +378,8 @@ def _format_value(value: Any) -> str:
     """A table cell: scalars as they are, structures in compact YAML flow style."""
     if value is None:
         return ""
-    if isinstance(value, (dict, list, tuple)):
-        text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True,
-                              sort_keys=False, width=10**6)
-        return text.strip()
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
     return str(value)
 
 
@@ -431,19 +399,16 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
     """
     rows, unfinished = [], []
     for group in groups:
-        finished = [r for r in group.runs if r.status == _FINISHED]
-        unfinished += [r for r in group.runs if r.status != _FINISHED]
+        finished = [r for r in group.runs if r.status == "finished"]
+        unfinished += [r for r in group.runs if r.status != "finished"]
         if not finished:
             continue
+        seeds = [str(r.args.get("seed")) for r in finished]
         row = {c: _format_value(group.args.get(c)) for c in columns}
-        seeds = [r.seed for r in finished]
-        row["n"] = len(finished)
-        row["seeds"] = ",".join(str(s) for s in seeds)
-        row["duplicate_seeds"] = len(set(map(str, seeds))) < len(seeds)
-        row["epochs"] = ",".join(sorted({str(r.epochs_done) for r in finished}))
+        row.update(n=len(finished), seeds=",".join(seeds), duplicate_seeds=len(set(seeds)) < len(seeds),
+                   epochs=",".join(sorted({str(r.epochs_done) for r in finished})), _group=group)
         for name in _table_metrics(metric):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([r.metric(name) for r in finished])
-        row["_group"] = group
         rows.append(row)
     return rows, unfinished
 
@@ -453,10 +418,9 @@ def summarize(groups: Sequence[Group], columns: Sequence[str], metric: str = "to
 # ----------------------------------------------------------------------------------------------
 
 def _markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in body]
-    return "\n".join(lines)
+    def line(cells: Sequence) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(row) for row in body])
 
 
 def _table_metrics(metric: str) -> list:
@@ -486,22 +450,18 @@ def render_tables(rows: Sequence[dict], unfinished: Sequence[Run], columns: Sequ
     return text + "\n"
 
 
-def _csv_text(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
-    """CSV with empty cells for the NaN of a missing mean or std."""
-    blank_nan = (["" if isinstance(v, float) and not math.isfinite(v) else v for v in cells]
-                 for cells in body)
-    return csv_text(header, blank_nan)
-
-
 def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> str:
+    """results.csv: a row per setup; the NaN of a missing mean or std is an empty cell."""
     fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in _table_metrics(metric)
                                                          for s in ("mean", "std")]
-    return _csv_text(fields, ([row.get(f, "") for f in fields] for row in rows))
+    cells = ((row.get(f, "") for f in fields) for row in rows)
+    return csv_text(fields, (["" if isinstance(value, float) and not math.isfinite(value) else value for value in row]
+                             for row in cells))
 
 
 def _unfinished_csv(unfinished: Sequence[Run]) -> str:
-    return _csv_text(["run", "status", "epochs_done", "epochs", "path"],
-                     ([r.name, r.status, r.epochs_done, r.args.get("epochs"), r.path] for r in unfinished))
+    return csv_text(["run", "status", "epochs_done", "epochs", "path"],  # csv writes None as an empty cell
+                    ([r.name, r.status, r.epochs_done, r.args.get("epochs"), r.path] for r in unfinished))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,11 +485,9 @@ def pyplot():
 
 
 def save_png(fig, path: Path) -> Path:
-    """PNG through memory and an atomic write; the bounding box grows to hold legends outside the axes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    """PNG, written atomically; the bounding box grows to hold legends outside the axes."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120, bbox_inches="tight"))
     pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -564,21 +522,17 @@ def _fill_band(ax, xs: Sequence[float], means: Sequence[float], widths: Sequence
                         linewidth=0)
 
 
-def _context_label(group: Group, context_keys: Sequence[str]) -> str:
-    parts = [f"{k}={_format_value(group.args.get(k))}" for k in context_keys]
-    return (" [" + ", ".join(parts) + "]") if parts else ""
-
-
 def _varying(groups: Sequence[Group], columns: Sequence[str]) -> list:
     """The columns whose value differs between ``groups``."""
     return [c for c in columns if len({_canonical(g.args.get(c)) for g in groups}) > 1]
 
 
-def _context_keys(rows: Sequence[dict], columns: Sequence[str]) -> list:
-    """Keys other than the norm and the dropout that still vary between the setups of ``rows``: they
-    split lines (e.g. two learning rates)."""
-    varying = _varying([r["_group"] for r in rows], columns)
-    return [c for c in varying if c not in ("norm", "model_kwargs")]
+def _context_labels(rows: Sequence[dict], columns: Sequence[str]) -> list:
+    """Per row, the keys other than the norm and the dropout that still vary between the setups of
+    ``rows`` (they split lines, e.g. two learning rates) as a label part: `` [lr=0.1]``, or ``""``."""
+    keys = [c for c in _varying([r["_group"] for r in rows], columns) if c not in ("norm", "model_kwargs")]
+    labels = [", ".join(f"{k}={_format_value(r['_group'].args.get(k))}" for k in keys) for r in rows]
+    return [f" [{label}]" if keys else "" for label in labels]
 
 
 def _n_label(counts: Iterable[int]) -> str:
@@ -592,25 +546,19 @@ def _series(rows: Sequence[dict], columns: Sequence[str], kind: str, metric: str
     n). A line is a method (the norm spec without N) or a block-dropout kind."""
     plotted = [row for row in rows
                if axis_of(row["_group"].args)[0] == kind and math.isfinite(row[f"{metric}_mean"])]
-    context = _context_keys(plotted, columns)
     lines: dict = {}
-    for row in plotted:
+    for row, context in zip(plotted, _context_labels(plotted, columns)):
         args = row["_group"].args
-        if kind == "ghost_batch_size":
-            method = describe_norm(args.get("norm"))[0]
-        else:
-            method = dropout_of(args)[0]
+        method = describe_norm(args.get("norm"))[0] if kind == "ghost_batch_size" else dropout_of(args)[0]
         width = _band_width(row[f"{metric}_std"], row["n"], band)
-        lines.setdefault(method + _context_label(row["_group"], context), []).append(
-            (axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
+        lines.setdefault(method + context, []).append((axis_of(args)[1], row[f"{metric}_mean"], width, row["n"]))
     return {label + _n_label(n for *_, n in points): sorted(points) for label, points in lines.items()}
 
 
-def _draw_lines(ax, lines: dict, log_x: bool) -> None:
+def _draw_lines(ax, lines: dict, xs_all: Sequence[float], log_x: bool) -> None:
     """Each line: means with error bars, joined, and a band between them. Lines are spread a little
     sideways (a factor of 2^0.05 per line on a log axis, 1% of the x range on a linear one) so that
-    methods measured at the same x keep their error bars apart."""
-    xs_all = sorted({x for points in lines.values() for x, *_ in points})
+    methods measured at the same x keep their error bars apart. ``xs_all``: every line's x, sorted."""
     step = 0.05 if log_x else 0.01 * ((xs_all[-1] - xs_all[0]) or 1.0)
     for number, (label, points) in enumerate(sorted(lines.items())):
         xs, ys, bands, _counts = zip(*points)
@@ -626,12 +574,11 @@ def _draw_reference_lines(ax, rows: Sequence[dict], columns: Sequence[str], metr
     references = [row for row in rows
                   if _is_plain_batch_norm(row["_group"].args)
                   and math.isfinite(row[f"{metric}_mean"])]
-    context = _context_keys(references, columns)
-    for row in references:
+    for row, context in zip(references, _context_labels(references, columns)):
         mean, width = row[f"{metric}_mean"], _band_width(row[f"{metric}_std"], row["n"], band)
         method = describe_norm(row["_group"].args.get("norm"))[0]
         line = ax.axhline(mean, linestyle="--", linewidth=1, color="0.3",
-                          label=f"{method} (reference)" + _context_label(row["_group"], context) + _n_label([row["n"]]))
+                          label=f"{method} (reference){context}{_n_label([row['n']])}")
         if width:
             ax.axhspan(mean - width, mean + width, color=line.get_color(), alpha=0.1)
 
@@ -649,19 +596,15 @@ def plot_axis(rows: Sequence[dict], columns: Sequence[str], metric: str, band: s
         has_kind = any(axis_of(row["_group"].args)[0] == kind for row in rows)
         return Figure(title, reason=f"no finished setup of this family with {noun} has a {metric_label(metric)}"
                       if has_kind else f"no finished setup of this family has {noun}")
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _draw_lines(ax, lines, log_x=kind == "ghost_batch_size")
-    _draw_reference_lines(ax, rows, columns, metric, band)
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     xs = sorted({x for points in lines.values() for x, *_ in points})
+    _draw_lines(ax, lines, xs, log_x=kind == "ghost_batch_size")
+    _draw_reference_lines(ax, rows, columns, metric, band)
     if kind == "ghost_batch_size":
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
-    else:
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel(_AXIS_TITLES[kind])
-    ax.set_ylabel(metric_label(metric))
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set(xlabel=_AXIS_TITLES[kind], ylabel=metric_label(metric))
     ax.set_title(f"{family}: {title}\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(ax, *ax.get_legend_handles_labels())
@@ -678,15 +621,13 @@ def plot_setups(rows: Sequence[dict], columns: Sequence[str], metric: str, band:
         return Figure(title, reason=f"every finished setup of this family is on a ghost batch size or dropout axis "
                                     f"(or has no {metric_label(metric)})")
     shown = _varying([r["_group"] for r in chosen], columns) or ["norm"]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
+    fig, ax = pyplot().subplots(figsize=(max(3.5, 1.1 * len(chosen) + 1.5), 4.2))
     positions = list(range(len(chosen)))
     ax.errorbar(positions, [r[f"{metric}_mean"] for r in chosen], fmt="o", markersize=5, capsize=4,
                 yerr=[_band_width(r[f"{metric}_std"], r["n"], band) for r in chosen])
     ax.set_xticks(positions, [_wrap(_short_label(r["_group"].args, shown) + f" (n={r['n']})", 18) for r in chosen],
                   fontsize=8)
-    ax.set_xlim(-0.6, len(chosen) - 0.4)
-    ax.set_ylabel(metric_label(metric))
+    ax.set(xlim=(-0.6, len(chosen) - 0.4), ylabel=metric_label(metric))
     ax.set_title(f"{family}: {metric_label(metric)} by setup\nmean over seeds, {_band_name(band)}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return Figure(title, save_png(fig, path))
@@ -701,9 +642,9 @@ def _curve_statistics(runs: Sequence[Run], column: str, band: str) -> tuple:
             if epoch is not None and value is not None:
                 by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
-    means, stds = zip(*(_mean_std(by_epoch[e]) for e in epochs)) if epochs else ((), ())
-    widths = [_band_width(std, len(by_epoch[e]), band) for e, std in zip(epochs, stds)]
-    return epochs, list(means), widths
+    moments = [_mean_std(by_epoch[e]) for e in epochs]
+    return (epochs, [mean for mean, _ in moments],
+            [_band_width(std, len(by_epoch[e]), band) for e, (_, std) in zip(epochs, moments)])
 
 
 def _short_label(args: dict, columns: Sequence[str]) -> str:
@@ -711,27 +652,17 @@ def _short_label(args: dict, columns: Sequence[str]) -> str:
     parts = []
     for column in columns:
         value = args.get(column)
+        # of the model keywords, only what tells setups apart here: the block dropout, if any
+        dropout = dropout_of(args) if column == "model_kwargs" else None
         if column == "norm":
             method, ghost = describe_norm(value)
             parts.append(value if isinstance(value, str) and len(value) <= 24 else
                          method + (f" N={ghost}" if ghost is not None else ""))
-        elif column == "model_kwargs":  # only what tells setups apart here: the block dropout, if any
-            dropout = dropout_of(args)
-            if dropout is not None:
-                parts.append(f"{dropout[0]} p={dropout[1]:g}")
-            elif args.get(column):
-                parts.append(f"{column}={_format_value(args.get(column))}")
-        else:
+        elif dropout is not None:
+            parts.append(f"{dropout[0]} p={dropout[1]:g}")
+        elif column != "model_kwargs" or value:
             parts.append(f"{column}={_format_value(value)}")
     return ", ".join(parts) or "all runs"
-
-
-def _draw_curve(ax, epochs, means, widths, style="-", color=None, floor=-math.inf):
-    """A mean curve with markers (a 1-epoch curve is a visible point) and its band; returns
-    the line."""
-    (line,) = ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
-    _fill_band(ax, epochs, means, widths, line.get_color(), floor)
-    return line
 
 
 def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
@@ -739,19 +670,16 @@ def _finish_panel(ax, drawn: bool, ylabel: str, title: str) -> None:
     if not drawn:  # say why instead of an empty frame with meaningless ticks
         ax.text(0.5, 0.5, f"nothing to draw:\nno {title} values in these runs' summary.csv", ha="center",
                 va="center", transform=ax.transAxes, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         return
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
 
 
 def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, band: str, path: Path) -> Path:
     """Left: eval top-1; right: train (solid) and eval (dotted) loss; one color per setup."""
-    plt = pyplot()
-    fig, (ax_top1, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
+    fig, (ax_top1, ax_loss) = pyplot().subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     curves = {(id(group), column): _curve_statistics(group.runs, column, band)
               for group in chunk for column in ("top1", "train_loss", "eval_loss")}
     losses = [m for (_, column), (_, means, _) in curves.items() if column != "top1" for m in means]
@@ -763,8 +691,10 @@ def _curves_figure(chunk: Sequence[Group], shown: Sequence[str], family: str, ba
             epochs, means, widths = curves[id(group), column]
             if epochs:
                 floor = min(losses) / 2 if log_loss and ax is ax_loss else -math.inf
-                color = lines[0].get_color() if lines else None
-                lines.append(_draw_curve(ax, epochs, means, widths, style, color, floor))
+                color = lines[0].get_color() if lines else None  # one color per setup
+                # markers: a 1-epoch curve is a visible point
+                lines += ax.plot(epochs, means, style, marker="o", markersize=3, color=color)
+                _fill_band(ax, epochs, means, widths, lines[-1].get_color(), floor)
         if lines:
             entries.append((lines[0], _short_label(group.args, shown) + f" (n={len(group.runs)})"))
     _finish_panel(ax_top1, bool(ax_top1.lines), "eval top-1 (%)", "eval top-1")
@@ -788,44 +718,38 @@ def plot_curves(groups: Sequence[Group], columns: Sequence[str], family: str, ba
         chunk = with_curves[start:start + per_file]
         shown = _varying(chunk, columns) or [c for c in columns if c in ("model", "norm")]
         number = start // per_file + 1
-        path = _curves_figure(chunk, shown, family, band, out_dir / f"{_file_part(family)}_curves_{number}.png")
-        figures.append(Figure(f"training curves ({number})" if len(with_curves) > per_file else "training curves", path))
+        path = _curves_figure(chunk, shown, family, band, out_dir / f"{file_name_part(family)}_curves_{number}.png")
+        title = f"training curves ({number})" if len(with_curves) > per_file else "training curves"
+        figures.append(Figure(title, path))
     return figures
 
 
-def _file_part(text: str) -> str:
+def file_name_part(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``._-`` as one ``_`` (a file
+    name part, also for :mod:`shared.analysis`)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "runs"
 
 
 def family_figures(family: str, rows: Sequence[dict], groups: Sequence[Group], columns: Sequence[str],
                    metric: str, band: str, out_dir: Path) -> list:
     """Every figure of one family: the two axes, the setups without an axis, the training curves."""
-    prefix = f"{_file_part(family)}_{metric}"
-    figures = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
-               for kind in ("ghost_batch_size", "dropout_p")]
-    figures.append(plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"))
-    return figures + plot_curves(groups, columns, family, band, out_dir)
+    prefix = f"{file_name_part(family)}_{metric}"
+    axes = [plot_axis(rows, columns, metric, band, kind, family, out_dir / f"{prefix}_vs_{kind}.png")
+            for kind in ("ghost_batch_size", "dropout_p")]
+    return [*axes, plot_setups(rows, columns, metric, band, family, out_dir / f"{prefix}_by_setup.png"),
+            *plot_curves(groups, columns, family, band, out_dir)]
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def _by_family(groups: Sequence[Group]) -> dict:
-    families: dict = {}
-    for group in groups:
-        families.setdefault(experiment_family(group.args), []).append(group)
-    return families
-
-
 def _figures_markdown(family: str, figures: Sequence[Figure], out_dir: Path) -> str:
     text = f"\n## Figures: {family}\n"
     for figure in figures:
         text += f"\n### {figure.title}\n\n"
-        if figure.path is not None:
-            text += f"![{family}: {figure.title}]({os.path.relpath(figure.path, out_dir)})\n"
-        else:
-            text += f"Not drawn: {figure.reason}.\n"
+        text += (f"![{family}: {figure.title}]({os.path.relpath(figure.path, out_dir)})\n" if figure.path is not None
+                 else f"Not drawn: {figure.reason}.\n")
     return text
 
 
@@ -839,10 +763,6 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
         ``{"markdown": text, "rows": rows, "unfinished": runs, "unreadable": [(dir, reason)],
         "figures": [Figure], "files": [paths written]}``.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if band not in ("std", "sem"):
-        raise ValueError(f"band must be 'std' or 'sem', got {band!r}")
     runs, unreadable = load_runs(runs_dir)
     if not runs:
         found = f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
@@ -860,17 +780,19 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
     markdown = (f"# Results\n\n{len(runs)} runs below `{runs_dir}` in {len(groups)} setups. Figures: "
                 f"{metric_label(metric)}, mean over the finished seeds of each setup, {_band_name(band)}.\n\n")
     markdown += render_tables(rows, unfinished, columns, metric, unreadable)
-    if plots:
-        for family, family_groups in _by_family(groups).items():
-            family_rows = [row for row in rows if row["_group"] in family_groups]
-            drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
-            markdown += _figures_markdown(family, drawn, out)
-            figures += drawn
-    files = [out / "results.csv", out / "unfinished.csv", out / "results.md"]
-    atomic_write_text(files[0], _results_csv(rows, columns, metric))
-    atomic_write_text(files[1], _unfinished_csv(unfinished))
-    atomic_write_text(files[2], markdown)
-    files += [figure.path for figure in figures if figure.path is not None]
+    families: dict = {}
+    for group in groups if plots else ():  # no figures: no families to draw
+        families.setdefault(experiment_family(group.args), []).append(group)
+    for family, family_groups in families.items():
+        family_rows = [row for row in rows if row["_group"] in family_groups]
+        drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
+        markdown += _figures_markdown(family, drawn, out)
+        figures += drawn
+    texts = {"results.csv": _results_csv(rows, columns, metric), "unfinished.csv": _unfinished_csv(unfinished),
+             "results.md": markdown}
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+    files = [out / name for name in texts] + [figure.path for figure in figures if figure.path is not None]
     return {"markdown": markdown, "rows": rows, "unfinished": unfinished, "unreadable": unreadable,
             "figures": figures, "files": files}
 

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -54,13 +55,15 @@ class RunDirError(ValueError):
     """A run directory that cannot be used as asked (not writable, holds another run...)."""
 
 
+# What a full disk or an exhausted quota means, in words (the errno names alone are cryptic).
+_NO_SPACE = {errno.ENOSPC: "the disk (or its inodes) is full", errno.EDQUOT: "your disk quota is used up"}
+
+
 def describe_os_error(error: OSError) -> str:
     """``error``'s message, saying plainly when the cause is a full disk or an exhausted quota."""
     text = error.strerror or str(error)
-    if error.errno == errno.ENOSPC:
-        return f"{text}: the disk (or its inodes) is full; free space or choose another --output"
-    if error.errno == errno.EDQUOT:
-        return f"{text}: your disk quota is used up; free space or choose another --output"
+    if error.errno in _NO_SPACE:
+        return f"{text}: {_NO_SPACE[error.errno]}; free space or choose another --output"
     return text
 
 
@@ -123,31 +126,15 @@ def atomic_link(source: os.PathLike, target: os.PathLike) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda handle: handle.write(data))
-
-
-def timm_metric_names(row: Optional[Mapping[str, Any]]) -> Optional[dict]:
+def timm_metric_names(row: Mapping[str, Any]) -> dict:
     """A summary row or results.json's ``final``/``best`` with previous names (``top1``...) renamed to timm's.
 
-    Rows already in timm's names come back unchanged (as a new dict); None stays None.
+    Rows already in timm's names come back unchanged (as a new dict).
     """
-    if row is None:
-        return None
     return {PREVIOUS_METRIC_NAMES.get(key, key): value for key, value in row.items()}
-
-
-def results_with_timm_names(results: Mapping[str, Any]) -> dict:
-    """results.json's content with the metric names of ``final`` and ``best`` in timm's names."""
-    renamed = dict(results)
-    for section in ("final", "best"):
-        if isinstance(renamed.get(section), Mapping):
-            renamed[section] = timm_metric_names(renamed[section])
-    return renamed
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -159,12 +146,11 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
+def _cell(value: Any) -> Any:
+    """A float in at most 6 decimals (6 significant digits below 1e-3); other values as csv writes them."""
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) < 1e-3 and value != 0 else f"{value:.6f}".rstrip("0").rstrip(".")
-    return str(value)
+    return value
 
 
 class RunFileError(RuntimeError):
@@ -210,12 +196,20 @@ def read_args(run_dir: Path) -> dict:
     return args
 
 
-def read_results(run_dir: Path) -> Optional[dict]:
-    """results.json (metric names in timm's form, also for a run of the previous version), or None."""
-    try:
-        return results_with_timm_names(json.loads((run_dir / "results.json").read_text()))
-    except (OSError, ValueError, AttributeError):
-        return None
+def read_results(run_dir: Path) -> dict:
+    """results.json, the metric names of ``final`` and ``best`` in timm's form (also for a run of the
+    previous version: :func:`timm_metric_names`).
+
+    Raises:
+        OSError: it cannot be read. ValueError: it is not JSON or not a mapping (the message says which).
+    """
+    results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    if not isinstance(results, dict):
+        raise ValueError(f"a {type(results).__name__}, not a mapping")
+    for section in ("final", "best"):
+        if isinstance(results.get(section), Mapping):
+            results[section] = timm_metric_names(results[section])
+    return results
 
 
 def changed_result_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
@@ -226,9 +220,7 @@ def changed_result_keys(saved: Mapping[str, Any], current: Mapping[str, Any],
     """
     changed = []
     defaults = defaults or {}
-    for key in sorted(set(saved) | set(current)):
-        if key in OPERATIONAL_KEYS:
-            continue
+    for key in sorted((set(saved) | set(current)) - OPERATIONAL_KEYS):
         old, new = saved.get(key, defaults.get(key, "<absent>")), current.get(key, "<absent>")
         if old != new:
             changed.append((key, old, new))
@@ -264,7 +256,6 @@ LOCK_NAME = "train.lock"
 # What a run leaves behind: a directory holding any of these has results that a new run must not overwrite.
 RESULT_NAMES = ("args.yaml", "summary.csv", "results.json", "last.pth.tar", "model_best.pth.tar",
                 "wandb_run_id.txt")
-RESULT_PATTERNS = ("checkpoint-*.pth.tar",)
 
 
 class RunLock:
@@ -292,8 +283,6 @@ class RunLock:
             raise RunDirError(f"{run_dir} is in use by another run ({holder}); wait for it to end, or choose "
                               f"another --experiment") from None
         except OSError as error:  # ENOLCK, EOPNOTSUPP...: a filesystem without (cluster-wide) locks
-            import warnings
-
             warnings.warn(f"cannot lock {self.path} ({error.strerror}): a second run started on this "
                           f"directory would not be detected", RuntimeWarning, stacklevel=2)
         os.ftruncate(self.descriptor, 0)
@@ -329,8 +318,7 @@ def refuse_if_results(run_dir: Path) -> None:
     if not found:
         return
     names = ", ".join(path.name for path in found[:6]) + (", ..." if len(found) > 6 else "")
-    resumable = (run_dir / "last.pth.tar").is_file()
-    how = ("continue it with --resume auto, " if resumable else
+    how = ("continue it with --resume auto, " if (run_dir / "last.pth.tar").is_file() else
            "it has no last.pth.tar to continue from (--resume auto cannot continue it); ")
     raise RunDirError(f"{run_dir} already holds a run ({names}): {how}pass --start-fresh to move its results "
                       f"into {run_dir}/superseded-TIMESTAMP/ and start anew, or choose another --experiment")
@@ -350,9 +338,7 @@ def check_experiment_name(name: str) -> None:
 def holds_results(run_dir: Path) -> list:
     """The result files (:data:`RESULT_NAMES`, ``checkpoint-*.pth.tar``) directly in ``run_dir``."""
     found = [run_dir / name for name in RESULT_NAMES if (run_dir / name).exists()]
-    for pattern in RESULT_PATTERNS:
-        found += sorted(run_dir.glob(pattern))
-    return found
+    return found + sorted(run_dir.glob("checkpoint-*.pth.tar"))  # --checkpoint-hist's numbered copies
 
 
 def move_results_aside(run_dir: Path) -> Optional[Path]:

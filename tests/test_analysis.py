@@ -70,12 +70,12 @@ def test_analytic_density_integrates_to_one():
     grid = np.linspace(0.0, 3.0, 30001)
     for noise in analysis.NOISES:
         xs = grid if noise == "scale" else grid - 1.5
-        integral = np.trapezoid(analysis.analytic_pdf(noise, GHOST)(xs), xs)
+        integral = np.trapezoid(analysis.analytic_distribution(noise, GHOST).pdf(xs), xs)
         assert integral == pytest.approx(1.0, abs=1e-4)
     # The scale CDF at the median of chi2(N - 1) / N is 1/2 by construction.
     from scipy import stats
     median = math.sqrt(stats.chi2.median(GHOST - 1) / GHOST)
-    assert analysis.analytic_cdf("scale", GHOST)(median) == pytest.approx(0.5, abs=1e-12)
+    assert analysis.analytic_distribution("scale", GHOST).cdf(median) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_batch_must_be_a_multiple_of_the_ghost_batch_size():

@@ -417,6 +417,21 @@ def test_unreadable_run_directories_are_listed_and_skipped(runs_dir, tmp_path, c
     assert "| cifar_resnet18 | bn | 3 | 42,43,44 |" in markdown  # the readable runs are reported as before
 
 
+def test_results_json_that_is_not_a_mapping_is_a_status_not_a_crash(tmp_path):
+    """A results.json holding valid JSON that is not an object (a list, a number) makes the run unfinished
+    with the reason as its status; the other runs are reported as before."""
+    root = tmp_path / "runs"
+    make_run(root, "bn-s1", final_top1=60.0, norm="bn", seed=1)
+    for name, content in (("a-list", "[1, 2]"), ("a-number", "5"), ("not-json", "{")):
+        (make_run(root, name, final_top1=61.0, norm="bn", seed=2) / "results.json").write_text(content)
+    result = report.write_report(root, tmp_path / "out", plots=False)
+    statuses = {run.name: run.status for run in result["unfinished"]}
+    assert statuses["a-list"] == "unreadable results.json (a list, not a mapping)"
+    assert statuses["a-number"] == "unreadable results.json (a int, not a mapping)"
+    assert statuses["not-json"].startswith("unreadable results.json (Expecting property name")
+    assert [(row["norm"], row["n"]) for row in result["rows"]] == [("bn", 1)]
+
+
 def test_interrupted_report_keeps_the_previous_complete_files(runs_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     report.write_report(runs_dir, out)
