@@ -195,6 +195,11 @@ def choice_type(choices: Sequence[str]):
 # The parser
 # ----------------------------------------------------------------------------------------------
 
+def _switch(group, flag: str, help: str) -> None:
+    """An off-by-default flag (``action='store_true'``) of an argument group: only a name and a help."""
+    group.add_argument(flag, action="store_true", help=help)
+
+
 def create_parser() -> argparse.ArgumentParser:
     """train.py's argument parser (no config handling: see :func:`parse_args`)."""
     parser = argparse.ArgumentParser(
@@ -215,12 +220,10 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--val-split", default="validation", metavar="SPLIT",
                        help="evaluation split: validation/val/test (an ImageFolder's val/ or test/ folder), or a "
                             "subset such as 'train[0.9:]-SEED'")
-    group.add_argument("--dataset-download", action="store_true", default=False,
-                       help="allow torchvision datasets to download (never without this flag)")
-    group.add_argument("--data-strict", action="store_true", default=False,
-                       help="an image file neither loader can use as it is (empty, unreadable, another size at "
-                            "native size, a second link to one file) is an error naming it (default: left out, "
-                            "counted by cause in the data: line)")
+    _switch(group, "--dataset-download", "allow torchvision datasets to download (never without this flag)")
+    _switch(group, "--data-strict", "an image file neither loader can use as it is (empty, unreadable, another size at "
+                                    "native size, a second link to one file) is an error naming it (default: left out, "
+                                    "counted by cause in the data: line)")
     group.add_argument("--fast-loader", default="auto", type=choice_type(("auto", "on", "off")),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
@@ -231,8 +234,8 @@ def create_parser() -> argparse.ArgumentParser:
                             "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                        help="extra keyword arguments for the model (values are Python literals or strings)")
-    group.add_argument("--pretrained", action="store_true", default=False,
-                       help="start from the model's pretrained weights (timm; downloads from the Hugging Face hub)")
+    _switch(group, "--pretrained",
+            "start from the model's pretrained weights (timm; downloads from the Hugging Face hub)")
     group.add_argument("--initial-checkpoint", default="", metavar="PATH",
                        help="load these weights before training (timm.models.load_checkpoint; its EMA weights if "
                             "it has them, as timm)")
@@ -242,8 +245,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="momentum of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
     group.add_argument("--bn-eps", type=float, default=None,
                        help="epsilon of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
-    group.add_argument("--grad-checkpointing", action="store_true", default=False,
-                       help="gradient checkpointing of the timm model (model.set_grad_checkpointing)")
+    _switch(group, "--grad-checkpointing", "gradient checkpointing of the timm model (model.set_grad_checkpointing)")
     group.add_argument("--num-classes", type=int, default=None, metavar="N",
                        help="number of classes (None: the dataset's)")
     group.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N",
@@ -260,16 +262,15 @@ def create_parser() -> argparse.ArgumentParser:
                        help="batch size per process and per step (a step of --grad-accum-steps)")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                        help="eval batch size (None: --batch-size)")
-    group.add_argument("--channels-last", action="store_true", default=False,
-                       help="channels_last memory layout")
+    _switch(group, "--channels-last", "channels_last memory layout")
     group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
                        help="micro-batches per optimizer update")
     group.add_argument("--drop", type=float, default=0.0, metavar="PCT",
                        help="classifier dropout rate (passed to the model as drop_rate when non-zero)")
     group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
                        help="drop path rate (passed to the model as drop_path_rate when set)")
-    group.add_argument("--sync-bn", action="store_true", default=False,
-                       help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
+    _switch(group, "--sync-bn",
+            "under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
     group.add_argument("--dist-bn", type=choice_type(("reduce", "broadcast", "")), default="reduce",
                        help="under DDP, before each evaluation: average (reduce) the norm layers' running "
                             "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
@@ -290,8 +291,7 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Learning rate schedule")
     group.add_argument("--sched", type=str, default="cosine", metavar="SCHEDULER", help="timm scheduler name")
-    group.add_argument("--sched-on-updates", action="store_true", default=False,
-                       help="step the schedule every optimizer update instead of every epoch")
+    _switch(group, "--sched-on-updates", "step the schedule every optimizer update instead of every epoch")
     group.add_argument("--lr", type=float, default=None, metavar="LR",
                        help="learning rate (None: --lr-base scaled by the global batch size)")
     group.add_argument("--lr-base", type=float, default=0.1, metavar="LR",
@@ -314,14 +314,13 @@ def create_parser() -> argparse.ArgumentParser:
                        help="multistep decay epochs")
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step decay interval")
     group.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="epochs of linear warm-up")
-    group.add_argument("--warmup-prefix", action="store_true", default=False,
-                       help="exclude the warm-up from the decay schedule")
+    _switch(group, "--warmup-prefix", "exclude the warm-up from the decay schedule")
     group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="epochs at min_lr after the schedule")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N", help="plateau scheduler patience")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate")
 
     group = parser.add_argument_group("Augmentation and regularization")
-    group.add_argument("--no-aug", action="store_true", default=False, help="no training augmentation")
+    _switch(group, "--no-aug", "no training augmentation")
     group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
                        help="RandomResizedCrop scale range (ImageNet-style transforms)")
     group.add_argument("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO",
@@ -348,10 +347,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--recount", type=int, default=1, help="random erasing count")
 
     group = parser.add_argument_group("Model exponential moving average")
-    group.add_argument("--model-ema", action="store_true", default=False,
-                       help="track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
+    _switch(group, "--model-ema", "track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
-    group.add_argument("--model-ema-warmup", action="store_true", default=False, help="EMA decay warm-up")
+    _switch(group, "--model-ema-warmup", "EMA decay warm-up")
 
     group = parser.add_argument_group("Miscellaneous")
     group.add_argument("--seed", type=int, default=42, metavar="S",
@@ -363,12 +361,11 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                        help="checkpoint-EPOCH.pth.tar files kept besides last and best")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
-    group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
+    _switch(group, "--amp", "mixed precision (torch.autocast)")
     group.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")),
                        help="autocast dtype; float16 adds a gradient scaler")
-    group.add_argument("--pin-mem", action="store_true", default=False,
-                       help="pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
-                            "overlapped with compute)")
+    _switch(group, "--pin-mem", "pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
+                                "overlapped with compute)")
     group.add_argument("--dry-loader", type=int, default=0, metavar="BATCHES",
                        help="time the training data path alone (this many batches on the device, no model, no run "
                             "directory), print images/s and exit; 0: train")
@@ -385,14 +382,12 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
                             "PATH: continue this checkpoint")
-    group.add_argument("--no-resume-opt", action="store_true", default=False,
-                       help="when resuming, do not restore the optimizer (and gradient scaler) state")
-    group.add_argument("--resume-allow-changes", action="store_true", default=False,
-                       help="resume even if the checkpoint's result-changing arguments differ from these")
-    group.add_argument("--start-fresh", action="store_true", default=False,
-                       help="the run directory holds results of an earlier run: move them into "
-                            "OUTPUT/EXPERIMENT/superseded-TIMESTAMP/ and start anew (without it, such a "
-                            "directory is only resumed or refused)")
+    _switch(group, "--no-resume-opt", "when resuming, do not restore the optimizer (and gradient scaler) state")
+    _switch(group, "--resume-allow-changes",
+            "resume even if the checkpoint's result-changing arguments differ from these")
+    _switch(group, "--start-fresh", "the run directory holds results of an earlier run: move them into "
+                                    "OUTPUT/EXPERIMENT/superseded-TIMESTAMP/ and start anew (without it, such a "
+                                    "directory is only resumed or refused)")
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
@@ -510,6 +505,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         return action.const if value else None
 
     convert = action.type or str
+    kind = "string" if convert is str else getattr(convert, "__name__", "value")
     choices = getattr(convert, "choices", ())
     if isinstance(value, bool) and "on" in choices and "off" in choices:
         return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
@@ -517,18 +513,16 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     def scalar(item: Any) -> Any:
         if isinstance(item, (list, dict)):
             raise fail("a single value")
+        if isinstance(item, bool):  # YAML's true/false is never a number or a text here
+            raise fail(f"a {kind}")
         if convert is str:
-            if isinstance(item, bool):
-                raise fail("a string")
             return str(item)
-        if isinstance(item, bool):
-            raise fail(f"a {getattr(convert, '__name__', 'value')}")
         if convert is int and isinstance(item, float):
             raise fail("an integer (written without a decimal point)")
         try:
             return convert(item.strip() if isinstance(item, str) else item)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            raise fail(f"a {getattr(convert, '__name__', 'value')} ({error})") from None
+            raise fail(f"a {kind} ({error})") from None
 
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         if not isinstance(value, list):
@@ -591,8 +585,7 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
         ConfigError: missing file, YAML syntax error (with line), unknown key (with close matches),
             wrongly typed value, bad ``bases`` or ``sweep``, a cycle of bases.
     """
-    actions = actions_by_dest(parser)
-    return _load_merged(str(path), actions, ())
+    return _load_merged(str(path), actions_by_dest(parser), ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,15 +598,17 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)((?:\[[^\[\]{}]+\])*)(\.[\w.\[\]]*)?(?::([^{}\s]*))?\}")
 
 
+def strings_in(value: Any) -> list:
+    """Every string of ``value``, also those inside lists, tuples and mapping values (at any depth)."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return [text for item in items for text in strings_in(item)]
+
+
 def _is_template(value: Any) -> bool:
     """True if ``value`` is, or holds, a string with a ``{key}`` placeholder."""
-    if isinstance(value, str):
-        return _PLACEHOLDER.search(value) is not None
-    if isinstance(value, (list, tuple)):
-        return any(_is_template(item) for item in value)
-    if isinstance(value, dict):
-        return any(_is_template(item) for item in value.values())
-    return False
+    return any(_PLACEHOLDER.search(text) for text in strings_in(value))
 
 
 def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
@@ -707,9 +702,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = create_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument("-c", "--config", default="")
-    known, _ = config_parser.parse_known_args(argv)
+    known, _ = parser.parse_known_args(argv)  # only for -c: the flags are parsed again over the config's values
     if known.config:
         values = load_config(known.config, parser)
         values.pop(SWEEP_KEY, None)
