@@ -75,7 +75,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from shared import config
+from shared import config, run_files
 from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEEP_KEY, ConfigError
 
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
@@ -84,8 +84,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 _TRAIN_SCRIPT = _REPO_ROOT / "train.py"
 
 
-class SweepError(ValueError):
-    """A sweep could not be expanded: bad grid, unknown key, duplicate or invalid run names."""
+# A sweep that cannot be expanded (bad grid, unknown key, duplicate or invalid run names) is bad input of the
+# config kind: one exception type, so a config's own error needs no translation on its way to main.
+SweepError = ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +110,12 @@ class SweepRun:
 
 
 def _parse(argv: Sequence[str]) -> dict:
-    """Resolve ``argv`` the way train.py does; argparse's exit becomes a SweepError."""
+    """Resolve ``argv`` the way train.py does; argparse's exit and a template error name the command."""
     try:
         return vars(config.parse_args(list(argv)))
     except SystemExit as error:
         raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
-    except ConfigError as error:  # a bad config file, value or template
+    except ConfigError as error:  # a template that does not fit this run's values
         raise SweepError(f"{shlex.join(argv)}: {error}") from None
 
 
@@ -169,21 +170,15 @@ def _long_flag(action: argparse.Action) -> str:
 
 
 def _text(value: Any) -> str:
-    """A value as one command-line word: strings as they are, structures as JSON (specs accept it)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value, separators=(",", ":"))
+    """A value as one command-line word: strings as they are, anything else as JSON (``true``, ``0.1``,
+    ``[1,2]``), which argparse's types and the spec parser (YAML) read back."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _kwarg_text(value: Any) -> str:
-    """A ``key=value`` value for timm-style kwargs flags (``--model-kwargs``), parsed back as a literal."""
-    if isinstance(value, str):
-        return value
-    return repr(value)  # Python literal: timm's ParseKwargs reads values with ast.literal_eval
+    """A ``key=value`` value for timm-style kwargs flags (``--model-kwargs``): strings as they are, anything
+    else as a Python literal (timm's ParseKwargs reads values with ast.literal_eval)."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
@@ -205,17 +200,6 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
         if isinstance(value, (list, tuple)):
             return [flag] + [_text(item) for item in value]
     return [flag, _text(value)]
-
-
-def _has_braces(value: Any) -> bool:
-    """True if a string of ``value`` holds ``{``: a template or spec text, which train.py rewrites."""
-    if isinstance(value, str):
-        return "{" in value
-    if isinstance(value, Mapping):
-        return any(_has_braces(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_braces(v) for v in value)
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +225,6 @@ def _parse_set(items: Sequence[str]) -> dict:
             value = config.load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        except ConfigError as error:
-            raise SweepError(str(error)) from None
         overrides[key.strip()] = value
     return overrides
 
@@ -267,12 +249,9 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     path = Path(config_path)
     where = str(path)
     actions = config.actions_by_dest()
-    try:
-        merged = config.load_config(where)
-        for key in overrides or {}:
-            config.check_key(key, actions, "--set")
-    except ConfigError as error:
-        raise SweepError(str(error)) from None
+    merged = config.load_config(where)
+    for key in overrides or {}:
+        config.check_key(key, actions, "--set")
     points = _points(merged.pop(SWEEP_KEY, {}), where)
     clash = sorted({key for point in points for key in point} & set(overrides or {}))
     if clash:
@@ -320,8 +299,8 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
         raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
                          f"(letters, digits and . _ = + - only); change the experiment template")
     for dest in touched:
-        if dest == "experiment" or _has_braces(values[dest]):
-            continue  # train.py formats or parses these: they do not read back as written
+        if dest == "experiment" or any("{" in text for text in config.strings_in(values[dest])):
+            continue  # a template or spec text: train.py formats or parses it, so it does not read back as written
         # YAML and argparse both give lists (never tuples), and 1 == 1.0 as argparse turns 1 into 1.0
         if values[dest] != resolved[dest]:
             raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
@@ -445,10 +424,7 @@ def execute(run: SweepRun, launch: Launch = Launch()) -> int:
         sent = signal.SIGTERM if launch.distributed else signum
         print(f"[sweep] got signal {signal.Signals(signum).name}: forwarding {signal.Signals(sent).name} "
               f"to {run.name} (pid {process.pid})", flush=True)
-        try:
-            process.send_signal(sent)
-        except ProcessLookupError:
-            pass
+        process.send_signal(sent)  # a process that has ended is not signalled (Popen checks)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -493,8 +469,8 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
     """The run's command as one shell line; a value with a line break would split it, so it is refused
     (shell quoting keeps a newline inside quotes, but line-based launchers read one line per run)."""
     command = train_command(run, launch=launch)
-    broken = next((word for word in command if any(c in word for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")),
-                  None)
+    # str.splitlines breaks at every character a line-based reader may take for a line end
+    broken = next((word for word in command if "".join(word.splitlines()) != word), None)
     if broken is not None:
         raise SweepError(f"run {run.index} ({run.name}): the value {broken!r} holds a line break, so its command "
                          f"cannot be one line of a list; remove it (or write a .json list)")
@@ -503,15 +479,13 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
 
 def write_list(runs: Sequence[SweepRun], path: os.PathLike, launch: Launch = Launch()) -> None:
     """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
-    from shared.run_files import atomic_write_text
-
     path = Path(path)
     if path.suffix == ".json":
         records = [dict(index=r.index, name=r.name, output_dir=str(r.output_dir), point=r.point,
                         command=train_command(r, launch=launch)) for r in runs]
-        atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
+        run_files.atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
     else:
-        atomic_write_text(path, "".join(_one_line_command(r, launch) + "\n" for r in runs))
+        run_files.atomic_write_text(path, "".join(_one_line_command(r, launch) + "\n" for r in runs))
 
 
 def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun], selection: Sequence[str] = ()) -> dict:
@@ -553,7 +527,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML config with a `sweep:` grid (a config without one is a single run)")
     parser.add_argument("--dry-run", action="store_true", help="print every run's name and command (default)")
     parser.add_argument("--run", action="store_true", help="run the unfinished runs one after another")
-    parser.add_argument("--index", default=None,
+    parser.add_argument("--index", type=int,
                         help="run only run I (0-based; e.g. $SLURM_ARRAY_TASK_ID); skipped if finished")
     parser.add_argument("--count", action="store_true", help="print the number of runs")
     parser.add_argument("--write-list", metavar="FILE", help="write one command per line (FILE.json: a JSON list)")
@@ -586,10 +560,7 @@ def _check_gpu(run: SweepRun) -> None:
 
 def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
     """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents)."""
-    try:
-        index = int(options.index)
-    except ValueError:
-        raise SweepError(f"--index must be an integer, got {options.index!r}") from None
+    index = options.index
     if not 0 <= index < len(runs):
         raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
                          f"(valid: 0..{len(runs) - 1})")
@@ -613,12 +584,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_list(runs, options.write_list, launch=launch)
             print(f"wrote {len(runs)} commands to {options.write_list}", file=sys.stderr)
         if options.wandb_sweep:
-            from shared.run_files import atomic_write_text
-
             selection = ([f"--only={options.only}"] if options.only else []) + [f"--set={kv}" for kv in options.set]
             spec = wandb_sweep(options.config, runs, selection)
             header = f"# generated by: python -m shared.sweep {options.config} --wandb-sweep {options.wandb_sweep}\n"
-            atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
+            run_files.atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
             print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
         if options.index is not None:
             return _run_index(runs, options, launch)
