@@ -73,6 +73,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import torch
 import yaml
 
 from shared import config, run_files
@@ -257,16 +258,13 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     if clash:
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
 
-    runs, names = [], {}
-    for point in points:
-        run = _make_run(path, merged, point, overrides or {}, actions, len(runs))
-        if run.name in names:
-            first = names[run.name]
-            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({point}) "
-                             f"are both named {run.name!r}; make the experiment template use the "
-                             f"swept keys")
-        names[run.name] = run.index
-        runs.append(run)
+    runs = [_make_run(path, merged, point, overrides or {}, actions, index) for index, point in enumerate(points)]
+    names = [run.name for run in runs]
+    for run in runs:
+        first = names.index(run.name)
+        if first != run.index:
+            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({run.point}) are both "
+                             f"named {run.name!r}; make the experiment template use the swept keys")
     if only:
         runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
         if not runs:
@@ -547,19 +545,9 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_gpu(run: SweepRun) -> None:
-    """--require-gpu: a run meant for a GPU (its device is not ``cpu``) needs CUDA here."""
-    import torch
-
-    if str(run.device or "cuda").startswith("cpu") or torch.cuda.is_available():
-        return
-    raise SweepError(f"run {run.index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
-                     f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
-                     f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
-
-
 def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
-    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents)."""
+    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents); with ``--require-gpu``
+    a run meant for a GPU (its device is not ``cpu``) is refused where there is no CUDA device."""
     index = options.index
     if not 0 <= index < len(runs):
         raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
@@ -568,8 +556,10 @@ def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: La
     if run_status(run) == "finished":
         print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
         return 0
-    if options.require_gpu:
-        _check_gpu(run)
+    if options.require_gpu and not str(run.device or "cuda").startswith("cpu") and not torch.cuda.is_available():
+        raise SweepError(f"run {index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
+                         f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
+                         f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
     return execute(run, launch=launch)
 
 

@@ -30,6 +30,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoint
+
+from nodo import GhostNormBase
+from shared import create_model, data, distributed, run_files
+from shared.checkpoint import CheckpointError, with_timm_keys
+from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, choice_type, parser_defaults, spec_type
 
 # train.py arguments a checkpoint's "args" supplies when the command line does not set them.
 FROM_CHECKPOINT = ("model", "norm", "model_kwargs", "num_classes", "dataset", "input_size", "img_size", "mean",
@@ -43,8 +49,6 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
     Returns ``{'eval_loss', 'eval_top1', 'eval_top5'}`` (timm's summary names). ``loader`` yields
     ``(images, targets)`` on ``info.device`` (train.py's loader interface).
     """
-    from shared import distributed
-
     model.eval()
     totals = torch.zeros(4, device=info.device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
     loader.set_epoch(0)
@@ -67,8 +71,6 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
 
 def create_parser() -> argparse.ArgumentParser:
     """timm validate.py's flag names (the subset that applies here) plus ``--norm``/``--model-kwargs``."""
-    from shared.config import ParseKwargs, choice_type, spec_type
-
     parser = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data", nargs="?", default=None, metavar="DIR", help="dataset root (as --data-dir)")
@@ -115,8 +117,6 @@ def set_norm_hyperparameters(model: nn.Module, momentum: Optional[float], eps: O
     Raises:
         ValueError: a value is given but the model has no BatchNorm-like layer.
     """
-    from nodo import GhostNormBase
-
     if momentum is None and eps is None:
         return 0
     count = 0
@@ -135,8 +135,6 @@ def set_norm_hyperparameters(model: nn.Module, momentum: Optional[float], eps: O
 
 def _read_checkpoint(path: str):
     """The checkpoint's content with timm's keys (a training checkpoint of any version), or a state dict."""
-    from shared.checkpoint import CheckpointError, with_timm_keys
-
     if not Path(path).is_file():
         raise CheckpointError(f"--checkpoint {path!r}: no such file")
     try:
@@ -148,8 +146,6 @@ def _read_checkpoint(path: str):
 
 def resolve_args(options: argparse.Namespace, checkpoint) -> argparse.Namespace:
     """train.py-style arguments: train.py's defaults < the checkpoint's training arguments < these flags."""
-    from shared.config import parser_defaults
-
     values = parser_defaults()
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, dict):
@@ -168,8 +164,6 @@ def resolve_args(options: argparse.Namespace, checkpoint) -> argparse.Namespace:
 
 def load_weights(model: nn.Module, checkpoint, path: str, use_ema: bool) -> None:
     """The checkpoint's (EMA) weights into ``model``; any non-train.py checkpoint through timm's loader."""
-    from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoint
-
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         weights = checkpoint.get("state_dict_ema") if use_ema else checkpoint["state_dict"]
         if weights is None:
@@ -181,8 +175,6 @@ def load_weights(model: nn.Module, checkpoint, path: str, use_ema: bool) -> None
 
 def validate(options: argparse.Namespace) -> dict:
     """Build the model and the split's loader, load the weights, evaluate; returns timm's result fields."""
-    from shared import create_model, data, distributed
-
     checkpoint = _read_checkpoint(options.checkpoint) if options.checkpoint else None
     args = resolve_args(options, checkpoint)
     if not args.model or (checkpoint is None and not args.pretrained):
@@ -204,10 +196,8 @@ def validate(options: argparse.Namespace) -> dict:
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = torch.bfloat16 if options.amp_dtype == "bfloat16" else torch.float16
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if options.amp else nullcontext()
+    def autocast():  # as train.py's: disabled without --amp
+        return torch.autocast(device.type, dtype=getattr(torch, options.amp_dtype), enabled=options.amp)
 
     metrics = evaluate(model, loader, info, autocast, bool(args.channels_last))
     return {"model": args.model, "top1": round(metrics["eval_top1"], 4), "top1_err": round(100 - metrics["eval_top1"], 4),
@@ -218,32 +208,14 @@ def validate(options: argparse.Namespace) -> dict:
             "use_ema": options.use_ema}
 
 
-def _write_results_file(path: str, result: dict, file_format: str) -> None:
-    import csv
-    import io
-
-    from shared.run_files import atomic_write_text
-
-    if file_format == "json":
-        text = json.dumps(result, indent=1) + "\n"
-    else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(result), lineterminator="\n")
-        writer.writeheader()
-        writer.writerow(result)
-        text = buffer.getvalue()
-    atomic_write_text(Path(path), text)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from shared.checkpoint import CheckpointError
-    from shared.config import EXIT_OK, EXIT_USAGE
-
     options = create_parser().parse_args(argv)
     try:
         result = validate(options)
-        if options.results_file:
-            _write_results_file(options.results_file, result, options.results_format)
+        if options.results_file:  # one CSV row under its header, or the JSON object
+            text = (json.dumps(result, indent=1) + "\n" if options.results_format == "json"
+                    else run_files.csv_text(list(result), [list(result.values())]))
+            run_files.atomic_write_text(Path(options.results_file), text)
     except (ValueError, CheckpointError, OSError) as error:  # DataError, SpecError, ConfigError are ValueErrors
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE
