@@ -44,7 +44,6 @@ import copy
 import difflib
 import os
 import re
-import sys
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
@@ -62,7 +61,6 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpoi
 # Config keys that are not train.py arguments, and the reserved sweep key of several-key cases.
 BASES_KEY = "bases"
 SWEEP_KEY = "sweep"
-META_KEYS = (BASES_KEY, SWEEP_KEY)
 SWEEP_CASES_KEY = "cases"
 
 
@@ -144,11 +142,7 @@ def load_bounded_yaml(text: str, where: str) -> tuple:
     if node is None:
         return None, None
     _yaml_extent(node, 0, {}, where)
-    loader = yaml.SafeLoader("")
-    try:
-        return node, loader.construct_document(node)
-    finally:
-        loader.dispose()
+    return node, yaml.SafeLoader("").construct_document(node)
 
 
 def read_spec_text(spec: Any, where: str = "--norm") -> Any:
@@ -456,8 +450,7 @@ def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) ->
         raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
     root = key.split(".", 1)[0]
     if root not in actions:
-        hint = _close_matches(root, actions)
-        raise ConfigError(f"{context}: {key!r} is not a train.py argument{hint}")
+        raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
 
 
 def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
@@ -533,8 +526,6 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
             # An empty list is the flag's own default for e.g. wandb_tags (args.yaml writes it back).
             raise fail("a non-empty list")
         return [scalar(item) for item in value]
-    if action.nargs == "?" and isinstance(value, str):
-        return value
     return scalar(value)
 
 
@@ -565,7 +556,7 @@ def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple
             continue
         if not isinstance(key, str) or key not in actions:
             raise ConfigError(f"{where}: unknown key {key!r}{_close_matches(str(key), actions)}; keys are "
-                              f"train.py argument dests (batch_size, weight_decay, ...) or {', '.join(META_KEYS)}")
+                              f"train.py argument dests (batch_size, weight_decay, ...) or {BASES_KEY}, {SWEEP_KEY}")
         merged[key] = _coerce(actions[key], value, where)
     return merged
 
@@ -619,8 +610,7 @@ def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
         raise ConfigError(f"template field {field}: attribute access is not allowed "
                           f"(use {{key}} or item access {{key[item]}})")
     if name not in values:
-        hint = _close_matches(name, values)
-        raise ConfigError(f"template placeholder {{{name}}} names no argument{hint}")
+        raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
     value = values[name]
     if _is_template(value):
         raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
@@ -683,8 +673,7 @@ def args_to_dict(args: argparse.Namespace | Mapping) -> dict:
             return {str(k): plain(v) for k, v in value.items()}
         return value
 
-    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
-    return {key: plain(value) for key, value in items}
+    return plain(dict(vars(args) if isinstance(args, argparse.Namespace) else args))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -700,7 +689,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ConfigError: a bad config file or template (see :func:`load_config`, :func:`format_templates`).
         SystemExit: argparse's usage errors on the command line itself (exit code 2), and ``--help``.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = create_parser()
     known, _ = parser.parse_known_args(argv)  # only for -c: the flags are parsed again over the config's values
     if known.config:

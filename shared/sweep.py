@@ -71,7 +71,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import yaml
@@ -346,11 +346,9 @@ def train_command(run: SweepRun, python: Optional[str] = None, launch: Launch = 
     script = _display_path(_TRAIN_SCRIPT)
     if not launch.distributed:
         return [python, script, *run.args]
-    if launch.nnodes == 1:
-        where = ["--standalone"]
-    else:
-        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
-                 f"--rdzv-id={launch.rdzv_id}"]
+    where = ["--standalone"] if launch.nnodes == 1 else [
+        f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id={launch.rdzv_id}"]
     return [python, "-m", "torch.distributed.run", *where, f"--nproc-per-node={launch.nproc_per_node}",
             script, *run.args]
 
@@ -372,12 +370,10 @@ def _preempted_since(run: SweepRun, since: float) -> bool:
 
     The time check keeps a ``preempted`` left by an earlier allocation from hiding a crash of this one.
     """
-    path = run.output_dir / "results.json"
-    try:
-        fresh = path.stat().st_mtime >= since - 1.0  # 1 s: coarse filesystem timestamps
-    except OSError:
+    try:  # 1 s: coarse filesystem timestamps
+        return run_status(run) == "preempted" and (run.output_dir / "results.json").stat().st_mtime >= since - 1.0
+    except OSError:  # removed since it was read
         return False
-    return fresh and run_status(run) == "preempted"
 
 
 def _outcome(run: SweepRun, code: int, started: float, signalled: bool) -> int:

@@ -119,18 +119,17 @@ def set_norm_hyperparameters(model: nn.Module, momentum: Optional[float], eps: O
     """
     if momentum is None and eps is None:
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (nn.modules.batchnorm._NormBase, GhostNormBase)) and \
-                not isinstance(module, nn.modules.instancenorm._InstanceNorm):
-            if momentum is not None:
-                module.momentum = momentum
-            if eps is not None:
-                module.eps = eps
-            count += 1
-    if count == 0:
+    batch_norm_like = (nn.modules.batchnorm._NormBase, GhostNormBase)
+    layers = [module for module in model.modules()
+              if isinstance(module, batch_norm_like) and not isinstance(module, nn.modules.instancenorm._InstanceNorm)]
+    if not layers:
         raise ValueError("--bn-momentum/--bn-eps: the model has no BatchNorm-like layer to apply them to")
-    return count
+    for layer in layers:
+        if momentum is not None:
+            layer.momentum = momentum
+        if eps is not None:
+            layer.eps = eps
+    return len(layers)
 
 
 def _read_checkpoint(path: str):
