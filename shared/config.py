@@ -172,19 +172,6 @@ def spec_type(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def choice_type(choices: Sequence[str]):
-    """argparse type: one of ``choices`` (listed in the error); :func:`load_config` checks YAML values
-    with it too, through its ``choices`` attribute."""
-
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
-        return text
-    parse.__name__ = "choice"
-    parse.choices = tuple(choices)
-    return parse
-
-
 # ----------------------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +205,7 @@ def create_parser() -> argparse.ArgumentParser:
     _switch(group, "--data-strict", "an image file neither loader can use as it is (empty, unreadable, another size at "
                                     "native size, a second link to one file) is an error naming it (default: left out, "
                                     "counted by cause in the data: line)")
-    group.add_argument("--fast-loader", default="auto", type=choice_type(("auto", "on", "off")),
+    group.add_argument("--fast-loader", default="auto", choices=("auto", "on", "off"),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
     group = parser.add_argument_group("Model")
@@ -265,7 +252,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="drop path rate (passed to the model as drop_path_rate when set)")
     _switch(group, "--sync-bn",
             "under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
-    group.add_argument("--dist-bn", type=choice_type(("reduce", "broadcast", "")), default="reduce",
+    group.add_argument("--dist-bn", choices=("reduce", "broadcast", ""), default="reduce",
                        help="under DDP, before each evaluation: average (reduce) the norm layers' running "
                             "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
@@ -356,7 +343,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="checkpoint-EPOCH.pth.tar files kept besides last and best")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
     _switch(group, "--amp", "mixed precision (torch.autocast)")
-    group.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")),
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                        help="autocast dtype; float16 adds a gradient scaler")
     _switch(group, "--pin-mem", "pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
                                 "overlapped with compute)")
@@ -371,7 +358,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
                        help="evaluate every this many epochs (and always after the last); the best checkpoint is "
                             "chosen among evaluated epochs")
-    group.add_argument("--eval-metric", default="top1", type=choice_type(("top1", "top5", "loss")),
+    group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="metric of the best checkpoint (loss: lowest)")
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
@@ -385,7 +372,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
-    group.add_argument("--nonfinite", default="stop", type=choice_type(("stop", "skip")),
+    group.add_argument("--nonfinite", default="stop", choices=("stop", "skip"),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
     group.add_argument("--log-noise-every", type=int, default=None, metavar="K",
@@ -499,7 +486,7 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
 
     convert = action.type or str
     kind = "string" if convert is str else getattr(convert, "__name__", "value")
-    choices = getattr(convert, "choices", ())
+    choices = action.choices or ()
     if isinstance(value, bool) and "on" in choices and "off" in choices:
         return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
 
@@ -509,6 +496,8 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         if isinstance(item, bool):  # YAML's true/false is never a number or a text here
             raise fail(f"a {kind}")
         if convert is str:
+            if choices and str(item) not in choices:
+                raise fail(f"one of {', '.join(map(repr, choices))}")
             return str(item)
         if convert is int and isinstance(item, float):
             raise fail("an integer (written without a decimal point)")

@@ -164,10 +164,8 @@ def _set_path(config: dict, path: str, value: Any, where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _long_flag(action: argparse.Action) -> str:
-    # a BooleanOptionalAction (--log-wandb) also owns its longer negative form --no-log-wandb: not the name
-    negative = isinstance(action, argparse.BooleanOptionalAction)
-    longs = [s for s in action.option_strings if s.startswith("--") and not (negative and s.startswith("--no-"))]
-    return max(longs, key=len) if longs else action.option_strings[0]
+    """The flag's first long name: ``--batch-size`` of ``-b``, ``--log-wandb`` (not ``--no-log-wandb``)."""
+    return next(name for name in action.option_strings if name.startswith("--"))
 
 
 def _text(value: Any) -> str:
@@ -446,8 +444,6 @@ def _run_all(runs: Sequence[SweepRun], launch: Launch) -> int:
     for run, outcome, seconds in outcomes:
         print(f"  {run.index:4d}  {run.name:<40s}  {outcome:<20s}  {seconds:8.1f} s")
     not_run = len(runs) - len(outcomes)
-    if not_run:
-        print(f"  ({not_run} runs not started)")
     failed = [o for o in outcomes if o[1] not in ("ok", "skipped (finished)")]
     print(f"[sweep] {len(outcomes) - len(failed)} ok or finished, {len(failed)} failed, {not_run} not started")
     if any(o[1] == f"exit {PREEMPTED_EXIT_CODE}" for o in outcomes):

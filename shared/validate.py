@@ -35,7 +35,7 @@ from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoin
 from nodo import GhostNormBase
 from shared import create_model, data, distributed, run_files
 from shared.checkpoint import CheckpointError, with_timm_keys
-from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, choice_type, parser_defaults, spec_type
+from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, parser_defaults, spec_type
 
 # train.py arguments a checkpoint's "args" supplies when the command line does not set them.
 FROM_CHECKPOINT = ("model", "norm", "model_kwargs", "num_classes", "dataset", "input_size", "img_size", "mean",
@@ -98,9 +98,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory layout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if available)")
     parser.add_argument("--amp", action="store_true", default=False, help="autocast")
-    parser.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")), help="autocast dtype")
+    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="autocast dtype")
     parser.add_argument("--results-file", default="", metavar="PATH", help="also write the result here")
-    parser.add_argument("--results-format", default="csv", type=choice_type(("csv", "json")), help="results file format")
+    parser.add_argument("--results-format", default="csv", choices=("csv", "json"), help="results file format")
     return parser
 
 
