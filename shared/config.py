@@ -541,12 +541,10 @@ def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple
         where = f"{path}, line {lines.get(key, '?')}"
         if key == SWEEP_KEY:
             _check_sweep(value, actions, where)
-            merged[key] = value
-            continue
-        if not isinstance(key, str) or key not in actions:
+        elif key not in actions:
             raise ConfigError(f"{where}: unknown key {key!r}{_close_matches(str(key), actions)}; keys are "
                               f"train.py argument dests (batch_size, weight_decay, ...) or {BASES_KEY}, {SWEEP_KEY}")
-        merged[key] = _coerce(actions[key], value, where)
+        merged[key] = value if key == SWEEP_KEY else _coerce(actions[key], value, where)
     return merged
 
 
@@ -586,11 +584,6 @@ def strings_in(value: Any) -> list:
     return [text for item in items for text in strings_in(item)]
 
 
-def _is_template(value: Any) -> bool:
-    """True if ``value`` is, or holds, a string with a ``{key}`` placeholder."""
-    return any(_PLACEHOLDER.search(text) for text in strings_in(value))
-
-
 def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
     """The text of one placeholder, formatted from ``values`` (a plain value, not a template)."""
     field = match.group(0)
@@ -601,7 +594,7 @@ def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
     if name not in values:
         raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
     value = values[name]
-    if _is_template(value):
+    if any(_PLACEHOLDER.search(text) for text in strings_in(value)):  # a template, formatted or not
         raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
                           f"a placeholder may name only plain values")
     for item in re.findall(r"\[([^\]]+)\]", items):

@@ -81,8 +81,7 @@ from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEE
 
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_TRAIN_SCRIPT = _REPO_ROOT / "train.py"
+_TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 
 
 # A sweep that cannot be expanded (bad grid, unknown key, duplicate or invalid run names) is bad input of the
@@ -174,12 +173,6 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-def _kwarg_text(value: Any) -> str:
-    """A ``key=value`` value for timm-style kwargs flags (``--model-kwargs``): strings as they are, anything
-    else as a Python literal (timm's ParseKwargs reads values with ast.literal_eval)."""
-    return value if isinstance(value, str) else repr(value)
-
-
 def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
     """The command-line words that make train.py's ``dest`` equal ``value``."""
     action = actions[dest]
@@ -194,8 +187,8 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
         raise SweepError(f"{where}: {dest}={value!r} cannot be given on the command line ({flag} only sets "
                          f"{action.const!r}); set it in the config instead")
     if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1):
-        if isinstance(value, Mapping):
-            return [flag] + [f"{key}={_kwarg_text(item)}" for key, item in value.items()]
+        if isinstance(value, Mapping):  # key=value: strings as they are, else literals (ParseKwargs' literal_eval)
+            return [flag] + [f"{key}={item if isinstance(item, str) else repr(item)}" for key, item in value.items()]
         if isinstance(value, (list, tuple)):
             return [flag] + [_text(item) for item in value]
     return [flag, _text(value)]
@@ -321,10 +314,9 @@ class Launch:
     rdzv_id: str = "ghost-noise"
 
     def __post_init__(self):
-        if self.nproc_per_node < 1:
-            raise SweepError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
-        if self.nnodes < 1:
-            raise SweepError(f"--nnodes must be >= 1, got {self.nnodes}")
+        for flag, count in (("--nproc-per-node", self.nproc_per_node), ("--nnodes", self.nnodes)):
+            if count < 1:
+                raise SweepError(f"{flag} must be >= 1, got {count}")
         if self.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", self.rdzv_endpoint or ""):
             raise SweepError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the first node), "
                              f"got {self.rdzv_endpoint!r}")

@@ -56,8 +56,7 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
-            output = model(images)
-        output = output.float()
+            output = model(images).float()
         topk = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = topk.eq(targets[:, None])
         totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
