@@ -64,8 +64,12 @@ SWEEP_KEY = "sweep"
 SWEEP_CASES_KEY = "cases"
 
 
-class ConfigError(ValueError):
-    """A config file, flag or value that cannot be used; the message names it and what is valid."""
+class ConfigError(ValueError, argparse.ArgumentTypeError):
+    """A config file, flag or value that cannot be used; the message names it and what is valid.
+
+    Also an ``argparse.ArgumentTypeError``, so a flag's type that raises it (``--norm``'s
+    :func:`read_spec_text`) is a usage error (exit 2) with this message, as a config file's value is.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,14 +168,6 @@ def read_spec_text(spec: Any, where: str = "--norm") -> Any:
         return spec
 
 
-def spec_type(text: str) -> Any:
-    """argparse type of ``--norm``: :func:`read_spec_text`, a limit error as a usage error."""
-    try:
-        return read_spec_text(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 # ----------------------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +206,7 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
-    group.add_argument("--norm", default=None, type=spec_type, metavar="SPEC",
+    group.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
                        help="norm/noise spec for every norm site: bn, gbn16, gni16, nat8, xbn32, ln, gn32, a "
                             "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",

@@ -275,10 +275,9 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
     touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
     flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})")
              for dest in touched}
-    config_arg = _display_path(path)
-    resolved = _parse(["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
+    args = ["-c", _display_path(path)]
+    resolved = _parse(args + [word for tokens in flags.values() for word in tokens])
     # The command carries the resolved name instead of a (case's) experiment template.
-    args = ["-c", config_arg]
     args += [word for dest, tokens in flags.items() if dest != "experiment" for word in tokens]
     name = resolved["experiment"]
     if not name:
@@ -483,11 +482,9 @@ def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun], selection: S
     actions = config.actions_by_dest()
     config_arg = _display_path(Path(config_path))
     keys = list(dict.fromkeys(k for r in runs for k in r.point))
-    simple = all(
-        "." not in key and actions[key].nargs is None
-        and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
-                for r in runs)
-        for key in keys)
+    point_values = [r.point.get(key) for r in runs for key in keys]  # None where a run does not set a key
+    simple = all("." not in key and actions[key].nargs is None for key in keys) and all(
+        isinstance(value, (str, int, float)) and not isinstance(value, bool) for value in point_values)
     values = {key: list(dict.fromkeys(r.point[key] for r in runs)) for key in keys} if simple else {}
     base = {"name": Path(config_path).stem, "method": "grid", "program": _display_path(_TRAIN_SCRIPT)}
     # A grid over flags runs every combination of their values: right only if the runs are all of them
@@ -532,16 +529,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
     """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents); with ``--require-gpu``
     a run meant for a GPU (its device is not ``cpu``) is refused where there is no CUDA device."""
-    index = options.index
-    if not 0 <= index < len(runs):
-        raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
+    if not 0 <= options.index < len(runs):
+        raise SweepError(f"--index {options.index} is out of range: {options.config} has {len(runs)} runs "
                          f"(valid: 0..{len(runs) - 1})")
-    run = runs[index]
+    run = runs[options.index]
     if run_status(run) == "finished":
-        print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
+        print(f"[sweep] run {run.index} {run.name} is finished ({run.output_dir}); nothing to do")
         return 0
     if options.require_gpu and not str(run.device or "cuda").startswith("cpu") and not torch.cuda.is_available():
-        raise SweepError(f"run {index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
+        raise SweepError(f"run {run.index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
                          f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
                          f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
     return execute(run, launch=launch)

@@ -35,7 +35,7 @@ from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoin
 from nodo import GhostNormBase
 from shared import create_model, data, distributed, run_files
 from shared.checkpoint import CheckpointError, with_timm_keys
-from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, parser_defaults, spec_type
+from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, parser_defaults, read_spec_text
 
 # train.py arguments a checkpoint's "args" supplies when the command line does not set them.
 FROM_CHECKPOINT = ("model", "norm", "model_kwargs", "num_classes", "dataset", "input_size", "img_size", "mean",
@@ -78,7 +78,7 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", metavar="SPLIT", help="split to evaluate (train.py syntax)")
     parser.add_argument("--dataset-download", action="store_true", default=False, help="allow torchvision downloads")
     parser.add_argument("--model", "-m", default=None, metavar="MODEL", help="timm model (None: the checkpoint's)")
-    parser.add_argument("--norm", default=None, type=spec_type, metavar="SPEC", help="norm spec (None: the checkpoint's)")
+    parser.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC", help="norm spec (None: the checkpoint's)")
     parser.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                         help="model keyword arguments (None: the checkpoint's)")
     parser.add_argument("--checkpoint", default="", metavar="PATH", help="weights to evaluate")

@@ -5,9 +5,10 @@ wandb sweep; the base configs still fail with the same message. train.py's and v
 unchanged too.
 
 The golden file was written by ``python tests/test_sweep_golden.py`` on the code before that change
-(commit 99bce40); rewrite it only for an intended change of what a config means. One intended change since:
+(commit 99bce40); rewrite it only for an intended change of what a config means. Two intended changes since:
 the five choice flags of train.py and two of validate.py take argparse's ``choices`` instead of a
-``choice_type`` function (their recorded type went from ``choice`` to None; the choices are the same).
+``choice_type`` function (their recorded type went from ``choice`` to None; the choices are the same), and
+``--norm``'s type is ``read_spec_text`` itself instead of its ``spec_type`` wrapper.
 """
 import glob
 import hashlib
