@@ -44,6 +44,7 @@ import copy
 import difflib
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
@@ -292,7 +293,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step decay interval")
     group.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="epochs of linear warm-up")
     _switch(group, "--warmup-prefix", "exclude the warm-up from the decay schedule")
-    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="epochs at min_lr after the schedule")
+    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N",
+                       help="epochs at min_lr after the schedule")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N", help="plateau scheduler patience")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate")
 
@@ -348,7 +350,8 @@ def create_parser() -> argparse.ArgumentParser:
                             "directory), print images/s and exit; 0: train")
     group.add_argument("--device", default=None, metavar="DEVICE",
                        help="cpu, cuda, cuda:1... (None: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
-    group.add_argument("--output", default="output", metavar="PATH", help="output root; the run goes to OUTPUT/EXPERIMENT")
+    group.add_argument("--output", default="output", metavar="PATH",
+                       help="output root; the run goes to OUTPUT/EXPERIMENT")
     group.add_argument("--experiment", default="", metavar="NAME",
                        help="run name = output subfolder ('': date-model; may be a {key} template)")
     group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
@@ -405,8 +408,7 @@ def _close_matches(word: str, candidates: Iterable[str]) -> str:
 def _read_yaml(path: str) -> tuple[dict, dict]:
     """A YAML file's top-level mapping and each key's line number (1-based)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
@@ -673,8 +675,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         values = load_config(known.config, parser)
         values.pop(SWEEP_KEY, None)
         parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    return argparse.Namespace(**format_templates(vars(args)))
+    return argparse.Namespace(**format_templates(vars(parser.parse_args(argv))))
 
 
 def yaml_text(args: argparse.Namespace | Mapping) -> str:

@@ -200,10 +200,8 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
 
 def _display_path(path: Path) -> str:
     """``path`` relative to the working directory when it is below it (shorter commands)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(cwd) if resolved.is_relative_to(cwd) else resolved)
 
 
 def _parse_set(items: Sequence[str]) -> dict:
@@ -354,28 +352,23 @@ def run_status(run: SweepRun) -> Optional[str]:
 # Running
 # ----------------------------------------------------------------------------------------------
 
-def _preempted_since(run: SweepRun, since: float) -> bool:
-    """True if ``results.json`` was written at or after ``since`` (epoch seconds) with status preempted.
-
-    The time check keeps a ``preempted`` left by an earlier allocation from hiding a crash of this one.
-    """
-    try:  # 1 s: coarse filesystem timestamps
-        return run_status(run) == "preempted" and (run.output_dir / "results.json").stat().st_mtime >= since - 1.0
-    except OSError:  # removed since it was read
-        return False
-
-
 def _outcome(run: SweepRun, code: int, started: float, signalled: bool) -> int:
     """The launch's exit code: the workers' verdict when torchrun's own code (1 after a signal) hides it.
 
-    After a forwarded signal, waits up to ``$GHOST_NOISE_PREEMPT_GRACE_S`` (60 s) for rank 0's
-    ``results.json``: torchrun may return before its workers finished checkpointing (a second signal).
+    The verdict is a ``results.json`` with status preempted written during this launch (at or after
+    ``started``, epoch seconds), so a ``preempted`` left by an earlier allocation cannot hide a crash of
+    this one. After a forwarded signal, waits up to ``$GHOST_NOISE_PREEMPT_GRACE_S`` (60 s) for it:
+    torchrun may return before its workers finished checkpointing (a second signal).
     """
     if code in (0, PREEMPTED_EXIT_CODE):
         return code
     deadline = time.time() + (float(os.environ.get("GHOST_NOISE_PREEMPT_GRACE_S", "60")) if signalled else 0.0)
     while True:
-        if _preempted_since(run, started):
+        try:  # 1 s: coarse filesystem timestamps
+            fresh = (run.output_dir / "results.json").stat().st_mtime >= started - 1.0
+        except OSError:
+            fresh = False
+        if fresh and run_status(run) == "preempted":
             print(f"[sweep] {run.name}: the workers checkpointed after the signal (results.json: preempted); "
                   f"exit {PREEMPTED_EXIT_CODE} instead of the launcher's {code}", flush=True)
             return PREEMPTED_EXIT_CODE

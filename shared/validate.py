@@ -57,8 +57,7 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             output = model(images).float()
-        topk = output.topk(min(5, output.shape[1]), dim=1).indices
-        hits = topk.eq(targets[:, None])
+        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])  # (B, k): label == j-th largest logit
         totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
                                torch.tensor(float(targets.numel()), device=info.device, dtype=torch.float64)])
@@ -78,7 +77,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", metavar="SPLIT", help="split to evaluate (train.py syntax)")
     parser.add_argument("--dataset-download", action="store_true", default=False, help="allow torchvision downloads")
     parser.add_argument("--model", "-m", default=None, metavar="MODEL", help="timm model (None: the checkpoint's)")
-    parser.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC", help="norm spec (None: the checkpoint's)")
+    parser.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
+                        help="norm spec (None: the checkpoint's)")
     parser.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                         help="model keyword arguments (None: the checkpoint's)")
     parser.add_argument("--checkpoint", default="", metavar="PATH", help="weights to evaluate")
@@ -198,9 +198,10 @@ def validate(options: argparse.Namespace) -> dict:
         return torch.autocast(device.type, dtype=getattr(torch, options.amp_dtype), enabled=options.amp)
 
     metrics = evaluate(model, loader, info, autocast, bool(args.channels_last))
-    return {"model": args.model, "top1": round(metrics["eval_top1"], 4), "top1_err": round(100 - metrics["eval_top1"], 4),
-            "top5": round(metrics["eval_top5"], 4), "top5_err": round(100 - metrics["eval_top5"], 4),
-            "loss": round(metrics["eval_loss"], 6), "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    top1, top5, loss = metrics["eval_top1"], metrics["eval_top5"], metrics["eval_loss"]
+    return {"model": args.model, "top1": round(top1, 4), "top1_err": round(100 - top1, 4), "top5": round(top5, 4),
+            "top5_err": round(100 - top5, 4), "loss": round(loss, 6),
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "img_size": config.input_size[-1], "crop_pct": config.crop_pct, "interpolation": config.interpolation,
             "split": options.split, "samples": loader.num_samples, "checkpoint": options.checkpoint,
             "use_ema": options.use_ema}
