@@ -173,9 +173,9 @@ def read_spec_text(spec: Any, where: str = "--norm") -> Any:
 # The parser
 # ----------------------------------------------------------------------------------------------
 
-def _switch(group, flag: str, help: str) -> None:
+def _switch(group, flag: str, help_text: str) -> None:
     """An off-by-default flag (``action='store_true'``) of an argument group: only a name and a help."""
-    group.add_argument(flag, action="store_true", help=help)
+    group.add_argument(flag, action="store_true", help=help_text)
 
 
 def create_parser() -> argparse.ArgumentParser:

@@ -57,7 +57,8 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
             output = model(images).float()
-        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])  # (B, k): label == j-th largest logit
+        # (B, k): the label is the j-th largest logit
+        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
         totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
                                torch.tensor(float(targets.numel()), device=info.device, dtype=torch.float64)])
@@ -194,6 +195,7 @@ def validate(options: argparse.Namespace) -> dict:
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+
     def autocast():  # as train.py's: disabled without --amp
         return torch.autocast(device.type, dtype=getattr(torch, options.amp_dtype), enabled=options.amp)
 
