@@ -584,22 +584,21 @@ def strings_in(value: Any) -> list:
 
 def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
     """The text of one placeholder, formatted from ``values`` (a plain value, not a template)."""
-    field = match.group(0)
     name, items, attribute, spec = match.groups()
     if attribute:
-        raise ConfigError(f"template field {field}: attribute access is not allowed "
+        raise ConfigError(f"template field {match[0]}: attribute access is not allowed "
                           f"(use {{key}} or item access {{key[item]}})")
     if name not in values:
         raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
     value = values[name]
     if any(_PLACEHOLDER.search(text) for text in strings_in(value)):  # a template, formatted or not
-        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
+        raise ConfigError(f"template field {match[0]}: {name} is itself a template ({value!r}); "
                           f"a placeholder may name only plain values")
     for item in re.findall(r"\[([^\]]+)\]", items):
         try:  # as str.format: digits index a list, anything else is a mapping key
             value = value[int(item) if item.isdigit() else item]
         except (KeyError, IndexError, TypeError):
-            raise ConfigError(f"template field {field}: {name} has no item {item!r} "
+            raise ConfigError(f"template field {match[0]}: {name} has no item {item!r} "
                               f"(its value is {value!r})") from None
     return format(value, spec or "")
 
@@ -670,7 +669,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         SystemExit: argparse's usage errors on the command line itself (exit code 2), and ``--help``.
     """
     parser = create_parser()
-    known, _ = parser.parse_known_args(argv)  # only for -c: the flags are parsed again over the config's values
+    # -c alone first (no -h: `-c FILE --help` lists the config's values as the defaults)
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    known, _ = config_parser.parse_known_args(argv)
     if known.config:
         values = load_config(known.config, parser)
         values.pop(SWEEP_KEY, None)
