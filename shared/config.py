@@ -44,7 +44,7 @@ import copy
 import difflib
 import os
 import re
-import sys
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
@@ -62,12 +62,15 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpoi
 # Config keys that are not train.py arguments, and the reserved sweep key of several-key cases.
 BASES_KEY = "bases"
 SWEEP_KEY = "sweep"
-META_KEYS = (BASES_KEY, SWEEP_KEY)
 SWEEP_CASES_KEY = "cases"
 
 
-class ConfigError(ValueError):
-    """A config file, flag or value that cannot be used; the message names it and what is valid."""
+class ConfigError(ValueError, argparse.ArgumentTypeError):
+    """A config file, flag or value that cannot be used; the message names it and what is valid.
+
+    Also an ``argparse.ArgumentTypeError``, so a flag's type that raises it (``--norm``'s
+    :func:`read_spec_text`) is a usage error (exit 2) with this message, as a config file's value is.
+    """
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,11 +147,7 @@ def load_bounded_yaml(text: str, where: str) -> tuple:
     if node is None:
         return None, None
     _yaml_extent(node, 0, {}, where)
-    loader = yaml.SafeLoader("")
-    try:
-        return node, loader.construct_document(node)
-    finally:
-        loader.dispose()
+    return node, yaml.SafeLoader("").construct_document(node)
 
 
 def read_spec_text(spec: Any, where: str = "--norm") -> Any:
@@ -170,30 +169,14 @@ def read_spec_text(spec: Any, where: str = "--norm") -> Any:
         return spec
 
 
-def spec_type(text: str) -> Any:
-    """argparse type of ``--norm``: :func:`read_spec_text`, a limit error as a usage error."""
-    try:
-        return read_spec_text(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def choice_type(choices: Sequence[str]):
-    """argparse type: one of ``choices`` (listed in the error); :func:`load_config` checks YAML values
-    with it too, through its ``choices`` attribute."""
-
-    def parse(text: str) -> str:
-        if text not in choices:
-            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(choices)})")
-        return text
-    parse.__name__ = "choice"
-    parse.choices = tuple(choices)
-    return parse
-
-
 # ----------------------------------------------------------------------------------------------
 # The parser
 # ----------------------------------------------------------------------------------------------
+
+def _switch(group, flag: str, help_text: str) -> None:
+    """An off-by-default flag (``action='store_true'``) of an argument group: only a name and a help."""
+    group.add_argument(flag, action="store_true", help=help_text)
+
 
 def create_parser() -> argparse.ArgumentParser:
     """train.py's argument parser (no config handling: see :func:`parse_args`)."""
@@ -215,24 +198,22 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--val-split", default="validation", metavar="SPLIT",
                        help="evaluation split: validation/val/test (an ImageFolder's val/ or test/ folder), or a "
                             "subset such as 'train[0.9:]-SEED'")
-    group.add_argument("--dataset-download", action="store_true", default=False,
-                       help="allow torchvision datasets to download (never without this flag)")
-    group.add_argument("--data-strict", action="store_true", default=False,
-                       help="an image file neither loader can use as it is (empty, unreadable, another size at "
-                            "native size, a second link to one file) is an error naming it (default: left out, "
-                            "counted by cause in the data: line)")
-    group.add_argument("--fast-loader", default="auto", type=choice_type(("auto", "on", "off")),
+    _switch(group, "--dataset-download", "allow torchvision datasets to download (never without this flag)")
+    _switch(group, "--data-strict", "an image file neither loader can use as it is (empty, unreadable, another size at "
+                                    "native size, a second link to one file) is an error naming it (default: left out, "
+                                    "counted by cause in the data: line)")
+    group.add_argument("--fast-loader", default="auto", choices=("auto", "on", "off"),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
-    group.add_argument("--norm", default=None, type=spec_type, metavar="SPEC",
+    group.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
                        help="norm/noise spec for every norm site: bn, gbn16, gni16, nat8, xbn32, ln, gn32, a "
                             "YAML/JSON mapping or list, or the reference implementation's JSON (None: model default)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                        help="extra keyword arguments for the model (values are Python literals or strings)")
-    group.add_argument("--pretrained", action="store_true", default=False,
-                       help="start from the model's pretrained weights (timm; downloads from the Hugging Face hub)")
+    _switch(group, "--pretrained",
+            "start from the model's pretrained weights (timm; downloads from the Hugging Face hub)")
     group.add_argument("--initial-checkpoint", default="", metavar="PATH",
                        help="load these weights before training (timm.models.load_checkpoint; its EMA weights if "
                             "it has them, as timm)")
@@ -242,8 +223,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help="momentum of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
     group.add_argument("--bn-eps", type=float, default=None,
                        help="epsilon of every BatchNorm-like layer, ghost ones included (None: the layers' own)")
-    group.add_argument("--grad-checkpointing", action="store_true", default=False,
-                       help="gradient checkpointing of the timm model (model.set_grad_checkpointing)")
+    _switch(group, "--grad-checkpointing", "gradient checkpointing of the timm model (model.set_grad_checkpointing)")
     group.add_argument("--num-classes", type=int, default=None, metavar="N",
                        help="number of classes (None: the dataset's)")
     group.add_argument("--input-size", default=None, nargs=3, type=int, metavar="N",
@@ -260,17 +240,16 @@ def create_parser() -> argparse.ArgumentParser:
                        help="batch size per process and per step (a step of --grad-accum-steps)")
     group.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
                        help="eval batch size (None: --batch-size)")
-    group.add_argument("--channels-last", action="store_true", default=False,
-                       help="channels_last memory layout")
+    _switch(group, "--channels-last", "channels_last memory layout")
     group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
                        help="micro-batches per optimizer update")
     group.add_argument("--drop", type=float, default=0.0, metavar="PCT",
                        help="classifier dropout rate (passed to the model as drop_rate when non-zero)")
     group.add_argument("--drop-path", type=float, default=None, metavar="PCT",
                        help="drop path rate (passed to the model as drop_path_rate when set)")
-    group.add_argument("--sync-bn", action="store_true", default=False,
-                       help="under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
-    group.add_argument("--dist-bn", type=choice_type(("reduce", "broadcast", "")), default="reduce",
+    _switch(group, "--sync-bn",
+            "under DDP, turn plain BatchNorm into SyncBatchNorm (ghost norms/noise stay per process)")
+    group.add_argument("--dist-bn", choices=("reduce", "broadcast", ""), default="reduce",
                        help="under DDP, before each evaluation: average (reduce) the norm layers' running "
                             "statistics over processes, copy rank 0's (broadcast), or leave them ('')")
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
@@ -290,8 +269,7 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group("Learning rate schedule")
     group.add_argument("--sched", type=str, default="cosine", metavar="SCHEDULER", help="timm scheduler name")
-    group.add_argument("--sched-on-updates", action="store_true", default=False,
-                       help="step the schedule every optimizer update instead of every epoch")
+    _switch(group, "--sched-on-updates", "step the schedule every optimizer update instead of every epoch")
     group.add_argument("--lr", type=float, default=None, metavar="LR",
                        help="learning rate (None: --lr-base scaled by the global batch size)")
     group.add_argument("--lr-base", type=float, default=0.1, metavar="LR",
@@ -314,14 +292,14 @@ def create_parser() -> argparse.ArgumentParser:
                        help="multistep decay epochs")
     group.add_argument("--decay-epochs", type=float, default=90, metavar="N", help="step decay interval")
     group.add_argument("--warmup-epochs", type=int, default=5, metavar="N", help="epochs of linear warm-up")
-    group.add_argument("--warmup-prefix", action="store_true", default=False,
-                       help="exclude the warm-up from the decay schedule")
-    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N", help="epochs at min_lr after the schedule")
+    _switch(group, "--warmup-prefix", "exclude the warm-up from the decay schedule")
+    group.add_argument("--cooldown-epochs", type=int, default=0, metavar="N",
+                       help="epochs at min_lr after the schedule")
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N", help="plateau scheduler patience")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate")
 
     group = parser.add_argument_group("Augmentation and regularization")
-    group.add_argument("--no-aug", action="store_true", default=False, help="no training augmentation")
+    _switch(group, "--no-aug", "no training augmentation")
     group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
                        help="RandomResizedCrop scale range (ImageNet-style transforms)")
     group.add_argument("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO",
@@ -348,10 +326,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--recount", type=int, default=1, help="random erasing count")
 
     group = parser.add_argument_group("Model exponential moving average")
-    group.add_argument("--model-ema", action="store_true", default=False,
-                       help="track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
+    _switch(group, "--model-ema", "track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
-    group.add_argument("--model-ema-warmup", action="store_true", default=False, help="EMA decay warm-up")
+    _switch(group, "--model-ema-warmup", "EMA decay warm-up")
 
     group = parser.add_argument_group("Miscellaneous")
     group.add_argument("--seed", type=int, default=42, metavar="S",
@@ -363,40 +340,38 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-hist", type=int, default=10, metavar="N",
                        help="checkpoint-EPOCH.pth.tar files kept besides last and best")
     group.add_argument("-j", "--workers", type=int, default=4, metavar="N", help="DataLoader worker processes")
-    group.add_argument("--amp", action="store_true", default=False, help="mixed precision (torch.autocast)")
-    group.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")),
+    _switch(group, "--amp", "mixed precision (torch.autocast)")
+    group.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
                        help="autocast dtype; float16 adds a gradient scaler")
-    group.add_argument("--pin-mem", action="store_true", default=False,
-                       help="pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
-                            "overlapped with compute)")
+    _switch(group, "--pin-mem", "pin DataLoader memory (on CUDA the uint8 batches are then copied asynchronously, "
+                                "overlapped with compute)")
     group.add_argument("--dry-loader", type=int, default=0, metavar="BATCHES",
                        help="time the training data path alone (this many batches on the device, no model, no run "
                             "directory), print images/s and exit; 0: train")
     group.add_argument("--device", default=None, metavar="DEVICE",
                        help="cpu, cuda, cuda:1... (None: cuda if available, else cpu; torchrun: cuda:LOCAL_RANK)")
-    group.add_argument("--output", default="output", metavar="PATH", help="output root; the run goes to OUTPUT/EXPERIMENT")
+    group.add_argument("--output", default="output", metavar="PATH",
+                       help="output root; the run goes to OUTPUT/EXPERIMENT")
     group.add_argument("--experiment", default="", metavar="NAME",
                        help="run name = output subfolder ('': date-model; may be a {key} template)")
     group.add_argument("--eval-interval", type=int, default=1, metavar="EPOCHS",
                        help="evaluate every this many epochs (and always after the last); the best checkpoint is "
                             "chosen among evaluated epochs")
-    group.add_argument("--eval-metric", default="top1", type=choice_type(("top1", "top5", "loss")),
+    group.add_argument("--eval-metric", default="top1", choices=("top1", "top5", "loss"),
                        help="metric of the best checkpoint (loss: lowest)")
     group.add_argument("--resume", default="", metavar="auto|PATH",
                        help="auto: continue OUTPUT/EXPERIMENT/last.pth.tar if it exists, else start fresh; "
                             "PATH: continue this checkpoint")
-    group.add_argument("--no-resume-opt", action="store_true", default=False,
-                       help="when resuming, do not restore the optimizer (and gradient scaler) state")
-    group.add_argument("--resume-allow-changes", action="store_true", default=False,
-                       help="resume even if the checkpoint's result-changing arguments differ from these")
-    group.add_argument("--start-fresh", action="store_true", default=False,
-                       help="the run directory holds results of an earlier run: move them into "
-                            "OUTPUT/EXPERIMENT/superseded-TIMESTAMP/ and start anew (without it, such a "
-                            "directory is only resumed or refused)")
+    _switch(group, "--no-resume-opt", "when resuming, do not restore the optimizer (and gradient scaler) state")
+    _switch(group, "--resume-allow-changes",
+            "resume even if the checkpoint's result-changing arguments differ from these")
+    _switch(group, "--start-fresh", "the run directory holds results of an earlier run: move them into "
+                                    "OUTPUT/EXPERIMENT/superseded-TIMESTAMP/ and start anew (without it, such a "
+                                    "directory is only resumed or refused)")
     group.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                        help="end this process once this many epochs are done (status preempted, resumable); "
                             "the schedule still spans --epochs")
-    group.add_argument("--nonfinite", default="stop", type=choice_type(("stop", "skip")),
+    group.add_argument("--nonfinite", default="stop", choices=("stop", "skip"),
                        help="on a NaN/inf loss or gradient: stop (exit 3, the last good checkpoint kept) or skip "
                             "the update and count it in the log")
     group.add_argument("--log-noise-every", type=int, default=None, metavar="K",
@@ -433,8 +408,7 @@ def _close_matches(word: str, candidates: Iterable[str]) -> str:
 def _read_yaml(path: str) -> tuple[dict, dict]:
     """A YAML file's top-level mapping and each key's line number (1-based)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
@@ -461,8 +435,7 @@ def check_key(key: Any, actions: Mapping[str, argparse.Action], context: str) ->
         raise ConfigError(f"{context}: keys must be non-empty strings, got {key!r}")
     root = key.split(".", 1)[0]
     if root not in actions:
-        hint = _close_matches(root, actions)
-        raise ConfigError(f"{context}: {key!r} is not a train.py argument{hint}")
+        raise ConfigError(f"{context}: {key!r} is not a train.py argument{_close_matches(root, actions)}")
 
 
 def _check_sweep(grid: Any, actions: Mapping[str, argparse.Action], where: str) -> None:
@@ -510,25 +483,26 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
         return action.const if value else None
 
     convert = action.type or str
-    choices = getattr(convert, "choices", ())
+    kind = "string" if convert is str else getattr(convert, "__name__", "value")
+    choices = action.choices or ()
     if isinstance(value, bool) and "on" in choices and "off" in choices:
         return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
 
     def scalar(item: Any) -> Any:
         if isinstance(item, (list, dict)):
             raise fail("a single value")
+        if isinstance(item, bool):  # YAML's true/false is never a number or a text here
+            raise fail(f"a {kind}")
         if convert is str:
-            if isinstance(item, bool):
-                raise fail("a string")
+            if choices and str(item) not in choices:
+                raise fail(f"one of {', '.join(map(repr, choices))}")
             return str(item)
-        if isinstance(item, bool):
-            raise fail(f"a {getattr(convert, '__name__', 'value')}")
         if convert is int and isinstance(item, float):
             raise fail("an integer (written without a decimal point)")
         try:
             return convert(item.strip() if isinstance(item, str) else item)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-            raise fail(f"a {getattr(convert, '__name__', 'value')} ({error})") from None
+            raise fail(f"a {kind} ({error})") from None
 
     if action.nargs in ("+", "*") or isinstance(action.nargs, int):
         if not isinstance(value, list):
@@ -539,8 +513,6 @@ def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
             # An empty list is the flag's own default for e.g. wandb_tags (args.yaml writes it back).
             raise fail("a non-empty list")
         return [scalar(item) for item in value]
-    if action.nargs == "?" and isinstance(value, str):
-        return value
     return scalar(value)
 
 
@@ -567,12 +539,10 @@ def _load_merged(path: str, actions: Mapping[str, argparse.Action], chain: tuple
         where = f"{path}, line {lines.get(key, '?')}"
         if key == SWEEP_KEY:
             _check_sweep(value, actions, where)
-            merged[key] = value
-            continue
-        if not isinstance(key, str) or key not in actions:
+        elif key not in actions:
             raise ConfigError(f"{where}: unknown key {key!r}{_close_matches(str(key), actions)}; keys are "
-                              f"train.py argument dests (batch_size, weight_decay, ...) or {', '.join(META_KEYS)}")
-        merged[key] = _coerce(actions[key], value, where)
+                              f"train.py argument dests (batch_size, weight_decay, ...) or {BASES_KEY}, {SWEEP_KEY}")
+        merged[key] = value if key == SWEEP_KEY else _coerce(actions[key], value, where)
     return merged
 
 
@@ -591,8 +561,7 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
         ConfigError: missing file, YAML syntax error (with line), unknown key (with close matches),
             wrongly typed value, bad ``bases`` or ``sweep``, a cycle of bases.
     """
-    actions = actions_by_dest(parser)
-    return _load_merged(str(path), actions, ())
+    return _load_merged(str(path), actions_by_dest(parser), ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -605,36 +574,31 @@ def load_config(path: str, parser: Optional[argparse.ArgumentParser] = None) -> 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)((?:\[[^\[\]{}]+\])*)(\.[\w.\[\]]*)?(?::([^{}\s]*))?\}")
 
 
-def _is_template(value: Any) -> bool:
-    """True if ``value`` is, or holds, a string with a ``{key}`` placeholder."""
+def strings_in(value: Any) -> list:
+    """Every string of ``value``, also those inside lists, tuples and mapping values (at any depth)."""
     if isinstance(value, str):
-        return _PLACEHOLDER.search(value) is not None
-    if isinstance(value, (list, tuple)):
-        return any(_is_template(item) for item in value)
-    if isinstance(value, dict):
-        return any(_is_template(item) for item in value.values())
-    return False
+        return [value]
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    return [text for item in items for text in strings_in(item)]
 
 
 def _field_value(match: re.Match, values: Mapping[str, Any]) -> str:
     """The text of one placeholder, formatted from ``values`` (a plain value, not a template)."""
-    field = match.group(0)
     name, items, attribute, spec = match.groups()
     if attribute:
-        raise ConfigError(f"template field {field}: attribute access is not allowed "
+        raise ConfigError(f"template field {match[0]}: attribute access is not allowed "
                           f"(use {{key}} or item access {{key[item]}})")
     if name not in values:
-        hint = _close_matches(name, values)
-        raise ConfigError(f"template placeholder {{{name}}} names no argument{hint}")
+        raise ConfigError(f"template placeholder {{{name}}} names no argument{_close_matches(name, values)}")
     value = values[name]
-    if _is_template(value):
-        raise ConfigError(f"template field {field}: {name} is itself a template ({value!r}); "
+    if any(_PLACEHOLDER.search(text) for text in strings_in(value)):  # a template, formatted or not
+        raise ConfigError(f"template field {match[0]}: {name} is itself a template ({value!r}); "
                           f"a placeholder may name only plain values")
     for item in re.findall(r"\[([^\]]+)\]", items):
         try:  # as str.format: digits index a list, anything else is a mapping key
             value = value[int(item) if item.isdigit() else item]
         except (KeyError, IndexError, TypeError):
-            raise ConfigError(f"template field {field}: {name} has no item {item!r} "
+            raise ConfigError(f"template field {match[0]}: {name} has no item {item!r} "
                               f"(its value is {value!r})") from None
     return format(value, spec or "")
 
@@ -688,8 +652,7 @@ def args_to_dict(args: argparse.Namespace | Mapping) -> dict:
             return {str(k): plain(v) for k, v in value.items()}
         return value
 
-    items = vars(args).items() if isinstance(args, argparse.Namespace) else args.items()
-    return {key: plain(value) for key, value in items}
+    return plain(dict(vars(args) if isinstance(args, argparse.Namespace) else args))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -705,8 +668,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         ConfigError: a bad config file or template (see :func:`load_config`, :func:`format_templates`).
         SystemExit: argparse's usage errors on the command line itself (exit code 2), and ``--help``.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser = create_parser()
+    # -c alone first (no -h: `-c FILE --help` lists the config's values as the defaults)
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("-c", "--config", default="")
     known, _ = config_parser.parse_known_args(argv)
@@ -714,8 +677,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         values = load_config(known.config, parser)
         values.pop(SWEEP_KEY, None)
         parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    return argparse.Namespace(**format_templates(vars(args)))
+    return argparse.Namespace(**format_templates(vars(parser.parse_args(argv))))
 
 
 def yaml_text(args: argparse.Namespace | Mapping) -> str:

@@ -71,21 +71,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+import torch
 import yaml
 
-from shared import config
+from shared import config, run_files
 from shared.config import EXIT_USAGE, PREEMPTED_EXIT_CODE, SWEEP_CASES_KEY, SWEEP_KEY, ConfigError
 
 # A name is used as a directory name and as a wandb run id: keep it to characters both accept.
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_TRAIN_SCRIPT = _REPO_ROOT / "train.py"
+_TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 
 
-class SweepError(ValueError):
-    """A sweep could not be expanded: bad grid, unknown key, duplicate or invalid run names."""
+# A sweep that cannot be expanded (bad grid, unknown key, duplicate or invalid run names) is bad input of the
+# config kind: one exception type, so a config's own error needs no translation on its way to main.
+SweepError = ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +110,12 @@ class SweepRun:
 
 
 def _parse(argv: Sequence[str]) -> dict:
-    """Resolve ``argv`` the way train.py does; argparse's exit becomes a SweepError."""
+    """Resolve ``argv`` the way train.py does; argparse's exit and a template error name the command."""
     try:
         return vars(config.parse_args(list(argv)))
     except SystemExit as error:
         raise SweepError(f"train.py rejects the arguments {shlex.join(argv)} (exit {error.code})") from None
-    except ConfigError as error:  # a bad config file, value or template
+    except ConfigError as error:  # a template that does not fit this run's values
         raise SweepError(f"{shlex.join(argv)}: {error}") from None
 
 
@@ -162,28 +163,14 @@ def _set_path(config: dict, path: str, value: Any, where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def _long_flag(action: argparse.Action) -> str:
-    # a BooleanOptionalAction (--log-wandb) also owns its longer negative form --no-log-wandb: not the name
-    negative = isinstance(action, argparse.BooleanOptionalAction)
-    longs = [s for s in action.option_strings if s.startswith("--") and not (negative and s.startswith("--no-"))]
-    return max(longs, key=len) if longs else action.option_strings[0]
+    """The flag's first long name: ``--batch-size`` of ``-b``, ``--log-wandb`` (not ``--no-log-wandb``)."""
+    return next(name for name in action.option_strings if name.startswith("--"))
 
 
 def _text(value: Any) -> str:
-    """A value as one command-line word: strings as they are, structures as JSON (specs accept it)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _kwarg_text(value: Any) -> str:
-    """A ``key=value`` value for timm-style kwargs flags (``--model-kwargs``), parsed back as a literal."""
-    if isinstance(value, str):
-        return value
-    return repr(value)  # Python literal: timm's ParseKwargs reads values with ast.literal_eval
+    """A value as one command-line word: strings as they are, anything else as JSON (``true``, ``0.1``,
+    ``[1,2]``), which argparse's types and the spec parser (YAML) read back."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
@@ -200,22 +187,11 @@ def _flag_tokens(actions: dict, dest: str, value: Any, where: str) -> list:
         raise SweepError(f"{where}: {dest}={value!r} cannot be given on the command line ({flag} only sets "
                          f"{action.const!r}); set it in the config instead")
     if action.nargs in ("*", "+") or (isinstance(action.nargs, int) and action.nargs > 1):
-        if isinstance(value, Mapping):
-            return [flag] + [f"{key}={_kwarg_text(item)}" for key, item in value.items()]
+        if isinstance(value, Mapping):  # key=value: strings as they are, else literals (ParseKwargs' literal_eval)
+            return [flag] + [f"{key}={item if isinstance(item, str) else repr(item)}" for key, item in value.items()]
         if isinstance(value, (list, tuple)):
             return [flag] + [_text(item) for item in value]
     return [flag, _text(value)]
-
-
-def _has_braces(value: Any) -> bool:
-    """True if a string of ``value`` holds ``{``: a template or spec text, which train.py rewrites."""
-    if isinstance(value, str):
-        return "{" in value
-    if isinstance(value, Mapping):
-        return any(_has_braces(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_has_braces(v) for v in value)
-    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,10 +200,8 @@ def _has_braces(value: Any) -> bool:
 
 def _display_path(path: Path) -> str:
     """``path`` relative to the working directory when it is below it (shorter commands)."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(cwd) if resolved.is_relative_to(cwd) else resolved)
 
 
 def _parse_set(items: Sequence[str]) -> dict:
@@ -241,8 +215,6 @@ def _parse_set(items: Sequence[str]) -> dict:
             value = config.load_bounded_yaml(text, f"--set {key.strip()}")[1] if text.strip() else ""
         except yaml.YAMLError:
             value = text
-        except ConfigError as error:
-            raise SweepError(str(error)) from None
         overrides[key.strip()] = value
     return overrides
 
@@ -267,27 +239,21 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
     path = Path(config_path)
     where = str(path)
     actions = config.actions_by_dest()
-    try:
-        merged = config.load_config(where)
-        for key in overrides or {}:
-            config.check_key(key, actions, "--set")
-    except ConfigError as error:
-        raise SweepError(str(error)) from None
+    merged = config.load_config(where)
+    for key in overrides or {}:
+        config.check_key(key, actions, "--set")
     points = _points(merged.pop(SWEEP_KEY, {}), where)
     clash = sorted({key for point in points for key in point} & set(overrides or {}))
     if clash:
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
 
-    runs, names = [], {}
-    for point in points:
-        run = _make_run(path, merged, point, overrides or {}, actions, len(runs))
-        if run.name in names:
-            first = names[run.name]
-            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({point}) "
-                             f"are both named {run.name!r}; make the experiment template use the "
-                             f"swept keys")
-        names[run.name] = run.index
-        runs.append(run)
+    runs = [_make_run(path, merged, point, overrides or {}, actions, index) for index, point in enumerate(points)]
+    names = [run.name for run in runs]
+    for run in runs:
+        first = names.index(run.name)
+        if first != run.index:
+            raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({run.point}) are both "
+                             f"named {run.name!r}; make the experiment template use the swept keys")
     if only:
         runs = [r for r in runs if fnmatch.fnmatchcase(r.name, only)]
         if not runs:
@@ -307,10 +273,9 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
     touched = list(dict.fromkeys(key.split(".")[0] for key in assignments))
     flags = {dest: _flag_tokens(actions, dest, values[dest], f"{where} (run {index})")
              for dest in touched}
-    config_arg = _display_path(path)
-    resolved = _parse(["-c", config_arg] + [t for tokens in flags.values() for t in tokens])
+    args = ["-c", _display_path(path)]
+    resolved = _parse(args + [word for tokens in flags.values() for word in tokens])
     # The command carries the resolved name instead of a (case's) experiment template.
-    args = ["-c", config_arg]
     args += [word for dest, tokens in flags.items() if dest != "experiment" for word in tokens]
     name = resolved["experiment"]
     if not name:
@@ -320,8 +285,8 @@ def _make_run(path: Path, merged: dict, point: dict, overrides: Mapping[str, Any
         raise SweepError(f"{where}: run name {name!r} ({point}) is not a valid directory name / wandb id "
                          f"(letters, digits and . _ = + - only); change the experiment template")
     for dest in touched:
-        if dest == "experiment" or _has_braces(values[dest]):
-            continue  # train.py formats or parses these: they do not read back as written
+        if dest == "experiment" or any("{" in text for text in config.strings_in(values[dest])):
+            continue  # a template or spec text: train.py formats or parses it, so it does not read back as written
         # YAML and argparse both give lists (never tuples), and 1 == 1.0 as argparse turns 1 into 1.0
         if values[dest] != resolved[dest]:
             raise SweepError(f"{where}: train.py reads {dest}={resolved[dest]!r} back from "
@@ -346,10 +311,9 @@ class Launch:
     rdzv_id: str = "ghost-noise"
 
     def __post_init__(self):
-        if self.nproc_per_node < 1:
-            raise SweepError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
-        if self.nnodes < 1:
-            raise SweepError(f"--nnodes must be >= 1, got {self.nnodes}")
+        for flag, count in (("--nproc-per-node", self.nproc_per_node), ("--nnodes", self.nnodes)):
+            if count < 1:
+                raise SweepError(f"{flag} must be >= 1, got {count}")
         if self.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d+", self.rdzv_endpoint or ""):
             raise SweepError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the first node), "
                              f"got {self.rdzv_endpoint!r}")
@@ -369,11 +333,9 @@ def train_command(run: SweepRun, python: Optional[str] = None, launch: Launch = 
     script = _display_path(_TRAIN_SCRIPT)
     if not launch.distributed:
         return [python, script, *run.args]
-    if launch.nnodes == 1:
-        where = ["--standalone"]
-    else:
-        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
-                 f"--rdzv-id={launch.rdzv_id}"]
+    where = ["--standalone"] if launch.nnodes == 1 else [
+        f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id={launch.rdzv_id}"]
     return [python, "-m", "torch.distributed.run", *where, f"--nproc-per-node={launch.nproc_per_node}",
             script, *run.args]
 
@@ -390,30 +352,23 @@ def run_status(run: SweepRun) -> Optional[str]:
 # Running
 # ----------------------------------------------------------------------------------------------
 
-def _preempted_since(run: SweepRun, since: float) -> bool:
-    """True if ``results.json`` was written at or after ``since`` (epoch seconds) with status preempted.
-
-    The time check keeps a ``preempted`` left by an earlier allocation from hiding a crash of this one.
-    """
-    path = run.output_dir / "results.json"
-    try:
-        fresh = path.stat().st_mtime >= since - 1.0  # 1 s: coarse filesystem timestamps
-    except OSError:
-        return False
-    return fresh and run_status(run) == "preempted"
-
-
 def _outcome(run: SweepRun, code: int, started: float, signalled: bool) -> int:
     """The launch's exit code: the workers' verdict when torchrun's own code (1 after a signal) hides it.
 
-    After a forwarded signal, waits up to ``$GHOST_NOISE_PREEMPT_GRACE_S`` (60 s) for rank 0's
-    ``results.json``: torchrun may return before its workers finished checkpointing (a second signal).
+    The verdict is a ``results.json`` with status preempted written during this launch (at or after
+    ``started``, epoch seconds), so a ``preempted`` left by an earlier allocation cannot hide a crash of
+    this one. After a forwarded signal, waits up to ``$GHOST_NOISE_PREEMPT_GRACE_S`` (60 s) for it:
+    torchrun may return before its workers finished checkpointing (a second signal).
     """
     if code in (0, PREEMPTED_EXIT_CODE):
         return code
     deadline = time.time() + (float(os.environ.get("GHOST_NOISE_PREEMPT_GRACE_S", "60")) if signalled else 0.0)
     while True:
-        if _preempted_since(run, started):
+        try:  # 1 s: coarse filesystem timestamps
+            fresh = (run.output_dir / "results.json").stat().st_mtime >= started - 1.0
+        except OSError:
+            fresh = False
+        if fresh and run_status(run) == "preempted":
             print(f"[sweep] {run.name}: the workers checkpointed after the signal (results.json: preempted); "
                   f"exit {PREEMPTED_EXIT_CODE} instead of the launcher's {code}", flush=True)
             return PREEMPTED_EXIT_CODE
@@ -445,10 +400,7 @@ def execute(run: SweepRun, launch: Launch = Launch()) -> int:
         sent = signal.SIGTERM if launch.distributed else signum
         print(f"[sweep] got signal {signal.Signals(signum).name}: forwarding {signal.Signals(sent).name} "
               f"to {run.name} (pid {process.pid})", flush=True)
-        try:
-            process.send_signal(sent)
-        except ProcessLookupError:
-            pass
+        process.send_signal(sent)  # a process that has ended is not signalled (Popen checks)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -476,8 +428,6 @@ def _run_all(runs: Sequence[SweepRun], launch: Launch) -> int:
     for run, outcome, seconds in outcomes:
         print(f"  {run.index:4d}  {run.name:<40s}  {outcome:<20s}  {seconds:8.1f} s")
     not_run = len(runs) - len(outcomes)
-    if not_run:
-        print(f"  ({not_run} runs not started)")
     failed = [o for o in outcomes if o[1] not in ("ok", "skipped (finished)")]
     print(f"[sweep] {len(outcomes) - len(failed)} ok or finished, {len(failed)} failed, {not_run} not started")
     if any(o[1] == f"exit {PREEMPTED_EXIT_CODE}" for o in outcomes):
@@ -493,8 +443,8 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
     """The run's command as one shell line; a value with a line break would split it, so it is refused
     (shell quoting keeps a newline inside quotes, but line-based launchers read one line per run)."""
     command = train_command(run, launch=launch)
-    broken = next((word for word in command if any(c in word for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")),
-                  None)
+    # str.splitlines breaks at every character a line-based reader may take for a line end
+    broken = next((word for word in command if "".join(word.splitlines()) != word), None)
     if broken is not None:
         raise SweepError(f"run {run.index} ({run.name}): the value {broken!r} holds a line break, so its command "
                          f"cannot be one line of a list; remove it (or write a .json list)")
@@ -503,15 +453,13 @@ def _one_line_command(run: SweepRun, launch: "Launch") -> str:
 
 def write_list(runs: Sequence[SweepRun], path: os.PathLike, launch: Launch = Launch()) -> None:
     """One shell command per line, or a JSON list of runs if ``path`` ends in ``.json``; written atomically."""
-    from shared.run_files import atomic_write_text
-
     path = Path(path)
     if path.suffix == ".json":
         records = [dict(index=r.index, name=r.name, output_dir=str(r.output_dir), point=r.point,
                         command=train_command(r, launch=launch)) for r in runs]
-        atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
+        run_files.atomic_write_text(path, json.dumps(records, indent=1, default=str) + "\n")
     else:
-        atomic_write_text(path, "".join(_one_line_command(r, launch) + "\n" for r in runs))
+        run_files.atomic_write_text(path, "".join(_one_line_command(r, launch) + "\n" for r in runs))
 
 
 def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun], selection: Sequence[str] = ()) -> dict:
@@ -527,11 +475,9 @@ def wandb_sweep(config_path: os.PathLike, runs: Sequence[SweepRun], selection: S
     actions = config.actions_by_dest()
     config_arg = _display_path(Path(config_path))
     keys = list(dict.fromkeys(k for r in runs for k in r.point))
-    simple = all(
-        "." not in key and actions[key].nargs is None
-        and all(isinstance(r.point.get(key), (str, int, float)) and not isinstance(r.point.get(key), bool)
-                for r in runs)
-        for key in keys)
+    point_values = [r.point.get(key) for r in runs for key in keys]  # None where a run does not set a key
+    simple = all("." not in key and actions[key].nargs is None for key in keys) and all(
+        isinstance(value, (str, int, float)) and not isinstance(value, bool) for value in point_values)
     values = {key: list(dict.fromkeys(r.point[key] for r in runs)) for key in keys} if simple else {}
     base = {"name": Path(config_path).stem, "method": "grid", "program": _display_path(_TRAIN_SCRIPT)}
     # A grid over flags runs every combination of their values: right only if the runs are all of them
@@ -553,7 +499,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML config with a `sweep:` grid (a config without one is a single run)")
     parser.add_argument("--dry-run", action="store_true", help="print every run's name and command (default)")
     parser.add_argument("--run", action="store_true", help="run the unfinished runs one after another")
-    parser.add_argument("--index", default=None,
+    parser.add_argument("--index", type=int,
                         help="run only run I (0-based; e.g. $SLURM_ARRAY_TASK_ID); skipped if finished")
     parser.add_argument("--count", action="store_true", help="print the number of runs")
     parser.add_argument("--write-list", metavar="FILE", help="write one command per line (FILE.json: a JSON list)")
@@ -573,32 +519,20 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_gpu(run: SweepRun) -> None:
-    """--require-gpu: a run meant for a GPU (its device is not ``cpu``) needs CUDA here."""
-    import torch
-
-    if str(run.device or "cuda").startswith("cpu") or torch.cuda.is_available():
-        return
-    raise SweepError(f"run {run.index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
-                     f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
-                     f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
-
-
 def _run_index(runs: Sequence[SweepRun], options: argparse.Namespace, launch: Launch) -> int:
-    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents)."""
-    try:
-        index = int(options.index)
-    except ValueError:
-        raise SweepError(f"--index must be an integer, got {options.index!r}") from None
-    if not 0 <= index < len(runs):
-        raise SweepError(f"--index {index} is out of range: {options.config} has {len(runs)} runs "
+    """``--index I``: run I unless it is finished (SLURM array tasks, wandb agents); with ``--require-gpu``
+    a run meant for a GPU (its device is not ``cpu``) is refused where there is no CUDA device."""
+    if not 0 <= options.index < len(runs):
+        raise SweepError(f"--index {options.index} is out of range: {options.config} has {len(runs)} runs "
                          f"(valid: 0..{len(runs) - 1})")
-    run = runs[index]
+    run = runs[options.index]
     if run_status(run) == "finished":
-        print(f"[sweep] run {index} {run.name} is finished ({run.output_dir}); nothing to do")
+        print(f"[sweep] run {run.index} {run.name} is finished ({run.output_dir}); nothing to do")
         return 0
-    if options.require_gpu:
-        _check_gpu(run)
+    if options.require_gpu and not str(run.device or "cuda").startswith("cpu") and not torch.cuda.is_available():
+        raise SweepError(f"run {run.index} {run.name} trains on device {run.device or 'cuda (default)'!r}, but this "
+                         f"allocation has no CUDA device (torch.cuda.is_available() is False): request GPUs "
+                         f"(sbatch --gres=gpu:G), or allow CPU training (ALLOW_CPU=1 / without --require-gpu)")
     return execute(run, launch=launch)
 
 
@@ -613,12 +547,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             write_list(runs, options.write_list, launch=launch)
             print(f"wrote {len(runs)} commands to {options.write_list}", file=sys.stderr)
         if options.wandb_sweep:
-            from shared.run_files import atomic_write_text
-
             selection = ([f"--only={options.only}"] if options.only else []) + [f"--set={kv}" for kv in options.set]
             spec = wandb_sweep(options.config, runs, selection)
             header = f"# generated by: python -m shared.sweep {options.config} --wandb-sweep {options.wandb_sweep}\n"
-            atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
+            run_files.atomic_write_text(Path(options.wandb_sweep), header + yaml.safe_dump(spec, sort_keys=False))
             print(f"wrote wandb sweep ({len(runs)} runs) to {options.wandb_sweep}", file=sys.stderr)
         if options.index is not None:
             return _run_index(runs, options, launch)

@@ -30,6 +30,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoint
+
+from nodo import GhostNormBase
+from shared import create_model, data, distributed, run_files
+from shared.checkpoint import CheckpointError, with_timm_keys
+from shared.config import EXIT_OK, EXIT_USAGE, ParseKwargs, parser_defaults, read_spec_text
 
 # train.py arguments a checkpoint's "args" supplies when the command line does not set them.
 FROM_CHECKPOINT = ("model", "norm", "model_kwargs", "num_classes", "dataset", "input_size", "img_size", "mean",
@@ -43,8 +49,6 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
     Returns ``{'eval_loss', 'eval_top1', 'eval_top5'}`` (timm's summary names). ``loader`` yields
     ``(images, targets)`` on ``info.device`` (train.py's loader interface).
     """
-    from shared import distributed
-
     model.eval()
     totals = torch.zeros(4, device=info.device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, count
     loader.set_epoch(0)
@@ -52,10 +56,9 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast():
-            output = model(images)
-        output = output.float()
-        topk = output.topk(min(5, output.shape[1]), dim=1).indices
-        hits = topk.eq(targets[:, None])
+            output = model(images).float()
+        # (B, k): the label is the j-th largest logit
+        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
         totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
                                torch.tensor(float(targets.numel()), device=info.device, dtype=torch.float64)])
@@ -67,8 +70,6 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
 
 def create_parser() -> argparse.ArgumentParser:
     """timm validate.py's flag names (the subset that applies here) plus ``--norm``/``--model-kwargs``."""
-    from shared.config import ParseKwargs, choice_type, spec_type
-
     parser = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data", nargs="?", default=None, metavar="DIR", help="dataset root (as --data-dir)")
@@ -77,7 +78,8 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="validation", metavar="SPLIT", help="split to evaluate (train.py syntax)")
     parser.add_argument("--dataset-download", action="store_true", default=False, help="allow torchvision downloads")
     parser.add_argument("--model", "-m", default=None, metavar="MODEL", help="timm model (None: the checkpoint's)")
-    parser.add_argument("--norm", default=None, type=spec_type, metavar="SPEC", help="norm spec (None: the checkpoint's)")
+    parser.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
+                        help="norm spec (None: the checkpoint's)")
     parser.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs, metavar="KEY=VALUE",
                         help="model keyword arguments (None: the checkpoint's)")
     parser.add_argument("--checkpoint", default="", metavar="PATH", help="weights to evaluate")
@@ -96,9 +98,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory layout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (None: cuda if available)")
     parser.add_argument("--amp", action="store_true", default=False, help="autocast")
-    parser.add_argument("--amp-dtype", default="float16", type=choice_type(("float16", "bfloat16")), help="autocast dtype")
+    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="autocast dtype")
     parser.add_argument("--results-file", default="", metavar="PATH", help="also write the result here")
-    parser.add_argument("--results-format", default="csv", type=choice_type(("csv", "json")), help="results file format")
+    parser.add_argument("--results-format", default="csv", choices=("csv", "json"), help="results file format")
     return parser
 
 
@@ -115,28 +117,23 @@ def set_norm_hyperparameters(model: nn.Module, momentum: Optional[float], eps: O
     Raises:
         ValueError: a value is given but the model has no BatchNorm-like layer.
     """
-    from nodo import GhostNormBase
-
     if momentum is None and eps is None:
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (nn.modules.batchnorm._NormBase, GhostNormBase)) and \
-                not isinstance(module, nn.modules.instancenorm._InstanceNorm):
-            if momentum is not None:
-                module.momentum = momentum
-            if eps is not None:
-                module.eps = eps
-            count += 1
-    if count == 0:
+    batch_norm_like = (nn.modules.batchnorm._NormBase, GhostNormBase)
+    layers = [module for module in model.modules()
+              if isinstance(module, batch_norm_like) and not isinstance(module, nn.modules.instancenorm._InstanceNorm)]
+    if not layers:
         raise ValueError("--bn-momentum/--bn-eps: the model has no BatchNorm-like layer to apply them to")
-    return count
+    for layer in layers:
+        if momentum is not None:
+            layer.momentum = momentum
+        if eps is not None:
+            layer.eps = eps
+    return len(layers)
 
 
 def _read_checkpoint(path: str):
     """The checkpoint's content with timm's keys (a training checkpoint of any version), or a state dict."""
-    from shared.checkpoint import CheckpointError, with_timm_keys
-
     if not Path(path).is_file():
         raise CheckpointError(f"--checkpoint {path!r}: no such file")
     try:
@@ -148,8 +145,6 @@ def _read_checkpoint(path: str):
 
 def resolve_args(options: argparse.Namespace, checkpoint) -> argparse.Namespace:
     """train.py-style arguments: train.py's defaults < the checkpoint's training arguments < these flags."""
-    from shared.config import parser_defaults
-
     values = parser_defaults()
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if isinstance(saved, dict):
@@ -168,8 +163,6 @@ def resolve_args(options: argparse.Namespace, checkpoint) -> argparse.Namespace:
 
 def load_weights(model: nn.Module, checkpoint, path: str, use_ema: bool) -> None:
     """The checkpoint's (EMA) weights into ``model``; any non-train.py checkpoint through timm's loader."""
-    from timm.models import clean_state_dict, load_checkpoint as timm_load_checkpoint
-
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         weights = checkpoint.get("state_dict_ema") if use_ema else checkpoint["state_dict"]
         if weights is None:
@@ -181,8 +174,6 @@ def load_weights(model: nn.Module, checkpoint, path: str, use_ema: bool) -> None
 
 def validate(options: argparse.Namespace) -> dict:
     """Build the model and the split's loader, load the weights, evaluate; returns timm's result fields."""
-    from shared import create_model, data, distributed
-
     checkpoint = _read_checkpoint(options.checkpoint) if options.checkpoint else None
     args = resolve_args(options, checkpoint)
     if not args.model or (checkpoint is None and not args.pretrained):
@@ -204,46 +195,28 @@ def validate(options: argparse.Namespace) -> dict:
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = torch.bfloat16 if options.amp_dtype == "bfloat16" else torch.float16
 
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if options.amp else nullcontext()
+    def autocast():  # as train.py's: disabled without --amp
+        return torch.autocast(device.type, dtype=getattr(torch, options.amp_dtype), enabled=options.amp)
 
     metrics = evaluate(model, loader, info, autocast, bool(args.channels_last))
-    return {"model": args.model, "top1": round(metrics["eval_top1"], 4), "top1_err": round(100 - metrics["eval_top1"], 4),
-            "top5": round(metrics["eval_top5"], 4), "top5_err": round(100 - metrics["eval_top5"], 4),
-            "loss": round(metrics["eval_loss"], 6), "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    top1, top5, loss = metrics["eval_top1"], metrics["eval_top5"], metrics["eval_loss"]
+    return {"model": args.model, "top1": round(top1, 4), "top1_err": round(100 - top1, 4), "top5": round(top5, 4),
+            "top5_err": round(100 - top5, 4), "loss": round(loss, 6),
+            "param_count": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "img_size": config.input_size[-1], "crop_pct": config.crop_pct, "interpolation": config.interpolation,
             "split": options.split, "samples": loader.num_samples, "checkpoint": options.checkpoint,
             "use_ema": options.use_ema}
 
 
-def _write_results_file(path: str, result: dict, file_format: str) -> None:
-    import csv
-    import io
-
-    from shared.run_files import atomic_write_text
-
-    if file_format == "json":
-        text = json.dumps(result, indent=1) + "\n"
-    else:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(result), lineterminator="\n")
-        writer.writeheader()
-        writer.writerow(result)
-        text = buffer.getvalue()
-    atomic_write_text(Path(path), text)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from shared.checkpoint import CheckpointError
-    from shared.config import EXIT_OK, EXIT_USAGE
-
     options = create_parser().parse_args(argv)
     try:
         result = validate(options)
-        if options.results_file:
-            _write_results_file(options.results_file, result, options.results_format)
+        if options.results_file:  # one CSV row under its header, or the JSON object
+            text = (json.dumps(result, indent=1) + "\n" if options.results_format == "json"
+                    else run_files.csv_text(list(result), [list(result.values())]))
+            run_files.atomic_write_text(Path(options.results_file), text)
     except (ValueError, CheckpointError, OSError) as error:  # DataError, SpecError, ConfigError are ValueErrors
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -80,7 +80,7 @@ CASES = [
     ("batch-float", ["-b", "6.4"], ["--batch-size", "invalid int value: '6.4'"]),
     ("grad-accum-zero", ["--grad-accum-steps", "0"], ["--grad-accum-steps must be a positive integer", "got 0"]),
     ("smoothing", ["--smoothing", "1.5"], ["--smoothing must be in [0, 1)", "1.5"]),
-    ("nonfinite-choice", ["--nonfinite", "ignore"], ["'ignore'", "stop, skip"]),
+    ("nonfinite-choice", ["--nonfinite", "ignore"], ["'ignore'", "stop", "skip"]),
     # issue 10: bounded inputs
     ("lr-infinite", ["--lr", "inf"], ["--lr must be a finite number", "got inf"]),
     ("lr-huge", ["--lr", "1e6"], ["--lr must be positive and at most 100", "got 1000000.0"]),
@@ -110,7 +110,7 @@ CASES = [
                                                                  "only in the evaluation split: 'c'"]),
     ("odd-image-strict", FOLDER + ["--data-dir", "{tmp}/oddsize", "--data-strict", "-b", "2"], ["1 other size", "big.png",
                                                                                      "--data-strict"]),
-    ("amp-dtype-choice", ["--amp-dtype", "fp8"], ["'fp8'", "float16, bfloat16"]),
+    ("amp-dtype-choice", ["--amp-dtype", "fp8"], ["'fp8'", "float16", "bfloat16"]),
 ]
 
 

@@ -100,6 +100,15 @@ def test_precedence_default_yaml_cli(tmp_path):
     assert parse_args(["--lr", "0.3", "-c", str(config)]).lr == 0.3
 
 
+def test_help_with_a_config_lists_its_values_as_the_defaults(tmp_path, capsys):
+    config = write(tmp_path / "run.yaml", "model: cifar_resnet20\n")
+    for argv, model in ((["-c", str(config), "--help"], "cifar_resnet20"), (["--help"], "resnet50")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 0
+        assert f"timm model name (default: {model})" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bases_merge_in_order_with_relative_paths(tmp_path):
     write(tmp_path / "base" / "a.yaml", """
         lr: 0.1

@@ -79,7 +79,7 @@ def test_wandb_sweep_over_cases_uses_the_index(tmp_path):
     assert spec["parameters"] == {"index": {"values": list(range(24))}}
     assert spec["command"][2:5] == ["-m", "shared.sweep", "configs/c100_rn18/test_all.yaml"]
     # a wandb agent passes ${args} as --index=I: the sweep command accepts that form
-    assert sweep._build_parser().parse_args(["configs/c100_rn18/test_all.yaml", "--index=3"]).index == "3"
+    assert sweep._build_parser().parse_args(["configs/c100_rn18/test_all.yaml", "--index=3"]).index == 3
 
 
 def test_wandb_sweep_over_cases_of_plain_flags_uses_the_index(tmp_path):
