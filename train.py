@@ -25,10 +25,10 @@ import dataclasses
 import itertools
 import math
 import random
+import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,8 +42,7 @@ from shared import distributed, run_files
 from shared.validate import evaluate, set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from shared.config import (EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, INTERRUPTED_EXIT_CODE,
-                           PREEMPTED_EXIT_CODE, ConfigError)
-from shared.run_files import RunFileError
+                           PREEMPTED_EXIT_CODE)
 
 # Ghost noise layers draw a (B, N) tensor of int64 sample indices per call: B x N above this (512 MiB)
 # is a typo, not an experiment (the paper's largest is N = 1024 at B = 256: 262,144 indices).
@@ -91,35 +90,16 @@ def log(info, *parts) -> None:
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
-# Ranges of the numeric flags a typo can push out of any sensible experiment: (dest, test, the rule).
+# Ranges of the numeric flags a typo can push out of any sensible experiment: (dests, test, the rule).
 FLAG_RANGES = (
-    ("lr", lambda v: 0 < v <= 100, "positive and at most 100"),
-    ("weight_decay", lambda v: 0 <= v <= 10, "in [0, 10]"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("clip_grad", lambda v: v > 0, "positive"),
-    ("mixup", lambda v: v >= 0, ">= 0"),
-    ("cutmix", lambda v: v >= 0, ">= 0"),
-    ("mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("model_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("min_lr", lambda v: v >= 0, ">= 0"),
-    ("warmup_lr", lambda v: v >= 0, ">= 0"),
-    ("bn_momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("bn_eps", lambda v: v > 0, "positive"),
-    ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("recount", lambda v: v >= 1, ">= 1"),
-    ("img_size", lambda v: v >= 1, ">= 1"),
-    ("batch_size", lambda v: v >= 1, "a positive integer"),
-    ("epochs", lambda v: v >= 1, "a positive integer"),
-    ("grad_accum_steps", lambda v: v >= 1, "a positive integer"),
-    ("log_interval", lambda v: v >= 1, "a positive integer"),
-    ("eval_interval", lambda v: v >= 1, "a positive integer"),
-    ("validation_batch_size", lambda v: v >= 1, "a positive integer"),
-    ("checkpoint_hist", lambda v: v >= 0, ">= 0"),
-    ("stop_after", lambda v: v >= 1, "a positive number of epochs"),
-    ("log_noise_every", lambda v: v >= 1, "a positive number of updates"),
+    (("lr",), lambda v: 0 < v <= 100, "positive and at most 100"),
+    (("weight_decay",), lambda v: 0 <= v <= 10, "in [0, 10]"),
+    (("clip_grad", "bn_eps"), lambda v: v > 0, "positive"),
+    (("momentum", "smoothing", "drop", "drop_path"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("mixup_prob", "model_ema_decay", "bn_momentum", "reprob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("mixup", "cutmix", "min_lr", "warmup_lr", "checkpoint_hist"), lambda v: v >= 0, ">= 0"),
+    (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval",
+      "stop_after", "log_noise_every", "recount", "img_size"), lambda v: v >= 1, "a positive integer"),
 )
 
 
@@ -133,10 +113,11 @@ def check_args(args) -> None:
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise UsageError(f"{_flag(dest)} must be a finite number, got {value}")
-    for dest, valid, rule in FLAG_RANGES:
-        value = getattr(args, dest, None)
-        if value is not None and not valid(value):
-            raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
+    for dests, valid, rule in FLAG_RANGES:
+        for dest in dests:
+            value = getattr(args, dest, None)
+            if value is not None and not valid(value):
+                raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
     if args.log_noise_every is not None and args.torchcompile:
         raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
     if args.resume == "auto" and not args.experiment:
@@ -177,10 +158,7 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
         raise UsageError(f"--pretrained: the weights of {args.model} could not be loaded ({type(error).__name__}: "
                          f"{first_line}); timm fetches them from the Hugging Face hub: go online, fill the hub "
                          f"cache (HF_HOME) beforehand, or give the file with --initial-checkpoint PATH") from None
-    try:
-        set_norm_hyperparameters(model, args.bn_momentum, args.bn_eps)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    set_norm_hyperparameters(model, args.bn_momentum, args.bn_eps)  # (a ValueError: bad input, as any in set-up)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.grad_checkpointing:
@@ -235,20 +213,19 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
     """
     from nodo import PartitionedBatchNorm
 
-    for name, module in model.named_modules():
-        size = getattr(module, "ghost_batch_size", None)
-        if isinstance(size, int) and batch_size * size > MAX_GHOST_INDICES:
+    sized = [(name, module, module.ghost_batch_size) for name, module in model.named_modules()
+             if isinstance(getattr(module, "ghost_batch_size", None), int)]  # (None: the whole batch)
+    for name, module, size in sized:
+        if batch_size * size > MAX_GHOST_INDICES:
             raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} needs a "
                              f"{batch_size} x {size} index tensor at --batch-size {batch_size} "
                              f"({batch_size * size * 8 / 2 ** 30:.1f} GiB); B x N must be at most "
                              f"{MAX_GHOST_INDICES} (N at most {MAX_GHOST_INDICES // batch_size} at this batch size)")
-
-    too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
-               if isinstance(module, PartitionedBatchNorm) and module.ghost_batch_size is not None
-               and module.ghost_batch_size > batch_size]
+    too_big = [(name, module, size) for name, module, size in sized
+               if isinstance(module, PartitionedBatchNorm) and size > batch_size]
     if too_big:
-        name, size = too_big[0]
-        raise UsageError(f"ghost_batch_size {size} of {type(model.get_submodule(name)).__name__} {name!r} (and "
+        name, module, size = too_big[0]
+        raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} (and "
                          f"{len(too_big) - 1} more layers) is larger than the per-process batch size "
                          f"--batch-size {batch_size}: it must be at most {batch_size} (ghost noise layers, "
                          f"gni/nat, accept any size)")
@@ -340,15 +317,14 @@ def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) ->
     Returns ``(checkpoint or None, its path or None)``. Runs before any expensive work, so that a run
     directory in use or a resume with changed arguments is refused at once.
     """
-    last_path = run_dir / "last.pth.tar"
-    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
-                         f"fresh when none exists)")
-    resume_path = None
-    if args.resume == "auto" and not args.start_fresh:
-        resume_path = last_path if last_path.is_file() else None
+    last_path, resume_path = run_dir / "last.pth.tar", None
+    if args.resume == "auto" and not args.start_fresh and last_path.is_file():
+        resume_path = last_path
     elif args.resume and args.resume != "auto":
         resume_path = Path(args.resume)
+        if not resume_path.is_file():
+            raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
+                             f"fresh when none exists)")
     cleanup.callback(open_run_dir(run_dir, args, info, resume_path).release)
     checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
     if args.start_fresh and info.is_primary:  # after loading: --resume may name a checkpoint in there
@@ -539,7 +515,7 @@ class Training:
                 images, targets = self.mixup(images, targets)
             # under DDP, gradients are synchronized only on the last micro-batch of an update
             sync = not self.info.distributed or index == group_size - 1
-            with (nullcontext() if sync else self.model.no_sync()), self.autocast():
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
                 loss = self.loss_fn(self.model(images), targets)
             self.scaler.scale(loss / group_size).backward()
             losses.append(loss.detach())
@@ -617,8 +593,7 @@ class Training:
             if monitor is not None and monitor.due(progress.num_updates + 1):
                 monitor.arm()  # hooks for this update's first forward pass only (shared.noise_monitor)
             images, losses = self.forward_backward(itertools.islice(batches, group_size), group_size)
-            for loss in losses:
-                total_loss += loss
+            total_loss = sum(losses, total_loss)
             bar.update(group_size)
             finite, overflow = self.check_update(losses)
             if not finite:
@@ -650,8 +625,7 @@ class Training:
         if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
             raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and "
                                  f"were skipped (--nonfinite skip): the model is not training")
-        sums = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
-                                                                                device=info.device)]), info)
+        sums = distributed.all_reduce_sum(torch.stack([total_loss, total_loss.new_tensor(num_batches)]), info)
         return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
 
@@ -772,13 +746,13 @@ class Training:
         except NonFiniteError as error:
             status, exit_code, failure = "failed", EXIT_NONFINITE, str(error)
             print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-        except (CheckpointError, RunFileError) as error:
+        except (CheckpointError, run_files.RunFileError) as error:
             status, exit_code, failure = "failed", EXIT_FAILED, str(error)
             print(f"error: {error}", file=sys.stderr, flush=True)
         if info.is_primary:
             try:
                 run_files.write_results(self.run_dir, self.results(status, failure))
-            except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
+            except run_files.RunFileError as error:  # (a disk error may stop this small write too)
                 if failure != str(error):
                     print(f"error: {error}", file=sys.stderr, flush=True)
                 exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
@@ -836,12 +810,8 @@ def best_epoch(history: list, args) -> Optional[dict]:
 
 def numbered_checkpoints(run_dir: Path) -> dict:
     """``{epoch: path}`` of the checkpoint-EPOCH.pth.tar files in ``run_dir``."""
-    found = {}
-    for path in run_dir.glob("checkpoint-*.pth.tar"):
-        number = path.name[len("checkpoint-"):-len(".pth.tar")]
-        if number.isdigit():
-            found[int(number)] = path
-    return found
+    names = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
+    return {int(name[1]): run_dir / name[0] for name in names if name}
 
 
 def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: list, args) -> None:
@@ -940,19 +910,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _request_stop)
     try:
-        args = config_module.parse_args(argv)
-        check_args(args)
-    except (ConfigError, UsageError, run_files.RunDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    info = distributed.init_distributed(args.device)
-    try:
         with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however the run ends
             try:
+                args = config_module.parse_args(argv)
+                check_args(args)
+                info = distributed.init_distributed(args.device)
                 if args.dry_loader:
                     return dry_loader(args, info)
                 training = Training(args, info, cleanup)
-            except (ValueError, CheckpointError) as error:  # bad input: config, spec, data, checkpoint
+            except (ValueError, CheckpointError) as error:  # bad input: flags, config, spec, data, checkpoint
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 return EXIT_USAGE
             return training.run()  # past set-up a ValueError is a bug: it keeps its traceback

@@ -62,9 +62,8 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if chosen.type == "cuda" and chosen.index is None:  # torchrun's process LOCAL_RANK takes GPU LOCAL_RANK
-        chosen = torch.device("cuda", local_rank)
-    if chosen.type == "cuda":
+    if chosen.type == "cuda":  # without an index, torchrun's process LOCAL_RANK takes GPU LOCAL_RANK
+        chosen = torch.device("cuda", local_rank if chosen.index is None else chosen.index)
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
