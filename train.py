@@ -22,6 +22,7 @@ with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``
 """
 import contextlib
 import dataclasses
+import difflib
 import itertools
 import math
 import random
@@ -36,9 +37,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import is_model, list_models, load_checkpoint as timm_load_checkpoint
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
+from tqdm import tqdm
 
+import nodo
+from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
 from shared import config as config_module
-from shared import distributed, run_files
+from shared import create_model, data, distributed, run_files, specs
+from shared.logging_wandb import WandbLogger, derived_config
+from shared.noise_monitor import CSV_NAME, NoiseMonitor
 from shared.validate import evaluate, set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from shared.config import (EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, INTERRUPTED_EXIT_CODE,
@@ -127,19 +139,13 @@ def check_args(args) -> None:
 
 
 def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
-    import timm
-
-    from shared import create_model
-
     # the flags' values where they differ from timm's defaults; --model-kwargs overrides them
     flags = {"num_classes": num_classes, "in_chans": in_chans if in_chans != 3 else None,
              "drop_rate": args.drop or None, "drop_path_rate": args.drop_path}
     kwargs = {**{key: value for key, value in flags.items() if value is not None}, **args.model_kwargs}
     base_name = args.model.split(".", 1)[0]
-    if not timm.is_model(base_name):
-        import difflib
-
-        close = difflib.get_close_matches(base_name, timm.list_models(), n=5, cutoff=0.6)
+    if not is_model(base_name):
+        close = difflib.get_close_matches(base_name, list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
         raise UsageError(f"--model {args.model!r} is not a timm model{hint}")
     try:
@@ -168,8 +174,6 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
 
 def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
     """``--initial-checkpoint``: timm's ``load_checkpoint`` (EMA weights when present, as timm's train.py)."""
-    from timm.models import load_checkpoint as timm_load_checkpoint
-
     if not Path(path).is_file():
         raise UsageError(f"--initial-checkpoint {path!r}: no such file")
     try:
@@ -211,8 +215,6 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
     N > B is fine, but each call holds a (B, N) int64 index tensor: B x N must stay within
     :data:`MAX_GHOST_INDICES`.
     """
-    from nodo import PartitionedBatchNorm
-
     sized = [(name, module, module.ghost_batch_size) for name, module in model.named_modules()
              if isinstance(getattr(module, "ghost_batch_size", None), int)]  # (None: the whole batch)
     for name, module, size in sized:
@@ -222,7 +224,7 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
                              f"({batch_size * size * 8 / 2 ** 30:.1f} GiB); B x N must be at most "
                              f"{MAX_GHOST_INDICES} (N at most {MAX_GHOST_INDICES // batch_size} at this batch size)")
     too_big = [(name, module, size) for name, module, size in sized
-               if isinstance(module, PartitionedBatchNorm) and size > batch_size]
+               if isinstance(module, nodo.PartitionedBatchNorm) and size > batch_size]
     if too_big:
         name, module, size = too_big[0]
         raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} (and "
@@ -233,9 +235,6 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
 
 def build_loss(args) -> tuple:
     """(training loss, mixup function or None): timm's losses, as timm's train.py chooses them."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -346,8 +345,6 @@ def build_model_and_data(args, info) -> tuple:
 
     Returns ``(loaders, model, noise_generator)``; sets ``args.num_classes``.
     """
-    from shared import data, specs
-
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
     random.seed(args.seed)
@@ -360,7 +357,6 @@ def build_model_and_data(args, info) -> tuple:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
-        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
         model = convert_sync_batchnorm(model)
     return loaders, model, noise_generator
 
@@ -374,8 +370,6 @@ def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
     """
     if not info.distributed or not mode:
         return
-    from timm.utils import distribute_bn
-
     for module in (model, ema.module if ema is not None else None):
         if module is not None:
             distribute_bn(module, info.world_size, reduce=mode == "reduce")
@@ -386,11 +380,6 @@ class Training:
     epoch after epoch, checkpointing after each (:meth:`save`), and writes the results."""
 
     def __init__(self, args, info, cleanup: contextlib.ExitStack):
-        import nodo
-        import timm.optim
-        import timm.scheduler
-        import timm.utils
-
         self.args, self.info = args, info
         if not args.experiment:
             args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
@@ -405,18 +394,17 @@ class Training:
             scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
             ratio = global_batch / args.lr_base_size
             args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
-        self.optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args),
-                                                        **args.opt_kwargs)
+        self.optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
         updates_per_epoch = -(-len(self.loaders.train) // args.grad_accum_steps)
-        self.scheduler, self.num_epochs = timm.scheduler.create_scheduler_v2(
-            self.optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
             updates_per_epoch=updates_per_epoch)
         # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
         nodo.set_total_steps(model, self.num_epochs * len(self.loaders.train))
         self.loss_fn, self.mixup = build_loss(args)
         # disabled (each call a no-op) unless float16 AMP
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp and args.amp_dtype != "bfloat16")
-        self.ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        self.ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
             if args.model_ema else None
         site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
         # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
@@ -430,8 +418,6 @@ class Training:
                 self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         self.noise_monitor = None
         if args.log_noise_every is not None and info.is_primary:  # rank 0 measures its own batch
-            from shared.noise_monitor import CSV_NAME, NoiseMonitor
-
             self.noise_monitor = NoiseMonitor(model, args.log_noise_every, self.run_dir / CSV_NAME,
                                               self.progress.num_updates)
             if not self.noise_monitor.sites:
@@ -474,8 +460,6 @@ class Training:
 
     def start_logging(self, global_batch: int, updates_per_epoch: int):
         """Write args.yaml, start the wandb logger, print what is about to run; returns the logger."""
-        from shared.logging_wandb import WandbLogger, derived_config
-
         args, info, model = self.args, self.info, self.unwrapped
         if info.is_primary:
             # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
@@ -552,8 +536,6 @@ class Training:
         """Clip, step (unless the update is skipped), zero the gradients, count, EMA, schedule."""
         if finite:
             if self.args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
-                from timm.utils import dispatch_clip_grad
-
                 dispatch_clip_grad(self.model.parameters(), self.args.clip_grad, mode=self.args.clip_mode)
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -572,8 +554,6 @@ class Training:
         checkpointing when a stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under
         ``--nonfinite stop``.
         """
-        from tqdm import tqdm
-
         args, info, progress, loader = self.args, self.info, self.progress, self.loaders.train
         epoch, accum, num_batches, monitor = progress.epoch, args.grad_accum_steps, len(loader), self.noise_monitor
         self.model.train()
@@ -840,8 +820,6 @@ def dry_loader(args, info) -> int:
     """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
     device, normalization), timed after the first (which waits for the workers to start); prints
     images/s per process. Training at about this rate means the loader is the bottleneck."""
-    from shared import data
-
     if args.dry_loader < 2:
         raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
     loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
@@ -870,8 +848,6 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
     layer with dynamic shapes (seen on torch 2.11: AssertionError in ``overwrite_tensor_vt_proxy``
     after the graph break at the layer's ``torch.Generator``). A layer's shapes are fixed in
     training, so static shapes only cost a recompile per shape there."""
-    import nodo
-
     fused_gni = any(isinstance(module, nodo.GhostNoiseBatchNorm) for module in model.modules())
     if fused_gni and not fused_gni_compiles_dynamic():
         return torch.compile(model, backend=backend, dynamic=False)
@@ -882,11 +858,8 @@ def fused_gni_compiles_dynamic() -> bool:
     """Capability probe: does dynamo compile a tiny fused GNI layer drawing from a
     ``torch.Generator``, with dynamic shapes, forward and backward? (It draws from its own
     generator: the global random stream is not touched.)"""
-    import nodo
-
     generator = torch.Generator().manual_seed(0)
-    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2)
-    layer.generator = generator
+    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2, generator=generator)
     probe = torch.rand(8, 4, 3, 3, generator=generator, requires_grad=True)
     try:
         torch.compile(layer, backend="eager", dynamic=True)(probe).sum().backward()

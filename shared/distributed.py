@@ -97,11 +97,9 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def any_process(flag: bool, info: DistInfo) -> bool:
     """True on every process if ``flag`` is True on any (keeps the processes in step)."""
-    if not info.distributed:
+    if not info.distributed:  # (no tensor: one process needs no device sync per call)
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0
 
 
 def gather_objects(value: Any, info: DistInfo) -> list:
