@@ -112,6 +112,7 @@ FLAG_RANGES = (
     (("mixup", "cutmix", "min_lr", "warmup_lr", "checkpoint_hist"), lambda v: v >= 0, ">= 0"),
     (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval",
       "stop_after", "log_noise_every", "recount", "img_size"), lambda v: v >= 1, "a positive integer"),
+    (("dry_loader",), lambda v: v == 0 or v >= 2, "0 (off) or at least 2 batches (the first is not timed)"),
 )
 
 
@@ -280,8 +281,7 @@ class Progress:
     epoch: int = 0  # the next epoch to run
     batch: int = 0  # the next micro-batch of it
     num_updates: int = 0
-    history: list = dataclasses.field(default_factory=list)  # the summary.csv rows
-    best: Optional[dict] = None  # results.json's "best" (see best_epoch)
+    history: list = dataclasses.field(default_factory=list)  # the summary.csv rows (best_epoch ranks them)
     partial_loss: float = 0.0  # this process's loss sum over the micro-batches before `batch`
     wall_before: float = 0.0  # seconds trained by the runs this one continues
 
@@ -368,10 +368,8 @@ def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
     ``(1/W) sum_r buffer_r``; ``broadcast``: rank 0's is copied to all. Applied to the model and to the
     EMA model (whose statistics are averaged from each process's own). No-op on one process or with ''.
     """
-    if not info.distributed or not mode:
-        return
-    for module in (model, ema.module if ema is not None else None):
-        if module is not None:
+    if info.distributed and mode:
+        for module in [model] + ([ema.module] if ema is not None else []):
             distribute_bn(module, info.world_size, reduce=mode == "reduce")
 
 
@@ -441,12 +439,11 @@ class Training:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.ema is not None and checkpoint.get("state_dict_ema") is not None:
             self.ema.module.load_state_dict(checkpoint["state_dict_ema"])
-        # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
-        # on the raw model even with EMA: both are redone from the history
+        # rows of a previous-version checkpoint carry the old metric names (top1...), renamed here; its best
+        # (ranked on the raw model even with EMA) is not read: best_epoch derives it from the history
         history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
         progress = Progress(epoch=checkpoint["epoch"], batch=checkpoint["batch"], num_updates=checkpoint["num_updates"],
-                            history=history, best=best_epoch(history, args),
-                            wall_before=checkpoint.get("wall_time_s", 0.0))
+                            history=history, wall_before=checkpoint.get("wall_time_s", 0.0))
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank], self.noise_generator)
@@ -481,8 +478,8 @@ class Training:
 
     def autocast(self):
         """The forward passes' autocast context (``--amp``; disabled otherwise)."""
-        dtype = torch.bfloat16 if self.args.amp_dtype == "bfloat16" else torch.float16
-        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.args.amp)
+        # (--amp-dtype's choices, float16 and bfloat16, are torch's dtype names)
+        return torch.autocast(self.info.device.type, dtype=getattr(torch, self.args.amp_dtype), enabled=self.args.amp)
 
     # ---- the loop: updates, epochs, checkpoints
 
@@ -635,7 +632,6 @@ class Training:
         # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
         metric = row.get(ranking_column(args))
         self.scheduler.step(epoch + 1, metric)
-        progress.best = best_epoch(progress.history, args)  # from the whole history: also after an old-version resume
         progress.epoch, progress.batch, progress.partial_loss = epoch + 1, 0, 0.0
         self.save(metric=metric)
         if self.info.is_primary:
@@ -667,7 +663,7 @@ class Training:
             # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
             "amp_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": progress.epoch, "batch": progress.batch, "num_updates": progress.num_updates,
-            "history": progress.history, "best": progress.best,
+            "history": progress.history, "best": best_epoch(progress.history, self.args),
             "rng": [rng for rng, _ in gathered], "partial_loss": [loss for _, loss in gathered],
             "args": self.args_dict, "wall_time_s": progress.wall_before + time.time() - self.started,
         }, self.last_path)
@@ -676,7 +672,7 @@ class Training:
         """results.json: the status, the final and best epochs, counters and the run's facts."""
         history = self.progress.history
         return {"status": status, "epochs_done": len(history), "epochs": self.num_epochs,
-                "final": history[-1] if history else None, "best": self.progress.best,
+                "final": history[-1] if history else None, "best": best_epoch(history, self.args),
                 "wall_time_s": self.progress.wall_before + time.time() - self.started, "message": message,
                 "num_updates": self.progress.num_updates, **self.run_facts,
                 "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
@@ -737,7 +733,7 @@ class Training:
                     print(f"error: {error}", file=sys.stderr, flush=True)
                 exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
         if status == "finished":
-            final, best = history[-1], self.progress.best
+            final, best = history[-1], best_epoch(history, self.args)
             self.logger.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
             log(info, f"done: final top1 {final['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
                       f"(epoch {best['epoch']})")
@@ -788,12 +784,6 @@ def best_epoch(history: list, args) -> Optional[dict]:
             **{k: v for k, v in row.items() if k.startswith(("eval_", "ema_eval_"))}}
 
 
-def numbered_checkpoints(run_dir: Path) -> dict:
-    """``{epoch: path}`` of the checkpoint-EPOCH.pth.tar files in ``run_dir``."""
-    names = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
-    return {int(name[1]): run_dir / name[0] for name in names if name}
-
-
 def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: list, args) -> None:
     """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to ``epoch``'s last.pth.tar.
 
@@ -806,7 +796,8 @@ def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: 
     if best is not None and best["epoch"] == epoch:
         run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
     metrics = {row["epoch"]: row.get(ranking_column(args)) for row in history}
-    present = numbered_checkpoints(run_dir)
+    names = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
+    present = {int(name[1]): run_dir / name[0] for name in names if name}  # {epoch: checkpoint-EPOCH file}
     candidates = {e: metrics.get(e) for e in set(present) | {epoch}}
     keep = rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist)
     if epoch in keep:
@@ -820,8 +811,6 @@ def dry_loader(args, info) -> int:
     """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
     device, normalization), timed after the first (which waits for the workers to start); prints
     images/s per process. Training at about this rate means the loader is the bottleneck."""
-    if args.dry_loader < 2:
-        raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
     loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
     log(info, f"data: {loaders.description}")
     batches = itertools.islice(every_epoch(loaders.train), args.dry_loader)
