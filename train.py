@@ -110,9 +110,10 @@ FLAG_RANGES = (
     (("momentum", "smoothing", "drop", "drop_path"), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("mixup_prob", "model_ema_decay", "bn_momentum", "reprob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("mixup", "cutmix", "min_lr", "warmup_lr", "checkpoint_hist"), lambda v: v >= 0, ">= 0"),
+    (("recount", "img_size"), lambda v: v >= 1, ">= 1"),
     (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval",
-      "stop_after", "log_noise_every", "recount", "img_size"), lambda v: v >= 1, "a positive integer"),
-    (("dry_loader",), lambda v: v == 0 or v >= 2, "0 (off) or at least 2 batches (the first is not timed)"),
+      "stop_after", "log_noise_every"), lambda v: v >= 1, "a positive integer"),
+    (("dry_loader",), lambda v: v == 0 or v >= 2, "at least 2 batches (the first is not timed; 0: off)"),
 )
 
 
@@ -310,11 +311,12 @@ def open_run_dir(run_dir: Path, args, info, resume_path: Optional[Path]) -> run_
     return lock
 
 
-def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) -> tuple:
+def open_checkpoint(args, args_dict: dict, info, run_dir: Path, cleanup: contextlib.ExitStack) -> tuple:
     """Lock the run directory (released by ``cleanup``) and read the checkpoint to resume from, if any.
 
     Returns ``(checkpoint or None, its path or None)``. Runs before any expensive work, so that a run
-    directory in use or a resume with changed arguments is refused at once.
+    directory in use or a resume with changed arguments (``args_dict`` against the checkpoint's) is
+    refused at once.
     """
     last_path, resume_path = run_dir / "last.pth.tar", None
     if args.resume == "auto" and not args.start_fresh and last_path.is_file():
@@ -331,8 +333,7 @@ def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) ->
         if aside is not None:
             log(info, f"--start-fresh: the earlier results of {run_dir} are now in {aside}")
     if checkpoint is not None:
-        changes = run_files.changed_result_keys(checkpoint.get("args", {}), config_module.args_to_dict(args),
-                                                config_module.parser_defaults())
+        changes = run_files.changed_result_keys(checkpoint.get("args", {}), args_dict, config_module.parser_defaults())
         if changes and not args.resume_allow_changes:
             raise UsageError(f"refusing to resume {resume_path}: these result-changing arguments differ from the "
                              f"checkpoint's\n{run_files.format_changes(changes)}\npass the original values, "
@@ -383,8 +384,8 @@ class Training:
             args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
         self.run_dir = Path(args.output) / args.experiment
         self.last_path = self.run_dir / "last.pth.tar"
-        checkpoint, resume_path = open_checkpoint(args, info, self.run_dir, cleanup)
         self.args_dict = config_module.args_to_dict(args)  # as asked for: what a resume compares
+        checkpoint, resume_path = open_checkpoint(args, self.args_dict, info, self.run_dir, cleanup)
         self.loaders, model, self.noise_generator = build_model_and_data(args, info)
         self.unwrapped = model  # what is saved, averaged by EMA and inspected
         global_batch = args.batch_size * args.grad_accum_steps * info.world_size
