@@ -111,8 +111,10 @@ FLAG_RANGES = (
     (("mixup_prob", "model_ema_decay", "bn_momentum", "reprob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("mixup", "cutmix", "min_lr", "warmup_lr", "checkpoint_hist"), lambda v: v >= 0, ">= 0"),
     (("recount", "img_size"), lambda v: v >= 1, ">= 1"),
-    (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval",
-      "stop_after", "log_noise_every"), lambda v: v >= 1, "a positive integer"),
+    (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"),
+     lambda v: v >= 1, "a positive integer"),
+    (("stop_after",), lambda v: v >= 1, "a positive number of epochs"),
+    (("log_noise_every",), lambda v: v >= 1, "a positive number of updates"),
     (("dry_loader",), lambda v: v == 0 or v >= 2, "at least 2 batches (the first is not timed; 0: off)"),
 )
 
