@@ -22,13 +22,14 @@ with ``--resume auto``), 130 interrupted (Ctrl-C; checkpointed, continue with ``
 """
 import contextlib
 import dataclasses
+import difflib
 import itertools
 import math
 import random
+import re
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,14 +37,24 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import is_model, list_models, load_checkpoint as timm_load_checkpoint
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
+from tqdm import tqdm
 
+import nodo
+from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
 from shared import config as config_module
-from shared import distributed, run_files
+from shared import create_model, data, distributed, run_files, specs
+from shared.logging_wandb import WandbLogger, derived_config
+from shared.noise_monitor import CSV_NAME, NoiseMonitor
 from shared.validate import evaluate, set_norm_hyperparameters
 from shared.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from shared.config import (EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, INTERRUPTED_EXIT_CODE,
-                           PREEMPTED_EXIT_CODE, ConfigError)
-from shared.run_files import RunFileError
+                           PREEMPTED_EXIT_CODE)
 
 # Ghost noise layers draw a (B, N) tensor of int64 sample indices per call: B x N above this (512 MiB)
 # is a typo, not an experiment (the paper's largest is N = 1024 at B = 256: 262,144 indices).
@@ -91,35 +102,20 @@ def log(info, *parts) -> None:
 # Building blocks
 # ----------------------------------------------------------------------------------------------
 
-# Ranges of the numeric flags a typo can push out of any sensible experiment: (dest, test, the rule).
+# Ranges of the numeric flags a typo can push out of any sensible experiment: (dests, test, the rule).
 FLAG_RANGES = (
-    ("lr", lambda v: 0 < v <= 100, "positive and at most 100"),
-    ("weight_decay", lambda v: 0 <= v <= 10, "in [0, 10]"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("drop_path", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("clip_grad", lambda v: v > 0, "positive"),
-    ("mixup", lambda v: v >= 0, ">= 0"),
-    ("cutmix", lambda v: v >= 0, ">= 0"),
-    ("mixup_prob", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("model_ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("min_lr", lambda v: v >= 0, ">= 0"),
-    ("warmup_lr", lambda v: v >= 0, ">= 0"),
-    ("bn_momentum", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("bn_eps", lambda v: v > 0, "positive"),
-    ("reprob", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("recount", lambda v: v >= 1, ">= 1"),
-    ("img_size", lambda v: v >= 1, ">= 1"),
-    ("batch_size", lambda v: v >= 1, "a positive integer"),
-    ("epochs", lambda v: v >= 1, "a positive integer"),
-    ("grad_accum_steps", lambda v: v >= 1, "a positive integer"),
-    ("log_interval", lambda v: v >= 1, "a positive integer"),
-    ("eval_interval", lambda v: v >= 1, "a positive integer"),
-    ("validation_batch_size", lambda v: v >= 1, "a positive integer"),
-    ("checkpoint_hist", lambda v: v >= 0, ">= 0"),
-    ("stop_after", lambda v: v >= 1, "a positive number of epochs"),
-    ("log_noise_every", lambda v: v >= 1, "a positive number of updates"),
+    (("lr",), lambda v: 0 < v <= 100, "positive and at most 100"),
+    (("weight_decay",), lambda v: 0 <= v <= 10, "in [0, 10]"),
+    (("clip_grad", "bn_eps"), lambda v: v > 0, "positive"),
+    (("momentum", "smoothing", "drop", "drop_path"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("mixup_prob", "model_ema_decay", "bn_momentum", "reprob"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("mixup", "cutmix", "min_lr", "warmup_lr", "checkpoint_hist"), lambda v: v >= 0, ">= 0"),
+    (("recount", "img_size"), lambda v: v >= 1, ">= 1"),
+    (("batch_size", "validation_batch_size", "epochs", "grad_accum_steps", "log_interval", "eval_interval"),
+     lambda v: v >= 1, "a positive integer"),
+    (("stop_after",), lambda v: v >= 1, "a positive number of epochs"),
+    (("log_noise_every",), lambda v: v >= 1, "a positive number of updates"),
+    (("dry_loader",), lambda v: v == 0 or v >= 2, "at least 2 batches (the first is not timed; 0: off)"),
 )
 
 
@@ -133,10 +129,11 @@ def check_args(args) -> None:
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise UsageError(f"{_flag(dest)} must be a finite number, got {value}")
-    for dest, valid, rule in FLAG_RANGES:
-        value = getattr(args, dest, None)
-        if value is not None and not valid(value):
-            raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
+    for dests, valid, rule in FLAG_RANGES:
+        for dest in dests:
+            value = getattr(args, dest, None)
+            if value is not None and not valid(value):
+                raise UsageError(f"{_flag(dest)} must be {rule}, got {value}")
     if args.log_noise_every is not None and args.torchcompile:
         raise UsageError("--log-noise-every cannot be used with --torchcompile (its hooks would recompile the model)")
     if args.resume == "auto" and not args.experiment:
@@ -146,19 +143,13 @@ def check_args(args) -> None:
 
 
 def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
-    import timm
-
-    from shared import create_model
-
     # the flags' values where they differ from timm's defaults; --model-kwargs overrides them
     flags = {"num_classes": num_classes, "in_chans": in_chans if in_chans != 3 else None,
              "drop_rate": args.drop or None, "drop_path_rate": args.drop_path}
     kwargs = {**{key: value for key, value in flags.items() if value is not None}, **args.model_kwargs}
     base_name = args.model.split(".", 1)[0]
-    if not timm.is_model(base_name):
-        import difflib
-
-        close = difflib.get_close_matches(base_name, timm.list_models(), n=5, cutoff=0.6)
+    if not is_model(base_name):
+        close = difflib.get_close_matches(base_name, list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models()` lists them"
         raise UsageError(f"--model {args.model!r} is not a timm model{hint}")
     try:
@@ -177,10 +168,7 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
         raise UsageError(f"--pretrained: the weights of {args.model} could not be loaded ({type(error).__name__}: "
                          f"{first_line}); timm fetches them from the Hugging Face hub: go online, fill the hub "
                          f"cache (HF_HOME) beforehand, or give the file with --initial-checkpoint PATH") from None
-    try:
-        set_norm_hyperparameters(model, args.bn_momentum, args.bn_eps)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    set_norm_hyperparameters(model, args.bn_momentum, args.bn_eps)  # (a ValueError: bad input, as any in set-up)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.grad_checkpointing:
@@ -190,8 +178,6 @@ def build_model(args, num_classes: int, in_chans: int, info) -> nn.Module:
 
 def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
     """``--initial-checkpoint``: timm's ``load_checkpoint`` (EMA weights when present, as timm's train.py)."""
-    from timm.models import load_checkpoint as timm_load_checkpoint
-
     if not Path(path).is_file():
         raise UsageError(f"--initial-checkpoint {path!r}: no such file")
     try:
@@ -233,22 +219,19 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
     N > B is fine, but each call holds a (B, N) int64 index tensor: B x N must stay within
     :data:`MAX_GHOST_INDICES`.
     """
-    from nodo import PartitionedBatchNorm
-
-    for name, module in model.named_modules():
-        size = getattr(module, "ghost_batch_size", None)
-        if isinstance(size, int) and batch_size * size > MAX_GHOST_INDICES:
+    sized = [(name, module, module.ghost_batch_size) for name, module in model.named_modules()
+             if isinstance(getattr(module, "ghost_batch_size", None), int)]  # (None: the whole batch)
+    for name, module, size in sized:
+        if batch_size * size > MAX_GHOST_INDICES:
             raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} needs a "
                              f"{batch_size} x {size} index tensor at --batch-size {batch_size} "
                              f"({batch_size * size * 8 / 2 ** 30:.1f} GiB); B x N must be at most "
                              f"{MAX_GHOST_INDICES} (N at most {MAX_GHOST_INDICES // batch_size} at this batch size)")
-
-    too_big = [(name, module.ghost_batch_size) for name, module in model.named_modules()
-               if isinstance(module, PartitionedBatchNorm) and module.ghost_batch_size is not None
-               and module.ghost_batch_size > batch_size]
+    too_big = [(name, module, size) for name, module, size in sized
+               if isinstance(module, nodo.PartitionedBatchNorm) and size > batch_size]
     if too_big:
-        name, size = too_big[0]
-        raise UsageError(f"ghost_batch_size {size} of {type(model.get_submodule(name)).__name__} {name!r} (and "
+        name, module, size = too_big[0]
+        raise UsageError(f"ghost_batch_size {size} of {type(module).__name__} {name!r} (and "
                          f"{len(too_big) - 1} more layers) is larger than the per-process batch size "
                          f"--batch-size {batch_size}: it must be at most {batch_size} (ghost noise layers, "
                          f"gni/nat, accept any size)")
@@ -256,9 +239,6 @@ def check_ghost_batches(model: nn.Module, batch_size: int) -> None:
 
 def build_loss(args) -> tuple:
     """(training loss, mixup function or None): timm's losses, as timm's train.py chooses them."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                       prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -304,8 +284,7 @@ class Progress:
     epoch: int = 0  # the next epoch to run
     batch: int = 0  # the next micro-batch of it
     num_updates: int = 0
-    history: list = dataclasses.field(default_factory=list)  # the summary.csv rows
-    best: Optional[dict] = None  # results.json's "best" (see best_epoch)
+    history: list = dataclasses.field(default_factory=list)  # the summary.csv rows (best_epoch ranks them)
     partial_loss: float = 0.0  # this process's loss sum over the micro-batches before `batch`
     wall_before: float = 0.0  # seconds trained by the runs this one continues
 
@@ -334,21 +313,21 @@ def open_run_dir(run_dir: Path, args, info, resume_path: Optional[Path]) -> run_
     return lock
 
 
-def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) -> tuple:
+def open_checkpoint(args, args_dict: dict, info, run_dir: Path, cleanup: contextlib.ExitStack) -> tuple:
     """Lock the run directory (released by ``cleanup``) and read the checkpoint to resume from, if any.
 
     Returns ``(checkpoint or None, its path or None)``. Runs before any expensive work, so that a run
-    directory in use or a resume with changed arguments is refused at once.
+    directory in use or a resume with changed arguments (``args_dict`` against the checkpoint's) is
+    refused at once.
     """
-    last_path = run_dir / "last.pth.tar"
-    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
-                         f"fresh when none exists)")
-    resume_path = None
-    if args.resume == "auto" and not args.start_fresh:
-        resume_path = last_path if last_path.is_file() else None
+    last_path, resume_path = run_dir / "last.pth.tar", None
+    if args.resume == "auto" and not args.start_fresh and last_path.is_file():
+        resume_path = last_path
     elif args.resume and args.resume != "auto":
         resume_path = Path(args.resume)
+        if not resume_path.is_file():
+            raise UsageError(f"--resume {args.resume!r}: no such checkpoint file (use --resume auto to start "
+                             f"fresh when none exists)")
     cleanup.callback(open_run_dir(run_dir, args, info, resume_path).release)
     checkpoint = load_checkpoint(resume_path) if resume_path is not None else None
     if args.start_fresh and info.is_primary:  # after loading: --resume may name a checkpoint in there
@@ -356,8 +335,7 @@ def open_checkpoint(args, info, run_dir: Path, cleanup: contextlib.ExitStack) ->
         if aside is not None:
             log(info, f"--start-fresh: the earlier results of {run_dir} are now in {aside}")
     if checkpoint is not None:
-        changes = run_files.changed_result_keys(checkpoint.get("args", {}), config_module.args_to_dict(args),
-                                                config_module.parser_defaults())
+        changes = run_files.changed_result_keys(checkpoint.get("args", {}), args_dict, config_module.parser_defaults())
         if changes and not args.resume_allow_changes:
             raise UsageError(f"refusing to resume {resume_path}: these result-changing arguments differ from the "
                              f"checkpoint's\n{run_files.format_changes(changes)}\npass the original values, "
@@ -370,8 +348,6 @@ def build_model_and_data(args, info) -> tuple:
 
     Returns ``(loaders, model, noise_generator)``; sets ``args.num_classes``.
     """
-    from shared import data, specs
-
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % 2 ** 32)
     random.seed(args.seed)
@@ -384,7 +360,6 @@ def build_model_and_data(args, info) -> tuple:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and info.distributed:
-        from nodo.convert import convert_sync_batchnorm  # torch's drops the act of BatchNormAct2d-style layers
         model = convert_sync_batchnorm(model)
     return loaders, model, noise_generator
 
@@ -396,12 +371,8 @@ def sync_norm_statistics(model: nn.Module, ema, mode: str, info) -> None:
     ``(1/W) sum_r buffer_r``; ``broadcast``: rank 0's is copied to all. Applied to the model and to the
     EMA model (whose statistics are averaged from each process's own). No-op on one process or with ''.
     """
-    if not info.distributed or not mode:
-        return
-    from timm.utils import distribute_bn
-
-    for module in (model, ema.module if ema is not None else None):
-        if module is not None:
+    if info.distributed and mode:
+        for module in [model] + ([ema.module] if ema is not None else []):
             distribute_bn(module, info.world_size, reduce=mode == "reduce")
 
 
@@ -410,18 +381,13 @@ class Training:
     epoch after epoch, checkpointing after each (:meth:`save`), and writes the results."""
 
     def __init__(self, args, info, cleanup: contextlib.ExitStack):
-        import nodo
-        import timm.optim
-        import timm.scheduler
-        import timm.utils
-
         self.args, self.info = args, info
         if not args.experiment:
             args.experiment = f"{datetime.now():%Y%m%d-%H%M%S}-{args.model}"
         self.run_dir = Path(args.output) / args.experiment
         self.last_path = self.run_dir / "last.pth.tar"
-        checkpoint, resume_path = open_checkpoint(args, info, self.run_dir, cleanup)
         self.args_dict = config_module.args_to_dict(args)  # as asked for: what a resume compares
+        checkpoint, resume_path = open_checkpoint(args, self.args_dict, info, self.run_dir, cleanup)
         self.loaders, model, self.noise_generator = build_model_and_data(args, info)
         self.unwrapped = model  # what is saved, averaged by EMA and inspected
         global_batch = args.batch_size * args.grad_accum_steps * info.world_size
@@ -429,18 +395,17 @@ class Training:
             scale = args.lr_base_scale or ("sqrt" if any(k in args.opt.lower() for k in ("ada", "lamb")) else "linear")
             ratio = global_batch / args.lr_base_size
             args.lr = args.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
-        self.optimizer = timm.optim.create_optimizer_v2(model, **timm.optim.optimizer_kwargs(cfg=args),
-                                                        **args.opt_kwargs)
+        self.optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
         updates_per_epoch = -(-len(self.loaders.train) // args.grad_accum_steps)
-        self.scheduler, self.num_epochs = timm.scheduler.create_scheduler_v2(
-            self.optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, **scheduler_kwargs(args, decreasing_metric=args.eval_metric == "loss"),
             updates_per_epoch=updates_per_epoch)
         # BatchRenorm2d's warm-up is given in fractions of training: tell it the run's training forwards
         nodo.set_total_steps(model, self.num_epochs * len(self.loaders.train))
         self.loss_fn, self.mixup = build_loss(args)
         # disabled (each call a no-op) unless float16 AMP
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=args.amp and args.amp_dtype != "bfloat16")
-        self.ema = timm.utils.ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        self.ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
             if args.model_ema else None
         site_report = getattr(model, "site_report", None)  # shared.specs.SiteReport: what the spec replaced
         # ghost batches are per process: the world size and per-process batch define what GBN/GNI did (kept
@@ -454,8 +419,6 @@ class Training:
                 self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         self.noise_monitor = None
         if args.log_noise_every is not None and info.is_primary:  # rank 0 measures its own batch
-            from shared.noise_monitor import CSV_NAME, NoiseMonitor
-
             self.noise_monitor = NoiseMonitor(model, args.log_noise_every, self.run_dir / CSV_NAME,
                                               self.progress.num_updates)
             if not self.noise_monitor.sites:
@@ -479,12 +442,11 @@ class Training:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.ema is not None and checkpoint.get("state_dict_ema") is not None:
             self.ema.module.load_state_dict(checkpoint["state_dict_ema"])
-        # rows of a previous-version checkpoint carry the old metric names (top1...); its best was ranked
-        # on the raw model even with EMA: both are redone from the history
+        # rows of a previous-version checkpoint carry the old metric names (top1...), renamed here; its best
+        # (ranked on the raw model even with EMA) is not read: best_epoch derives it from the history
         history = [run_files.timm_metric_names(row) for row in checkpoint["history"]]
         progress = Progress(epoch=checkpoint["epoch"], batch=checkpoint["batch"], num_updates=checkpoint["num_updates"],
-                            history=history, best=best_epoch(history, args),
-                            wall_before=checkpoint.get("wall_time_s", 0.0))
+                            history=history, wall_before=checkpoint.get("wall_time_s", 0.0))
         rng_states = checkpoint["rng"]
         if len(rng_states) == info.world_size:
             restore_rng_state(rng_states[info.rank], self.noise_generator)
@@ -498,8 +460,6 @@ class Training:
 
     def start_logging(self, global_batch: int, updates_per_epoch: int):
         """Write args.yaml, start the wandb logger, print what is about to run; returns the logger."""
-        from shared.logging_wandb import WandbLogger, derived_config
-
         args, info, model = self.args, self.info, self.unwrapped
         if info.is_primary:
             # the resolved values (num_classes, lr from --lr-base...), not only what was asked for
@@ -521,8 +481,8 @@ class Training:
 
     def autocast(self):
         """The forward passes' autocast context (``--amp``; disabled otherwise)."""
-        dtype = torch.bfloat16 if self.args.amp_dtype == "bfloat16" else torch.float16
-        return torch.autocast(self.info.device.type, dtype=dtype, enabled=self.args.amp)
+        # (--amp-dtype's choices, float16 and bfloat16, are torch's dtype names)
+        return torch.autocast(self.info.device.type, dtype=getattr(torch, self.args.amp_dtype), enabled=self.args.amp)
 
     # ---- the loop: updates, epochs, checkpoints
 
@@ -539,7 +499,7 @@ class Training:
                 images, targets = self.mixup(images, targets)
             # under DDP, gradients are synchronized only on the last micro-batch of an update
             sync = not self.info.distributed or index == group_size - 1
-            with (nullcontext() if sync else self.model.no_sync()), self.autocast():
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
                 loss = self.loss_fn(self.model(images), targets)
             self.scaler.scale(loss / group_size).backward()
             losses.append(loss.detach())
@@ -576,8 +536,6 @@ class Training:
         """Clip, step (unless the update is skipped), zero the gradients, count, EMA, schedule."""
         if finite:
             if self.args.clip_grad is not None:  # (not for a skipped update: its gradients are thrown away)
-                from timm.utils import dispatch_clip_grad
-
                 dispatch_clip_grad(self.model.parameters(), self.args.clip_grad, mode=self.args.clip_mode)
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -596,8 +554,6 @@ class Training:
         checkpointing when a stop signal arrives, :class:`NonFiniteError` on a NaN/inf loss under
         ``--nonfinite stop``.
         """
-        from tqdm import tqdm
-
         args, info, progress, loader = self.args, self.info, self.progress, self.loaders.train
         epoch, accum, num_batches, monitor = progress.epoch, args.grad_accum_steps, len(loader), self.noise_monitor
         self.model.train()
@@ -617,8 +573,7 @@ class Training:
             if monitor is not None and monitor.due(progress.num_updates + 1):
                 monitor.arm()  # hooks for this update's first forward pass only (shared.noise_monitor)
             images, losses = self.forward_backward(itertools.islice(batches, group_size), group_size)
-            for loss in losses:
-                total_loss += loss
+            total_loss = sum(losses, total_loss)
             bar.update(group_size)
             finite, overflow = self.check_update(losses)
             if not finite:
@@ -650,8 +605,7 @@ class Training:
         if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
             raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and "
                                  f"were skipped (--nonfinite skip): the model is not training")
-        sums = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(num_batches),
-                                                                                device=info.device)]), info)
+        sums = distributed.all_reduce_sum(torch.stack([total_loss, total_loss.new_tensor(num_batches)]), info)
         return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),
                 "lr": self.optimizer.param_groups[0]["lr"], "skipped": skipped, "overflows": overflows}
 
@@ -681,7 +635,6 @@ class Training:
         # as timm: the EMA model's metric ranks checkpoints and steps a plateau schedule when EMA is on
         metric = row.get(ranking_column(args))
         self.scheduler.step(epoch + 1, metric)
-        progress.best = best_epoch(progress.history, args)  # from the whole history: also after an old-version resume
         progress.epoch, progress.batch, progress.partial_loss = epoch + 1, 0, 0.0
         self.save(metric=metric)
         if self.info.is_primary:
@@ -713,7 +666,7 @@ class Training:
             # timm's NativeScaler key; its load_state_dict takes a GradScaler's state as it is
             "amp_scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "epoch": progress.epoch, "batch": progress.batch, "num_updates": progress.num_updates,
-            "history": progress.history, "best": progress.best,
+            "history": progress.history, "best": best_epoch(progress.history, self.args),
             "rng": [rng for rng, _ in gathered], "partial_loss": [loss for _, loss in gathered],
             "args": self.args_dict, "wall_time_s": progress.wall_before + time.time() - self.started,
         }, self.last_path)
@@ -722,7 +675,7 @@ class Training:
         """results.json: the status, the final and best epochs, counters and the run's facts."""
         history = self.progress.history
         return {"status": status, "epochs_done": len(history), "epochs": self.num_epochs,
-                "final": history[-1] if history else None, "best": self.progress.best,
+                "final": history[-1] if history else None, "best": best_epoch(history, self.args),
                 "wall_time_s": self.progress.wall_before + time.time() - self.started, "message": message,
                 "num_updates": self.progress.num_updates, **self.run_facts,
                 "amp_overflow_steps": sum(row.get("amp_overflow_steps", 0) for row in history)}
@@ -772,18 +725,18 @@ class Training:
         except NonFiniteError as error:
             status, exit_code, failure = "failed", EXIT_NONFINITE, str(error)
             print(f"error: {error}. {kept_checkpoint(last_path)}", file=sys.stderr, flush=True)
-        except (CheckpointError, RunFileError) as error:
+        except (CheckpointError, run_files.RunFileError) as error:
             status, exit_code, failure = "failed", EXIT_FAILED, str(error)
             print(f"error: {error}", file=sys.stderr, flush=True)
         if info.is_primary:
             try:
                 run_files.write_results(self.run_dir, self.results(status, failure))
-            except RunFileError as error:  # (after a disk error, the same problem may stop this small write too)
+            except run_files.RunFileError as error:  # (a disk error may stop this small write too)
                 if failure != str(error):
                     print(f"error: {error}", file=sys.stderr, flush=True)
                 exit_code = EXIT_NONFINITE if exit_code == EXIT_NONFINITE else EXIT_FAILED
         if status == "finished":
-            final, best = history[-1], self.progress.best
+            final, best = history[-1], best_epoch(history, self.args)
             self.logger.summary({"final/" + k: v for k, v in final.items()} | {"best/" + k: v for k, v in best.items()})
             log(info, f"done: final top1 {final['eval_top1']:.2f}, best {best['metric_name']} {best['metric']:.4g} "
                       f"(epoch {best['epoch']})")
@@ -834,16 +787,6 @@ def best_epoch(history: list, args) -> Optional[dict]:
             **{k: v for k, v in row.items() if k.startswith(("eval_", "ema_eval_"))}}
 
 
-def numbered_checkpoints(run_dir: Path) -> dict:
-    """``{epoch: path}`` of the checkpoint-EPOCH.pth.tar files in ``run_dir``."""
-    found = {}
-    for path in run_dir.glob("checkpoint-*.pth.tar"):
-        number = path.name[len("checkpoint-"):-len(".pth.tar")]
-        if number.isdigit():
-            found[int(number)] = path
-    return found
-
-
 def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: list, args) -> None:
     """model_best.pth.tar and checkpoint-EPOCH.pth.tar as hard links to ``epoch``'s last.pth.tar.
 
@@ -856,7 +799,8 @@ def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: 
     if best is not None and best["epoch"] == epoch:
         run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
     metrics = {row["epoch"]: row.get(ranking_column(args)) for row in history}
-    present = numbered_checkpoints(run_dir)
+    names = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
+    present = {int(name[1]): run_dir / name[0] for name in names if name}  # {epoch: checkpoint-EPOCH file}
     candidates = {e: metrics.get(e) for e in set(present) | {epoch}}
     keep = rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist)
     if epoch in keep:
@@ -870,10 +814,6 @@ def dry_loader(args, info) -> int:
     """``--dry-loader N``: N training batches through the data path alone (decode, augmentation, copy to the
     device, normalization), timed after the first (which waits for the workers to start); prints
     images/s per process. Training at about this rate means the loader is the bottleneck."""
-    from shared import data
-
-    if args.dry_loader < 2:
-        raise UsageError(f"--dry-loader must be at least 2 batches (the first is not timed), got {args.dry_loader}")
     loaders = data.create_loaders(args, info.device, info.rank, info.world_size)
     log(info, f"data: {loaders.description}")
     batches = itertools.islice(every_epoch(loaders.train), args.dry_loader)
@@ -900,8 +840,6 @@ def compile_model(model: nn.Module, backend: str) -> nn.Module:
     layer with dynamic shapes (seen on torch 2.11: AssertionError in ``overwrite_tensor_vt_proxy``
     after the graph break at the layer's ``torch.Generator``). A layer's shapes are fixed in
     training, so static shapes only cost a recompile per shape there."""
-    import nodo
-
     fused_gni = any(isinstance(module, nodo.GhostNoiseBatchNorm) for module in model.modules())
     if fused_gni and not fused_gni_compiles_dynamic():
         return torch.compile(model, backend=backend, dynamic=False)
@@ -912,11 +850,8 @@ def fused_gni_compiles_dynamic() -> bool:
     """Capability probe: does dynamo compile a tiny fused GNI layer drawing from a
     ``torch.Generator``, with dynamic shapes, forward and backward? (It draws from its own
     generator: the global random stream is not touched.)"""
-    import nodo
-
     generator = torch.Generator().manual_seed(0)
-    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2)
-    layer.generator = generator
+    layer = nodo.GhostNoiseBatchNorm2d(4, ghost_batch_size=2, generator=generator)
     probe = torch.rand(8, 4, 3, 3, generator=generator, requires_grad=True)
     try:
         torch.compile(layer, backend="eager", dynamic=True)(probe).sum().backward()
@@ -940,19 +875,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, _request_stop)
     try:
-        args = config_module.parse_args(argv)
-        check_args(args)
-    except (ConfigError, UsageError, run_files.RunDirError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    info = distributed.init_distributed(args.device)
-    try:
         with contextlib.ExitStack() as cleanup:  # releases the run directory's lock however the run ends
             try:
+                args = config_module.parse_args(argv)
+                check_args(args)
+                info = distributed.init_distributed(args.device)
                 if args.dry_loader:
                     return dry_loader(args, info)
                 training = Training(args, info, cleanup)
-            except (ValueError, CheckpointError) as error:  # bad input: config, spec, data, checkpoint
+            except (ValueError, CheckpointError) as error:  # bad input: flags, config, spec, data, checkpoint
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 return EXIT_USAGE
             return training.run()  # past set-up a ValueError is a bug: it keeps its traceback

@@ -3,12 +3,13 @@
 A checkpoint is one ``torch.save`` dict (see :func:`save_checkpoint`'s caller in ``train.py`` for the
 keys) with timm's keys: ``state_dict`` (the model), ``state_dict_ema`` (the EMA model, or None),
 ``optimizer``, ``amp_scaler``, ``epoch``, ``arch``, ``args``, ``metric``, so
-``timm.models.load_checkpoint(model, path, use_ema=...)`` and ``timm.models.resume_checkpoint`` read it. ``epoch`` is the next epoch to run (with
-``batch``, the next micro-batch of it); no ``version`` key is written, which is how timm's
-``resume_checkpoint`` reads ``epoch`` as the epoch to resume at. Checkpoints of the previous version
-(``model``/``ema``) are read through :func:`with_timm_keys`.
+``timm.models.load_checkpoint(model, path, use_ema=...)`` and ``timm.models.resume_checkpoint`` read it.
+``epoch`` is the next epoch to run (with ``batch``, the next micro-batch of it); no ``version`` key is
+written, which is how timm's ``resume_checkpoint`` reads ``epoch`` as the epoch to resume at.
+Checkpoints of the previous version (``model``/``ema``) are read through :func:`with_timm_keys`.
 
-Writing goes to ``NAME.tmp`` in the same directory, is flushed and ``fsync``-ed, and is then renamed over ``NAME``: a rename within one filesystem is atomic, so a process killed at any moment
+Writing goes to ``NAME.tmp`` in the same directory, is flushed and ``fsync``-ed, and is then renamed
+over ``NAME``: a rename within one filesystem is atomic, so a process killed at any moment
 leaves either the old checkpoint or the new one, never a mixture. Reading uses
 ``torch.load(weights_only=True)``, which unpickles tensors and plain Python containers only, so a
 checkpoint from an untrusted source cannot run code.
@@ -84,13 +85,10 @@ def with_timm_keys(state: dict) -> dict:
     """
     if "state_dict" in state or "model" not in state:
         return state
-    upgraded = {key: value for key, value in state.items() if key not in ("model", "ema", "scaler")}
-    upgraded["state_dict"] = state["model"]
-    upgraded["amp_scaler"] = state.get("scaler")
     ema = state.get("ema")
-    upgraded["state_dict_ema"] = None if ema is None else {
-        key[len("module."):] if key.startswith("module.") else key: value for key, value in ema.items()}
-    return upgraded
+    return {**{key: value for key, value in state.items() if key not in ("model", "ema", "scaler")},
+            "state_dict": state["model"], "amp_scaler": state.get("scaler"),
+            "state_dict_ema": None if ema is None else {k.removeprefix("module."): v for k, v in ema.items()}}
 
 
 def capture_rng_state(noise_generator: Optional[torch.Generator] = None) -> dict:

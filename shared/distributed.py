@@ -62,9 +62,8 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if chosen.type == "cuda" and chosen.index is None:  # torchrun's process LOCAL_RANK takes GPU LOCAL_RANK
-        chosen = torch.device("cuda", local_rank)
-    if chosen.type == "cuda":
+    if chosen.type == "cuda":  # without an index, torchrun's process LOCAL_RANK takes GPU LOCAL_RANK
+        chosen = torch.device("cuda", local_rank if chosen.index is None else chosen.index)
         torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
@@ -98,11 +97,9 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def any_process(flag: bool, info: DistInfo) -> bool:
     """True on every process if ``flag`` is True on any (keeps the processes in step)."""
-    if not info.distributed:
+    if not info.distributed:  # (no tensor: one process needs no device sync per call)
         return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return all_reduce_sum(torch.tensor([float(flag)], device=info.device), info).item() > 0
 
 
 def gather_objects(value: Any, info: DistInfo) -> list:

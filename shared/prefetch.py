@@ -11,7 +11,7 @@ pin its memory, ``--pin-mem``, for the copy to be asynchronous); elsewhere it al
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ class DevicePrefetcher:
         self.scale = (1.0 / (255.0 * std_tensor)).to(self.device)
         self.shift = (-mean_tensor / std_tensor).to(self.device)
         # one side stream for the prefetcher's life: the caching allocator pools memory per stream
-        self.stream: Optional[torch.cuda.Stream] = None
+        self.stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` uint8 on the device -> float32 ``images / 255`` normalized by mean and std."""
@@ -46,8 +46,6 @@ class DevicePrefetcher:
             for images, targets in batches:
                 yield self.normalize(images.to(self.device)), targets.to(self.device)
             return
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(device=self.device)
         pending = None
         for images, targets in batches:
             with torch.cuda.stream(self.stream):

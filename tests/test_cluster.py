@@ -306,7 +306,7 @@ def test_world_size_and_per_process_batch_reach_results_and_wandb_but_not_the_re
             configs.append(dict(config))
             super().__init__(run_dir, name, config, **{**kwargs, "enabled": False})
 
-    monkeypatch.setattr(logging_wandb, "WandbLogger", RecordingLogger)
+    monkeypatch.setattr(train, "WandbLogger", RecordingLogger)  # (train.py imports the class)
     argv = ["--dataset", "digits", "--model", "cifar_resnet20", "-b", "32", "--lr", "0.05", "--epochs", "2",
             "--warmup-epochs", "0", "-j", "0", "--train-split", "train[:64]-0", "--val-split", "test[:32]",
             "--checkpoint-hist", "0", "--device", "cpu", "--norm", "gbn16", "--output", str(tmp_path),

@@ -230,7 +230,7 @@ def test_bn_momentum_and_eps_reach_every_batch_norm_like_layer(norm):
 
 
 def test_bn_flags_on_a_model_without_batch_norm_are_refused():
-    with pytest.raises(train.UsageError, match="no BatchNorm-like layer"):
+    with pytest.raises(ValueError, match="no BatchNorm-like layer"):
         _model("--norm", "ln", "--bn-eps", "1e-3")
 
 
