@@ -131,8 +131,9 @@ def _out_allowed(out: Tensor) -> bool:
     return out.is_contiguous() or not torch.compiler.is_compiling()
 
 
-# Bytes of one slice of samples in the channels_last passes: what a pass writes into a slice is read
-# back by the next op while it is still in cache (2 MiB was the fastest here of 1, 2, 4 and 8 MiB).
+# Bytes per intra-op thread of one slice of samples in the channels_last passes: what an op writes
+# into a slice is read back by the next while it is still in cache (on one thread 2 MiB was the
+# fastest here of 1, 2, 4 and 8 MiB).
 _SLICE_BYTES = 1 << 21
 
 
@@ -158,16 +159,18 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
 
 
 def _slices(rows: Tensor) -> list[slice]:
-    """Consecutive slices of the samples of ``(B, L, C)`` rows, about ``_SLICE_BYTES`` each.
+    """Consecutive slices of the samples of ``(B, L, C)`` rows, about ``_SLICE_BYTES`` per
+    intra-op thread each.
 
     Reducing a channels_last activation over its spatial dimensions reads it with a stride of ``C``
     values, and every intermediate of the activation's size goes to memory and back; a slice at a
     time, each op after a slice's first reads what the previous one left in cache, and the
-    intermediates are one slice. (Each op is a fork-join of the intra-op threads: slices much
-    smaller than this cost more in joins than the cache saves.)
+    intermediates are one slice. Each op is a fork-join of the intra-op threads, so the slices grow
+    with their number (the same share of each slice per thread, and no more joins than on one).
     """
     batch_size, values, channels = rows.shape
-    per_slice = max(1, _SLICE_BYTES // max(1, values * channels * rows.element_size()))
+    slice_bytes = _SLICE_BYTES * max(1, torch.get_num_threads())
+    per_slice = max(1, slice_bytes // max(1, values * channels * rows.element_size()))
     return [slice(start, start + per_slice) for start in range(0, batch_size, per_slice)]
 
 
