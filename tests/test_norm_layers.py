@@ -326,12 +326,12 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypa
     monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * x[0].numel() * x.element_size())
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # slices grow with the threads: keep 3 samples
     slice_sizes = []
-    slices = NF.statistics._slices
-    def counted_slices(rows):
-        slice_sizes.append([len(rows[samples]) for samples in slices(rows)])
-        return slices(rows)
+    pieces = NF.statistics._pieces
+    def counted_pieces(rows, *tensors):
+        slice_sizes.append([len(piece[0]) for piece in pieces(rows, rows)])
+        return pieces(rows, *tensors)
 
-    monkeypatch.setattr(NF.statistics, "_slices", counted_slices)
+    monkeypatch.setattr(NF.statistics, "_pieces", counted_pieces)
     memory_format = torch.channels_last if dims == 4 else torch.channels_last_3d
     results = []
     for layout in (torch.contiguous_format, memory_format):
@@ -357,7 +357,9 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypa
 def test_channels_last_slices_grow_with_the_intra_op_threads(threads, sizes, monkeypatch):
     """Each op on a slice is a fork-join of the intra-op threads: the slice holds ``_SLICE_BYTES``
     per thread, so more threads make fewer joins per pass (here 3 samples' bytes per thread)."""
-    rows = torch.zeros(10, 6, 4)
+    rows, center = torch.zeros(10, 6, 4), torch.zeros(4)
     monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * rows[0].numel() * rows.element_size())
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    assert [len(rows[samples]) for samples in NF.statistics._slices(rows)] == sizes
+    pieces = list(NF.statistics._pieces(rows, rows, center))
+    assert [len(piece_rows) for piece_rows, _ in pieces] == sizes
+    assert all(piece_center is center for _, piece_center in pieces)  # (C,) values are not split

@@ -18,15 +18,16 @@ The output is ``y = u * scale + shift`` with ``scale, shift`` per (sample, chann
 intermediate (:func:`shifted_affine`). On a contiguous activation ``u`` is written once into the
 buffer that becomes the output (allocating an activation costs far more than a pass over one
 already allocated) and ``y`` computed from it in place. On a channels_last CPU activation every
-pass runs a slice of samples at a time (:func:`_slices`), so ``u`` lives in a cache-sized buffer:
+pass runs a slice of samples at a time (:func:`_pieces`), so ``u`` lives in a cache-sized buffer:
 the forward reads ``x`` once for the sums and once more to write ``y``, as ``nn.BatchNorm2d`` does.
 
 Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -149,7 +150,7 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
     eager mode; ``None`` when any of them is not such a tensor (they take the plain path).
 
-    On such tensors every pass of a layer runs slice by slice of the batch (:func:`_slices`).
+    On such tensors every pass of a layer runs slice by slice of the batch (:func:`_pieces`).
     """
     if torch.compiler.is_compiling():
         return None
@@ -158,9 +159,8 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     return None if any(r is None for r in rows) else rows
 
 
-def _slices(rows: Tensor) -> list[slice]:
-    """Consecutive slices of the samples of ``(B, L, C)`` rows, about ``_SLICE_BYTES`` per
-    intra-op thread each.
+def _slice_size(rows: Tensor) -> int:
+    """Samples per slice of ``(B, L, C)`` rows: about ``_SLICE_BYTES`` per intra-op thread.
 
     Reducing a channels_last activation over its spatial dimensions reads it with a stride of ``C``
     values, and every intermediate of the activation's size goes to memory and back; a slice at a
@@ -168,10 +168,15 @@ def _slices(rows: Tensor) -> list[slice]:
     intermediates are one slice. Each op is a fork-join of the intra-op threads, so the slices grow
     with their number (the same share of each slice per thread, and no more joins than on one).
     """
-    batch_size, values, channels = rows.shape
     slice_bytes = _SLICE_BYTES * max(1, torch.get_num_threads())
-    per_slice = max(1, slice_bytes // max(1, values * channels * rows.element_size()))
-    return [slice(start, start + per_slice) for start in range(0, batch_size, per_slice)]
+    return max(1, slice_bytes // max(1, rows[0].numel() * rows.element_size()))
+
+
+def _pieces(rows: Tensor, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """For each slice of :func:`_slice_size` samples of ``rows``, the pieces of ``tensors`` in it:
+    those with a batch dimension split along it (views), ``(C,)`` ones whole in every piece."""
+    size = _slice_size(rows)
+    return zip(*(t.split(size) if t.dim() > 1 else itertools.repeat(t) for t in tensors))
 
 
 def _rows_map(values: Tensor) -> Tensor:
@@ -179,27 +184,22 @@ def _rows_map(values: Tensor) -> Tensor:
     return values.unsqueeze(1) if values.dim() == 2 else values
 
 
-def _of_slice(values: Tensor, samples: slice) -> Tensor:
-    # the rows of a _rows_map coefficient belonging to a slice of samples
-    return values[samples] if values.dim() == 3 else values
-
-
 def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) sums over ``L`` of ``(B, L, C)`` rows, ``u = input - center``:
     ``(sum grad * u, sum grad)``, or ``(sum u^2, sum u)`` without ``grad_rows``.
 
-    Per slice of samples (:func:`_slices`): ``u`` into a slice-sized buffer, one sum, the product
+    Per slice of samples (:func:`_pieces`): ``u`` into a slice-sized buffer, one sum, the product
     in place, the other sum; the activation is read once and nothing of its size is written.
     """
     batch_size, values, channels = input_rows.shape
-    slices = _slices(input_rows)
-    buffer = input_rows.new_empty((len(input_rows[slices[0]]), values, channels))
+    buffer = input_rows.new_empty((min(batch_size, _slice_size(input_rows)), values, channels))
     dot, total = input_rows.new_empty((batch_size, channels)), input_rows.new_empty((batch_size, channels))
-    for samples in slices:
-        centered = torch.sub(input_rows[samples], center, out=buffer[:len(input_rows[samples])])
-        factor = centered if grad_rows is None else grad_rows[samples]
-        torch.sum(factor, 1, out=total[samples])
-        torch.sum(centered.mul_(factor), 1, out=dot[samples])
+    factors = input_rows if grad_rows is None else grad_rows
+    for input_piece, factor, dot_piece, total_piece in _pieces(input_rows, input_rows, factors, dot, total):
+        centered = torch.sub(input_piece, center, out=buffer[:len(input_piece)])
+        factor = centered if grad_rows is None else factor
+        torch.sum(factor, 1, out=total_piece)
+        torch.sum(centered.mul_(factor), 1, out=dot_piece)
     return dot, total
 
 
@@ -267,10 +267,10 @@ def shifted_affine(input: Tensor, sums: ShiftedSums, scale: Tensor, shift: Tenso
         return scale_shift_(sums.centered, scale, shift)
     output = torch.empty_like(input)
     input_rows, output_rows = _channels_last_rows(input, output)
-    scale, shift = _rows_map(scale), _rows_map(shift)
-    for samples in _slices(input_rows):
-        centered = torch.sub(input_rows[samples], sums.shift, out=output_rows[samples])
-        torch.addcmul(_of_slice(shift, samples), centered, _of_slice(scale, samples), out=centered)
+    for input_piece, output_piece, scale_piece, shift_piece in _pieces(
+            input_rows, input_rows, output_rows, _rows_map(scale), _rows_map(shift)):
+        centered = torch.sub(input_piece, sums.shift, out=output_piece)
+        torch.addcmul(shift_piece, centered, scale_piece, out=centered)
     return output
 
 
@@ -333,11 +333,10 @@ def _sliced_input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tenso
     # the slice of dx, then + grad_scale * dy in place while it is in cache (dx written once)
     output = torch.empty_like(input)
     input_rows, grad_rows, output_rows = _channels_last_rows(input, grad_output, output)
-    grad_scale, input_scale, const = (_rows_map(t) for t in (grad_scale, input_scale, const))
-    for samples in _slices(input_rows):
-        piece = torch.addcmul(_of_slice(const, samples), input_rows[samples], _of_slice(input_scale, samples),
-                              out=output_rows[samples])
-        piece.addcmul_(grad_rows[samples], _of_slice(grad_scale, samples))
+    coefficients = (_rows_map(t) for t in (grad_scale, input_scale, const))
+    for input_piece, grad_piece, output_piece, grad_coef, input_coef, const_piece in _pieces(
+            input_rows, input_rows, grad_rows, output_rows, *coefficients):
+        torch.addcmul(const_piece, input_piece, input_coef, out=output_piece).addcmul_(grad_piece, grad_coef)
     return output
 
 
