@@ -324,14 +324,14 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypa
     x = make_input(spatial_shape(dims, 10, 3))
     upstream = make_input(spatial_shape(dims, 10, 3), seed=1, mean=0.0, std=1.0)
     monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * x[0].numel() * x.element_size())
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the sliced path runs on one thread
-    calls = []
-    sliced_sums = NF.statistics._sliced_sums
-    def counted_sliced_sums(*args, **kwargs):
-        calls.append(args[0].shape)
-        return sliced_sums(*args, **kwargs)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # slices grow with the threads: keep 3 samples
+    slice_sizes = []
+    pieces = NF.statistics._pieces
+    def counted_pieces(rows, *tensors):
+        slice_sizes.append([len(piece[0]) for piece in pieces(rows, rows)])
+        return pieces(rows, *tensors)
 
-    monkeypatch.setattr(NF.statistics, "_sliced_sums", counted_sliced_sums)
+    monkeypatch.setattr(NF.statistics, "_pieces", counted_pieces)
     memory_format = torch.channels_last if dims == 4 else torch.channels_last_3d
     results = []
     for layout in (torch.contiguous_format, memory_format):
@@ -346,7 +346,20 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypa
         if differentiable:
             gradients = torch.autograd.grad(output, inputs, upstream.contiguous(memory_format=layout))
         results.append((output,) + gradients)
-    if DEVICE.type == "cpu":
-        assert calls, "the channels_last input did not take the sliced sums"
+    if DEVICE.type == "cpu":  # every pass (sums, output, and in training the gradient's two) sliced
+        passes = 2 if family == "en" else 4
+        assert slice_sizes == [[3, 3, 3, 1]] * passes, "the channels_last input did not take the sliced passes"
     for contiguous, channels_last in zip(*results):
         torch.testing.assert_close(channels_last, contiguous, **F64)
+
+
+@pytest.mark.parametrize("threads,sizes", [(1, [3, 3, 3, 1]), (2, [6, 4]), (4, [10])])
+def test_channels_last_slices_grow_with_the_intra_op_threads(threads, sizes, monkeypatch):
+    """Each op on a slice is a fork-join of the intra-op threads: the slice holds ``_SLICE_BYTES``
+    per thread, so more threads make fewer joins per pass (here 3 samples' bytes per thread)."""
+    rows, center = torch.zeros(10, 6, 4), torch.zeros(4)
+    monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * rows[0].numel() * rows.element_size())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    pieces = list(NF.statistics._pieces(rows, rows, center))
+    assert [len(piece_rows) for piece_rows, _ in pieces] == sizes
+    assert all(piece_center is center for _, piece_center in pieces)  # (C,) values are not split

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nodo._checks import check_int, check_positive_float
 from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift,
-                                        grad_sums, input_gradient, scale_shift_, shifted_sums,
+                                        grad_sums, input_gradient, shifted_affine, shifted_sums,
                                         statistics_dtype, update_running_stats, values_per_sample)
 
 __all__ = [
@@ -157,13 +157,13 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
         channels, values = input.shape[1], values_per_sample(input)
         sums = shifted_sums(input)
-        shift, output = sums.shift, sums.centered
+        shift = sums.shift
         per_sample_sums = torch.cat([sums.sum, sums.sum_sq], dim=1)
         moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / values)
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()
-        output = scale_shift_(output, *affine_coefficients(mean_u, rstd, weight, bias))
+        output = shifted_affine(input, sums, *affine_coefficients(mean_u, rstd, weight, bias))
 
         ctx.save_for_backward(input, weight, shift, mean_u, rstd, raw_var)
         ctx.sizes, ctx.exclusive = sizes, exclusive
@@ -403,7 +403,7 @@ def _blended_eval(input: Tensor, running_mean: Tensor, running_var: Tensor, weig
     if differentiable:
         # Plain differentiable ops: evaluation is usually under no_grad, and this path stays
         # correct (if unfused) when someone differentiates through an evaluating model.
-        shift, buffer = channel_shift(input), None
+        shift, sums = channel_shift(input), None
         centered = input.to(dtype) - channel_map(shift, input.dim())
         dims = tuple(range(2, input.dim()))
         if dims:
@@ -412,17 +412,17 @@ def _blended_eval(input: Tensor, running_mean: Tensor, running_var: Tensor, weig
             own_var, own_mean = torch.zeros_like(centered), centered
     else:
         sums = shifted_sums(input)
-        shift, buffer = sums.shift, sums.centered
+        shift = sums.shift
         own_mean, own_var = sums.moments()
     run_mean = running_mean.to(dtype) - shift
     mean = torch.lerp(run_mean.expand_as(own_mean), own_mean, alpha)
     var = torch.lerp(running_var.to(dtype).expand_as(own_var), own_var, alpha)
     var = var + alpha * (1.0 - alpha) * (own_mean - run_mean).square()
     scale, offset = affine_coefficients(mean, (var + eps).rsqrt(), weight, bias)
-    if buffer is None:
+    if sums is None:
         ndim = input.dim()
         return torch.addcmul(channel_map(offset, ndim), centered, channel_map(scale, ndim)).to(input.dtype)
-    return scale_shift_(buffer, scale, offset)
+    return shifted_affine(input, sums, scale, offset)
 
 
 def _running_batch_norm(

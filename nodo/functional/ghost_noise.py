@@ -45,7 +45,7 @@ from torch import Tensor
 from nodo._checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
 from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
 from nodo.functional.statistics import (affine_coefficients, apply_sample_noise, grad_sums,
-                                        input_gradient, scale_shift_, shifted_sums,
+                                        input_gradient, shifted_affine, shifted_sums,
                                         statistics_dtype, update_running_stats)
 
 __all__ = [
@@ -334,7 +334,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, ghost_weights, noise_shift, noise_scale, eps, noise_eps, shift, scale):
         sums = shifted_sums(input)
-        channel_shift, output = sums.shift, sums.centered
+        channel_shift = sums.shift
         sample_mean, sample_var = sums.moments()
         dtype = sample_mean.dtype
         batch_mean = sample_mean.mean(0)
@@ -350,7 +350,7 @@ class _GhostNoiseBatchNorm(torch.autograd.Function):
         inv_noise_scale = noise_scale.reciprocal()
         # y = (u - center) * invstd / s * gain + bias, center = d + m / invstd: the ghost mean
         center = batch_mean + noise_shift / invstd
-        output = scale_shift_(output, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
+        output = shifted_affine(input, sums, *affine_coefficients(center, invstd * inv_noise_scale, weight, bias))
         ctx.save_for_backward(input, weight, channel_shift, batch_mean, invstd, inv_noise_scale, noise_shift)
         ctx.bias_dtype = None if bias is None else bias.dtype
         batch_mean = batch_mean + channel_shift

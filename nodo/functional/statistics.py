@@ -14,17 +14,20 @@ close to the channel's values (:func:`channel_shift`),
 and since ``|E[u]|`` over the batch is a few of the channel's standard deviations at most, the
 cancellation left is harmless (a per-sample variance keeps an absolute error of ~1e-7 E[u]^2,
 small against the batch or ghost-batch variance it is combined with).
-``u`` is written once into the buffer that becomes the layer's output (allocating an activation
-costs far more than a pass over one already allocated), and the normalized output is then
-computed from ``u`` in place: ``y = u * scale + shift`` with ``scale, shift`` per (sample,
-channel) and no large intermediate (:func:`scale_shift_`).
+The output is ``y = u * scale + shift`` with ``scale, shift`` per (sample, channel) and no large
+intermediate (:func:`shifted_affine`). On a contiguous activation ``u`` is written once into the
+buffer that becomes the output (allocating an activation costs far more than a pass over one
+already allocated) and ``y`` computed from it in place. On a channels_last CPU activation every
+pass runs a slice of samples at a time (:func:`_pieces`), so ``u`` lives in a cache-sized buffer:
+the forward reads ``x`` once for the sums and once more to write ``y``, as ``nn.BatchNorm2d`` does.
 
 Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import NamedTuple, Optional, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -45,6 +48,7 @@ __all__ = [
     "grad_sums",
     "input_gradient",
     "affine_coefficients",
+    "shifted_affine",
     "scale_shift_",
     "update_running_stats",
 ]
@@ -117,14 +121,9 @@ def channel_shift(input: Tensor) -> Tensor:
     return leading.sum((0, 2) if leading.dim() == 3 else (0,)) / count
 
 
-def centered_input(input: Tensor, shift: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``u = input - shift`` per channel, in the input's dtype and memory format (into ``out`` if given)."""
-    shift_map = channel_map(shift.to(input.dtype), input.dim())
-    if out is None:
-        return input - shift_map
-    if _out_allowed(out):
-        return torch.sub(input, shift_map, out=out)
-    return out.copy_(input).sub_(shift_map)
+def centered_input(input: Tensor, shift: Tensor) -> Tensor:
+    """``u = input - shift`` per channel, in the input's dtype and memory format."""
+    return input - channel_map(shift.to(input.dtype), input.dim())
 
 
 def _out_allowed(out: Tensor) -> bool:
@@ -133,9 +132,10 @@ def _out_allowed(out: Tensor) -> bool:
     return out.is_contiguous() or not torch.compiler.is_compiling()
 
 
-# Bytes of one slice of samples in the channels_last sums: the slice's product is written and summed
-# while it is still in the core's cache (2 MiB was the fastest here of 1, 2, 4 and 8 MiB).
-_SLICE_BYTES = 1 << 21
+# Bytes per intra-op thread of one slice of samples in the channels_last passes: what an op writes
+# into a slice is read back by the next while it is still in cache. Measured here (128x64x32x32):
+# on one thread 2 and 4 MiB equal, 1 MiB slower; on two, 4 MiB ~2% faster than 2 (fewer joins).
+_SLICE_BYTES = 1 << 22
 
 
 def _channel_rows(input: Tensor) -> Optional[Tensor]:
@@ -148,94 +148,134 @@ def _channel_rows(input: Tensor) -> Optional[Tensor]:
 
 def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
-    eager mode on one intra-op thread (the sliced sums below); ``None`` when any of them is not such
-    a tensor, or with several threads.
+    eager mode; ``None`` when any of them is not such a tensor (they take the plain path).
 
-    Every op on a slice is a fork-join of the intra-op threads. On one thread that costs nothing and
-    the slices save ~20% of BatchNorm2d's time; on two threads of this project's shared 2-core CPU
-    the 64 fork-joins per pass waited on descheduled threads (BatchNorm2d x2-4 instead of x1.4), so
-    several threads keep the few full-size passes of the plain path.
+    On such tensors every pass of a layer runs slice by slice of the batch (:func:`_pieces`): on
+    this project's 2-core CPU, idle, forward+backward at ~1.1x ``nn.BatchNorm2d`` on one thread and
+    ~1.2x on two (the full-size passes of the plain path: ~1.4x). Known limit: each op on a slice
+    is a fork-join, and on cores busy with other processes each join can wait a scheduler slice for
+    a descheduled thread, so there the ~100 joins per step cost several times BatchNorm2d's few.
     """
-    if torch.compiler.is_compiling() or torch.get_num_threads() > 1:
+    if torch.compiler.is_compiling():
         return None
     rows = [_channel_rows(t) if t.device.type == "cpu" and t.dtype == statistics_dtype(t.dtype)
             else None for t in tensors]
     return None if any(r is None for r in rows) else rows
 
 
-def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor] = None,
-                 centered_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def _slice_size(rows: Tensor) -> int:
+    """Samples per slice of ``(B, L, C)`` rows: about ``_SLICE_BYTES`` per intra-op thread.
+
+    Reducing a channels_last activation over its spatial dimensions reads it with a stride of ``C``
+    values, and every intermediate of the activation's size goes to memory and back; a slice at a
+    time, each op after a slice's first reads what the previous one left in cache, and the
+    intermediates are one slice. Each op is a fork-join of the intra-op threads, so the slices grow
+    with their number (the same share of each slice per thread, and no more joins than on one).
+    """
+    slice_bytes = _SLICE_BYTES * max(1, torch.get_num_threads())
+    return max(1, slice_bytes // max(1, rows[0].numel() * rows.element_size()))
+
+
+def _pieces(rows: Tensor, *tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """For each slice of :func:`_slice_size` samples of ``rows``, the pieces of ``tensors`` in it:
+    those with a batch dimension split along it (views), ``(C,)`` ones whole in every piece."""
+    size = _slice_size(rows)
+    return zip(*(t.split(size) if t.dim() > 1 else itertools.repeat(t) for t in tensors))
+
+
+def _rows_map(values: Tensor) -> Tensor:
+    # (B, C) coefficients -> (B, 1, C), broadcasting over (B, L, C) rows; (C,) ones broadcast as they are
+    return values.unsqueeze(1) if values.dim() == 2 else values
+
+
+def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Per-(sample, channel) sums over ``L`` of ``(B, L, C)`` rows, ``u = input - center``:
     ``(sum grad * u, sum grad)``, or ``(sum u^2, sum u)`` without ``grad_rows``.
 
-    With ``centered_rows`` ``u`` is also written there. Reducing a channels_last activation over its
-    spatial dimensions reads it with a stride of ``C`` values, and a product of the activation's
-    size goes to fresh memory and back; done a slice of samples at a time, every pass after the
-    first reads data still in cache, and the product's buffer is one slice.
+    Per slice of samples (:func:`_pieces`): ``u`` into a slice-sized buffer, one sum, the product
+    in place, the other sum; the activation is read once and nothing of its size is written.
     """
     batch_size, values, channels = input_rows.shape
-    rows = max(1, _SLICE_BYTES // max(1, values * channels * input_rows.element_size()))
-    product = input_rows.new_empty((min(rows, batch_size), values, channels))
-    dot = input_rows.new_empty((batch_size, channels))
-    total = input_rows.new_empty((batch_size, channels))
-    for start in range(0, batch_size, rows):
-        samples = slice(start, start + rows)
-        slice_product = product[:len(input_rows[samples])]
-        out = slice_product if centered_rows is None else centered_rows[samples]
-        centered = torch.sub(input_rows[samples], center, out=out)
-        grad = centered if grad_rows is None else grad_rows[samples]
-        torch.mul(centered, grad, out=slice_product)
-        torch.sum(slice_product, 1, out=dot[samples])
-        torch.sum(grad, 1, out=total[samples])
+    buffer = input_rows.new_empty((min(batch_size, _slice_size(input_rows)), values, channels))
+    dot, total = input_rows.new_empty((batch_size, channels)), input_rows.new_empty((batch_size, channels))
+    factors = input_rows if grad_rows is None else grad_rows
+    for input_piece, factor, dot_piece, total_piece in _pieces(input_rows, input_rows, factors, dot, total):
+        centered = torch.sub(input_piece, center, out=buffer[:len(input_piece)])
+        factor = centered if grad_rows is None else factor
+        torch.sum(factor, 1, out=total_piece)
+        torch.sum(centered.mul_(factor), 1, out=dot_piece)
     return dot, total
 
 
 class ShiftedSums(NamedTuple):
-    """``shift`` ``(C,)``; ``sum`` and ``sum_sq`` ``(B, C)``: per-sample sums of ``u`` and ``u^2``;
-    ``centered``: ``u = x - shift`` itself, an activation-sized buffer the caller may overwrite."""
+    """``shift`` ``(C,)``; ``sum`` and ``sum_sq`` ``(B, C)``: per-sample sums of ``u`` and ``u^2``
+    over ``values`` (``L``) values; ``centered``: ``u = x - shift`` itself, an activation-sized
+    buffer the caller may overwrite, or ``None`` where the sums were taken without one
+    (channels_last, slice by slice)."""
 
     shift: Tensor
     sum: Tensor
     sum_sq: Tensor
-    centered: Tensor
+    values: int
+    centered: Optional[Tensor]
 
     def moments(self) -> tuple[Tensor, Tensor]:
         """Per-sample mean of ``u`` and biased variance: ``S1 / L`` and ``S2 / L - (S1 / L)^2``,
         clamped at 0."""
-        values = values_per_sample(self.centered)
-        mean_u = self.sum / values
-        variance = torch.addcmul(self.sum_sq / values, mean_u, mean_u, value=-1.0)
+        mean_u = self.sum / self.values
+        variance = torch.addcmul(self.sum_sq / self.values, mean_u, mean_u, value=-1.0)
         return mean_u, variance.clamp_min_(0.0)
 
 
 def shifted_sums(input: Tensor) -> ShiftedSums:
     """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
 
-    One write of ``u`` into a fresh ``empty_like(input)`` buffer and, on the CPU in float32/float64,
-    one read: contiguous, ATen's fused reduction (:func:`nodo.functional.kernels.sample_sums`);
-    channels_last, the sums taken slice by slice as ``u`` is written (:func:`_sliced_sums`).
-    Elsewhere a sum and a ``vector_norm`` that upcasts element by element, with no float32 copy of
-    the input.
+    On the CPU in float32/float64: channels_last, the sums taken slice by slice with ``u`` in a
+    slice-sized buffer (:func:`_sliced_sums`; one read, no ``centered`` buffer); contiguous, one
+    write of ``u`` into a fresh ``empty_like(input)`` buffer (``centered``) and one read by ATen's
+    fused reduction (:func:`nodo.functional.kernels.sample_sums`). Elsewhere ``u`` is written the
+    same way, then a sum and a ``vector_norm`` that upcasts element by element, with no float32
+    copy of the input.
     """
     dtype = statistics_dtype(input.dtype)
     shift = channel_shift(input)
+    values = values_per_sample(input)
     channels_last = _channels_last_rows(input)
     if channels_last is not None:
-        centered = torch.empty_like(input)
-        sum_sq, total = _sliced_sums(channels_last[0], shift, centered_rows=_channel_rows(centered))
-        return ShiftedSums(shift, total, sum_sq, centered)
+        sum_sq, total = _sliced_sums(channels_last[0], shift)
+        return ShiftedSums(shift, total, sum_sq, values, None)
     centered = centered_input(input, shift)
     if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
-        values = centered.to(dtype, copy=True)
-        return ShiftedSums(shift, values, values.square(), centered)
+        total = centered.to(dtype, copy=True)
+        return ShiftedSums(shift, total, total.square(), values, centered)
     fused = kernels.sample_sums(centered, centered, torch.zeros_like(shift))
     if fused is not None:
         sum_sq, total = fused
-        return ShiftedSums(shift, total, sum_sq, centered)
+        return ShiftedSums(shift, total, sum_sq, values, centered)
     dims = tuple(range(2, input.dim()))
     total = centered.sum(dims, dtype=dtype)
     sum_sq = torch.linalg.vector_norm(centered, 2, dims, dtype=dtype).square()
-    return ShiftedSums(shift, total, sum_sq, centered)
+    return ShiftedSums(shift, total, sum_sq, values, centered)
+
+
+def shifted_affine(input: Tensor, sums: ShiftedSums, scale: Tensor, shift: Tensor) -> Tensor:
+    """The output of every nodo norm: ``y = (x - k) * scale + shift`` with ``k = sums.shift``.
+
+    ``scale`` and ``shift`` are ``(B, C)`` or ``(C,)`` in the statistics dtype, relative to ``k``
+    (so no large value appears at a large mean); ``y`` has the input's dtype and layout. With the
+    ``centered`` buffer of :func:`shifted_sums`, in it (:func:`scale_shift_`); without (channels_last
+    on the CPU), into a new tensor slice by slice: ``u`` into the slice of ``y``, then the
+    multiply-add in place while it is in cache (one read of ``x``, one write of ``y``).
+    """
+    if sums.centered is not None:
+        return scale_shift_(sums.centered, scale, shift)
+    output = torch.empty_like(input)
+    input_rows, output_rows = _channels_last_rows(input, output)
+    for input_piece, output_piece, scale_piece, shift_piece in _pieces(
+            input_rows, input_rows, output_rows, _rows_map(scale), _rows_map(shift)):
+        centered = torch.sub(input_piece, sums.shift, out=output_piece)
+        torch.addcmul(shift_piece, centered, scale_piece, out=centered)
+    return output
 
 
 def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -272,13 +312,16 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     """``dx = grad_scale * dy + input_scale * x + const`` in the input's dtype and layout.
 
     The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Without
-    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. With ``out`` (an activation of
-    the input's dtype and layout that is no longer needed) nothing is allocated, which is cheaper
-    on the CPU: the same two kernels into it (under ``torch.compile`` a channels_last ``out`` takes
-    four in-place passes). A reduced-precision ``dx`` is rounded after each.
+    ``out``: an ``addcmul`` that allocates ``dx``, then one in place; on channels_last CPU tensors
+    these two slice by slice (:func:`_sliced_input_gradient`). With ``out`` (an activation of the
+    input's dtype and layout that is no longer needed) nothing is allocated, which is cheaper on the
+    CPU: the same two kernels into it (under ``torch.compile`` a channels_last ``out`` takes four
+    in-place passes). A reduced-precision ``dx`` is rounded after each.
     """
-    ndim = input.dim()
-    grad_map, input_map, const_map = (channel_map(t.to(input.dtype), ndim) for t in (grad_scale, input_scale, const))
+    coefficients = [t.to(input.dtype) for t in (grad_scale, input_scale, const)]
+    if out is None and _channels_last_rows(input, grad_output) is not None:
+        return _sliced_input_gradient(grad_output, input, *coefficients)
+    grad_map, input_map, const_map = (channel_map(t, input.dim()) for t in coefficients)
     if out is None:
         out = torch.addcmul(const_map, input, input_map)
     elif _out_allowed(out):
@@ -286,6 +329,19 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     else:
         out.copy_(input).mul_(input_map).add_(const_map)
     return out.addcmul_(grad_output, grad_map)
+
+
+def _sliced_input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input_scale: Tensor,
+                           const: Tensor) -> Tensor:
+    # input_gradient on channels_last CPU tensors: per slice of samples, input_scale * x + const into
+    # the slice of dx, then + grad_scale * dy in place while it is in cache (dx written once)
+    output = torch.empty_like(input)
+    input_rows, grad_rows, output_rows = _channels_last_rows(input, grad_output, output)
+    coefficients = (_rows_map(t) for t in (grad_scale, input_scale, const))
+    for input_piece, grad_piece, output_piece, grad_coef, input_coef, const_piece in _pieces(
+            input_rows, input_rows, grad_rows, output_rows, *coefficients):
+        torch.addcmul(const_piece, input_piece, input_coef, out=output_piece).addcmul_(grad_piece, grad_coef)
+    return output
 
 
 def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Tensor],
