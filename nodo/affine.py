@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_channel_dim, check_channels, check_int
+from nodo.checks import check_channel_dim, check_channels, check_int
 
 __all__ = ["Gain", "Bias"]
 

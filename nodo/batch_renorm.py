@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_bool, check_int, check_positive_float
+from nodo.checks import check_bool, check_int, check_positive_float
 from nodo.functional import batch_renormalization as FR
 
 __all__ = ["BatchRenorm2d", "set_total_steps"]

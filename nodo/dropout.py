@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import check_bool, check_channel_dim, check_choice, check_probability
+from nodo.checks import check_bool, check_channel_dim, check_choice, check_probability
 from nodo.functional import dropout as FD
 
 __all__ = ["FlexibleDropout"]

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor
 
 from nodo.functional import batch_norm as FB
-from nodo._checks import check_unit_interval
+from nodo.checks import check_unit_interval
 from nodo.norm_base import PartitionedBatchNorm, rank_variants
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",

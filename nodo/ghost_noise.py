@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nodo._checks import (
+from nodo.checks import (
     check_bool,
     check_channel_dim,
     check_choice,

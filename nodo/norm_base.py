@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from nodo._checks import (
+from nodo.checks import (
     check_bool,
     check_channels,
     check_int,

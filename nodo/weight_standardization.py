@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.common_types import _size_2_t
 
-from nodo._checks import check_bool, check_choice, check_positive_float
+from nodo.checks import check_bool, check_choice, check_positive_float
 from nodo.functional import weight_standardization as FW
 
 __all__ = ["WSConv2d", "WSLinear", "SCALINGS"]

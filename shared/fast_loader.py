@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from nodo._checks import check_bool, check_int
+from nodo.checks import check_bool, check_int
 
 
 def stream_seed(*parts: int) -> int:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nodo._checks import check_int, check_positive_float
+from nodo.checks import check_int, check_positive_float
 from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift,
                                         grad_sums, input_gradient, shifted_affine, shifted_sums,
                                         statistics_dtype, update_running_stats, values_per_sample)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nodo._checks import check_bool, check_choice, check_probability
+from nodo.checks import check_bool, check_choice, check_probability
 
 __all__ = ["DROPOUT_KINDS", "flexible_dropout", "gaussian_dropout_std"]
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nodo._checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
+from nodo.checks import check_bool, check_choice, check_int, check_positive_float, resolve_channel_dim
 from nodo.functional.noise_generator import NoiseGenerator, check_generator, draw_randint, draw_randperm
 from nodo.functional.statistics import (affine_coefficients, apply_sample_noise, grad_sums,
                                         input_gradient, shifted_affine, shifted_sums,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nodo._checks import check_int
+from nodo.checks import check_int
 
 __all__ = ["NoiseGenerator", "check_generator", "draw_randint", "draw_randperm", "draw_randn", "draw_rand"]
 

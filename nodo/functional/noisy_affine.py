@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from nodo._checks import check_bool, check_int, resolve_channel_dim
+from nodo.checks import check_bool, check_int, resolve_channel_dim
 from nodo.functional.noise_generator import check_generator, draw_rand, draw_randn
 from nodo.functional.statistics import apply_sample_noise
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nodo._checks import check_positive_float
+from nodo.checks import check_positive_float
 
 __all__ = ["fan_in_standardize_weight", "standardize_weight", "weight_std"]
 
