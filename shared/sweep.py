@@ -563,6 +563,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SweepError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader of stdout stopped early (`--dry-run | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails quietly
+        return 1
     except OSError as error:  # an output file (--write-list, --wandb-sweep) that cannot be written
         print(f"error: cannot write {error.filename}: {error.strerror}", file=sys.stderr)
         return EXIT_USAGE

@@ -51,6 +51,24 @@ def test_dry_run_command_line():
                                          "--resume", "auto"]
 
 
+@pytest.mark.slow
+def test_dry_run_into_a_closed_pipe_ends_quietly():
+    """`sweep --dry-run | head -1`: the reader is gone before the listing is written; the sweep ends with
+    exit 1 and no error text (it printed 'error: cannot write None: Broken pipe' and exit 2)."""
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-m", "shared.sweep", "configs/c100_rn18/test_all.yaml",
+                                 "--dry-run"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 def test_count_and_write_list(tmp_path, capsys):
     assert sweep.main(["configs/c100_rn18/test_all.yaml", "--count"]) == 0
     assert capsys.readouterr().out.strip() == "24"
