@@ -293,14 +293,16 @@ def noise_statistics(shift: np.ndarray, scale: np.ndarray, small_scale: float = 
     ``max_inverse_scale = 1 / min(s)`` is the largest multiplier applied; ``small_scale_fraction`` the
     fraction of scales below ``small_scale`` (multipliers above ``1 / small_scale``);
     ``effective_n_shift = 1 / Var(m)``, the ghost batch size whose analytic law has this shift variance.
+    No quantiles (:func:`summarize_samples` sorts the sample for them): this runs inside training steps.
     """
-    shift_row, scale_row = summarize_samples(shift), summarize_samples(scale)
-    return {"shift_std": shift_row["std"], "shift_min": shift_row["min"], "shift_max": shift_row["max"],
-            "max_abs_shift": max(-shift_row["min"], shift_row["max"]),
-            "scale_mean": scale_row["mean"], "scale_std": scale_row["std"], "scale_min": scale_row["min"],
-            "scale_max": scale_row["max"], "max_inverse_scale": 1.0 / max(scale_row["min"], 1e-300),
+    shift_std, shift_min, shift_max = float(shift.std()), float(shift.min()), float(shift.max())
+    scale_min = float(scale.min())
+    return {"shift_std": shift_std, "shift_min": shift_min, "shift_max": shift_max,
+            "max_abs_shift": max(-shift_min, shift_max),
+            "scale_mean": float(scale.mean()), "scale_std": float(scale.std()), "scale_min": scale_min,
+            "scale_max": float(scale.max()), "max_inverse_scale": 1.0 / max(scale_min, 1e-300),
             "small_scale_fraction": float(np.mean(scale < small_scale)),
-            "effective_n_shift": 1.0 / max(shift_row["std"] ** 2, 1e-300)}
+            "effective_n_shift": 1.0 / max(shift_std ** 2, 1e-300)}
 
 
 def ks_distances(site: dict, ghost_batch_size: int) -> dict:
