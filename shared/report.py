@@ -133,7 +133,8 @@ def metric_value(values: Any, name: str) -> Optional[float]:
 
 def metric_label(name: str) -> str:
     """Axis and column label of a metric: ``final top-1 (%)``, ``final eval loss``."""
-    return METRICS[name][2]
+    _section, _key, label = METRICS[name]
+    return label
 
 
 @dataclass
@@ -454,9 +455,11 @@ def _results_csv(rows: Sequence[dict], columns: Sequence[str], metric: str) -> s
     """results.csv: a row per setup; the NaN of a missing mean or std is an empty cell."""
     fields = list(columns) + ["n", "seeds", "epochs"] + [f"{m}_{s}" for m in _table_metrics(metric)
                                                          for s in ("mean", "std")]
-    cells = ((row.get(f, "") for f in fields) for row in rows)
-    return csv_text(fields, (["" if isinstance(value, float) and not math.isfinite(value) else value for value in row]
-                             for row in cells))
+
+    def cell(value: Any) -> Any:
+        return "" if isinstance(value, float) and not math.isfinite(value) else value
+
+    return csv_text(fields, ([cell(row.get(field, "")) for field in fields] for row in rows))
 
 
 def _unfinished_csv(unfinished: Sequence[Run]) -> str:
@@ -781,8 +784,9 @@ def write_report(runs_dir: os.PathLike, out_dir: Optional[os.PathLike] = None,
                 f"{metric_label(metric)}, mean over the finished seeds of each setup, {_band_name(band)}.\n\n")
     markdown += render_tables(rows, unfinished, columns, metric, unreadable)
     families: dict = {}
-    for group in groups if plots else ():  # no figures: no families to draw
-        families.setdefault(experiment_family(group.args), []).append(group)
+    if plots:  # no figures: no families to draw
+        for group in groups:
+            families.setdefault(experiment_family(group.args), []).append(group)
     for family, family_groups in families.items():
         family_rows = [row for row in rows if row["_group"] in family_groups]
         drawn = family_figures(family, family_rows, family_groups, columns, metric, band, out)
