@@ -239,12 +239,11 @@ def group_runs(runs: Iterable[Run], group_by: Optional[Sequence[str]] = None) ->
     # A run whose split ends in its own seed is a seeded split (``train[:0.9]-{seed}``) unless runs of
     # the same setup use that exact split with other seeds: then it is a fixed split (``train[:128]-0``
     # for every seed) and the run belongs with them.
-    fixed = {setup_key(run, group_by, seeded_splits=False) for run in runs
-             if setup_key(run, group_by) == setup_key(run, group_by, seeded_splits=False)}
+    keys = [(setup_key(run, group_by, seeded_splits=False), setup_key(run, group_by)) for run in runs]
+    fixed = {raw for raw, seeded in keys if raw == seeded}
     groups: dict = {}
-    for run in runs:
-        raw = setup_key(run, group_by, seeded_splits=False)
-        key = raw if raw in fixed else setup_key(run, group_by)
+    for run, (raw, seeded) in zip(runs, keys):
+        key = raw if raw in fixed else seeded
         groups.setdefault(key, Group(key)).runs.append(run)
     return sorted(groups.values(), key=lambda g: _natural_key(g.key))
 
