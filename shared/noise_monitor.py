@@ -106,6 +106,8 @@ def site_noise(module: nn.Module, x: torch.Tensor) -> tuple:
 
     For a noise layer this draws from the layer's generator and puts it back (see the module docstring).
     """
+    if type(module) not in _SITE_TYPES:
+        raise TypeError(f"{type(module).__name__} is not a noise site (see noise_sites)")
     with torch.no_grad():
         return _SITE_TYPES[type(module)][1](module, x.detach())
 
