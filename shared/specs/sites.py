@@ -185,7 +185,7 @@ def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
     if norm is None or not any(isinstance(site, classes) and norm.subtype in subtypes
                                for classes, subtypes in _FAMILIES):
         return {}
-    accepted = accepted_arguments(row_of(norm))[0]
+    accepted, _ = accepted_arguments(row_of(norm))
     return {name: getattr(site, name) for name in ("eps", "momentum")
             if name in accepted and name not in norm.options and isinstance(getattr(site, name, None), float)}
 
