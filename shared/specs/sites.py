@@ -237,7 +237,8 @@ class _SiteBuilder:
             after = detach_after(name, site)
         except ValueError as err:
             raise SpecError(str(err)) from None
-        num_features, (device, dtype) = _num_features(name, site), _device_dtype(site)
+        num_features = _num_features(name, site)
+        device, dtype = _device_dtype(site)
         try:  # parsed at the first site of each layout: a spec that does not fit stops the replacement there
             if layout not in self.factories:
                 self.factories[layout] = create_norm_factory(self.spec, layout=layout)
