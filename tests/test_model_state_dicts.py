@@ -48,7 +48,8 @@ CASES = [(name, name, {}) for name in shared.models.MODEL_NAMES] + [
     ("vit_gni", "cifar_simple_vit", dict(norm="[ln, gnir12]", depth=2)),
     ("convmixer_gni", "convmixer_cifar", dict(norm="gni16", depth=2)),
     ("nf_resnet26_noise", "cifar_nf_resnet26", dict(noise="gnir32", skipinit=True)),
-    ("nf_resnet26_imagenet_stem", "cifar_nf_resnet26", dict(stem_type="imagenet", noise={"subtype": "nat", "ghost_batch_size": 8})),
+    ("nf_resnet26_imagenet_stem", "cifar_nf_resnet26",
+     dict(stem_type="imagenet", noise={"subtype": "nat", "ghost_batch_size": 8})),
 ]
 # Stock timm models with a spec at their norm sites (the site swap of shared.create_model).
 STOCK_CASES = [
@@ -114,8 +115,8 @@ def test_golden_covers_every_case(golden):
     assert sorted(golden["outputs"]) == sorted(OUTPUT_CASES)
 
 
-@pytest.mark.parametrize("case, model_name, kwargs, stock", _all_cases(), ids=lambda v: v if isinstance(v, str)
-                         else "")
+@pytest.mark.parametrize("case, model_name, kwargs, stock", _all_cases(),
+                         ids=lambda value: value if isinstance(value, str) else "")
 def test_state_dict_keys_shapes_and_parameter_count_are_unchanged(golden, case, model_name, kwargs, stock):
     torch.manual_seed(0)
     current = record(model_name, kwargs, stock)

@@ -155,11 +155,11 @@ class _MixedStatisticsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
-        channels, values = input.shape[1], values_per_sample(input)
+        channels = input.shape[1]
         sums = shifted_sums(input)
         shift = sums.shift
         per_sample_sums = torch.cat([sums.sum, sums.sum_sq], dim=1)
-        moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / values)
+        moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / sums.values)
         mean_u, mean_sq = moments[:, :channels], moments[:, channels:]
         raw_var = torch.addcmul(mean_sq, mean_u, mean_u, value=-1.0)
         rstd = raw_var.clamp_min(0.0).add_(eps).rsqrt_()

@@ -197,11 +197,12 @@ def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor]
     """
     batch_size, values, channels = input_rows.shape
     buffer = input_rows.new_empty((min(batch_size, _slice_size(input_rows)), values, channels))
-    dot, total = input_rows.new_empty((batch_size, channels)), input_rows.new_empty((batch_size, channels))
+    dot = input_rows.new_empty((batch_size, channels))
+    total = input_rows.new_empty((batch_size, channels))
     factors = input_rows if grad_rows is None else grad_rows
-    for input_piece, factor, dot_piece, total_piece in _pieces(input_rows, input_rows, factors, dot, total):
+    for input_piece, grad_piece, dot_piece, total_piece in _pieces(input_rows, input_rows, factors, dot, total):
         centered = torch.sub(input_piece, center, out=buffer[:len(input_piece)])
-        factor = centered if grad_rows is None else factor
+        factor = centered if grad_rows is None else grad_piece
         torch.sum(factor, 1, out=total_piece)
         torch.sum(centered.mul_(factor), 1, out=dot_piece)
     return dot, total

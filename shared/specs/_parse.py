@@ -124,7 +124,8 @@ def _make_part(row: PartType, given: Mapping[str, Any], where: str, site: str) -
                 raise SpecError(alias.message.format(given=value))
             continue
         if isinstance(alias, tuple):  # (our name, converter of the value)
-            target_key, value = alias[0], alias[1](value)
+            target_key, convert = alias
+            value = convert(value)
         elif isinstance(alias, str):
             target_key = alias
         if target_key not in accepted and not varkw:

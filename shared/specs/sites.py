@@ -185,7 +185,7 @@ def _site_kwargs(site: nn.Module, spec: Optional[NormSpec]) -> dict:
     if norm is None or not any(isinstance(site, classes) and norm.subtype in subtypes
                                for classes, subtypes in _FAMILIES):
         return {}
-    accepted = accepted_arguments(row_of(norm))[0]
+    accepted, _ = accepted_arguments(row_of(norm))
     return {name: getattr(site, name) for name in ("eps", "momentum")
             if name in accepted and name not in norm.options and isinstance(getattr(site, name, None), float)}
 
@@ -237,7 +237,8 @@ class _SiteBuilder:
             after = detach_after(name, site)
         except ValueError as err:
             raise SpecError(str(err)) from None
-        num_features, (device, dtype) = _num_features(name, site), _device_dtype(site)
+        num_features = _num_features(name, site)
+        device, dtype = _device_dtype(site)
         try:  # parsed at the first site of each layout: a spec that does not fit stops the replacement there
             if layout not in self.factories:
                 self.factories[layout] = create_norm_factory(self.spec, layout=layout)
