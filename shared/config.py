@@ -200,7 +200,7 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """The "Model" group of :func:`create_parser`: the model, its input, batch size and distributed/compiled execution."""
+    """The "Model" group of :func:`create_parser`: the model, its input, batch size, DDP and compilation."""
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
     group.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
@@ -302,7 +302,7 @@ def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
-    """The "Augmentation and regularization" group of :func:`create_parser`: training augmentation, label smoothing and mixup/cutmix."""
+    """The "Augmentation and regularization" group of :func:`create_parser`: crops, flips, mixup/cutmix..."""
     group = parser.add_argument_group("Augmentation and regularization")
     _switch(group, "--no-aug", "no training augmentation")
     group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
