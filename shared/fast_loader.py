@@ -168,6 +168,7 @@ class DeviceImageLoader:
         self._labels = labels.to(self.device)
 
     def _set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """``_scale = 1 / (255 std)`` and ``_shift = -mean / std``, float32 ``(1, C, H, W)`` on the device."""
         num_channels, height, width = self.image_shape
         # C values each, std positive: shared.data checks --mean/--std. Held in float32, as DevicePrefetcher's.
         mean = torch.tensor(mean, dtype=torch.float32).double()
