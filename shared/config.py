@@ -178,15 +178,8 @@ def _switch(group, flag: str, help_text: str) -> None:
     group.add_argument(flag, action="store_true", help=help_text)
 
 
-def create_parser() -> argparse.ArgumentParser:
-    """train.py's argument parser (no config handling: see :func:`parse_args`)."""
-    parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a timm model with a norm/noise spec (ghost-noise harness).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # NOTE: help texts say what None/'' means; the formatter appends the default value itself.
-    parser.add_argument("-c", "--config", default="", metavar="FILE",
-                        help="YAML config: keys are argument dests; flags given on the command line override it")
-
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Dataset" group of :func:`create_parser`: the dataset, its splits and the loader."""
     group = parser.add_argument_group("Dataset")
     group.add_argument("--data-dir", default=None, metavar="DIR",
                        help="dataset root (ImageFolder: holds train/ and val/ or test/; torch/*: download dir)")
@@ -205,6 +198,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--fast-loader", default="auto", choices=("auto", "on", "off"),
                        help="on-device uint8 loader for small in-memory datasets (auto: when the data fits it)")
 
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Model" group of :func:`create_parser`: the model, its input, batch size, DDP and compilation."""
     group = parser.add_argument_group("Model")
     group.add_argument("--model", default="resnet50", metavar="MODEL", help="timm model name")
     group.add_argument("--norm", default=None, type=read_spec_text, metavar="SPEC",
@@ -255,6 +251,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--torchcompile", nargs="?", type=str, default=None, const="inductor", metavar="BACKEND",
                        help="torch.compile the model with this backend (flag alone: inductor)")
 
+
+def _add_optimizer_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Optimizer" group of :func:`create_parser`: the timm optimizer."""
     group = parser.add_argument_group("Optimizer")
     group.add_argument("--opt", default="sgd", metavar="OPTIMIZER", help="timm optimizer name (sgd = Nesterov)")
     group.add_argument("--opt-eps", default=None, type=float, metavar="EPSILON", help="optimizer epsilon")
@@ -267,6 +266,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                        help="extra keyword arguments for the optimizer")
 
+
+def _add_schedule_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Learning rate schedule" group of :func:`create_parser`: the timm learning rate schedule."""
     group = parser.add_argument_group("Learning rate schedule")
     group.add_argument("--sched", type=str, default="cosine", metavar="SCHEDULER", help="timm scheduler name")
     _switch(group, "--sched-on-updates", "step the schedule every optimizer update instead of every epoch")
@@ -298,6 +300,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--patience-epochs", type=int, default=10, metavar="N", help="plateau scheduler patience")
     group.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="lr decay rate")
 
+
+def _add_augmentation_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Augmentation and regularization" group of :func:`create_parser`: crops, flips, mixup/cutmix..."""
     group = parser.add_argument_group("Augmentation and regularization")
     _switch(group, "--no-aug", "no training augmentation")
     group.add_argument("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
@@ -325,11 +330,17 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument("--remode", type=str, default="pixel", help="random erasing mode: const, rand or pixel")
     group.add_argument("--recount", type=int, default=1, help="random erasing count")
 
+
+def _add_ema_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Model exponential moving average" group of :func:`create_parser`: the EMA of the weights."""
     group = parser.add_argument_group("Model exponential moving average")
     _switch(group, "--model-ema", "track an EMA of the weights (timm ModelEmaV3); it is evaluated and reported")
     group.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay")
     _switch(group, "--model-ema-warmup", "EMA decay warm-up")
 
+
+def _add_misc_flags(parser: argparse.ArgumentParser) -> None:
+    """The "Miscellaneous" group of :func:`create_parser`: seeds, logging, devices, output, resuming and wandb."""
     group = parser.add_argument_group("Miscellaneous")
     group.add_argument("--seed", type=int, default=42, metavar="S",
                        help="seed of initialization, data order, augmentation and (by default) noise")
@@ -387,6 +398,24 @@ def create_parser() -> argparse.ArgumentParser:
                        help="wandb display name (None: the experiment name)")
     # torch.distributed.launch passes --local-rank (older: --local_rank); torchrun sets LOCAL_RANK instead.
     group.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def create_parser() -> argparse.ArgumentParser:
+    """train.py's argument parser (no config handling: see :func:`parse_args`)."""
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a timm model with a norm/noise spec (ghost-noise harness).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # NOTE: help texts say what None/'' means; the formatter appends the default value itself.
+    parser.add_argument("-c", "--config", default="", metavar="FILE",
+                        help="YAML config: keys are argument dests; flags given on the command line override it")
+
+    _add_dataset_flags(parser)
+    _add_model_flags(parser)
+    _add_optimizer_flags(parser)
+    _add_schedule_flags(parser)
+    _add_augmentation_flags(parser)
+    _add_ema_flags(parser)
+    _add_misc_flags(parser)
     return parser
 
 

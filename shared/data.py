@@ -396,6 +396,8 @@ def _native_size(dataset: Dataset) -> tuple:
 
 
 def _channels(name: str, values: Optional[Sequence[float]], channels: int, default: tuple) -> tuple:
+    """``--mean``/``--std`` (``name``) as ``channels`` floats: ``values`` (None: ``default``), one value
+    repeated for every channel; a wrong count, or a std that is not positive, is a :class:`DataError`."""
     values = tuple(float(v) for v in (default if values is None else values))
     if len(values) == 1 and channels > 1:
         values = values * channels

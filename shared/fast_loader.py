@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import hashlib
-import itertools
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -169,6 +168,7 @@ class DeviceImageLoader:
         self._labels = labels.to(self.device)
 
     def _set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """``_scale = 1 / (255 std)`` and ``_shift = -mean / std``, float32 ``(1, C, H, W)`` on the device."""
         num_channels, height, width = self.image_shape
         # C values each, std positive: shared.data checks --mean/--std. Held in float32, as DevicePrefetcher's.
         mean = torch.tensor(mean, dtype=torch.float32).double()
@@ -243,9 +243,14 @@ class DeviceImageLoader:
     # ------------------------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if not self.train:
-            yield from self._eval_batches()
-            return
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
+        # A batch depends only on (seed, epoch, its position): the skipped ones are never made.
+        return self._train_batches(start) if self.train else self._eval_batches(start)
+
+    def _train_batches(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         indices = self.epoch_indices()
         row_offsets, col_offsets, flips = self.epoch_augmentation()
         # Where each sample's crop starts in the storage, in pixels: its copy (plain or mirrored),
@@ -256,25 +261,20 @@ class DeviceImageLoader:
         crop_starts = (stored_image * (self.image_shape[0] * padded_height * padded_width)
                        + row_offsets * padded_width + col_offsets).to(self.device)
         targets = self._labels.index_select(0, indices.to(self.device))  # the epoch's targets, in order
-        for batch in range(len(self)):
+        for batch in range(start, len(self)):
             positions = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
             rows = (crop_starts[positions, None] + self._row_starts).view(-1)
             pixels = self._windows.index_select(0, rows)
             yield self._normalize(pixels.view(-1, *self.image_shape)), targets[positions]
 
-    def batches(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """The current epoch's batches from batch ``start`` on (shared.data's loader interface)."""
-        # A batch depends only on (seed, epoch, its position): skipping by iterating keeps the rest.
-        return itertools.islice(self, start, None)
-
-    def _eval_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _eval_batches(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         # Contiguous slices of the stored dataset: no gather, no copy before the float conversion.
         positions = shard_positions(self.num_samples, self.rank, self.world_size)
         first, stop = int(positions[0]), int(positions[-1]) + 1
-        for start in range(first, stop, self.batch_size):
-            end = min(start + self.batch_size, stop)
+        for begin in range(first + start * self.batch_size, stop, self.batch_size):
+            end = min(begin + self.batch_size, stop)
             # A copy of the targets, so that a consumer's in-place edit cannot reach the stored labels.
-            yield self._normalize(self._storage[start:end]), self._labels[start:end].clone()
+            yield self._normalize(self._storage[begin:end]), self._labels[begin:end].clone()
 
     def _normalize(self, images: Tensor) -> Tensor:
         """uint8 ``(B, C, H, W)`` -> float32 ``x * a + b``."""

@@ -428,9 +428,9 @@ def _run_all(runs: Sequence[SweepRun], launch: Launch) -> int:
     for run, outcome, seconds in outcomes:
         print(f"  {run.index:4d}  {run.name:<40s}  {outcome:<20s}  {seconds:8.1f} s")
     not_run = len(runs) - len(outcomes)
-    failed = [o for o in outcomes if o[1] not in ("ok", "skipped (finished)")]
+    failed = [outcome for _, outcome, _ in outcomes if outcome not in ("ok", "skipped (finished)")]
     print(f"[sweep] {len(outcomes) - len(failed)} ok or finished, {len(failed)} failed, {not_run} not started")
-    if any(o[1] == f"exit {PREEMPTED_EXIT_CODE}" for o in outcomes):
+    if f"exit {PREEMPTED_EXIT_CODE}" in failed:
         return PREEMPTED_EXIT_CODE
     return 1 if failed or not_run else 0
 
@@ -439,7 +439,7 @@ def _run_all(runs: Sequence[SweepRun], launch: Launch) -> int:
 # Lists for launchers
 # ----------------------------------------------------------------------------------------------
 
-def _one_line_command(run: SweepRun, launch: "Launch") -> str:
+def _one_line_command(run: SweepRun, launch: Launch) -> str:
     """The run's command as one shell line; a value with a line break would split it, so it is refused
     (shell quoting keeps a newline inside quotes, but line-based launchers read one line per run)."""
     command = train_command(run, launch=launch)

@@ -61,7 +61,7 @@ def evaluate(model: nn.Module, loader, info, autocast=nullcontext, channels_last
         hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(targets[:, None])
         totals += torch.stack([F.cross_entropy(output, targets, reduction="sum").double(),
                                hits[:, :1].sum().double(), hits.sum().double(),
-                               torch.tensor(float(targets.numel()), device=info.device, dtype=torch.float64)])
+                               totals.new_full((), targets.numel())])  # a fill on the device, no host copy
     totals = distributed.all_reduce_sum(totals, info)
     count = totals[3].clamp_min(1)
     return {"eval_loss": (totals[0] / count).item(), "eval_top1": (100 * totals[1] / count).item(),
