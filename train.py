@@ -513,11 +513,11 @@ class Training:
         with or without it. Every process agrees (under DDP, gradients are the same on every rank).
         """
         self.scaler.unscale_(self.optimizer)
-        # one device-to-host sync per update for the losses and every gradient: their norms, stacked.
-        checks = [torch.stack(losses).float()] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                                                  for p in self.model.parameters() if p.grad is not None]
-        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([len(losses), len(checks) - 1])
-        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # every gradient's norm in a few fused kernels (torch's foreach), then one device-to-host sync for all
+        grad_norms = list(torch._foreach_norm(grads)) if grads else []  # (it refuses an empty list)
+        finite = torch.isfinite(torch.stack(losses + grad_norms))  # (stack promotes bfloat16 to float32)
+        loss_finite, grads_finite = torch.stack([finite[:len(losses)].all(), finite[len(losses):].all()]).tolist()
         amp = self.scaler.is_enabled()
         finite = not distributed.any_process(not loss_finite or (not amp and not grads_finite), self.info)
         return finite, finite and amp and not grads_finite
