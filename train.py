@@ -513,14 +513,16 @@ class Training:
         with or without it. Every process agrees (under DDP, gradients are the same on every rank).
         """
         self.scaler.unscale_(self.optimizer)
-        # one device-to-host sync per update for the losses and every gradient: their norms, stacked.
-        checks = [torch.stack(losses).float()] + [torch.linalg.vector_norm(p.grad).float().reshape(1)
-                                                  for p in self.model.parameters() if p.grad is not None]
-        loss_finite, grads_finite = torch.isfinite(torch.cat(checks)).split([len(losses), len(checks) - 1])
-        loss_finite, grads_finite = torch.stack([loss_finite.all(), grads_finite.all()]).tolist()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # every gradient's norm in a few fused kernels (torch's foreach), then one device-to-host sync for all
+        grad_norms = list(torch._foreach_norm(grads)) if grads else []  # (it refuses an empty list)
+        is_finite = torch.isfinite(torch.stack(losses + grad_norms))  # (stack promotes bfloat16 to float32)
+        not_finite = ~torch.stack([is_finite[:len(losses)].all(), is_finite[len(losses):].all()])
+        # summed over the processes before the sync: under DDP the agreement costs no second sync
+        bad_losses, bad_grads = distributed.all_reduce_sum(not_finite.float(), self.info).tolist()
         amp = self.scaler.is_enabled()
-        finite = not distributed.any_process(not loss_finite or (not amp and not grads_finite), self.info)
-        return finite, finite and amp and not grads_finite
+        finite = not bad_losses and (amp or not bad_grads)
+        return finite, finite and amp and bool(bad_grads)
 
     def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, loss: torch.Tensor) -> None:
         """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
@@ -799,8 +801,8 @@ def keep_extra_checkpoints(run_dir: Path, last_path: Path, epoch: int, history: 
     if best is not None and best["epoch"] == epoch:
         run_files.atomic_link(last_path, run_dir / "model_best.pth.tar")
     metrics = {row["epoch"]: row.get(ranking_column(args)) for row in history}
-    names = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
-    present = {int(name[1]): run_dir / name[0] for name in names if name}  # {epoch: checkpoint-EPOCH file}
+    matches = (re.fullmatch(r"checkpoint-(\d+)\.pth\.tar", path.name) for path in run_dir.iterdir())
+    present = {int(match[1]): run_dir / match[0] for match in matches if match}  # {epoch: checkpoint-EPOCH file}
     candidates = {e: metrics.get(e) for e in set(present) | {epoch}}
     keep = rank_checkpoints(candidates, args.eval_metric == "loss", args.checkpoint_hist)
     if epoch in keep:

@@ -85,10 +85,11 @@ def with_timm_keys(state: dict) -> dict:
     """
     if "state_dict" in state or "model" not in state:
         return state
+    upgraded = {key: value for key, value in state.items() if key not in ("model", "ema", "scaler")}
     ema = state.get("ema")
-    return {**{key: value for key, value in state.items() if key not in ("model", "ema", "scaler")},
-            "state_dict": state["model"], "amp_scaler": state.get("scaler"),
-            "state_dict_ema": None if ema is None else {k.removeprefix("module."): v for k, v in ema.items()}}
+    upgraded.update(state_dict=state["model"], amp_scaler=state.get("scaler"),
+                    state_dict_ema=None if ema is None else {k.removeprefix("module."): v for k, v in ema.items()})
+    return upgraded
 
 
 def capture_rng_state(noise_generator: Optional[torch.Generator] = None) -> dict:
