@@ -224,12 +224,38 @@ def test_aten_reduction_still_behaves_as_assumed(dtype):
     torch.testing.assert_close(dot.double(), expected, **tolerance)
 
 
-def test_portable_kernels_never_call_aten(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the private ATen reduction was called inside portable_kernels()")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aten_ghost_kernels_still_behave_as_assumed(dtype):
+    """Fails loudly if a torch upgrade changes ``batch_norm_update_stats`` or
+    ``native_batch_norm_backward`` as ghost batch norm uses them on channels_last input: per ghost
+    batch (sizes 3, 4, 3) mean, biased variance, ``sum(grad * (x - center))`` and ``sum(grad)``
+    against float64 sums of the same values."""
+    assert kernels.fast_ghost_kernels_available(), "batch norm's kernels no longer give ghost-batch sums"
+    grad, input = (make_input((10, 5, 4, 3), seed=seed).to("cpu", dtype).contiguous(memory_format=torch.channels_last)
+                   for seed in (1, 2))
+    center = make_input((5,), seed=3).to("cpu", dtype)
+    sizes = (3, 4, 3)
+    mean, var = kernels.ghost_statistics(input, sizes)
+    dot, total = kernels.ghost_grad_sums(grad, input, center, sizes)
+    ghosts = list(zip(grad.double().split(sizes), input.double().split(sizes)))
+    dims = (0, 2, 3)
+    expected = [torch.stack([x.mean(dims) for _, x in ghosts]), torch.stack([x.var(dims, correction=0) for _, x in ghosts]),
+                torch.stack([(g * (x - center.double().view(1, 5, 1, 1))).sum(dims) for g, x in ghosts]),
+                torch.stack([g.sum(dims) for g, _ in ghosts])]
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else F64
+    for got, want in zip((mean, var, dot, total), expected):
+        torch.testing.assert_close(got.double(), want, **tolerance)
+    assert kernels.ghost_statistics(input.contiguous(), sizes) is None  # channels_last only
 
-    monkeypatch.setattr(kernels, "_aten_row_sums", forbidden)
-    x = make_input((8, 3, 4, 4), torch.float32).requires_grad_()
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_portable_kernels_never_call_aten(layout, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a private ATen reduction was called inside portable_kernels()")
+
+    for name in ("_aten_row_sums", "_aten_ghost_statistics", "_aten_ghost_grad_sums"):
+        monkeypatch.setattr(kernels, name, forbidden)
+    x = make_input((8, 3, 4, 4), torch.float32).contiguous(memory_format=layout).requires_grad_()
     with kernels.portable_kernels():
         nodo.GhostBatchNorm2d(3, 4, device=DEVICE)(x).sum().backward()
     with pytest.raises(AssertionError, match="private ATen"):
@@ -247,12 +273,13 @@ PORTABLE_LAYERS = {
 }
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", list(PORTABLE_LAYERS))
-def test_every_layer_gives_the_same_results_on_the_portable_path(name):
-    """Forward and backward with the ATen fast path and with it disabled: equal up to float32
-    summation order (sums of ~100 O(1) values, ~1e-6 relative; 1e-5 margin)."""
-    x = make_input((8, 3, 5, 4), torch.float32)
-    upstream = make_input((8, 3, 5, 4), torch.float32, seed=1, mean=0.0, std=1.0)
+def test_every_layer_gives_the_same_results_on_the_portable_path(name, layout):
+    """Forward and backward with the ATen fast paths and with them disabled, in both layouts: equal
+    up to float32 summation order (sums of ~100 O(1) values, ~1e-6 relative; 1e-5 margin)."""
+    x = make_input((8, 3, 5, 4), torch.float32).contiguous(memory_format=layout)
+    upstream = make_input((8, 3, 5, 4), torch.float32, seed=1, mean=0.0, std=1.0).contiguous(memory_format=layout)
     results = []
     for portable in (False, True):
         layer = PORTABLE_LAYERS[name]().to(DEVICE)
@@ -314,14 +341,16 @@ def _sliced_layer(family, dims):
     return layer.eval() if family == "en" else layer
 
 
+@pytest.mark.parametrize("mean,folded", [(0.5, True), (50.0, False)], ids=["folded", "shifted"])
 @pytest.mark.parametrize("dims", [4, 5])
 @pytest.mark.parametrize("family", list(VARIANTS))
-def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypatch):
+def test_channels_last_slices_give_the_contiguous_results(family, dims, mean, folded, monkeypatch):
     """channels_last (2d and 3d) input summed in slices of 3 samples (3 + 3 + 3 + 1 of a batch of
     10): forward and backward equal the contiguous layout's, in float64 (only the summation order
-    differs). EvalNorm is checked at evaluation (in training it is GBN), forward only: its fused
-    evaluation runs without gradient."""
-    x = make_input(spatial_shape(dims, 10, 3))
+    differs). At a mean of 0.5 (std 2) the output is one multiply-add from ``x`` (folded); at 50 it
+    is formed from ``x - k`` slice by slice too. EvalNorm is checked at evaluation (in training it
+    is GBN), forward only: its fused evaluation runs without gradient."""
+    x = make_input(spatial_shape(dims, 10, 3), mean=mean)
     upstream = make_input(spatial_shape(dims, 10, 3), seed=1, mean=0.0, std=1.0)
     monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * x[0].numel() * x.element_size())
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # slices grow with the threads: keep 3 samples
@@ -346,8 +375,11 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, monkeypa
         if differentiable:
             gradients = torch.autograd.grad(output, inputs, upstream.contiguous(memory_format=layout))
         results.append((output,) + gradients)
-    if DEVICE.type == "cpu":  # every pass (sums, output, and in training the gradient's two) sliced
-        passes = 2 if family == "en" else 4
+    if DEVICE.type == "cpu":  # the sums, the gradient's sums in training, the output unless folded
+        # GBN takes batch norm's kernels per ghost batch (nodo.functional.kernels.ghost_statistics,
+        # ghost_grad_sums) instead, except for its statistics at a mean beyond 8 std
+        sums = {"en": 1, "gbn": int(not folded)}.get(family, 2)
+        passes = sums + (not folded)
         assert slice_sizes == [[3, 3, 3, 1]] * passes, "the channels_last input did not take the sliced passes"
     for contiguous, channels_last in zip(*results):
         torch.testing.assert_close(channels_last, contiguous, **F64)
@@ -363,3 +395,40 @@ def test_channels_last_slices_grow_with_the_intra_op_threads(threads, sizes, mon
     pieces = list(NF.statistics._pieces(rows, rows, center))
     assert [len(piece_rows) for piece_rows, _ in pieces] == sizes
     assert all(piece_center is center for _, piece_center in pieces)  # (C,) values are not split
+
+
+FOLD_CASES = [(family, mean) for family in ("gni", "gbn", "xbn", "en") for mean in (0.0, 1.5, 600.0)]
+
+
+@pytest.mark.parametrize("family,mean", FOLD_CASES)
+def test_channels_last_output_folds_only_where_float32_keeps_its_accuracy(family, mean, monkeypatch):
+    """float32 channels_last input of std 1, mean 0, 1.5 or 600: the output is formed as
+    ``x * s + (t - k * s)`` exactly where ``|k s| <= 2`` (a spy on the decision), and either way is
+    within 8 float32 ulps of the output's scale (``8 * 2^-24 * max|y|``) of the float64 layer's
+    output on the same values: folding adds at most ``4 eps`` (see ``_foldable``)."""
+    decisions = []
+    foldable = NF.statistics._foldable
+
+    def spy(shift, scale):
+        decisions.append((foldable(shift, scale), float((shift * scale).abs().max())))
+        return decisions[-1][0]
+
+    monkeypatch.setattr(NF.statistics, "_foldable", spy)
+    x64 = make_input((8, 3, 5, 4), mean=mean, std=1.0).float().double()  # the same values in both dtypes
+    outputs = []
+    for dtype in (torch.float64, torch.float32):
+        generator = torch.Generator(DEVICE).manual_seed(0)
+        layer = _sliced_layer(family, 4) if family != "gni" else randomize_affine(
+            nodo.GhostNoiseBatchNorm2d(3, 4, generator=generator, device=DEVICE, dtype=torch.float64))
+        layer = layer.to(dtype)
+        if family == "en":
+            layer.running_mean.fill_(mean)
+        x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            outputs.append(layer(x).double())
+    if DEVICE.type == "cpu":
+        folded, product = decisions[-1]  # the float32 layer's decision
+        assert folded == (product <= 2.0)
+        assert folded == (mean < 100), f"|k s| = {product:.3g} at mean {mean}"
+    error = (outputs[1] - outputs[0]).abs().max()
+    assert error <= 8 * 2.0 ** -24 * outputs[0].abs().max(), f"{family} at mean {mean}: error {error:.3g}"

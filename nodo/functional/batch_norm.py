@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nodo.checks import check_int, check_positive_float
-from nodo.functional.statistics import (Momentum, affine_coefficients, channel_map, channel_shift,
+from nodo.functional import kernels
+from nodo.functional.statistics import (Momentum, ShiftedSums, affine_coefficients, channel_map, channel_shift,
                                         grad_sums, input_gradient, shifted_affine, shifted_sums,
                                         statistics_dtype, update_running_stats, values_per_sample)
 
@@ -127,6 +128,55 @@ def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool, scale: float
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+# Largest |mean| / std of a ghost batch at which ghost batch norm takes batch norm's statistics kernel.
+_GHOST_KERNEL_MEAN = 8.0
+
+
+def _per_sample(ghost_values: Tensor, sizes: Sequence[int]) -> Tensor:
+    # (G, C) values of the ghost batches -> (B, C), each sample holding its ghost batch's row
+    return ghost_values.repeat_interleave(torch.tensor(sizes), dim=0, output_size=sum(sizes))
+
+
+def _ghost_shifted_sums(input: Tensor, sizes: Sequence[int]) -> Optional[ShiftedSums]:
+    """Ghost batch norm's statistics from batch norm's kernel on each ghost batch
+    (:func:`nodo.functional.kernels.ghost_statistics`; channels_last CPU input), or ``None``.
+
+    Returned as :class:`ShiftedSums` about the batch mean ``k``, every sample holding its ghost
+    batch's average sums (``L (m_g - k)`` and ``L (v_g + (m_g - k)^2)``): everything ghost batch
+    norm computes from per-sample sums is a ghost-batch average, a sum over the batch or the
+    batch mean of them, which these give unchanged. The kernel's mean is accumulated without a
+    shift, its error growing with ``|m_g| / std`` (6e-5 std at 600 std, measured): beyond
+    ``_GHOST_KERNEL_MEAN`` std in any ghost batch and channel, ``None`` (the shifted sums are taken).
+    """
+    statistics = kernels.ghost_statistics(input, sizes)
+    if statistics is None:
+        return None
+    ghost_mean, ghost_var = statistics
+    if not bool((ghost_mean.square() <= _GHOST_KERNEL_MEAN ** 2 * ghost_var).all()):
+        return None
+    counts = torch.tensor(sizes, dtype=ghost_mean.dtype).unsqueeze(1)
+    shift = (ghost_mean * counts).sum(0) / input.shape[0]
+    mean_u = ghost_mean - shift
+    values = values_per_sample(input)
+    total = _per_sample(mean_u * values, sizes)
+    sum_sq = _per_sample(torch.addcmul(ghost_var, mean_u, mean_u).mul_(values), sizes)
+    return ShiftedSums(shift, total, sum_sq, values, None)
+
+
+def _ghost_grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor, sizes: Sequence[int]
+                     ) -> Optional[tuple[Tensor, Tensor]]:
+    """``grad_sums``' ``(sum dy, sum dy u)`` for ghost batch norm from batch norm's backward kernel
+    on each ghost batch (:func:`nodo.functional.kernels.ghost_grad_sums`), every sample holding its
+    ghost batch's average; ``None`` where the kernel does not apply. The backward uses them only
+    through ghost-batch averages and batch sums, as the forward its sums."""
+    ghost = kernels.ghost_grad_sums(grad_output, input, shift, sizes)
+    if ghost is None:
+        return None
+    counts = torch.tensor(sizes, dtype=shift.dtype).unsqueeze(1)
+    dot, total = ghost
+    return _per_sample(total / counts, sizes), _per_sample(dot / counts, sizes)
+
+
 class _MixedStatisticsNorm(torch.autograd.Function):
     r"""Normalize each sample with the mean/variance of a set of samples of its ghost batch.
 
@@ -151,12 +201,19 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     output and, non-differentiable, the per-sample mean ``k + s1 / L``, the ghost variances
     ``var_i`` (unclamped) and the whole batch's biased variance, for the running statistics.
     Saved for backward: the input and small tensors, as ``nn.BatchNorm2d``.
+
+    Ghost batch norm (not exclusive) on a channels_last CPU input takes its sums per ghost batch
+    from batch norm's own kernels (:func:`_ghost_shifted_sums`, :func:`_ghost_grad_sums`): its
+    statistics and gradients need no per-sample sums, and the per-sample mean it returns is then
+    the sample's ghost-batch mean (their batch mean is the same).
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, sizes, exclusive, eps):
         channels = input.shape[1]
-        sums = shifted_sums(input)
+        sums = None if exclusive else _ghost_shifted_sums(input, sizes)
+        if sums is None:
+            sums = shifted_sums(input)
         shift = sums.shift
         per_sample_sums = torch.cat([sums.sum, sums.sum_sq], dim=1)
         moments = _mix(per_sample_sums, sizes, exclusive, scale=1.0 / sums.values)
@@ -179,7 +236,11 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     def backward(ctx, grad_output, *_non_differentiable):
         input, weight, shift, mean_u, rstd, raw_var = ctx.saved_tensors
         dtype, values = mean_u.dtype, values_per_sample(input)
-        sum_dy, sum_dy_u, scratch = grad_sums(grad_output, input, shift)
+        ghost_sums = None if ctx.exclusive else _ghost_grad_sums(grad_output, input, shift, ctx.sizes)
+        if ghost_sums is None:
+            sum_dy, sum_dy_u, scratch = grad_sums(grad_output, input, shift)
+        else:
+            (sum_dy, sum_dy_u), scratch = ghost_sums, None
         centered = torch.addcmul(sum_dy_u, mean_u, sum_dy, value=-1.0)  # sum dy * (u - d)
 
         weight_stats = None if weight is None else weight.to(dtype)

@@ -1,6 +1,6 @@
 """The one place where nodo relies on ATen internals, each with a portable fallback.
 
-Only one trick is left: ``aten.native_batch_norm_backward`` used as a per-row reduction. A
+Two tricks are left. The first: ``aten.native_batch_norm_backward`` used as a per-row reduction. A
 contiguous ``(B, C, *)`` activation seen as a ``(1, B*C, L)`` tensor has one batch-norm "channel"
 per (sample, channel) pair, and batch norm's backward in training mode returns, per channel,
 ``grad_weight = sum(grad * (input - mean) * invstd)`` and ``grad_bias = sum(grad)``. With
@@ -15,6 +15,16 @@ the portable path. Only contiguous CPU tensors use it (on CUDA the plain reducti
 bandwidth-bound already). :func:`portable_kernels` forces the portable path, so the tests prove it
 on any torch.
 
+The second: batch norm's own kernels on each ghost batch of a channels_last activation, for ghost
+batch norm, whose statistics and gradient sums are per ghost batch, not per sample
+(:func:`ghost_statistics`, :func:`ghost_grad_sums`): ``torch.batch_norm_update_stats`` for the mean
+and biased variance (accumulated in double, the variance about the mean), and
+``native_batch_norm_backward`` with ``invstd = 1`` for ``sum(grad * (input - center))`` and
+``sum(grad)``. Each reads a ghost batch once, as ``nn.BatchNorm2d`` reads the batch; per-sample
+sums of a channels_last activation take several passes with public ops
+(``nodo.functional.statistics._sliced_sums``). Probed once like the first
+(:func:`fast_ghost_kernels_available`).
+
 Former tricks, removed because the layers no longer need them: ``F.batch_norm`` in eval mode with
 ``eps = 0`` as a per-row multiply-add (torch 2.11 rejects ``eps = 0``) and ``aten._unsafe_view``
 (the layers now write their outputs into ``torch.empty_like(input)`` buffers, never into views).
@@ -28,7 +38,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sample_sums", "fast_row_sums_available", "portable_kernels"]
+__all__ = ["sample_sums", "fast_row_sums_available", "ghost_statistics", "ghost_grad_sums",
+           "fast_ghost_kernels_available", "portable_kernels"]
 
 _forced_portable = False
 
@@ -93,8 +104,77 @@ def sample_sums(grad: Tensor, input: Tensor, center: Tensor) -> Optional[Tuple[T
     return dot.view(batch_size, channels), total.view(batch_size, channels)
 
 
+def _aten_ghost_statistics(input: Tensor, sizes) -> Tuple[Tensor, Tensor]:
+    means, variances = zip(*(torch.batch_norm_update_stats(ghost, None, None, 0.0) for ghost in input.split(sizes)))
+    return torch.stack(means), torch.stack(variances)
+
+
+def _aten_ghost_grad_sums(grad: Tensor, input: Tensor, center: Tensor, sizes) -> Tuple[Tensor, Tensor]:
+    ones = torch.ones_like(center)
+    sums = [torch.ops.aten.native_batch_norm_backward(grad_ghost, input_ghost, None, None, None, center, ones,
+                                                      True, 0.0, [False, True, True])[1:]
+            for grad_ghost, input_ghost in zip(grad.split(sizes), input.split(sizes))]
+    dots, totals = zip(*sums)
+    return torch.stack(dots), torch.stack(totals)
+
+
+@functools.lru_cache(maxsize=None)
+def fast_ghost_kernels_available() -> bool:
+    """Whether batch norm's kernels give :func:`ghost_statistics` and :func:`ghost_grad_sums` on
+    this torch (probed once on small channels_last CPU tensors against plain torch; ``False`` if
+    they raise or disagree)."""
+    generator = torch.Generator().manual_seed(0)
+    grad, input = (torch.randn(5, 3, 2, 4, generator=generator).contiguous(memory_format=torch.channels_last)
+                   for _ in range(2))
+    center = torch.randn(3, generator=generator)
+    sizes = (2, 3)
+    try:
+        got = _aten_ghost_statistics(input, sizes) + _aten_ghost_grad_sums(grad, input, center, sizes)
+    except Exception:  # an op is gone or changed signature: use the portable path
+        return False
+    ghosts = list(zip(grad.split(sizes), input.split(sizes)))
+    dims = (0, 2, 3)
+    expected = [torch.stack([x.mean(dims) for _, x in ghosts]),
+                torch.stack([x.var(dims, correction=0) for _, x in ghosts]),
+                torch.stack([(g * (x - center.view(1, -1, 1, 1))).sum(dims) for g, x in ghosts]),
+                torch.stack([g.sum(dims) for g, _ in ghosts])]
+    return all(g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, expected))
+
+
+def _ghost_kernels_apply(*tensors: Tensor) -> bool:
+    # channels_last 2d/3d CPU tensors of one float dtype, in eager mode (dynamo would trace the loop)
+    if _forced_portable or not _FAST_GHOST_KERNELS or torch.compiler.is_compiling():
+        return False
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.dtype == tensors[0].dtype
+               and t.dim() in formats and not t.is_contiguous() and t.is_contiguous(memory_format=formats[t.dim()])
+               for t in tensors)
+
+
+def ghost_statistics(input: Tensor, sizes) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per-channel mean and biased variance of each ghost batch, each ``(G, C)`` in the input's dtype.
+
+    ``sizes``: the consecutive ghost batches' sample counts. Only for channels_last 2d/3d CPU
+    float32/float64 inputs (the layout whose per-sample sums cost several passes); ``None``
+    elsewhere, and where the kernel is unavailable or disabled (:func:`portable_kernels`).
+    """
+    return _aten_ghost_statistics(input, sizes) if _ghost_kernels_apply(input) else None
+
+
+def ghost_grad_sums(grad: Tensor, input: Tensor, center: Tensor, sizes) -> Optional[Tuple[Tensor, Tensor]]:
+    """Per ghost batch ``sum(grad * (input - center_c))`` and ``sum(grad)``, each ``(G, C)``.
+
+    The difference is formed element by element (accurate at any mean). Same conditions as
+    :func:`ghost_statistics`, with ``grad`` like ``input`` and ``center`` in their dtype.
+    """
+    if not (_ghost_kernels_apply(grad, input) and center.dtype == input.dtype):
+        return None
+    return _aten_ghost_grad_sums(grad, input, center, sizes)
+
+
 # Probed at import, so that torch.compile sees a constant instead of tracing the probe.
 _FAST_ROW_SUMS = fast_row_sums_available()
+_FAST_GHOST_KERNELS = fast_ghost_kernels_available()
 
 
 @contextlib.contextmanager

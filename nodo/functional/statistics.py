@@ -17,8 +17,9 @@ small against the batch or ghost-batch variance it is combined with).
 The output is ``y = u * scale + shift`` with ``scale, shift`` per (sample, channel) and no large
 intermediate (:func:`shifted_affine`). On a contiguous activation ``u`` is written once into the
 buffer that becomes the output (allocating an activation costs far more than a pass over one
-already allocated) and ``y`` computed from it in place. On a channels_last CPU activation every
-pass runs a slice of samples at a time (:func:`_pieces`), so ``u`` lives in a cache-sized buffer:
+already allocated) and ``y`` computed from it in place. On a channels_last CPU activation the sums
+run a slice of samples at a time (:func:`_pieces`), so ``u`` lives in a cache-sized buffer, and
+``y`` is one multiply-add from ``x`` where the shift is small against the scale (:func:`_foldable`):
 the forward reads ``x`` once for the sums and once more to write ``y``, as ``nn.BatchNorm2d`` does.
 
 Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
@@ -163,6 +164,22 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     return None if any(r is None for r in rows) else rows
 
 
+# Largest |k * scale| at which an output is formed from x itself (see _foldable).
+_FOLD_LIMIT = 2.0
+
+
+def _foldable(shift: Tensor, scale: Tensor) -> bool:
+    """Whether ``y = (x - k) * s + t`` may be computed as ``x * s + (t - k * s)``: ``|k s| <= 2``.
+
+    Folded, the output is one multiply-add from ``x`` (no pass forming ``u = x - k``). Its rounding
+    is ``eps (|x s| + |t - k s|) <= eps (|u s| + |t| + 2 |k s|)`` against ``eps (|u s| + |t|)``
+    unfolded: at most ``4 eps`` more on an output of order one, the rounding of the output itself.
+    At a large mean (``|k| >> std``, where ``|k s|`` is large) the unfolded form keeps its accuracy.
+    A host read, so CPU tensors only (no device sync).
+    """
+    return float(torch.mul(shift, scale).abs_().amax()) <= _FOLD_LIMIT
+
+
 def _slice_size(rows: Tensor) -> int:
     """Samples per slice of ``(B, L, C)`` rows: about ``_SLICE_BYTES`` per intra-op thread.
 
@@ -264,13 +281,18 @@ def shifted_affine(input: Tensor, sums: ShiftedSums, scale: Tensor, shift: Tenso
 
     ``scale`` and ``shift`` are ``(B, C)`` or ``(C,)`` in the statistics dtype, relative to ``k``
     (so no large value appears at a large mean); ``y`` has the input's dtype and layout. With the
-    ``centered`` buffer of :func:`shifted_sums`, in it (:func:`scale_shift_`); without (channels_last
-    on the CPU), into a new tensor slice by slice: ``u`` into the slice of ``y``, then the
-    multiply-add in place while it is in cache (one read of ``x``, one write of ``y``).
+    ``centered`` buffer of :func:`shifted_sums`, in it (:func:`scale_shift_`). Without (channels_last
+    on the CPU), into a new tensor: where :func:`_foldable`, one multiply-add from ``x``; otherwise
+    slice by slice, ``u`` into the slice of ``y``, then the multiply-add in place while it is in
+    cache. Either way one read of ``x`` and one write of ``y``.
     """
     if sums.centered is not None:
         return scale_shift_(sums.centered, scale, shift)
     output = torch.empty_like(input)
+    if _foldable(sums.shift, scale):
+        folded_shift = torch.addcmul(shift, sums.shift, scale, value=-1.0)
+        ndim = input.dim()
+        return torch.addcmul(channel_map(folded_shift, ndim), input, channel_map(scale, ndim), out=output)
     input_rows, output_rows = _channels_last_rows(input, output)
     for input_piece, output_piece, scale_piece, shift_piece in _pieces(
             input_rows, input_rows, output_rows, _rows_map(scale), _rows_map(shift)):
@@ -313,15 +335,14 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     """``dx = grad_scale * dy + input_scale * x + const`` in the input's dtype and layout.
 
     The form every nodo norm's backward ends in; coefficients are ``(B, C)`` or ``(C,)``. Without
-    ``out``: an ``addcmul`` that allocates ``dx``, then one in place; on channels_last CPU tensors
-    these two slice by slice (:func:`_sliced_input_gradient`). With ``out`` (an activation of the
-    input's dtype and layout that is no longer needed) nothing is allocated, which is cheaper on the
-    CPU: the same two kernels into it (under ``torch.compile`` a channels_last ``out`` takes four
-    in-place passes). A reduced-precision ``dx`` is rounded after each.
+    ``out``: an ``addcmul`` that allocates ``dx``, then one in place. (Slice by slice on channels_last
+    CPU tensors, the second kernel reading ``dx`` from cache, was measured slower on this project's
+    2-core CPU: the time goes to the page faults of the new ``dx``, and slicing adds fork-joins.)
+    With ``out`` (an activation of the input's dtype and layout that is no longer needed) nothing is
+    allocated, which is cheaper on the CPU: the same two kernels into it (under ``torch.compile`` a
+    channels_last ``out`` takes four in-place passes). A reduced-precision ``dx`` is rounded after each.
     """
     coefficients = [t.to(input.dtype) for t in (grad_scale, input_scale, const)]
-    if out is None and _channels_last_rows(input, grad_output) is not None:
-        return _sliced_input_gradient(grad_output, input, *coefficients)
     grad_map, input_map, const_map = (channel_map(t, input.dim()) for t in coefficients)
     if out is None:
         out = torch.addcmul(const_map, input, input_map)
@@ -330,19 +351,6 @@ def input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input
     else:
         out.copy_(input).mul_(input_map).add_(const_map)
     return out.addcmul_(grad_output, grad_map)
-
-
-def _sliced_input_gradient(grad_output: Tensor, input: Tensor, grad_scale: Tensor, input_scale: Tensor,
-                           const: Tensor) -> Tensor:
-    # input_gradient on channels_last CPU tensors: per slice of samples, input_scale * x + const into
-    # the slice of dx, then + grad_scale * dy in place while it is in cache (dx written once)
-    output = torch.empty_like(input)
-    input_rows, grad_rows, output_rows = _channels_last_rows(input, grad_output, output)
-    coefficients = (_rows_map(t) for t in (grad_scale, input_scale, const))
-    for input_piece, grad_piece, output_piece, grad_coef, input_coef, const_piece in _pieces(
-            input_rows, input_rows, grad_rows, output_rows, *coefficients):
-        torch.addcmul(const_piece, input_piece, input_coef, out=output_piece).addcmul_(grad_piece, grad_coef)
-    return output
 
 
 def affine_coefficients(center: Tensor, inverse_std: Tensor, weight: Optional[Tensor],
