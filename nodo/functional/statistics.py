@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
@@ -151,11 +152,11 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
     eager mode; ``None`` when any of them is not such a tensor (they take the plain path).
 
-    On such tensors every pass of a layer runs slice by slice of the batch (:func:`_pieces`): on
-    this project's 2-core CPU, idle, forward+backward at ~1.1x ``nn.BatchNorm2d`` on one thread and
-    ~1.2x on two (the full-size passes of the plain path: ~1.4x). Known limit: each op on a slice
-    is a fork-join, and on cores busy with other processes each join can wait a scheduler slice for
-    a descheduled thread, so there the ~100 joins per step cost several times BatchNorm2d's few.
+    On such tensors the per-sample sums run slice by slice of the batch (:func:`_pieces`), and the
+    output too where it cannot be folded (:func:`shifted_affine`). Known limit: each op on a slice
+    is a fork-join of the intra-op threads, and on cores busy with other processes each join can
+    wait a scheduler slice for a descheduled thread, so there the ~35 joins of a GNI step cost
+    several times BatchNorm2d's few.
     """
     if torch.compiler.is_compiling():
         return None
@@ -178,6 +179,32 @@ def _foldable(shift: Tensor, scale: Tensor) -> bool:
     A host read, so CPU tensors only (no device sync).
     """
     return float(torch.mul(shift, scale).abs_().amax()) <= _FOLD_LIMIT
+
+
+# Scratch buffers kept per thread for the sliced sums, up to this size (see _scratch_rows).
+_SCRATCH_KEPT_BYTES = 1 << 26
+_scratch = threading.local()
+
+
+def _scratch_rows(rows: Tensor, samples: int) -> Tensor:
+    """A ``(samples, L, C)`` buffer of ``rows``' dtype, reused across calls by this thread.
+
+    A new multi-MiB buffer is new memory whenever the C allocator has handed the previous one back
+    to the OS, and its first write then takes a page fault per 4 KiB: measured here, 2.3 ms for an
+    8 MiB slice against 0.3 ms for the same pass into a buffer already written (the whole sliced
+    pass takes ~2 ms). So each thread keeps its buffer per dtype, grown to the largest slice needed,
+    up to ``_SCRATCH_KEPT_BYTES`` (64 MiB; larger ones are not kept). Thread-local, so layers in
+    parallel threads (``nn.DataParallel``) never share one; each use ends within the call.
+    """
+    shape = (samples,) + tuple(rows.shape[1:])
+    numel = math.prod(shape)
+    if numel * rows.element_size() > _SCRATCH_KEPT_BYTES:
+        return rows.new_empty(shape)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(rows.dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[rows.dtype] = rows.new_empty(numel)
+    return buffer[:numel].view(shape)
 
 
 def _slice_size(rows: Tensor) -> int:
@@ -213,7 +240,7 @@ def _sliced_sums(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor]
     in place, the other sum; the activation is read once and nothing of its size is written.
     """
     batch_size, values, channels = input_rows.shape
-    buffer = input_rows.new_empty((min(batch_size, _slice_size(input_rows)), values, channels))
+    buffer = _scratch_rows(input_rows, min(batch_size, _slice_size(input_rows)))
     dot = input_rows.new_empty((batch_size, channels))
     total = input_rows.new_empty((batch_size, channels))
     factors = input_rows if grad_rows is None else grad_rows
