@@ -18,7 +18,7 @@ on any torch.
 The second: batch norm's own kernels on each ghost batch of a channels_last activation, for ghost
 batch norm, whose statistics and gradient sums are per ghost batch, not per sample
 (:func:`ghost_statistics`, :func:`ghost_grad_sums`): ``torch.batch_norm_update_stats`` for the mean
-and biased variance (accumulated in double, the variance about the mean), and
+and biased variance (the variance taken about the mean), and
 ``native_batch_norm_backward`` with ``invstd = 1`` for ``sum(grad * (input - center))`` and
 ``sum(grad)``. Each reads a ghost batch once, as ``nn.BatchNorm2d`` reads the batch; per-sample
 sums of a channels_last activation take several passes with public ops
