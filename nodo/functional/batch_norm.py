@@ -132,9 +132,9 @@ def _mix(per_sample: Tensor, sizes: Sequence[int], exclusive: bool, scale: float
 _GHOST_KERNEL_MEAN = 8.0
 
 
-def _per_sample(ghost_values: Tensor, sizes: Sequence[int]) -> Tensor:
+def _per_sample(ghost_values: Tensor, counts: Tensor) -> Tensor:
     # (G, C) values of the ghost batches -> (B, C), each sample holding its ghost batch's row
-    return ghost_values.repeat_interleave(torch.tensor(sizes), dim=0, output_size=sum(sizes))
+    return ghost_values.repeat_interleave(counts, dim=0)
 
 
 def _ghost_shifted_sums(input: Tensor, sizes: Sequence[int]) -> Optional[ShiftedSums]:
@@ -154,12 +154,12 @@ def _ghost_shifted_sums(input: Tensor, sizes: Sequence[int]) -> Optional[Shifted
     ghost_mean, ghost_var = statistics
     if not bool((ghost_mean.square() <= _GHOST_KERNEL_MEAN ** 2 * ghost_var).all()):
         return None
-    counts = torch.tensor(sizes, dtype=ghost_mean.dtype).unsqueeze(1)
-    shift = (ghost_mean * counts).sum(0) / input.shape[0]
+    counts = torch.tensor(sizes)
+    shift = (ghost_mean * counts.unsqueeze(1)).sum(0) / input.shape[0]
     mean_u = ghost_mean - shift
     values = values_per_sample(input)
-    total = _per_sample(mean_u * values, sizes)
-    sum_sq = _per_sample(torch.addcmul(ghost_var, mean_u, mean_u).mul_(values), sizes)
+    total = _per_sample(mean_u * values, counts)
+    sum_sq = _per_sample(torch.addcmul(ghost_var, mean_u, mean_u).mul_(values), counts)
     return ShiftedSums(shift, total, sum_sq, values, None)
 
 
@@ -172,9 +172,9 @@ def _ghost_grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor, sizes: S
     ghost = kernels.ghost_grad_sums(grad_output, input, shift, sizes)
     if ghost is None:
         return None
-    counts = torch.tensor(sizes, dtype=shift.dtype).unsqueeze(1)
+    counts = torch.tensor(sizes)
     dot, total = ghost
-    return _per_sample(total / counts, sizes), _per_sample(dot / counts, sizes)
+    return _per_sample(total / counts.unsqueeze(1), counts), _per_sample(dot / counts.unsqueeze(1), counts)
 
 
 class _MixedStatisticsNorm(torch.autograd.Function):
