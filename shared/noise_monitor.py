@@ -53,8 +53,8 @@ CSV_COLUMNS = ("update", "epoch", "site", "layer", "kind", "ghost_batch_size") +
 def _replayed(generator, device: torch.device, draw: Callable):
     """``draw()`` with the generator put back afterwards, so the layer's own draw repeats it exactly."""
     if generator is None:  # the device's default generator
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
+        devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+                   if device.type == "cuda" else [])
         with torch.random.fork_rng(devices=devices, device_type=device.type):
             return draw()
     state = generator.get_state()
@@ -108,8 +108,9 @@ def site_noise(module: nn.Module, x: torch.Tensor) -> tuple:
     """
     if type(module) not in _SITE_TYPES:
         raise TypeError(f"{type(module).__name__} is not a noise site (see noise_sites)")
+    _kind, measure_noise = _SITE_TYPES[type(module)]
     with torch.no_grad():
-        return _SITE_TYPES[type(module)][1](module, x.detach())
+        return measure_noise(module, x.detach())
 
 
 # Layer type -> (kind, the function measuring its noise): the noise the ghost noise layers apply,

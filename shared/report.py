@@ -171,7 +171,8 @@ def _read_summary(path: Path) -> list:
 def _read_run(directory: Path) -> Run:
     """One run directory. Raises OSError, ValueError, csv.Error when args.yaml or summary.csv cannot be
     read; a run without a readable results.json is a run with that status."""
-    args, curve = read_args(directory), _read_summary(directory / "summary.csv")
+    args = read_args(directory)
+    curve = _read_summary(directory / "summary.csv")
     try:
         results = read_results(directory)
         status = str(results.get("status") or "unknown")
@@ -321,8 +322,8 @@ def describe_norm(spec: Any) -> tuple:
 def _is_plain_batch_norm(args: dict) -> bool:
     """BN without ghost batches, noise or block dropout: the reference line of the figures."""
     parts = _spec_parts(args.get("norm")) or ()
-    return [part.subtype for part in parts if part.kind not in ("gain", "bias")] == ["bn2d"] \
-        and dropout_of(args) is None
+    return ([part.subtype for part in parts if part.kind not in ("gain", "bias")] == ["bn2d"]
+            and dropout_of(args) is None)
 
 
 def dropout_of(args: dict) -> Optional[tuple]:
