@@ -725,7 +725,7 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
 def _first_names(names: list) -> str:
     """The first ten of ``names`` for a message, and how many more there are."""
     more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-    return ", ".join(repr(name) for name in names[:10]) + more if names else "none"
+    return (", ".join(repr(name) for name in names[:10]) + more) if names else "none"
 
 
 def check_same_classes(train_classes: Sequence, eval_classes: Sequence, args) -> None:

@@ -207,7 +207,7 @@ class DeviceImageLoader:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank: of ``N // world_size`` samples in training, of its chunk in eval."""
-        samples = len(self.epoch_indices()) if not self.train else self.num_samples // self.world_size
+        samples = self.num_samples // self.world_size if self.train else len(self.epoch_indices())
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
