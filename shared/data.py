@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision.datasets
 
 from shared import augment
-from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions,
+from shared.fast_loader import (DeviceImageLoader, array_images, batch_count, decode_to_uint8, shard_positions,
                                 stream_seed, unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
@@ -610,8 +610,7 @@ class TorchBatches:
         return len(self.sampler.indices())
 
     def __len__(self) -> int:
-        count = self.num_samples
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+        return batch_count(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
