@@ -607,7 +607,9 @@ def strings_in(value: Any) -> list:
     """Every string of ``value``, also those inside lists, tuples and mapping values (at any depth)."""
     if isinstance(value, str):
         return [value]
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else ()
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    items = value if isinstance(value, (list, tuple)) else ()  # a number, a bool, None...: no strings
     return [text for item in items for text in strings_in(item)]
 
 

@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import torchvision.datasets
 
 from shared import augment
-from shared.fast_loader import (DeviceImageLoader, array_images, decode_to_uint8, shard_positions,
+from shared.fast_loader import (DeviceImageLoader, array_images, batch_count, decode_to_uint8, shard_positions,
                                 stream_seed, unwrap_subsets)
 from shared.prefetch import DevicePrefetcher
 
@@ -610,8 +610,7 @@ class TorchBatches:
         return len(self.sampler.indices())
 
     def __len__(self) -> int:
-        count = self.num_samples
-        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+        return batch_count(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -725,7 +724,7 @@ def screen_folder_images(datasets: Sequence[Dataset], size_hw: tuple, strict: bo
 def _first_names(names: list) -> str:
     """The first ten of ``names`` for a message, and how many more there are."""
     more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-    return ", ".join(repr(name) for name in names[:10]) + more if names else "none"
+    return (", ".join(repr(name) for name in names[:10]) + more) if names else "none"
 
 
 def check_same_classes(train_classes: Sequence, eval_classes: Sequence, args) -> None:

@@ -45,6 +45,11 @@ def stream_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def batch_count(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``num_samples``: ``floor(num_samples / batch_size)``, or ``ceil`` without ``drop_last``."""
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
 # Stream identifiers, so that the permutation and the augmentation draws never share a generator.
 _PERMUTATION_STREAM, _AUGMENTATION_STREAM = 0, 1
 
@@ -207,8 +212,8 @@ class DeviceImageLoader:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank: of ``N // world_size`` samples in training, of its chunk in eval."""
-        samples = len(self.epoch_indices()) if not self.train else self.num_samples // self.world_size
-        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+        samples = self.num_samples // self.world_size if self.train else len(self.epoch_indices())
+        return batch_count(samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""

@@ -432,7 +432,8 @@ def test_torchvision_cifar(tmp_path, no_md5, hundred):
     assert images[:, 0, 0, 0].tolist() == [i % 256 for i in train.indices]
     assert labels.tolist() == [base.targets[i] for i in train.indices]
     config = data.resolve_data_config(args, kind, train, classes)
-    assert (config.mean, config.std) == data.NORMALIZATION[name] and config.recipe == "cifar" and config.crop_padding == 4
+    assert (config.mean, config.std) == data.NORMALIZATION[name]
+    assert config.recipe == "cifar" and config.crop_padding == 4
     loaders = data.create_loaders(args, torch.device("cpu"))
     assert loaders.train.kind == "DeviceImageLoader" and len(loaders.train) == 90 // 8
     # The test split under its aliases.

@@ -251,6 +251,7 @@ def test_fused_equals_unfused_with_same_generator():
     ({"type": "noise", "subtype": "gnri", "batch_size": 4}, r"unknown 'noise' part 'gnri'.*did you mean 'gnir'"),
     ("gni16-shfit", r"unknown variant '-shfit'.*did you mean 'shift'"),
     ('[{"type":"norm","subtype":"bn2d" "dkwargs":{}}]', r"JSON error at line 1, column 34"),
+    ('[ln, "bn2d\'s"]', r"unknown part at a norm site \"bn2d's\""),  # YAML (an apostrophe is no JSON error)
     ("[ln, {subtype: gnir ghost_batch_size: 12}]", r"YAML error at line 1, column 37"),
     ('{"subtype":"nat","dkwargs":{"batch_size":8,"scale_shift":True}}', r"scale_shift=True .* not implemented"),
     (_dropout(0.1, "bernoulli", "True").replace('"mean"', '"none"'), r"scaling_type='none' is not implemented"),

@@ -75,8 +75,9 @@ def _load_text(text: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         caret = _caret(text, mark.line, mark.column) if mark else ""
         raise SpecError(f"malformed spec {text!r}: YAML error{where}: {problem}{caret}") from None
-    # repr quotes strings with ' unless they contain one, so a '"' in it comes from inside a string
-    if json_error is not None and '"' in repr(loaded):
+    # a '"' inside a YAML scalar (a key or a value, at any depth) is JSON that YAML misread
+    if json_error is not None and any('"' in token.value for token in yaml.scan(text)
+                                      if isinstance(token, yaml.ScalarToken)):
         raise json_error
     return loaded
 
