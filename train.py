@@ -524,10 +524,12 @@ class Training:
         finite = not bad_losses and (amp or not bad_grads)
         return finite, finite and amp and bool(bad_grads)
 
-    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, loss: torch.Tensor) -> None:
+    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, losses: list) -> None:
         """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
         forward passes did to the running statistics (``skip``)."""
         if self.args.nonfinite == "stop":
+            # the first non-finite loss of the update's micro-batches (the last one when only a gradient was)
+            loss = next((loss for loss in losses if not torch.isfinite(loss)), losses[-1])
             raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
                                  f"site: {first_nonfinite_site(self.unwrapped, images)}")
         with torch.no_grad():
@@ -580,8 +582,7 @@ class Training:
             finite, overflow = self.check_update(losses)
             if not finite:
                 where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
-                bad_loss = next((loss for loss in losses if not torch.isfinite(loss)), losses[-1])
-                self.skip_update(buffers_before, where, images, bad_loss)
+                self.skip_update(buffers_before, where, images, losses)
                 skipped += 1
                 log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
             self.apply_update(finite)
