@@ -91,7 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             argv = argv[2:]
         else:
             when, count = argv[1], int(argv[2])
-            sigint_during_evaluation(count) if when == "eval" else sigint_during_step(int(when), count)
+            if when == "eval":
+                sigint_during_evaluation(count)
+            else:
+                sigint_during_step(int(when), count)
             argv = argv[3:]
     return train.main(argv)
 
