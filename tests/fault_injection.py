@@ -69,7 +69,8 @@ def sigint_during_step(step: int, count: int) -> None:
     build_model = train.build_model
 
     def build(*args, **kwargs):
-        model, forwards = build_model(*args, **kwargs), [0]
+        model = build_model(*args, **kwargs)
+        forwards = [0]  # training forward passes so far (a list: the hook below adds to it)
 
         def hook(module, _inputs):
             if module.training:
