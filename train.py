@@ -524,10 +524,12 @@ class Training:
         finite = not bad_losses and (amp or not bad_grads)
         return finite, finite and amp and bool(bad_grads)
 
-    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, loss: torch.Tensor) -> None:
+    def skip_update(self, buffers_before: list, where: str, images: torch.Tensor, losses: list) -> None:
         """A non-finite update: raise :class:`NonFiniteError` (``--nonfinite stop``), or undo what its
         forward passes did to the running statistics (``skip``)."""
         if self.args.nonfinite == "stop":
+            # the first non-finite loss of the update's micro-batches (the last one when only a gradient was)
+            loss = next((loss for loss in losses if not torch.isfinite(loss)), losses[-1])
             raise NonFiniteError(f"non-finite loss ({loss.item()}) or gradient at {where}; first non-finite "
                                  f"site: {first_nonfinite_site(self.unwrapped, images)}")
         with torch.no_grad():
@@ -561,13 +563,14 @@ class Training:
         self.model.train()
         loader.set_epoch(epoch)
         total_loss = torch.tensor(progress.partial_loss, device=info.device)
-        skipped = updates = overflows = 0
+        skipped = overflows = 0
         batches = loader.batches(progress.batch)
         bar = tqdm(total=num_batches, initial=progress.batch, desc=f"epoch {epoch}", unit="batch",
                    dynamic_ncols=True, disable=not progress_bar)
         last_log = time.time()
         # a resume starts at an update boundary: each group of micro-batches is one update
-        for group_start in range(progress.batch, num_batches, accum):
+        groups = range(progress.batch, num_batches, accum)
+        for group_start in groups:
             group_size = min(accum, num_batches - group_start)  # the last update of an epoch may be smaller
             end = group_start + group_size
             # a skipped update must also undo what its forward passes did to the running statistics
@@ -580,17 +583,16 @@ class Training:
             finite, overflow = self.check_update(losses)
             if not finite:
                 where = f"epoch {epoch}, step {end} of {num_batches} (update {progress.num_updates + 1})"
-                bad_loss = next((loss for loss in losses if not torch.isfinite(loss)), losses[-1])
-                self.skip_update(buffers_before, where, images, bad_loss)
+                self.skip_update(buffers_before, where, images, losses)
                 skipped += 1
                 log(info, f"WARNING: non-finite loss or gradient at {where}: update skipped ({skipped} this epoch)")
             self.apply_update(finite)
-            updates, overflows = updates + 1, overflows + overflow
-            lr = self.optimizer.param_groups[0]["lr"]
+            overflows += overflow
             if monitor is not None and monitor.armed:
                 self.logger.log(monitor.collect(progress.num_updates, epoch), step=progress.num_updates)
             if (end // accum) % args.log_interval == 0 or end == num_batches:
                 step_loss = losses[-1].item()
+                lr = self.optimizer.param_groups[0]["lr"]
                 self.logger.log({"train/loss": step_loss, "train/lr": lr, "epoch": epoch}, step=progress.num_updates)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
                 if not progress_bar and info.is_primary:
@@ -604,8 +606,8 @@ class Training:
                 self.save()
                 raise Preempted(f"epoch {epoch}, step {end}")
         bar.close()
-        if updates and skipped == updates:  # (the same on every process: `finite` is agreed on)
-            raise NonFiniteError(f"all {updates} updates of epoch {epoch} had a non-finite loss or gradient and "
+        if groups and skipped == len(groups):  # (the same on every process: `finite` is agreed on)
+            raise NonFiniteError(f"all {len(groups)} updates of epoch {epoch} had a non-finite loss or gradient and "
                                  f"were skipped (--nonfinite skip): the model is not training")
         sums = distributed.all_reduce_sum(torch.stack([total_loss, total_loss.new_tensor(num_batches)]), info)
         return {"train_loss": (sums[0] / sums[1].clamp_min(1)).item(),

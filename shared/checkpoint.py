@@ -87,9 +87,8 @@ def with_timm_keys(state: dict) -> dict:
         return state
     upgraded = {key: value for key, value in state.items() if key not in ("model", "ema", "scaler")}
     ema = state.get("ema")
-    upgraded.update(state_dict=state["model"], amp_scaler=state.get("scaler"),
-                    state_dict_ema=None if ema is None else {k.removeprefix("module."): v for k, v in ema.items()})
-    return upgraded
+    ema_weights = None if ema is None else {key.removeprefix("module."): value for key, value in ema.items()}
+    return {**upgraded, "state_dict": state["model"], "state_dict_ema": ema_weights, "amp_scaler": state.get("scaler")}
 
 
 def capture_rng_state(noise_generator: Optional[torch.Generator] = None) -> dict:

@@ -69,7 +69,8 @@ def sigint_during_step(step: int, count: int) -> None:
     build_model = train.build_model
 
     def build(*args, **kwargs):
-        model, forwards = build_model(*args, **kwargs), [0]
+        model = build_model(*args, **kwargs)
+        forwards = [0]  # training forward passes so far (a list: the hook below adds to it)
 
         def hook(module, _inputs):
             if module.training:
@@ -91,7 +92,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             argv = argv[2:]
         else:
             when, count = argv[1], int(argv[2])
-            sigint_during_evaluation(count) if when == "eval" else sigint_during_step(int(when), count)
+            if when == "eval":
+                sigint_during_evaluation(count)
+            else:
+                sigint_during_step(int(when), count)
             argv = argv[3:]
     return train.main(argv)
 
