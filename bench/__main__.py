@@ -16,6 +16,7 @@ import torch
 
 from bench import data_path, end_to_end, imagenet_loader, layers, noise_monitor, step
 from bench.table import format_table
+from nodo.functional import cpu_sums
 
 SECTIONS = ("layers", "step", "data", "imagenet", "e2e", "monitor")
 
@@ -87,7 +88,9 @@ def _device(name: str) -> torch.device:
 def _describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    # which path the channels_last layer rows measure: nodo's compiled sums, or torch ops without them
+    return (f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)  "
+            f"channels_last kernel: {cpu_sums.kernel_status()}")
 
 
 def main(argv=None) -> int:

@@ -8,11 +8,17 @@ folder is on ``sys.path`` when pytest collects it, and a plain import keeps them
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
+
+# nodo builds its channels_last CPU kernel with this compiler (nodo.functional.cpu_sums); where there
+# is none, the tests of that kernel skip (and the layers take their torch-op path)
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None,
+                                    reason="no C++ compiler to build nodo's channels_last kernel with")
 
 # float64 comparisons of two algebraically equal computations (per-sample sums in the layer, a
 # two-pass var_mean in the reference): both are exact to ~1e-16 relative, times a cancellation

@@ -21,7 +21,7 @@ from torch import nn
 import nodo
 import nodo.functional as NF
 from compile_check import assert_compiles_like_eager
-from conftest import DEVICE, F64, make_input, randomize_affine, spatial_shape
+from conftest import DEVICE, F64, make_input, needs_compiler, randomize_affine, spatial_shape
 from nodo.functional import kernels
 
 DIMS = [2, 3, 4, 5]
@@ -255,9 +255,11 @@ def test_portable_kernels_never_call_aten(layout, monkeypatch):
 
     for name in ("_aten_row_sums", "_aten_ghost_statistics", "_aten_ghost_grad_sums"):
         monkeypatch.setattr(kernels, name, forbidden)
+    monkeypatch.setattr(NF.cpu_sums, "_call", forbidden)  # nodo's compiled kernel
     x = make_input((8, 3, 4, 4), torch.float32).contiguous(memory_format=layout).requires_grad_()
     with kernels.portable_kernels():
         nodo.GhostBatchNorm2d(3, 4, device=DEVICE)(x).sum().backward()
+        nodo.ExclusiveBatchNorm2d(3, 4, device=DEVICE)(x).sum().backward()
     with pytest.raises(AssertionError, match="private ATen"):
         nodo.GhostBatchNorm2d(3, 4).cpu()(x.detach().cpu()).sum()
 
@@ -341,15 +343,19 @@ def _sliced_layer(family, dims):
     return layer.eval() if family == "en" else layer
 
 
+@pytest.mark.parametrize("sums", ["sliced", pytest.param("kernel", marks=needs_compiler)])
 @pytest.mark.parametrize("mean,folded", [(0.5, True), (50.0, False)], ids=["folded", "shifted"])
 @pytest.mark.parametrize("dims", [4, 5])
 @pytest.mark.parametrize("family", list(VARIANTS))
-def test_channels_last_slices_give_the_contiguous_results(family, dims, mean, folded, monkeypatch):
-    """channels_last (2d and 3d) input summed in slices of 3 samples (3 + 3 + 3 + 1 of a batch of
+def test_channels_last_slices_give_the_contiguous_results(family, dims, mean, folded, sums, monkeypatch):
+    """channels_last (2d and 3d) input, its per-sample sums taken by nodo's compiled kernel
+    (``kernel``) or by torch ops in slices of 3 samples (``sliced``: 3 + 3 + 3 + 1 of a batch of
     10): forward and backward equal the contiguous layout's, in float64 (only the summation order
     differs). At a mean of 0.5 (std 2) the output is one multiply-add from ``x`` (folded); at 50 it
-    is formed from ``x - k`` slice by slice too. EvalNorm is checked at evaluation (in training it
-    is GBN), forward only: its fused evaluation runs without gradient."""
+    is formed from ``x - k`` slice by slice. EvalNorm is checked at evaluation (in training it is
+    GBN), forward only: its fused evaluation runs without gradient."""
+    if sums == "sliced":
+        monkeypatch.setattr(NF.cpu_sums, "channels_last_sums", lambda *args: None)
     x = make_input(spatial_shape(dims, 10, 3), mean=mean)
     upstream = make_input(spatial_shape(dims, 10, 3), seed=1, mean=0.0, std=1.0)
     monkeypatch.setattr(NF.statistics, "_SLICE_BYTES", 3 * x[0].numel() * x.element_size())
@@ -378,8 +384,8 @@ def test_channels_last_slices_give_the_contiguous_results(family, dims, mean, fo
     if DEVICE.type == "cpu":  # the sums, the gradient's sums in training, the output unless folded
         # GBN takes batch norm's kernels per ghost batch (nodo.functional.kernels.ghost_statistics,
         # ghost_grad_sums) instead, except for its statistics at a mean beyond 8 std
-        sums = {"en": 1, "gbn": int(not folded)}.get(family, 2)
-        passes = sums + (not folded)
+        sliced_sums = {"en": 1, "gbn": int(not folded)}.get(family, 2) if sums == "sliced" else 0
+        passes = sliced_sums + (not folded)
         assert slice_sizes == [[3, 3, 3, 1]] * passes, "the channels_last input did not take the sliced passes"
     for contiguous, channels_last in zip(*results):
         torch.testing.assert_close(channels_last, contiguous, **F64)

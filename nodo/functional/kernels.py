@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["sample_sums", "fast_row_sums_available", "ghost_statistics", "ghost_grad_sums",
-           "fast_ghost_kernels_available", "portable_kernels"]
+           "fast_ghost_kernels_available", "portable_kernels", "portable_only"]
 
 _forced_portable = False
 
@@ -177,9 +177,15 @@ _FAST_ROW_SUMS = fast_row_sums_available()
 _FAST_GHOST_KERNELS = fast_ghost_kernels_available()
 
 
+def portable_only() -> bool:
+    """Whether :func:`portable_kernels` is in force (then nodo's compiled kernel is skipped too)."""
+    return _forced_portable
+
+
 @contextlib.contextmanager
 def portable_kernels() -> Iterator[None]:
-    """Within this block every nodo layer uses only public, portable torch ops (for tests)."""
+    """Within this block every nodo layer uses only public, portable torch ops (for tests): no ATen
+    internals and not nodo's compiled kernel (:mod:`nodo.functional.cpu_sums`)."""
     global _forced_portable
     previous, _forced_portable = _forced_portable, True
     try:

@@ -17,10 +17,12 @@ small against the batch or ghost-batch variance it is combined with).
 The output is ``y = u * scale + shift`` with ``scale, shift`` per (sample, channel) and no large
 intermediate (:func:`shifted_affine`). On a contiguous activation ``u`` is written once into the
 buffer that becomes the output (allocating an activation costs far more than a pass over one
-already allocated) and ``y`` computed from it in place. On a channels_last CPU activation the sums
-run a slice of samples at a time (:func:`_pieces`), so ``u`` lives in a cache-sized buffer, and
-``y`` is one multiply-add from ``x`` where the shift is small against the scale (:func:`_foldable`):
-the forward reads ``x`` once for the sums and once more to write ``y``, as ``nn.BatchNorm2d`` does.
+already allocated) and ``y`` computed from it in place. On a channels_last CPU activation nodo's
+compiled kernel takes the sums in one read (:mod:`nodo.functional.cpu_sums`; where it cannot be
+built, torch ops a slice of samples at a time, :func:`_pieces`, so ``u`` lives in a cache-sized
+buffer), and ``y`` is one multiply-add from ``x`` where the shift is small against the scale
+(:func:`_foldable`): the forward reads ``x`` once for the sums and once more to write ``y``, as
+``nn.BatchNorm2d`` does.
 
 Statistics are float32 whatever the input dtype (float64 for float64 input, for gradcheck).
 """
@@ -34,7 +36,7 @@ from typing import Iterator, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from nodo.functional import kernels
+from nodo.functional import cpu_sums, kernels
 
 __all__ = [
     "Momentum",
@@ -152,11 +154,11 @@ def _channels_last_rows(*tensors: Tensor) -> Optional[list[Tensor]]:
     """The ``(B, L, C)`` views of CPU tensors in the statistics dtype stored channels-innermost, in
     eager mode; ``None`` when any of them is not such a tensor (they take the plain path).
 
-    On such tensors the per-sample sums run slice by slice of the batch (:func:`_pieces`), and the
-    output too where it cannot be folded (:func:`shifted_affine`). Known limit: each op on a slice
-    is a fork-join of the intra-op threads, and on cores busy with other processes each join can
-    wait a scheduler slice for a descheduled thread, so there the ~35 joins of a GNI step cost
-    several times BatchNorm2d's few.
+    On such tensors the per-sample sums are taken by nodo's compiled kernel
+    (:mod:`nodo.functional.cpu_sums`) or, without it, slice by slice of the batch (:func:`_pieces`);
+    the output is formed slice by slice where it cannot be folded (:func:`shifted_affine`). Known
+    limit of the slices: each op on a slice is a fork-join of the intra-op threads, and on cores busy
+    with other processes each join can wait a scheduler slice for a descheduled thread.
     """
     if torch.compiler.is_compiling():
         return None
@@ -275,8 +277,10 @@ class ShiftedSums(NamedTuple):
 def shifted_sums(input: Tensor) -> ShiftedSums:
     """Per-(sample, channel) sums of ``u = x - k`` and ``u^2`` about :func:`channel_shift` ``k``.
 
-    On the CPU in float32/float64: channels_last, the sums taken slice by slice with ``u`` in a
-    slice-sized buffer (:func:`_sliced_sums`; one read, no ``centered`` buffer); contiguous, one
+    On the CPU in float32/float64: channels_last, the sums taken in one read by nodo's compiled
+    kernel (:func:`nodo.functional.cpu_sums.channels_last_sums`), or where it cannot be built slice
+    by slice with ``u`` in a slice-sized buffer (:func:`_sliced_sums`), with no ``centered`` buffer
+    either way; contiguous, one
     write of ``u`` into a fresh ``empty_like(input)`` buffer (``centered``) and one read by ATen's
     fused reduction (:func:`nodo.functional.kernels.sample_sums`). Elsewhere ``u`` is written the
     same way, then a sum and a ``vector_norm`` that upcasts element by element, with no float32
@@ -287,7 +291,8 @@ def shifted_sums(input: Tensor) -> ShiftedSums:
     values = values_per_sample(input)
     channels_last = _channels_last_rows(input)
     if channels_last is not None:
-        sum_sq, total = _sliced_sums(channels_last[0], shift)
+        rows = channels_last[0]
+        sum_sq, total = cpu_sums.channels_last_sums(rows, shift) or _sliced_sums(rows, shift)
         return ShiftedSums(shift, total, sum_sq, values, None)
     centered = centered_input(input, shift)
     if input.dim() == 2:  # one value per (sample, channel); a copy, the caller overwrites `centered`
@@ -333,8 +338,9 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor
 
     ``shift`` is the ``(C,)`` shift of :func:`shifted_sums` (representable in the input's dtype).
     CPU tensors in the statistics dtype, both contiguous: one fused read of both
-    (:func:`nodo.functional.kernels.sample_sums`); both channels_last: slice by slice
-    (:func:`_sliced_sums`); the difference is formed element by element in both. Otherwise
+    (:func:`nodo.functional.kernels.sample_sums`); both channels_last: nodo's compiled kernel
+    (:func:`nodo.functional.cpu_sums.channels_last_sums`), else slice by slice
+    (:func:`_sliced_sums`); the difference is formed element by element in all. Otherwise
     ``u * dy`` is formed in a new tensor, in float32 for reduced-precision inputs (``E - mean * D``
     cancels badly in 8 bits). The third value is that tensor when it has the input's dtype (scratch
     for :func:`input_gradient`), else ``None``.
@@ -343,7 +349,8 @@ def grad_sums(grad_output: Tensor, input: Tensor, shift: Tensor) -> tuple[Tensor
     channels_last = _channels_last_rows(input, grad_output)
     if channels_last is not None:
         input_rows, grad_rows = channels_last
-        dot, total = _sliced_sums(input_rows, shift, grad_rows)
+        dot, total = (cpu_sums.channels_last_sums(input_rows, shift, grad_rows)
+                      or _sliced_sums(input_rows, shift, grad_rows))
         return total, dot, None
     fused = kernels.sample_sums(grad_output, input, shift)
     if fused is not None:
