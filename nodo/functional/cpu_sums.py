@@ -69,7 +69,7 @@ def _cache_dir() -> Path:
 def _compiler_arguments(output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).resolve().parent
     return ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}", f"-I{torch_dir / 'include'}",
             str(_SOURCE), "-o", str(output), f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}",
             "-lc10", "-ltorch_cpu"]
 
