@@ -75,10 +75,11 @@ def test_declines_what_it_does_not_apply_to():
 
 LAYERS = {
     "gni": lambda: nodo.GhostNoiseBatchNorm2d(4, 4, generator=torch.Generator().manual_seed(0)),
+    "gbn": lambda: nodo.GhostBatchNorm2d(4, 4),  # instead of batch norm's kernels per ghost batch
     "xbn": lambda: nodo.ExclusiveBatchNorm2d(4, 4),
     "en-eval": lambda: nodo.EvalNorm2d(4, 4).eval(),
 }
-CALLS = {"gni": 2, "xbn": 2, "en-eval": 1}  # forward sums, and backward sums where there is a backward
+CALLS = {"gni": 2, "gbn": 2, "xbn": 2, "en-eval": 1}  # forward sums, and backward sums where there is a backward
 
 
 @needs_compiler

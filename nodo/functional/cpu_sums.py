@@ -48,7 +48,7 @@ from torch import Tensor
 
 from nodo.functional import kernels
 
-__all__ = ["channels_last_sums", "kernel_status", "library_path", "SWITCH", "CACHE_DIR"]
+__all__ = ["channels_last_sums", "available", "kernel_status", "library_path", "SWITCH", "CACHE_DIR"]
 
 SWITCH = "NODO_CPU_KERNEL"  # "0": never build or load the kernel
 CACHE_DIR = "NODO_CACHE_DIR"  # where built libraries are kept (default ~/.cache/nodo)
@@ -166,6 +166,12 @@ def _kernel_or_none():
             return None
         _kernel, _status = function, f"loaded from {path}"
         return _kernel
+
+
+def available() -> bool:
+    """Whether :func:`channels_last_sums` runs the kernel on the tensors it applies to (building it
+    first if that has not been tried): not under ``portable_kernels()``, ``torch.compile`` or the switch."""
+    return not (kernels.portable_only() or torch.compiler.is_compiling()) and _kernel_or_none() is not None
 
 
 def kernel_status() -> str:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["sample_sums", "fast_row_sums_available", "ghost_statistics", "ghost_grad_sums",
-           "fast_ghost_kernels_available", "portable_kernels", "portable_only"]
+           "fast_ghost_kernels_available", "ghost_kernels_apply", "portable_kernels", "portable_only"]
 
 _forced_portable = False
 
@@ -141,8 +141,10 @@ def fast_ghost_kernels_available() -> bool:
     return all(g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, expected))
 
 
-def _ghost_kernels_apply(*tensors: Tensor) -> bool:
-    # channels_last 2d/3d CPU tensors of one float dtype, in eager mode (dynamo would trace the loop)
+def ghost_kernels_apply(*tensors: Tensor) -> bool:
+    """Whether :func:`ghost_statistics` and :func:`ghost_grad_sums` run batch norm's kernels on these
+    tensors: channels_last 2d/3d CPU tensors of one float dtype, in eager mode (dynamo would trace
+    the loop), with the kernels available and enabled."""
     if _forced_portable or not _FAST_GHOST_KERNELS or torch.compiler.is_compiling():
         return False
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -158,7 +160,7 @@ def ghost_statistics(input: Tensor, sizes) -> Optional[Tuple[Tensor, Tensor]]:
     float32/float64 inputs (the layout whose per-sample sums cost several passes); ``None``
     elsewhere, and where the kernel is unavailable or disabled (:func:`portable_kernels`).
     """
-    return _aten_ghost_statistics(input, sizes) if _ghost_kernels_apply(input) else None
+    return _aten_ghost_statistics(input, sizes) if ghost_kernels_apply(input) else None
 
 
 def ghost_grad_sums(grad: Tensor, input: Tensor, center: Tensor, sizes) -> Optional[Tuple[Tensor, Tensor]]:
@@ -167,7 +169,7 @@ def ghost_grad_sums(grad: Tensor, input: Tensor, center: Tensor, sizes) -> Optio
     The difference is formed element by element (accurate at any mean). Same conditions as
     :func:`ghost_statistics`, with ``grad`` like ``input`` and ``center`` in their dtype.
     """
-    if not (_ghost_kernels_apply(grad, input) and center.dtype == input.dtype):
+    if not (ghost_kernels_apply(grad, input) and center.dtype == input.dtype):
         return None
     return _aten_ghost_grad_sums(grad, input, center, sizes)
 
