@@ -14,8 +14,9 @@ How it is built, and what happens when it cannot be:
 * On the first call that needs it, with the C++ compiler ``$CXX`` (default ``c++``) against the
   running torch's headers and libraries, into ``$NODO_CACHE_DIR`` (default ``~/.cache/nodo``) as
   ``channels_last_sums-<key>.so``. The key hashes the source, the compiler's arguments, the torch
-  build and the machine type, so a change to any of them builds a new library, and a directory
-  shared by cluster nodes or virtual environments never hands one a library built for another torch. A build takes about a second.
+  build, the machine type and the C library, so a change to any of them builds a new library, and
+  a folder shared by cluster nodes or virtual environments never hands one a library built for
+  another torch or system image. A build takes about a second.
 * The library is written under a temporary name and renamed into place, so processes building at
   once (ranks of one job, tests in parallel) need no lock, and a build killed halfway leaves no
   library behind to load.
@@ -75,10 +76,10 @@ def _compiler_arguments(output: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    """Where the kernel built for this source, these arguments, torch build and machine type is kept
-    (not the compiler: any that builds it builds the same kernel)."""
+    """Where the kernel built for this source, these arguments, torch build, machine type and C
+    library is kept (not the compiler: any that builds it builds the same kernel)."""
     identity = [_SOURCE.read_text(), " ".join(_compiler_arguments(Path("OUT"))), torch.__version__,
-                str(torch.version.git_version), platform.machine(), platform.system()]
+                str(torch.version.git_version), platform.machine(), platform.system(), " ".join(platform.libc_ver())]
     key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
     return _cache_dir() / f"channels_last_sums-{key}.so"
 
