@@ -9,7 +9,7 @@
 // contiguously, into C accumulators. Blocks of kBlockRows rows are summed in the input's type,
 // then added into double totals, so the rounding grows with the block, not with L.
 //
-// Built by nodo/functional/cpu_extension.py with the system C++ compiler on first use and loaded
+// Built by nodo/functional/cpu_sums.py with the system C++ compiler on first use and loaded
 // with ctypes; the entry point is a plain C function taking pointers that the Python side has
 // checked (dtype, device, shapes, contiguity). Parallel over samples on torch's intra-op threads.
 

@@ -181,6 +181,16 @@ def kernel_status() -> str:
     return _status
 
 
+def _applies(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor]) -> bool:
+    # the shapes, dtypes, device and layout the C function assumes: it reads raw pointers
+    if input_rows.dim() != 3 or input_rows.dtype not in _DTYPE_CODES or center.shape != input_rows.shape[2:]:
+        return False
+    if grad_rows is not None and grad_rows.shape != input_rows.shape:
+        return False
+    tensors = [input_rows, center] + ([] if grad_rows is None else [grad_rows])
+    return all(t.device.type == "cpu" and t.dtype == input_rows.dtype and t.is_contiguous() for t in tensors)
+
+
 def channels_last_sums(input_rows: Tensor, center: Tensor,
                        grad_rows: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
     """Per-(sample, channel) sums of ``(B, L, C)`` rows, ``u = input - center``, by the compiled kernel:
@@ -191,12 +201,7 @@ def channels_last_sums(input_rows: Tensor, center: Tensor,
     kernel does not apply (another device, dtype or layout, or under ``torch.compile``), is
     disabled, or could not be built; the caller then takes its torch-op path.
     """
-    if kernels.portable_only() or torch.compiler.is_compiling():
-        return None
-    tensors = [input_rows, center] + ([] if grad_rows is None else [grad_rows])
-    if input_rows.dtype not in _DTYPE_CODES or input_rows.dim() != 3 or center.shape != input_rows.shape[2:] \
-            or (grad_rows is not None and grad_rows.shape != input_rows.shape) \
-            or any(t.device.type != "cpu" or t.dtype != input_rows.dtype or not t.is_contiguous() for t in tensors):
+    if kernels.portable_only() or torch.compiler.is_compiling() or not _applies(input_rows, center, grad_rows):
         return None
     function = _kernel_or_none()
     return None if function is None else _call(function, input_rows, center, grad_rows)
