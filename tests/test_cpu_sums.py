@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,30 @@ def test_layers_take_the_kernel_on_channels_last_cpu_input_only(name, monkeypatc
             if layer.training:
                 output.square().sum().backward()
         assert len(calls) == expected, f"{name} on {layout}: {len(calls)} kernel calls"
+
+
+def _no_home(cls):
+    raise RuntimeError("Could not determine home directory.")  # as Path.home() without HOME or a passwd entry
+
+
+@pytest.mark.parametrize("cause", ["no source file", "no home folder"])
+def test_a_library_path_that_cannot_be_formed_gives_the_torch_op_path(cause, monkeypatch, tmp_path):
+    """The kernel's source missing from an install, or no home folder for the default cache (a container
+    run as a user without one): one warning and ``None``, as for a failed build, not an error from the layer."""
+    monkeypatch.setattr(cpu_sums, "_status", None)  # not tried yet in this process (restored after)
+    monkeypatch.setattr(cpu_sums, "_kernel", None)
+    if cause == "no source file":
+        monkeypatch.setattr(cpu_sums, "_SOURCE", tmp_path / "missing.cpp")
+    else:
+        monkeypatch.delenv(cpu_sums.CACHE_DIR, raising=False)
+        monkeypatch.setattr(Path, "home", classmethod(_no_home))
+    rows, center = torch.zeros(2, 3, 4), torch.zeros(4)
+    with pytest.warns(RuntimeWarning, match="channels_last CPU kernel is unavailable"):
+        assert cpu_sums.channels_last_sums(rows, center) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert cpu_sums.channels_last_sums(rows, center) is None
+    assert cpu_sums.kernel_status().startswith("unavailable (")
 
 
 # --- building, in fresh processes -------------------------------------------------------------

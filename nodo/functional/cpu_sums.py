@@ -22,9 +22,10 @@ How it is built, and what happens when it cannot be:
   library behind to load.
 * Loaded with :mod:`ctypes` and checked once against the torch ops it replaces on small tensors;
   the entry point is a C function of pointers, called only on tensors checked here.
-* If there is no compiler, the build fails, or the check disagrees, a warning names the reason
-  once, and the layers take their torch-op path: the same results to float rounding, at the
-  speed the README's Performance section reports for it. ``NODO_CPU_KERNEL=0`` skips the build
+* If there is no compiler (or no kernel source, or no home folder for the default cache), the
+  build or load fails, or the check disagrees, a warning names the reason once, and the layers
+  take their torch-op path: the same results to float rounding, at the speed the README's
+  Performance section reports for it. ``NODO_CPU_KERNEL=0`` skips the build
   (no warning); :func:`nodo.functional.kernels.portable_kernels` skips the kernel too.
 
 OpenMP: the kernel runs on torch's intra-op threads (``at::parallel_for``, compiled with
@@ -152,14 +153,14 @@ def _kernel_or_none():
         if os.environ.get(SWITCH, "1") == "0":
             _status = f"disabled by {SWITCH}=0"
             return None
-        path = library_path()
         try:
+            path = library_path()  # reads the source and may need the home folder: can fail too
             if not path.exists():
                 _build(path)
             function = _load(path)
             if not _agrees(function):
                 raise RuntimeError(f"{path} disagrees with torch's sums")
-        except Exception as error:  # no compiler, a failed build or load: the torch-op path
+        except Exception as error:  # no source, cache folder or compiler, a failed build or load: torch ops
             _status = f"unavailable ({error})"
             warnings.warn(f"nodo: its channels_last CPU kernel is {_status}; channels_last CPU norm layers "
                           f"use torch ops instead (same results, slower). Set {SWITCH}=0 to skip the build.",
