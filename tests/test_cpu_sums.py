@@ -67,6 +67,8 @@ def test_declines_what_it_does_not_apply_to():
         "grad of another shape": (rows, center, torch.zeros(2, 3, 5)),
         "grad of another dtype": (rows, center, rows.double()),
         "two dims": (rows[0], center, None),
+        "meta device": (rows.to("meta"), center.to("meta"), None),  # no memory behind data_ptr()
+        "mkldnn layout": (rows.to_mkldnn(), center, None),  # is_contiguous() yet no data_ptr()
     }
     for name, arguments in declined.items():
         assert cpu_sums.channels_last_sums(*arguments) is None, name
@@ -150,22 +152,42 @@ print("STATUS", cpu_sums.kernel_status())
 """
 
 
-def _run(cache: Path, **environment) -> subprocess.Popen:
+def _run(cache: Path, script: str = SCRIPT, **environment) -> subprocess.Popen:
     env = {key: value for key, value in os.environ.items() if key not in (cpu_sums.SWITCH, "CXX")}
     env.update({cpu_sums.CACHE_DIR: str(cache), "PYTHONPATH": str(ROOT), **environment})
-    return subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def _finish(process) -> tuple[str, str]:
+def _finish(process, marker: str = "STATUS ") -> tuple[str, str]:
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
-    status = [line for line in stdout.splitlines() if line.startswith("STATUS ")]
-    return status[0][len("STATUS "):], stderr
+    assert process.returncode == 0, f"exit status {process.returncode}: {stderr}"
+    status = [line for line in stdout.splitlines() if line.startswith(marker)]
+    return status[0][len(marker):], stderr
 
 
 def _files(cache: Path) -> list[str]:
     return sorted(path.name for path in cache.iterdir()) if cache.exists() else []
+
+
+FAKE_SCRIPT = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from nodo.functional import cpu_sums
+assert cpu_sums.available(), cpu_sums.kernel_status()
+with FakeTensorMode():  # CPU tensors by their device, with a null data_ptr()
+    rows, center = torch.randn(2, 3, 4), torch.zeros(4)
+    print("RESULT", cpu_sums.channels_last_sums(rows, center))
+"""
+
+
+@needs_compiler
+def test_declines_fake_tensors():
+    """A FakeTensor (shape propagation in eager mode, outside torch.compile) gets ``None``, not its
+    null pointer passed to the C function; in a fresh process, which that would crash."""
+    assert cpu_sums.available(), cpu_sums.kernel_status()
+    stdout, _ = _finish(_run(cpu_sums.library_path().parent, script=FAKE_SCRIPT), marker="RESULT ")
+    assert stdout == "None"
 
 
 @needs_compiler

@@ -183,12 +183,16 @@ def kernel_status() -> str:
 
 
 def _applies(input_rows: Tensor, center: Tensor, grad_rows: Optional[Tensor]) -> bool:
-    # the shapes, dtypes, device and layout the C function assumes: it reads raw pointers
+    # the tensors, shapes, dtypes, device and layout the C function assumes: it reads raw pointers.
+    # Plain strided tensors only: a subclass (FakeTensor: a CPU device and a null data_ptr()) or an
+    # mkldnn tensor may have no memory of that layout behind data_ptr().
+    tensors = [input_rows, center] + ([] if grad_rows is None else [grad_rows])
+    if not all(type(t) is torch.Tensor and t.layout == torch.strided for t in tensors):
+        return False
     if input_rows.dim() != 3 or input_rows.dtype not in _DTYPE_CODES or center.shape != input_rows.shape[2:]:
         return False
     if grad_rows is not None and grad_rows.shape != input_rows.shape:
         return False
-    tensors = [input_rows, center] + ([] if grad_rows is None else [grad_rows])
     return all(t.device.type == "cpu" and t.dtype == input_rows.dtype and t.is_contiguous() for t in tensors)
 
 
@@ -199,8 +203,8 @@ def channels_last_sums(input_rows: Tensor, center: Tensor,
 
     ``input_rows`` (and ``grad_rows``) contiguous float32/float64 CPU tensors, the ``(B, L, C)``
     view of a channels_last activation; ``center`` ``(C,)`` of their dtype. ``None`` where the
-    kernel does not apply (another device, dtype or layout, or under ``torch.compile``), is
-    disabled, or could not be built; the caller then takes its torch-op path.
+    kernel does not apply (another device, dtype or layout, a tensor subclass, or under
+    ``torch.compile``), is disabled, or could not be built; the caller then takes its torch-op path.
     """
     if kernels.portable_only() or torch.compiler.is_compiling() or not _applies(input_rows, center, grad_rows):
         return None
