@@ -25,8 +25,16 @@ from nodo.functional import cpu_sums, kernels
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK_ROWS = 64  # kBlockRows in the kernel: rows summed in the input's dtype before a float64 total
 
-# (B, L, C): odd channel counts, a partial block, a long sample, one value per sample, no values
-SHAPES = [(1, 1, 1), (3, 70, 5), (5, 129, 67), (2, 4096, 3), (4, 0, 3)]
+# (B, L, C): odd channel counts, a partial block, a long sample, one value per sample, no values,
+# no samples, no channels
+SHAPES = [(1, 1, 1), (3, 70, 5), (5, 129, 67), (2, 4096, 3), (4, 0, 3), (0, 5, 3), (2, 5, 0)]
+
+
+def _exact_sums(terms: torch.Tensor) -> torch.Tensor:
+    """``(B, L, C)`` float64 terms -> their ``(B, C)`` sums over ``L``, each correctly rounded (``math.fsum``)."""
+    batch_size, _, channels = terms.shape
+    sums = [[math.fsum(column) for column in sample] for sample in terms.transpose(1, 2).tolist()]
+    return torch.tensor(sums, dtype=torch.float64).reshape(batch_size, channels)
 
 
 @needs_compiler
@@ -34,15 +42,18 @@ SHAPES = [(1, 1, 1), (3, 70, 5), (5, 129, 67), (2, 4096, 3), (4, 0, 3)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sums_are_within_the_rounding_bound_of_their_summation(shape, dtype, with_grad):
-    """Against float64 sums of the same values. Per output, each term is formed with at most 3
-    roundings (``u = x - k``, then ``u * u`` or ``g * u``); a block of at most 64 terms is summed in
-    the input's dtype (at most 63 more on any term), the blocks' sums in float64 (one more per block
-    for float64 input), and the result is rounded once. So with unit roundoff ``r``:
-    ``|error| <= (3 + 63 + blocks) r sum|terms| + r |sum|``."""
+    """Against the correctly rounded sums (``math.fsum``) of the same terms formed in float64: for
+    float32 input within float64's rounding of the exact terms (2^-29 of float32's); for float64
+    input from the same ``u`` as the kernel's, each product rounded once (the kernel's product once
+    or, fused, not at all). Per output, each term is formed with at most 3 roundings (``u = x - k``,
+    then ``u * u`` or ``g * u``); a block of at most 64 terms is summed in the input's dtype (at
+    most 63 more on any term), the blocks' sums in float64 (one more per block for float64 input),
+    and the result is rounded once (float32), or the reference is (float64). So with unit
+    roundoff ``r``: ``|error| <= (3 + 63 + blocks) r sum|terms| + r |sum|``."""
     generator = torch.Generator().manual_seed(0)
     rows = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 3).to(dtype)
     grad = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) if with_grad else None
-    center = (rows[:, :1].mean((0, 1)) if shape[1] else torch.zeros(shape[2], dtype=dtype)).contiguous()
+    center = (rows[:, :1].mean((0, 1)) if rows[:, :1].numel() else torch.zeros(shape[2], dtype=dtype)).contiguous()
     got = cpu_sums.channels_last_sums(rows, center, grad)
     assert got is not None, cpu_sums.kernel_status()
     centered = rows.double() - center.double()
@@ -50,11 +61,28 @@ def test_sums_are_within_the_rounding_bound_of_their_summation(shape, dtype, wit
     terms = factor * centered
     roundoff = torch.finfo(dtype).eps / 2
     blocks = math.ceil(shape[1] / BLOCK_ROWS)
-    for result, exact, magnitude in ((got[0], terms.sum(1), terms.abs().sum(1)),
-                                     (got[1], factor.sum(1), factor.abs().sum(1))):
+    for result, exact, magnitude in ((got[0], _exact_sums(terms), terms.abs().sum(1)),
+                                     (got[1], _exact_sums(factor), factor.abs().sum(1))):
         assert result.dtype == dtype and result.shape == (shape[0], shape[2])
         bound = (3 + BLOCK_ROWS - 1 + blocks) * roundoff * magnitude + roundoff * exact.abs()
         assert bool(((result.double() - exact).abs() <= bound).all()), (result.double() - exact).abs().max()
+
+
+@needs_compiler
+@pytest.mark.parametrize("with_grad", [False, True], ids=["moments", "grad"])
+def test_a_view_into_a_larger_tensor_gives_the_sums_of_its_own_values(with_grad):
+    """Contiguous views that start inside their storage (a slice of samples): the kernel reads from
+    the view's first value (``data_ptr()`` with the offset), so the sums equal a copy's, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    rows, grad = (torch.randn(5, 70, 6, generator=generator) for _ in range(2))
+    center = torch.randn(2, 6, generator=generator)[1]
+    view = (rows[2:4], center, grad[1:3] if with_grad else None)
+    assert all(t.storage_offset() > 0 and t.is_contiguous() for t in view if t is not None)
+    got = cpu_sums.channels_last_sums(*view)
+    expected = cpu_sums.channels_last_sums(*(None if t is None else t.clone() for t in view))
+    assert got is not None, cpu_sums.kernel_status()
+    for result, reference in zip(got, expected):
+        assert torch.equal(result, reference)
 
 
 def test_declines_what_it_does_not_apply_to():
