@@ -198,6 +198,29 @@ def _files(cache: Path) -> list[str]:
     return sorted(path.name for path in cache.iterdir()) if cache.exists() else []
 
 
+UNTRIED_SCRIPT = """
+import torch, nodo
+from nodo.functional import cpu_sums
+layers = [lambda: nodo.GhostNoiseBatchNorm2d(4, 4, generator=torch.Generator().manual_seed(0)),
+          lambda: nodo.GhostBatchNorm2d(4, 4), lambda: nodo.ExclusiveBatchNorm2d(4, 4)]
+x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+inputs = [x, x.bfloat16().contiguous(memory_format=torch.channels_last)]
+for make in layers:
+    for input in inputs:
+        make().to(input.dtype)(input.clone().requires_grad_()).float().square().sum().backward()
+        nodo.EvalNorm2d(4, 4).to(input.dtype).eval()(input)
+print("STATUS", cpu_sums._status)
+"""
+
+
+def test_input_it_does_not_apply_to_never_tries_a_build(tmp_path):
+    """Contiguous float32 and channels_last bfloat16 input through every layer, forward and backward,
+    in a fresh process: the kernel is never built, loaded or warned about (``_status`` untried)."""
+    cache = tmp_path / "cache"
+    status, stderr = _finish(_run(cache, script=UNTRIED_SCRIPT, CXX="false"))
+    assert status == "None" and "RuntimeWarning" not in stderr and not cache.exists(), stderr
+
+
 FAKE_SCRIPT = """
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
