@@ -208,10 +208,10 @@ class _MixedStatisticsNorm(torch.autograd.Function):
     Saved for backward: the input and small tensors, as ``nn.BatchNorm2d``.
 
     Ghost batch norm (not exclusive) on a channels_last CPU input, where nodo's compiled kernel is
-    not available, takes its sums per ghost batch
-    from batch norm's own kernels (:func:`_ghost_shifted_sums`, :func:`_ghost_grad_sums`): its
-    statistics and gradients need no per-sample sums, and the per-sample mean it returns is then
-    the sample's ghost-batch mean (their batch mean is the same).
+    not available, takes its sums per ghost batch from batch norm's own kernels
+    (:func:`_ghost_shifted_sums`, :func:`_ghost_grad_sums`): its statistics and gradients need no
+    per-sample sums, and the per-sample mean it returns is then the sample's ghost-batch mean
+    (their batch mean is the same).
     """
 
     @staticmethod

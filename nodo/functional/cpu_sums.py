@@ -20,8 +20,8 @@ How it is built, and what happens when it cannot be:
 * The library is written under a temporary name and renamed into place, so processes building at
   once (ranks of one job, tests in parallel) need no lock, and a build killed halfway leaves no
   library behind to load.
-* Loaded with :mod:`ctypes` and checked once against the torch ops it replaces on small tensors;
-  the entry point is a C function of pointers, called only on tensors checked here.
+* Loaded with :mod:`ctypes` and checked once against float64 torch sums on small tensors; the
+  entry point is a C function of pointers, called only on tensors checked here.
 * If there is no compiler (or no kernel source, or no home folder for the default cache), the
   build or load fails, or the check disagrees, a warning names the reason once, and the layers
   take their torch-op path: the same results to float rounding, at the speed the README's

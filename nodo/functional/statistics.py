@@ -280,11 +280,10 @@ def shifted_sums(input: Tensor) -> ShiftedSums:
     On the CPU in float32/float64: channels_last, the sums taken in one read by nodo's compiled
     kernel (:func:`nodo.functional.cpu_sums.channels_last_sums`), or where it cannot be built slice
     by slice with ``u`` in a slice-sized buffer (:func:`_sliced_sums`), with no ``centered`` buffer
-    either way; contiguous, one
-    write of ``u`` into a fresh ``empty_like(input)`` buffer (``centered``) and one read by ATen's
-    fused reduction (:func:`nodo.functional.kernels.sample_sums`). Elsewhere ``u`` is written the
-    same way, then a sum and a ``vector_norm`` that upcasts element by element, with no float32
-    copy of the input.
+    either way; contiguous, one write of ``u`` into a fresh ``empty_like(input)`` buffer
+    (``centered``) and one read by ATen's fused reduction (:func:`nodo.functional.kernels.sample_sums`).
+    Elsewhere ``u`` is written the same way, then a sum and a ``vector_norm`` that upcasts element
+    by element, with no float32 copy of the input.
     """
     dtype = statistics_dtype(input.dtype)
     shift = channel_shift(input)
