@@ -13,11 +13,13 @@ import shutil
 import pytest
 import torch
 
+from nodo.functional import cpu_sums
+
 DEVICE = torch.device(os.environ.get("TORCH_DEVICE", "cpu"))
 
 # nodo builds its channels_last CPU kernel with this compiler (nodo.functional.cpu_sums); where there
 # is none, the tests of that kernel skip (and the layers take their torch-op path)
-needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None,
+needs_compiler = pytest.mark.skipif(shutil.which(cpu_sums.compiler()[0]) is None,
                                     reason="no C++ compiler to build nodo's channels_last kernel with")
 
 # float64 comparisons of two algebraically equal computations (per-sample sums in the layer, a

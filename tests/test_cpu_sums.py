@@ -251,9 +251,31 @@ def test_built_once_by_concurrent_processes_then_reused_without_a_compiler(tmp_p
     library = _files(cache)
     assert len(library) == 1 and library[0].startswith("channels_last_sums-") and library[0].endswith(".so"), library
     assert statuses == [f"loaded from {cache / library[0]}"] * 3
+    assert (cache / library[0]).stat().st_mode & 0o555 == 0o555, "a cache folder may be shared: readable by all"
     status, stderr = _finish(_run(cache, CXX="false"))
     assert status == f"loaded from {cache / library[0]}" and "RuntimeWarning" not in stderr
     assert _files(cache) == library
+
+
+@needs_compiler
+def test_a_compiler_command_with_arguments_builds(tmp_path):
+    """``CXX="env c++"`` (as ``CXX="ccache g++"``) is a command with arguments, not one file name."""
+    cache = tmp_path / "cache"
+    status, stderr = _finish(_run(cache, CXX=f"env {cpu_sums.compiler()[0]}"))
+    assert status.startswith(f"loaded from {cache}") and "RuntimeWarning" not in stderr
+
+
+@needs_compiler
+def test_a_cached_library_the_loader_rejects_is_built_again(tmp_path, monkeypatch):
+    """A truncated library (a full disk, a copy gone wrong) is replaced by a new build, with no warning."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(cpu_sums.CACHE_DIR, str(cache))
+    path = cpu_sums.library_path()  # the name the child process computes too (same source and torch)
+    cache.mkdir()
+    path.write_bytes(b"\x7fELF truncated")
+    status, stderr = _finish(_run(cache))
+    assert status == f"loaded from {path}" and "RuntimeWarning" not in stderr
+    assert path.stat().st_size > 1000 and _files(cache) == [path.name]
 
 
 @pytest.mark.parametrize("compiler", ["false", "/nonexistent/c++"], ids=["failing", "missing"])

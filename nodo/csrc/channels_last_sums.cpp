@@ -7,7 +7,7 @@
 // torch has no op that takes these per sample in one pass over channels_last memory (its
 // reductions over the rows need u or g*u written out first); this loop reads each row once,
 // contiguously, into C accumulators. Blocks of kBlockRows rows are summed in the input's type,
-// then added into double totals, so the rounding grows with the block, not with L.
+// then added into double totals, so for float32 the rounding grows with the block, not with L.
 //
 // Built by nodo/functional/cpu_sums.py with the system C++ compiler on first use and loaded
 // with ctypes; the entry point is a plain C function taking pointers that the Python side has
@@ -24,8 +24,9 @@ namespace {
 constexpr int64_t kBlockRows = 64;
 
 // x86-64: one baseline clone and one for AVX2 + FMA, picked by the loader on the CPU that runs it
-// (a cache directory shared by cluster nodes of different CPUs stays valid).
-#if defined(__x86_64__) && defined(__GNUC__)
+// (a cache directory shared by cluster nodes of different CPUs stays valid). GCC only: clang's
+// target_clones does not take function templates.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NODO_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define NODO_CLONES

@@ -30,7 +30,9 @@ How it is built, and what happens when it cannot be:
 
 OpenMP: the kernel runs on torch's intra-op threads (``at::parallel_for``, compiled with
 ``-fopenmp``). torch's Linux wheels ship GNU OpenMP as ``libgomp.so.1``, so the loader gives the
-library the runtime torch already loaded.
+library the runtime torch already loaded. A torch built with another OpenMP runtime (LLVM's or
+Intel's, as in some conda builds) gets GNU OpenMP loaded beside it: the same results, with a
+second thread pool.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -50,7 +53,7 @@ from torch import Tensor
 
 from nodo.functional import kernels
 
-__all__ = ["channels_last_sums", "available", "kernel_status", "library_path", "SWITCH", "CACHE_DIR"]
+__all__ = ["channels_last_sums", "available", "kernel_status", "library_path", "compiler", "SWITCH", "CACHE_DIR"]
 
 SWITCH = "NODO_CPU_KERNEL"  # "0": never build or load the kernel
 CACHE_DIR = "NODO_CACHE_DIR"  # where built libraries are kept (default ~/.cache/nodo)
@@ -66,6 +69,11 @@ _status: Optional[str] = None  # why there is no kernel, or where it was loaded 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR) or Path.home() / ".cache" / "nodo").expanduser()
+
+
+def compiler() -> list[str]:
+    """The compiler command: ``$CXX`` split as a shell would (``ccache g++`` works), default ``c++``."""
+    return shlex.split(os.environ.get("CXX", "")) or ["c++"]
 
 
 def _compiler_arguments(output: Path) -> list[str]:
@@ -86,17 +94,20 @@ def library_path() -> Path:
 
 
 def _build(target: Path) -> None:
-    """Compiles the kernel into ``target``: into a temporary file in its folder, renamed into place."""
+    """Compiles the kernel into ``target``: into a temporary file in its folder, renamed into place
+    (readable by all, as an installed library: a cache folder may be shared)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
     os.close(handle)
     try:
-        compiler = os.environ.get("CXX") or "c++"
-        done = subprocess.run([compiler] + _compiler_arguments(Path(temporary)), capture_output=True, text=True,
+        command = compiler()
+        done = subprocess.run(command + _compiler_arguments(Path(temporary)), capture_output=True, text=True,
                               timeout=_BUILD_SECONDS)
         if done.returncode != 0:
             last_lines = " | ".join(done.stderr.strip().splitlines()[-3:])
-            raise RuntimeError(f"{compiler} exited with {done.returncode}" + (f": {last_lines}" if last_lines else ""))
+            failure = f"{shlex.join(command)} exited with {done.returncode}"
+            raise RuntimeError(failure + (f": {last_lines}" if last_lines else ""))
+        os.chmod(temporary, 0o755)  # mkstemp made it 0600
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
@@ -142,6 +153,18 @@ def _agrees(function) -> bool:
     return True
 
 
+def _load_or_build(path: Path):
+    """The kernel from ``path``, built first where there is none; a library there that the loader
+    rejects (truncated by a full disk, written by something else) is built again once."""
+    if path.exists():
+        try:
+            return _load(path)
+        except OSError:
+            pass
+    _build(path)
+    return _load(path)
+
+
 def _kernel_or_none():
     """The loaded kernel, building it first if needed; ``None`` (with a warning, once) where it cannot be."""
     global _kernel, _status
@@ -155,9 +178,7 @@ def _kernel_or_none():
             return None
         try:
             path = library_path()  # reads the source and may need the home folder: can fail too
-            if not path.exists():
-                _build(path)
-            function = _load(path)
+            function = _load_or_build(path)
             if not _agrees(function):
                 raise RuntimeError(f"{path} disagrees with torch's sums")
         except Exception as error:  # no source, cache folder or compiler, a failed build or load: torch ops
