@@ -248,9 +248,9 @@ def expand(config_path: os.PathLike, overrides: Optional[Mapping[str, Any]] = No
         raise SweepError(f"--set {', '.join(clash)}: already swept by {where}; a sweep key cannot be overridden")
 
     runs = [_make_run(path, merged, point, overrides or {}, actions, index) for index, point in enumerate(points)]
-    names = [run.name for run in runs]
+    first_named = {}  # {run name: the index of the first run so named}
     for run in runs:
-        first = names.index(run.name)
+        first = first_named.setdefault(run.name, run.index)
         if first != run.index:
             raise SweepError(f"{where}: runs {first} ({points[first]}) and {run.index} ({run.point}) are both "
                              f"named {run.name!r}; make the experiment template use the swept keys")
