@@ -793,7 +793,7 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
 
     Raises:
         DataError: unknown dataset, bad split, missing folder, a fast loader that cannot be used with
-            ``--fast-loader on``, label values beyond ``--num-classes``.
+            ``--fast-loader on``, a ``--num-classes`` below the dataset's class count.
     """
     kind, train_raw, eval_raw, num_classes = create_datasets(args)
     if args.num_classes is not None:
