@@ -183,10 +183,10 @@ def split_indices(spec: SplitSpec, num_samples: int, text: str = "") -> list:
     text = text or spec.base
     start = _position(spec.start, num_samples, 0, text)
     stop = _position(spec.stop, num_samples, num_samples, text)
-    order = list(range(num_samples))  # an unseeded spec keeps the dataset's order
+    order = range(num_samples)  # an unseeded spec keeps the dataset's order (no list of all N is built)
     if spec.seed is not None:
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(spec.seed)).tolist()
-    indices = order[start:stop]
+    indices = list(order[start:stop])
     if not indices:
         raise DataError(f"split {text!r} is empty: positions {start}:{stop} of {num_samples} samples")
     return indices
