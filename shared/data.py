@@ -183,10 +183,10 @@ def split_indices(spec: SplitSpec, num_samples: int, text: str = "") -> list:
     text = text or spec.base
     start = _position(spec.start, num_samples, 0, text)
     stop = _position(spec.stop, num_samples, num_samples, text)
-    order = list(range(num_samples))  # an unseeded spec keeps the dataset's order
+    order = range(num_samples)  # an unseeded spec keeps the dataset's order (no list of all N is built)
     if spec.seed is not None:
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(spec.seed)).tolist()
-    indices = order[start:stop]
+    indices = list(order[start:stop])
     if not indices:
         raise DataError(f"split {text!r} is empty: positions {start}:{stop} of {num_samples} samples")
     return indices
@@ -793,7 +793,7 @@ def create_loaders(args, device: torch.device, rank: int = 0, world_size: int = 
 
     Raises:
         DataError: unknown dataset, bad split, missing folder, a fast loader that cannot be used with
-            ``--fast-loader on``, label values beyond ``--num-classes``.
+            ``--fast-loader on``, a ``--num-classes`` below the dataset's class count.
     """
     kind, train_raw, eval_raw, num_classes = create_datasets(args)
     if args.num_classes is not None:

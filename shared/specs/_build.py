@@ -145,7 +145,7 @@ def _build_site_module(num_features: int, device=None, dtype=None, *, spec: Norm
     if norm_index is not None and parts[norm_index].subtype == "identity":
         site_kwargs = {}  # no normalization: nothing to pass an eps or momentum to
     if site_kwargs:
-        accepted = accepted_arguments(row_of(parts[norm_index]))[0] if norm_index is not None else {}
+        accepted, _ = accepted_arguments(row_of(parts[norm_index])) if norm_index is not None else ({}, False)
         unknown = sorted(set(site_kwargs) - set(accepted))
         if unknown:
             raise SpecError(f"the model passes {', '.join(f'{k}={site_kwargs[k]!r}' for k in unknown)} to its norm "
